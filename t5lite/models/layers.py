@@ -1,0 +1,189 @@
+"""T5 building blocks: RMS norm, relative position bias, attention, MLP, embeddings, masks.
+
+Every parameter is created through `nn.with_logical_partitioning`, so its logical axis names
+(`vocab, embed, heads, kv, mlp, relpos_buckets`) travel with it; `t5lite.partitioning` maps them
+to mesh axes. Activations are constrained with the `act_*` names (kept separate from parameter
+names so that, e.g., `embed` can be sharded over `fsdp` in weights while batch uses `fsdp` too).
+Parameters are float32; computation runs in `dtype` (bfloat16 by default); norms and softmax in
+float32.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+Dtype = Any
+# Additive attention bias for masked positions; finite so fully-masked (padding) rows stay NaN-free.
+MASK_BIAS = -1e10
+
+
+def _init(stddev: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op when no mesh/rules are active."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: scale only, no mean subtraction, no bias; computed in float32."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.bfloat16
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(variance + self.epsilon) * scale).astype(self.dtype)
+
+
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
+                             num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+  """Maps key_position - query_position to a bucket id (Raffel et al. 2020, mesh-tensorflow).
+
+  Half the buckets (per direction) hold exact small distances; the rest grow logarithmically up
+  to `max_distance`, beyond which everything shares the last bucket. Bidirectional uses one half
+  of the buckets for keys after the query. Static shapes only: computed in numpy at trace time.
+  """
+  n = -np.asarray(relative_position, dtype=np.int64)
+  bucket = np.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (n < 0).astype(np.int64) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  with np.errstate(divide='ignore'):
+    log_ratio = (np.log(np.maximum(n, 1).astype(np.float32) / max_exact)
+                 / np.log(max_distance / max_exact))
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  return bucket + np.where(is_small, n, large)
+
+
+class RelativePositionBias(nn.Module):
+  """One learned bias per (bucket, head); one instance per stack, shared by all its layers."""
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, q_len: int, k_len: int, q_offset: int = 0) -> jax.Array:
+    table = self.param('rel_embedding', _init(1.0, ('relpos_buckets', 'heads')),
+                       (self.num_buckets, self.num_heads), jnp.float32)
+    relative = np.arange(k_len)[None, :] - (np.arange(q_len) + q_offset)[:, None]
+    buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets,
+                                       self.max_distance)
+    bias = jnp.take(table, jnp.asarray(buckets, jnp.int32), axis=0)  # [q, k, heads]
+    return jnp.transpose(bias, (2, 0, 1))[None]  # [1, heads, q, k]
+
+
+def attention_mask(q_segments: jax.Array, k_segments: jax.Array, causal: bool = False,
+                   bidirectional_q: jax.Array | None = None,
+                   bidirectional_k: jax.Array | None = None) -> jax.Array:
+  """Boolean [batch, 1, q, k] mask: same segment, key not padding, and causal if asked.
+
+  Segment ids are 0 on padding and 1, 2, ... per packed example, so attention never crosses
+  example boundaries. For a prefix LM, positions flagged in both `bidirectional_q` and
+  `bidirectional_k` (the inputs part) also see each other regardless of order.
+  """
+  mask = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] > 0)
+  if causal:
+    q_len, k_len = q_segments.shape[1], k_segments.shape[1]
+    allowed = jnp.tril(jnp.ones((q_len, k_len), bool))[None]
+    if bidirectional_q is not None:
+      allowed = allowed | (bidirectional_q[:, :, None] > 0) & (bidirectional_k[:, None, :] > 0)
+    mask = mask & allowed
+  return mask[:, None]
+
+
+def mask_to_bias(mask: jax.Array) -> jax.Array:
+  return jnp.where(mask, 0.0, MASK_BIAS).astype(jnp.float32)
+
+
+class MultiHeadAttention(nn.Module):
+  """T5 attention: no biases, no 1/sqrt(head_dim) logit scaling (folded into the query init)."""
+  num_heads: int
+  head_dim: int
+  dtype: Dtype
+  dropout_rate: float
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array) -> jax.Array:
+    d_model = inputs_q.shape[-1]
+    inner = self.num_heads * self.head_dim
+    proj = functools.partial(nn.DenseGeneral, features=(self.num_heads, self.head_dim), axis=-1,
+                             use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+    # Initialisation as in mesh-tensorflow T5: query carries the extra head_dim**-0.5.
+    q = proj(kernel_init=_init((d_model * self.head_dim) ** -0.5, ('embed', 'heads', 'kv')),
+             name='query')(inputs_q)
+    k = proj(kernel_init=_init(d_model ** -0.5, ('embed', 'heads', 'kv')), name='key')(inputs_kv)
+    v = proj(kernel_init=_init(d_model ** -0.5, ('embed', 'heads', 'kv')), name='value')(inputs_kv)
+    act = ('act_batch', 'act_length', 'act_heads', 'act_kv')
+    q, k, v = constrain(q, act), constrain(k, act), constrain(v, act)
+
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    if self.dropout_rate > 0 and not self.deterministic:
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    out = constrain(out, act)
+    return nn.DenseGeneral(features=d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                           param_dtype=jnp.float32,
+                           kernel_init=_init(inner ** -0.5, ('heads', 'kv', 'embed')),
+                           name='out')(out)
+
+
+class MlpBlock(nn.Module):
+  """T5 v1.0: ReLU MLP (`wi`, `wo`); v1.1: gated GELU, gelu(x W0) * (x W1) then `wo`."""
+  d_ff: int
+  gated_gelu: bool
+  dtype: Dtype
+  dropout_rate: float
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d_model = x.shape[-1]
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+    wi_init = _init(d_model ** -0.5, ('embed', 'mlp'))
+    if self.gated_gelu:
+      # tanh-approximate GELU, as in T5.1.1 ("gelu_new" in HuggingFace).
+      h = nn.gelu(dense(self.d_ff, kernel_init=wi_init, name='wi_0')(x), approximate=True)
+      h = h * dense(self.d_ff, kernel_init=wi_init, name='wi_1')(x)
+    else:
+      h = nn.relu(dense(self.d_ff, kernel_init=wi_init, name='wi')(x))
+    h = constrain(h, ('act_batch', 'act_length', 'act_mlp'))
+    if self.dropout_rate > 0 and not self.deterministic:
+      h = nn.Dropout(self.dropout_rate)(h, deterministic=False)
+    return dense(d_model, kernel_init=_init(self.d_ff ** -0.5, ('mlp', 'embed')), name='wo')(h)
+
+
+class Embed(nn.Module):
+  """Token embedding (`vocab x embed`, N(0, 1) init as in T5); `attend` gives tied logits."""
+  num_embeddings: int
+  features: int
+  dtype: Dtype
+
+  def setup(self):
+    self.embedding = self.param('embedding', _init(1.0, ('vocab', 'embed')),
+                                (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum('bld,vd->blv', x, self.embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)

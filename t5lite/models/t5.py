@@ -1,0 +1,218 @@
+"""T5 encoder-decoder and decoder-only (causal / prefix) language models in flax.linen.
+
+Used functionally: `model.init(rngs, **batch)` and `model.apply(variables, **batch, ...)`, no
+hidden state. Inputs use the seqio/T5X feature names; packed batches pass segment ids, and the
+masks keep attention inside one example. Relative position biases depend only on distance, which
+is the same inside a contiguous packed segment as in the example alone, so positions need not
+be passed to the model (they are part of the batch for tools that want them).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from t5lite.models import layers
+from t5lite.models.presets import ModelConfig
+
+_REMAT_POLICIES = {
+    # Keep the results of weight matmuls (no batch dims), recompute attention and elementwise ops.
+    'minimal': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    'full': None,  # keep nothing: recompute the whole layer in the backward pass
+}
+
+
+class EncoderLayer(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, bias):
+    c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    dropout = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
+    h = layers.RMSNorm(dtype=dtype, name='pre_attention_norm')(x)
+    h = layers.MultiHeadAttention(c.num_heads, c.head_dim, dtype, c.dropout_rate,
+                                  self.deterministic, name='attention')(h, h, bias)
+    x = x + dropout(h)
+    h = layers.RMSNorm(dtype=dtype, name='pre_mlp_norm')(x)
+    h = layers.MlpBlock(c.d_ff, c.gated_gelu, dtype, c.dropout_rate, self.deterministic,
+                        name='mlp')(h)
+    x = layers.constrain(x + dropout(h), ('act_batch', 'act_length', 'act_embed'))
+    return x, None
+
+
+class DecoderLayer(nn.Module):
+  """Self-attention, cross-attention (when `encoded` is given), MLP; all pre-norm residual."""
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, self_bias, encoded, cross_bias):
+    c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    dropout = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
+    attention = lambda name: layers.MultiHeadAttention(
+        c.num_heads, c.head_dim, dtype, c.dropout_rate, self.deterministic, name=name)
+    h = layers.RMSNorm(dtype=dtype, name='pre_self_attention_norm')(x)
+    x = x + dropout(attention('self_attention')(h, h, self_bias))
+    if encoded is not None:
+      h = layers.RMSNorm(dtype=dtype, name='pre_cross_attention_norm')(x)
+      x = x + dropout(attention('encoder_decoder_attention')(h, encoded, cross_bias))
+    h = layers.RMSNorm(dtype=dtype, name='pre_mlp_norm')(x)
+    h = layers.MlpBlock(c.d_ff, c.gated_gelu, dtype, c.dropout_rate, self.deterministic,
+                        name='mlp')(h)
+    x = layers.constrain(x + dropout(h), ('act_batch', 'act_length', 'act_embed'))
+    return x, None
+
+
+def _run_layers(parent: nn.Module, layer_cls, num_layers: int, cfg: ModelConfig,
+                deterministic: bool, x, *args):
+  """Applies `num_layers` layers, scanned (params stacked on a `layers` axis) or unrolled."""
+  if cfg.remat_policy != 'none':
+    layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
+                         prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    stack = nn.scan(layer_cls, variable_axes={'params': 0},
+                    split_rngs={'params': True, 'dropout': True},
+                    in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = stack(cfg, deterministic, name='layers', parent=parent)(x, *args)
+    return x
+  for i in range(num_layers):
+    x, _ = layer_cls(cfg, deterministic, name=f'layers_{i}', parent=parent)(x, *args)
+  return x
+
+
+def _segments(tokens, segment_ids):
+  return segment_ids if segment_ids is not None else (tokens > 0).astype(jnp.int32)
+
+
+class Encoder(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, embedded, segments, deterministic: bool):
+    c = self.cfg
+    length = embedded.shape[1]
+    bias = layers.RelativePositionBias(c.relative_attention_num_buckets,
+                                       c.relative_attention_max_distance, c.num_heads,
+                                       bidirectional=True, name='relpos_bias')(length, length)
+    bias = bias + layers.mask_to_bias(layers.attention_mask(segments, segments))
+    x = nn.Dropout(c.dropout_rate, deterministic=deterministic)(embedded)
+    x = _run_layers(self, EncoderLayer, c.num_encoder_layers, c, deterministic, x, bias)
+    x = layers.RMSNorm(dtype=jnp.dtype(c.dtype), name='final_norm')(x)
+    return nn.Dropout(c.dropout_rate, deterministic=deterministic)(x)
+
+
+class Decoder(nn.Module):
+  """Causal decoder stack; with `encoded` it cross-attends (encoder-decoder), else decoder-only."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, embedded, segments, deterministic: bool, encoded=None,
+               encoder_segments=None, causal_attention=None):
+    c = self.cfg
+    length = embedded.shape[1]
+    self_bias = layers.RelativePositionBias(c.relative_attention_num_buckets,
+                                            c.relative_attention_max_distance, c.num_heads,
+                                            bidirectional=False, name='relpos_bias')(length, length)
+    self_bias = self_bias + layers.mask_to_bias(layers.attention_mask(
+        segments, segments, causal=True, bidirectional_q=causal_attention,
+        bidirectional_k=causal_attention))
+    cross_bias = None
+    if encoded is not None:
+      cross_bias = layers.mask_to_bias(layers.attention_mask(segments, encoder_segments))
+    x = nn.Dropout(c.dropout_rate, deterministic=deterministic)(embedded)
+    x = _run_layers(self, DecoderLayer, c.num_decoder_layers, c, deterministic, x, self_bias,
+                    encoded, cross_bias)
+    x = layers.RMSNorm(dtype=jnp.dtype(c.dtype), name='final_norm')(x)
+    return nn.Dropout(c.dropout_rate, deterministic=deterministic)(x)
+
+
+def _make_embedder_and_head(module: nn.Module):
+  """Shared token embedding and, for v1.1, the untied output layer (created in `setup`)."""
+  c = module.cfg
+  module.embedder = layers.Embed(c.vocab_size, c.d_model, jnp.dtype(c.dtype), name='token_embedder')
+  if not c.tie_logits:
+    module.logits_dense = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype),
+                                   param_dtype=jnp.float32, name='logits_dense',
+                                   kernel_init=layers._init(c.d_model ** -0.5, ('embed', 'vocab')))
+
+
+def _logits(module: nn.Module, x):
+  c = module.cfg
+  if c.tie_logits:
+    # T5 v1.0 ties input and output embeddings and rescales by d_model**-0.5 (mesh-tf T5).
+    logits = module.embedder.attend(x * (c.d_model ** -0.5))
+  else:
+    logits = module.logits_dense(x)
+  return layers.constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
+
+
+class EncoderDecoder(nn.Module):
+  """T5 v1.0 / v1.1. `__call__` returns float32 logits [batch, target_length, vocab]."""
+  cfg: ModelConfig
+
+  def setup(self):
+    _make_embedder_and_head(self)
+    self.encoder = Encoder(self.cfg, name='encoder')
+    self.decoder = Decoder(self.cfg, name='decoder')
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, deterministic=True):
+    segments = _segments(encoder_input_tokens, encoder_segment_ids)
+    embedded = layers.constrain(self.embedder(encoder_input_tokens),
+                                ('act_batch', 'act_length', 'act_embed'))
+    return self.encoder(embedded, segments, deterministic)
+
+  def decode(self, encoded, encoder_segments, decoder_input_tokens, decoder_segments,
+             deterministic=True):
+    embedded = layers.constrain(self.embedder(decoder_input_tokens),
+                                ('act_batch', 'act_length', 'act_embed'))
+    x = self.decoder(embedded, decoder_segments, deterministic, encoded=encoded,
+                     encoder_segments=encoder_segments)
+    return _logits(self, x)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
+               encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, deterministic: bool = True, **unused: Any):
+    del encoder_positions, decoder_positions, unused  # distances come from the layout; see module doc
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, deterministic)
+    encoder_segments = _segments(encoder_input_tokens, encoder_segment_ids)
+    if decoder_segment_ids is None:
+      # Decoder inputs start with 0 (BOS), so padding is read off the targets when given.
+      decoder_segment_ids = (jnp.ones_like(decoder_input_tokens) if decoder_target_tokens is None
+                             else (decoder_target_tokens > 0).astype(jnp.int32))
+    return self.decode(encoded, encoder_segments, decoder_input_tokens, decoder_segment_ids,
+                       deterministic)
+
+
+class DecoderOnly(nn.Module):
+  """Causal LM; a prefix LM when `decoder_causal_attention` marks the (bidirectional) inputs."""
+  cfg: ModelConfig
+
+  def setup(self):
+    _make_embedder_and_head(self)
+    self.decoder = Decoder(self.cfg, name='decoder')
+
+  def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,
+               decoder_positions=None, decoder_causal_attention=None, deterministic: bool = True,
+               **unused: Any):
+    del decoder_positions, unused
+    if decoder_segment_ids is None:
+      decoder_segment_ids = (jnp.ones_like(decoder_input_tokens) if decoder_target_tokens is None
+                             else (decoder_target_tokens > 0).astype(jnp.int32))
+    embedded = layers.constrain(self.embedder(decoder_input_tokens),
+                                ('act_batch', 'act_length', 'act_embed'))
+    x = self.decoder(embedded, decoder_segment_ids, deterministic,
+                     causal_attention=decoder_causal_attention)
+    return _logits(self, x)
+
+
+def make_model(cfg: ModelConfig) -> nn.Module:
+  if cfg.architecture == 'encoder_decoder':
+    return EncoderDecoder(cfg)
+  if cfg.architecture == 'decoder_only':
+    return DecoderOnly(cfg)
+  raise ValueError(f'unknown model.architecture {cfg.architecture!r}; valid: encoder_decoder, '
+                   'decoder_only')
