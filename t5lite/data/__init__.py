@@ -1,0 +1,1 @@
+"""t5lite data layer: embedded corpus, vocabulary, preprocessors, feature converter, grain pipeline."""

@@ -112,6 +112,24 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
   return jnp.where(mask, 0.0, MASK_BIAS).astype(jnp.float32)
 
 
+class Projection(nn.Module):
+  """A bias-free einsum projection whose kernel has its full multi-axis shape from the start.
+
+  (flax's DenseGeneral initialises a flattened 2-D kernel and reshapes it, which breaks
+  logical-axis metadata of rank 3.)
+  """
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  equation: str
+  stddev: float
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', _init(self.stddev, self.axes), self.shape, jnp.float32)
+    return jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention: no biases, no 1/sqrt(head_dim) logit scaling (folded into the query init)."""
   num_heads: int
@@ -124,13 +142,13 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array) -> jax.Array:
     d_model = inputs_q.shape[-1]
     inner = self.num_heads * self.head_dim
-    proj = functools.partial(nn.DenseGeneral, features=(self.num_heads, self.head_dim), axis=-1,
-                             use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+    shape, axes = (d_model, self.num_heads, self.head_dim), ('embed', 'heads', 'kv')
+    proj = lambda stddev, name: Projection(shape, axes, 'bld,dhk->blhk', stddev, self.dtype,
+                                           name=name)
     # Initialisation as in mesh-tensorflow T5: query carries the extra head_dim**-0.5.
-    q = proj(kernel_init=_init((d_model * self.head_dim) ** -0.5, ('embed', 'heads', 'kv')),
-             name='query')(inputs_q)
-    k = proj(kernel_init=_init(d_model ** -0.5, ('embed', 'heads', 'kv')), name='key')(inputs_kv)
-    v = proj(kernel_init=_init(d_model ** -0.5, ('embed', 'heads', 'kv')), name='value')(inputs_kv)
+    q = proj((d_model * self.head_dim) ** -0.5, 'query')(inputs_q)
+    k = proj(d_model ** -0.5, 'key')(inputs_kv)
+    v = proj(d_model ** -0.5, 'value')(inputs_kv)
     act = ('act_batch', 'act_length', 'act_heads', 'act_kv')
     q, k, v = constrain(q, act), constrain(k, act), constrain(v, act)
 
@@ -140,10 +158,8 @@ class MultiHeadAttention(nn.Module):
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     out = constrain(out, act)
-    return nn.DenseGeneral(features=d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                           param_dtype=jnp.float32,
-                           kernel_init=_init(inner ** -0.5, ('heads', 'kv', 'embed')),
-                           name='out')(out)
+    return Projection((self.num_heads, self.head_dim, d_model), ('heads', 'kv', 'embed'),
+                      'blhk,hkd->bld', inner ** -0.5, self.dtype, name='out')(out)
 
 
 class MlpBlock(nn.Module):

@@ -1,0 +1,313 @@
+"""Configs: the defaults, loading `configs/*.py:arg`, command-line overrides, validation.
+
+A config file defines `get_config(arg=None) -> ConfigDict`, usually by editing `base_config()`.
+Overrides come as `--config.section.field=value`. Everything is checked before any compute, and
+every problem raises `ConfigError` whose message names the field and what would be valid.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Sequence
+
+import ml_collections
+
+from t5lite.models import presets
+
+OPTIMIZERS = ('adafactor', 'adamw')
+SCHEDULES = ('rsqrt', 'cosine', 'wsd', 'constant')
+TASKS = ('embedded_span_corruption',)
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis -> mesh axes. First matching rule whose mesh axes are still free wins (flax).
+# Parameters: fsdp shards the embed dimension (ZeRO-3 style), tensor shards heads / mlp / vocab.
+# Activations use act_* names so the batch can take data+fsdp while weights use fsdp for embed.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('act_batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+    ('kv', None),
+    ('act_kv', None),
+    ('act_embed', None),
+    ('act_length', None),
+    ('length', None),
+    ('layers', None),
+    ('relpos_buckets', None),
+)
+
+
+class ConfigError(ValueError):
+  """A config problem, with a message that names the field and the valid choices."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default; config files start from this and change what they need."""
+  c = ml_collections.ConfigDict()
+  c.model = presets.model_config('tiny')
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = 'embedded_span_corruption'  # see TASKS; the data-pipeline issue adds a registry
+  c.data.inputs_length = 128                # encoder length; raw chunk length follows T5's helper
+  c.data.noise_density = 0.15               # span corruption: fraction of tokens masked
+  c.data.mean_noise_span_length = 3.0
+  c.data.pack = True                        # several examples per row, separated by segment ids
+  c.data.sp_vocab_size = 1948               # embedded SentencePiece size; + 100 sentinels = 2048
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 32                   # global, over all processes
+  c.train.microbatches = 1                  # gradient accumulation: batch_size / microbatches per pass
+  c.train.seed = 0                          # parameter init and dropout; data.seed defaults to it
+  c.train.log_every = 10
+  c.train.z_loss = 1e-4                     # PaLM/T5X auxiliary loss on log(Z)^2, keeps logits bounded
+  c.train.label_smoothing = 0.0
+  c.train.max_grad_norm = 0.0               # global-norm clipping; 0 turns it off (Adafactor clips updates)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adafactor'            # adafactor | adamw
+  c.optimizer.learning_rate = 1.0           # peak/base value that the schedule multiplies
+  c.optimizer.weight_decay = 0.0            # decoupled; adamw, and adafactor's weight_decay_rate
+  c.optimizer.b1 = 0.9                      # adamw
+  c.optimizer.b2 = 0.999                    # adamw
+  c.optimizer.eps = 1e-8                    # adamw
+  c.optimizer.decay_rate = 0.8              # adafactor second-moment decay exponent (T5)
+  c.optimizer.clipping_threshold = 1.0      # adafactor update clipping (T5)
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'rsqrt'                 # rsqrt | cosine | wsd | constant
+  c.schedule.warmup_steps = 10_000          # rsqrt: lr = base / sqrt(max(step, warmup)); others: linear
+  c.schedule.decay_fraction = 0.1           # wsd: final fraction of steps spent cooling down to 0
+  c.schedule.end_ratio = 0.0                # cosine/wsd: final lr as a fraction of the peak
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                          # -1: whatever the other axes leave of the device count
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.partitioning = ml_collections.ConfigDict()
+  c.partitioning.rules = DEFAULT_RULES
+
+  c.reporting = ml_collections.ConfigDict()
+  # Per-device peak FLOP/s for MFU. 0: look up the device kind; on CPU, measure a matmul at start.
+  c.reporting.peak_flops_per_device = 0.0
+  c.reporting.tensorboard = True
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/file.py[:arg]` -> get_config(arg)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'--config: no config file at {path!r}; pass a path such as '
+                      'configs/quickstart.py')
+  module_spec = importlib.util.spec_from_file_location('t5lite_user_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'--config: {path} defines no get_config(arg=None) function')
+  return module.get_config(arg or None)
+
+
+def _parse_value(raw: str):
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw  # a bare word is a string: --config.optimizer.name=adamw
+
+
+def _type_name(value) -> str:
+  return type(value).__name__
+
+
+def set_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+  """Applies `config.<dotted> = raw`, checking that the key exists and the type fits."""
+  parts = dotted.split('.')
+  node = config
+  for depth, part in enumerate(parts):
+    here = '.'.join(parts[:depth + 1])
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      siblings = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, siblings, n=1)
+      hint = f" Did you mean '{'.'.join(parts[:depth] + close)}'?" if close else ''
+      parent = '.'.join(parts[:depth]) or 'config'
+      raise ConfigError(f"unknown config key '{here}'.{hint} Valid keys under {parent}: "
+                        f"{', '.join(siblings)}")
+    if depth < len(parts) - 1:
+      node = node[part]
+  key, old = parts[-1], node[parts[-1]]
+  value = _parse_value(raw)
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(old, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if isinstance(old, str) and not isinstance(value, str):
+    value = raw  # --config.model.size=11 should still be the string '11'
+  type_ok = old is None or type(value) is type(old)
+  if not type_ok or isinstance(old, ml_collections.ConfigDict):
+    raise ConfigError(f"config.{dotted}: expected {_type_name(old)} (like {old!r}), got "
+                      f"{_type_name(value)} {raw!r}")
+  node[key] = value
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str | None]:
+  """`--config FILE[:arg] --config.a.b=v ... --workdir DIR` -> (config, workdir)."""
+  spec, workdir, overrides = None, None, []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith('--'):
+      raise ConfigError(f'unexpected argument {arg!r}; use --config FILE[:arg], '
+                        '--config.section.field=value and --workdir DIR')
+    name, has_value, value = arg[2:].partition('=')
+    if not has_value:
+      if i + 1 >= len(args):
+        raise ConfigError(f'--{name} needs a value')
+      value, i = args[i + 1], i + 1
+    if name == 'config':
+      spec = value
+    elif name == 'workdir':
+      workdir = value
+    elif name.startswith('config.'):
+      overrides.append((name[len('config.'):], value))
+    else:
+      raise ConfigError(f'unknown flag --{name}; valid: --config, --config.<field>, --workdir')
+    i += 1
+  if spec is None:
+    raise ConfigError('--config is required, e.g. --config configs/quickstart.py')
+  config = load_config_file(spec)
+  for dotted, value in overrides:
+    set_override(config, dotted, value)
+  return config, workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _choice(value, field: str, valid: Sequence[str]) -> None:
+  if value not in valid:
+    close = difflib.get_close_matches(str(value), valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ''
+    raise ConfigError(f'config.{field}={value!r} is not valid{hint}; valid: {", ".join(valid)}')
+
+
+def _positive(value, field: str, allow_zero: bool = False) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+      value == 0 and not allow_zero):
+    need = 'a number >= 0' if allow_zero else 'a positive number'
+    raise ConfigError(f'config.{field}={value!r}: must be {need}')
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with at most one -1 filled so that the product is `num_devices`."""
+  dims = [mesh_cfg[a] for a in MESH_AXES]
+  for axis, dim in zip(MESH_AXES, dims):
+    if not isinstance(dim, int) or (dim < 1 and dim != -1):
+      raise ConfigError(f'config.mesh.{axis}={dim!r}: must be a positive int or -1')
+  if dims.count(-1) > 1:
+    raise ConfigError('config.mesh: at most one of data, fsdp, tensor may be -1')
+  known = 1
+  for d in dims:
+    known *= d if d != -1 else 1
+  if -1 in dims:
+    if num_devices % known:
+      raise ConfigError(f'config.mesh: the fixed axes multiply to {known}, which does not divide '
+                        f'the {num_devices} devices; choose sizes whose product divides '
+                        f'{num_devices}')
+    dims[dims.index(-1)] = num_devices // known
+  product = dims[0] * dims[1] * dims[2]
+  if product != num_devices:
+    raise ConfigError(
+        f'config.mesh: data*fsdp*tensor = {dims[0]}*{dims[1]}*{dims[2]} = {product}, but there are '
+        f'{num_devices} devices; make the product {num_devices} (set one axis to -1 to fill it)')
+  return tuple(dims)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Checks everything that can be checked without compute; returns the resolved mesh shape."""
+  m = config.model
+  _choice(m.variant, 'model.variant', presets.VARIANTS)
+  _choice(m.architecture, 'model.architecture', presets.ARCHITECTURES)
+  _choice(m.dtype, 'model.dtype', presets.DTYPES)
+  _choice(m.remat_policy, 'model.remat_policy', presets.REMAT_POLICIES)
+  for field in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'num_decoder_layers',
+                'relative_attention_num_buckets', 'relative_attention_max_distance'):
+    _positive(m[field], f'model.{field}')
+  if m.architecture == 'encoder_decoder':
+    _positive(m.num_encoder_layers, 'model.num_encoder_layers')
+  if m.attention_dim != m.num_heads * m.head_dim:
+    raise ConfigError(
+        f'config.model.attention_dim={m.attention_dim} but model.num_heads * model.head_dim = '
+        f'{m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim}; set model.attention_dim='
+        f'{m.num_heads * m.head_dim} or change num_heads/head_dim so their product is '
+        f'{m.attention_dim}')
+  if not 0 <= m.dropout_rate < 1:
+    raise ConfigError(f'config.model.dropout_rate={m.dropout_rate}: must be in [0, 1)')
+
+  _choice(config.data.task, 'data.task', TASKS)
+  _positive(config.data.inputs_length, 'data.inputs_length')
+  if not 0 < config.data.noise_density < 1:
+    raise ConfigError(f'config.data.noise_density={config.data.noise_density}: must be in (0, 1)')
+  _positive(config.data.mean_noise_span_length, 'data.mean_noise_span_length')
+
+  t = config.train
+  for field in ('steps', 'batch_size', 'microbatches', 'log_every'):
+    _positive(t[field], f'train.{field}')
+  for field in ('z_loss', 'label_smoothing', 'max_grad_norm'):
+    _positive(t[field], f'train.{field}', allow_zero=True)
+
+  _choice(config.optimizer.name, 'optimizer.name', OPTIMIZERS)
+  _positive(config.optimizer.learning_rate, 'optimizer.learning_rate')
+  _choice(config.schedule.name, 'schedule.name', SCHEDULES)
+  _positive(config.schedule.warmup_steps, 'schedule.warmup_steps', allow_zero=True)
+  if not 0 <= config.schedule.decay_fraction <= 1:
+    raise ConfigError(f'config.schedule.decay_fraction={config.schedule.decay_fraction}: must be '
+                      'in [0, 1]')
+
+  shape = mesh_shape(config.mesh, num_devices)
+  data_parallel = shape[0] * shape[1]
+  per_pass = t.batch_size // t.microbatches if t.batch_size % t.microbatches == 0 else None
+  if per_pass is None:
+    raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
+                      f'train.microbatches={t.microbatches}')
+  if per_pass % data_parallel:
+    raise ConfigError(
+        f'config.train.batch_size={t.batch_size} (per microbatch {per_pass}) is not divisible by '
+        f'the data-parallel size mesh.data*mesh.fsdp = {shape[0]}*{shape[1]} = {data_parallel}; '
+        f'use a batch size that is a multiple of {data_parallel * t.microbatches}')
+  rules = config.partitioning.rules
+  for rule in rules:
+    if len(rule) != 2:
+      raise ConfigError(f'config.partitioning.rules: each rule is (logical_name, mesh_axes), '
+                        f'got {rule!r}')
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    for axis in axes:
+      if axis is not None and axis not in MESH_AXES:
+        raise ConfigError(f'config.partitioning.rules: {rule!r} names mesh axis {axis!r}; valid '
+                          f'mesh axes: {", ".join(MESH_AXES)}')
+  return shape
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the resolved config as JSON (and the readable repr) to the workdir."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  with open(path, 'w') as f:
+    json.dump(config.to_dict(), f, indent=2, default=str)
+  with open(os.path.join(workdir, 'config.txt'), 'w') as f:
+    f.write(str(config))
+  return path

@@ -1,0 +1,224 @@
+"""SentencePiece vocabulary with T5's id conventions, and an offline default.
+
+Ids (as in T5/seqio): pad 0, eos 1, unk 2, no bos. `extra_ids` sentinel ids sit
+above the SentencePiece pieces and count down from the top of the vocabulary:
+`<extra_id_0>` is `vocab_size - 1`, `<extra_id_1>` is `vocab_size - 2`, ...
+
+`embedded_vocabulary()` trains a small unigram model on the embedded stdlib
+corpus on first use and caches it on disk, so the quickstart runs with no
+network and no pre-built asset.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+import tempfile
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+from t5lite.data import embedded
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+DEFAULT_EXTRA_IDS = 100
+# 1948 pieces + 100 sentinels = 2048: a multiple of 128, friendly to TPU/GPU tiles.
+DEFAULT_SP_VOCAB_SIZE = 1948
+
+
+def _read_bytes(path: str) -> bytes:
+    """Reads a local file, or any path etils.epath understands (gs://...) if installed."""
+    try:
+        from etils import epath  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        with open(path, "rb") as f:
+            return f.read()
+    return epath.Path(path).read_bytes()
+
+
+class SentencePieceVocabulary:
+    """A SentencePiece model plus `extra_ids` sentinel ids on top of it."""
+
+    def __init__(self, path: str, extra_ids: int = DEFAULT_EXTRA_IDS):
+        self._path = str(path)
+        self._extra_ids = int(extra_ids)
+        self._sp = spm.SentencePieceProcessor(model_proto=_read_bytes(self._path))
+        # Our id conventions are baked into the model at training time; a model
+        # trained otherwise would silently shift every id, so fail loudly.
+        got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
+        if got != (PAD_ID, EOS_ID, UNK_ID):
+            raise ValueError(
+                f"{self._path}: SentencePiece model has (pad, eos, unk) ids {got}; "
+                f"t5lite needs {(PAD_ID, EOS_ID, UNK_ID)}.")
+
+    def __repr__(self) -> str:
+        return (f"SentencePieceVocabulary({self._path!r}, "
+                f"extra_ids={self._extra_ids}, vocab_size={self.vocab_size})")
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def sp_vocab_size(self) -> int:
+        """Number of SentencePiece pieces (ids below the sentinels)."""
+        return self._sp.get_piece_size()
+
+    @property
+    def extra_ids(self) -> int:
+        return self._extra_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp_vocab_size + self._extra_ids
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    def sentinel_id(self, i: int) -> int:
+        """Id of `<extra_id_i>`; sentinels count down from the top."""
+        if not 0 <= i < self._extra_ids:
+            raise ValueError(f"sentinel index {i} out of range [0, {self._extra_ids}).")
+        return self.vocab_size - 1 - i
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids. No EOS is appended (preprocessors add it, as in seqio)."""
+        return self._sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text: skips pad, stops at the first EOS, shows sentinels.
+
+        Sentinel ids render as `<extra_id_N>` so span-corrupted examples can be
+        read; any other id at or above the piece count decodes as unk.
+        """
+        pieces: list[str] = []
+        run: list[int] = []  # consecutive ordinary ids, decoded together
+
+        def flush():
+            if run:
+                text = self._sp.decode(run)
+                # SentencePiece drops the word-boundary space at the start of
+                # what it decodes; after a sentinel that space is real text.
+                if pieces and self._sp.id_to_piece(run[0]).startswith("\u2581"):
+                    text = " " + text
+                pieces.append(text)
+                run.clear()
+
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i == PAD_ID:
+                continue
+            if i >= self.sp_vocab_size:
+                flush()
+                if i < self.vocab_size:
+                    pieces.append(f"<extra_id_{self.vocab_size - 1 - i}>")
+                else:
+                    pieces.append(self._sp.id_to_piece(UNK_ID))
+                continue
+            run.append(i)
+        flush()
+        return "".join(pieces)
+
+
+def _training_sentences(texts: Iterable[str], max_chars: int) -> Iterable[str]:
+    """Cuts texts into word-aligned pieces SentencePiece will not skip.
+
+    The trainer silently drops "sentences" longer than `max_sentence_length`
+    bytes, and some reference pages are 60 kB long.
+    """
+    for text in texts:
+        words = text.split()
+        line: list[str] = []
+        size = 0
+        for w in words:
+            if line and size + 1 + len(w) > max_chars:
+                yield " ".join(line)
+                line, size = [], 0
+            line.append(w)
+            size += len(w) + (1 if size else 0)
+        if line:
+            yield " ".join(line)
+
+
+def train_sentencepiece(texts: Sequence[str], model_path: str, vocab_size: int) -> None:
+    """Trains a unigram SentencePiece model with T5's special ids; writes it atomically.
+
+    Deterministic: every sentence is used in the given order (no sampling, no
+    shuffling) and the trainer runs on one thread, so the same texts give a
+    byte-identical model. The model is written to a temporary file in the same
+    directory and then `os.replace`d, so concurrent readers (e.g. pytest-xdist
+    workers) see either no file or a complete one.
+    """
+    model_path = os.fspath(model_path)
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_sentences(texts, max_chars=2000)),
+        model_writer=proto,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=-1,
+        input_sentence_size=0,  # 0 = use every sentence (no random sampling)
+        shuffle_input_sentence=False,
+        max_sentence_length=8192,  # bytes; our pieces are <= 2000 chars
+        num_threads=1,
+        minloglevel=2,  # training logs go to stderr; keep test output readable
+    )
+    directory = os.path.dirname(os.path.abspath(model_path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.getvalue())
+        os.replace(tmp, model_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def default_cache_dir() -> str:
+    """`$T5LITE_CACHE` if set, else `~/.cache/t5lite`."""
+    return os.environ.get("T5LITE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "t5lite")
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus_hash() -> str:
+    h = hashlib.sha256()
+    for doc in embedded.corpus_documents():
+        h.update(doc.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def embedded_vocabulary(sp_vocab_size: int = DEFAULT_SP_VOCAB_SIZE,
+                        cache_dir: str | None = None) -> SentencePieceVocabulary:
+    """The offline default vocabulary (1948 pieces + 100 sentinels = 2048 ids).
+
+    Trained on `embedded.corpus_documents()` the first time and cached as
+    `<cache_dir>/embedded_sp<size>_<corpus hash>.model`; the hash keeps models
+    for different Python versions (different docstrings) apart.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    path = os.path.join(cache_dir, f"embedded_sp{sp_vocab_size}_{_corpus_hash()}.model")
+    if not os.path.exists(path):
+        train_sentencepiece(embedded.corpus_documents(), path, sp_vocab_size)
+    return SentencePieceVocabulary(path, extra_ids=DEFAULT_EXTRA_IDS)

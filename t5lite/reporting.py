@@ -1,0 +1,146 @@
+"""Metrics out: one printed line, TensorBoard events and WORKDIR/metrics.jsonl; FLOPs and MFU.
+
+Only process 0 writes. Model FLOPs are counted from the shapes (matmuls only, the standard
+convention of Kaplan et al. 2020 / PaLM's MFU): a training step costs 3x the forward pass
+(backward = 2x forward); rematerialisation is not counted, as MFU measures useful work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device from vendor data sheets, looked up by jax device_kind.
+KNOWN_PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA A100': 312e12,
+}
+
+
+def forward_flops_per_example(model_cfg, inputs_length: int, targets_length: int) -> float:
+  """Matmul FLOPs of one forward pass for one (inputs, targets) example of the given lengths.
+
+  2 FLOPs per multiply-add. Attention scores and the weighted sum count the full L x L square
+  (masking does not skip work). For decoder-only models, `targets_length` is the sequence.
+  """
+  d, ff, inner = model_cfg.d_model, model_cfg.d_ff, model_cfg.num_heads * model_cfg.head_dim
+  mlp_mats = 3 if model_cfg.variant == 'v1_1' else 2
+  mlp = 2 * d * ff * mlp_mats
+  projections = 2 * 4 * d * inner  # q, k, v, out
+
+  def attention(q_len, k_len):
+    return 2 * 2 * q_len * k_len * inner  # scores and weighted sum
+
+  dec_len = targets_length
+  flops = 2 * d * model_cfg.vocab_size * dec_len  # logits
+  per_dec_layer = dec_len * (projections + mlp) + attention(dec_len, dec_len)
+  if model_cfg.architecture == 'encoder_decoder':
+    enc_len = inputs_length
+    per_enc_layer = enc_len * (projections + mlp) + attention(enc_len, enc_len)
+    # cross-attention: q/out on decoder tokens, k/v on encoder tokens
+    per_dec_layer += (dec_len * 2 * 2 * d * inner + enc_len * 2 * 2 * d * inner
+                      + attention(dec_len, enc_len))
+    flops += model_cfg.num_encoder_layers * per_enc_layer
+  flops += model_cfg.num_decoder_layers * per_dec_layer
+  return float(flops)
+
+
+def train_flops_per_step(model_cfg, batch_size: int, inputs_length: int,
+                         targets_length: int) -> float:
+  return 3.0 * batch_size * forward_flops_per_example(model_cfg, inputs_length, targets_length)
+
+
+def measure_matmul_peak(dtype: str, m: int = 2048, k: int = 512, n: int = 1024,
+                        repeats: int = 8) -> float:
+  """FLOP/s of one matmul on the first device, median of `repeats`; operands in `dtype` with
+  float32 accumulation, like the model's. Used as the CPU "peak", measured in the same run."""
+  device = jax.devices()[0]
+  a = jax.device_put(jnp.ones((m, k), dtype), device)
+  b = jax.device_put(jnp.ones((k, n), dtype), device)
+  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2.0 * m * k * n / float(np.median(times))
+
+
+def peak_flops_per_device(configured: float, dtype: str) -> tuple[float, str]:
+  """(peak FLOP/s per device, how it was obtained). 0 configured: table, or measured on CPU."""
+  if configured > 0:
+    return configured, 'config'
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    # Simulated CPU devices share the same cores: split the machine's rate between them.
+    per_device = measure_matmul_peak(dtype) / jax.local_device_count()
+    return per_device, 'measured matmul on CPU'
+  for kind, flops in KNOWN_PEAK_FLOPS.items():
+    if device.device_kind.startswith(kind):
+      return flops, f'data sheet ({kind})'
+  return 0.0, f'unknown device kind {device.device_kind!r}: set reporting.peak_flops_per_device'
+
+
+class MetricWriter:
+  """Writes a dict of scalars per logged step; a no-op on processes other than 0."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # imported lazily: optional at run time
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.active:
+      return
+    record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      for key, value in metrics.items():
+        self._tb.add_scalar(f'train/{key}', float(value), int(step))
+      self._tb.flush()
+    print(format_line(step, metrics), flush=True, file=sys.stdout)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def format_line(step: int, m: dict[str, float]) -> str:
+  parts = [f'step {step}', f'loss {m["loss"]:.4f}', f'acc {m["accuracy"]:.3f}',
+           f'lr {m["learning_rate"]:.3g}', f'gnorm {m["grad_norm"]:.3f}']
+  if 'steps_per_sec' in m:
+    parts += [f'{m["steps_per_sec"]:.2f} steps/s', f'{m["tokens_per_sec"]:.0f} tok/s']
+  if 'mfu' in m:
+    parts.append(f'MFU {100 * m["mfu"]:.1f}%')
+  if 'eta_seconds' in m:
+    parts.append(f'ETA {_duration(m["eta_seconds"])}')
+  return ' | '.join(parts)
