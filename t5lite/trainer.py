@@ -146,7 +146,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         'z_loss': sums['z_loss_sum'] / denominator,
         'accuracy': sums['correct_sum'] / denominator,
         'target_tokens': sums['weight_sum'],
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'learning_rate': jnp.asarray(schedule(state.step), jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

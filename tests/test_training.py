@@ -1,0 +1,158 @@
+"""Training invariants: sharded == unsharded, microbatches == full batch, the loss vs numpy,
+schedules against hand values."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5lite import config as config_lib
+from t5lite import optim, partitioning, trainer
+from t5lite.models.presets import ModelConfig, model_config
+from t5lite.models.t5 import make_model
+
+
+def small_config(**train):
+  c = config_lib.base_config()
+  # Dimensions divisible by 8 so that every mesh below shards every axis evenly.
+  c.model = model_config('tiny', vocab_size=256)
+  c.model.update(d_model=64, d_ff=128, num_heads=8, head_dim=8, attention_dim=64, dtype='float32')
+  c.train.batch_size = 16
+  c.train.update(train)
+  c.optimizer.name = 'adamw'
+  c.optimizer.learning_rate = 1e-3
+  c.schedule.name = 'constant'
+  c.schedule.warmup_steps = 0
+  return c
+
+
+def synthetic_batches(n, batch_size=16, seed=0):
+  """Packed batches: two examples per row with segment ids, random tokens."""
+  rng = np.random.RandomState(seed)
+  for _ in range(n):
+    enc_seg = np.repeat(np.array([1] * 7 + [2] * 5 + [0] * 4)[None], batch_size, 0)
+    dec_seg = np.repeat(np.array([1] * 4 + [2] * 3 + [0])[None], batch_size, 0)
+    targets = rng.randint(3, 256, (batch_size, 8)) * (dec_seg > 0)
+    inputs = rng.randint(3, 256, (batch_size, 16)) * (enc_seg > 0)
+    dec_in = np.zeros_like(targets)
+    dec_in[:, 1:4], dec_in[:, 5:7] = targets[:, 0:3], targets[:, 4:6]
+    yield dict(encoder_input_tokens=inputs, encoder_segment_ids=enc_seg,
+               decoder_input_tokens=dec_in, decoder_target_tokens=targets,
+               decoder_segment_ids=dec_seg, decoder_loss_weights=(dec_seg > 0).astype(np.float32))
+
+
+def train_losses(config, devices, steps=5):
+  shape = config_lib.validate(config, len(devices))
+  mesh = partitioning.make_mesh(shape, devices)
+  rules = config.partitioning.rules
+  model = make_model(ModelConfig.from_config(config.model))
+  tx, schedule = optim.make_optimizer(config)
+  batches = list(synthetic_batches(steps, config.train.batch_size))
+  state, shardings = trainer.init_train_state(model, tx, mesh, rules, batches[0], 0)
+  step = trainer.jit_train_step(trainer.make_train_step(model, tx, schedule, config.train, False),
+                                shardings, mesh, rules)
+  sharding = partitioning.batch_sharding(mesh, rules)
+  losses = []
+  for batch in batches:
+    state, metrics = step(state, partitioning.host_to_global(batch, sharding))
+    losses.append(float(metrics['loss']))
+  return np.array(losses), state
+
+
+@pytest.fixture(scope='module')
+def reference_losses():
+  assert len(jax.devices()) == 8, 'conftest.py should give 8 CPU devices'
+  return train_losses(small_config(), jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize('mesh', [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
+def test_sharded_equals_unsharded(mesh, reference_losses):
+  config = small_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+  losses, state = train_losses(config, jax.devices())
+  np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+  assert reference_losses[-1] < reference_losses[0]  # it trains
+  if mesh[1] > 1 or mesh[2] > 1:  # parameters really are split across devices
+    kernel = state.params['encoder']['layers_0']['mlp']['wi_0']['kernel']
+    assert kernel.addressable_shards[0].data.size < kernel.size
+
+
+def test_microbatches_equal_full_batch():
+  full_losses, full_state = train_losses(small_config(), jax.devices()[:1], steps=2)
+  micro_losses, micro_state = train_losses(small_config(microbatches=4), jax.devices()[:1], steps=2)
+  np.testing.assert_allclose(micro_losses, full_losses, rtol=1e-5)
+  # Adam divides by sqrt(v), which magnifies rounding in near-zero gradients: compare the
+  # parameters to 1% of one step (lr 1e-3) rather than to float precision.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               full_state.params, micro_state.params)
+
+
+def test_microbatches_on_a_sharded_mesh():
+  config = small_config(microbatches=2)
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  losses, _ = train_losses(config, jax.devices(), steps=2)
+  reference, _ = train_losses(small_config(), jax.devices()[:1], steps=2)
+  np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+
+def numpy_cross_entropy(logits, targets, weights, z_loss, smoothing):
+  vocab = logits.shape[-1]
+  soft = np.full(logits.shape, smoothing / (vocab - 1))
+  np.put_along_axis(soft, targets[..., None], 1 - smoothing, axis=-1)
+  log_z = np.log(np.exp(logits).sum(-1))
+  log_probs = logits - log_z[..., None]
+  entropy = -np.sum(np.where(soft > 0, soft * np.log(np.maximum(soft, 1e-30)), 0), -1)
+  ce = -np.sum(soft * log_probs, -1) - entropy
+  return np.sum(ce * weights), np.sum(z_loss * log_z ** 2 * weights)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_cross_entropy_matches_numpy(smoothing):
+  rng = np.random.RandomState(0)
+  logits = rng.randn(2, 5, 11) * 3
+  targets = rng.randint(0, 11, (2, 5))
+  weights = (rng.rand(2, 5) > 0.3).astype(np.float32)
+  sums = trainer.cross_entropy_sums(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                                    jnp.asarray(weights), 1e-4, smoothing)
+  ce, z = numpy_cross_entropy(logits, targets, weights, 1e-4, smoothing)
+  np.testing.assert_allclose(sums['loss_sum'], ce, rtol=1e-5)
+  np.testing.assert_allclose(sums['z_loss_sum'], z, rtol=1e-5)
+  np.testing.assert_allclose(sums['weight_sum'], weights.sum())
+  correct = ((logits.argmax(-1) == targets) * weights).sum()
+  np.testing.assert_allclose(sums['correct_sum'], correct)
+
+
+def test_schedules_match_hand_values():
+  c = config_lib.base_config()
+  s = c.schedule
+  s.name, s.warmup_steps = 'rsqrt', 100
+  rsqrt = optim.make_schedule(s, 1.0, 1000)
+  assert float(rsqrt(0)) == pytest.approx(0.1) and float(rsqrt(400)) == pytest.approx(0.05)
+  s.name, s.warmup_steps, s.end_ratio = 'cosine', 10, 0.1
+  cosine = optim.make_schedule(s, 2.0, 110)
+  assert float(cosine(5)) == pytest.approx(1.0)
+  assert float(cosine(60)) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half way: cos = 0
+  assert float(cosine(110)) == pytest.approx(0.2)
+  s.name, s.warmup_steps, s.decay_fraction, s.end_ratio = 'wsd', 10, 0.2, 0.0
+  wsd = optim.make_schedule(s, 1.0, 100)  # warm 0-10, stable 10-80, decay 80-100
+  assert float(wsd(5)) == pytest.approx(0.5) and float(wsd(50)) == pytest.approx(1.0)
+  assert float(wsd(90)) == pytest.approx(0.5) and float(wsd(100)) == pytest.approx(0.0)
+  s.name, s.warmup_steps = 'constant', 0
+  assert float(optim.make_schedule(s, 0.3, 100)(77)) == pytest.approx(0.3)
+
+
+def test_adafactor_uses_t5_defaults():
+  c = small_config()
+  c.optimizer.name = 'adafactor'
+  tx, _ = optim.make_optimizer(c)
+  params = {'w': jnp.ones((256, 128)), 'b': jnp.ones((7,))}
+  state = tx.init(params)
+  leaves = {type(x).__name__ for x in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, 'v_row'))}
+  assert 'FactoredState' in leaves
+  factored = [x for x in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, 'v_row'))
+              if hasattr(x, 'v_row')][0]
+  # second moments factored into a row and a column vector for the 256x128 matrix
+  assert factored.v_row['w'].shape == (256,) and factored.v_col['w'].shape == (128,)
+  # update clipping at 1.0: a huge gradient gives an update of RMS <= lr * param RMS
+  grads = {'w': jnp.full((256, 128), 1e6), 'b': jnp.full((7,), 1e6)}
+  updates, _ = tx.update(grads, state, params)
+  assert float(jnp.sqrt(jnp.mean(updates['w'] ** 2))) <= 1e-3 * 1.0 + 1e-9
