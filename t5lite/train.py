@@ -41,7 +41,7 @@ def build_data(config, process_index: int | None = None, process_count: int | No
 def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> list[dict]:
   """Trains for config.train.steps; returns the logged metrics (also written to the workdir)."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = config_lib.validate(config, len(devices))
+  shape = config_lib.validate(config, len(devices))  # before anything is built
   config_lib.save_config(config, workdir)
   mesh = partitioning.make_mesh(shape, devices)
   rules = config.partitioning.rules
@@ -94,8 +94,10 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
     if step % log_every == 0 or step == total_steps:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not np.isfinite(values['loss']):
+        writer.close()
         raise FloatingPointError(
-            f'loss is {values["loss"]} at step {step}; lower optimizer.learning_rate, raise '
+            f'loss is {values["loss"]} at step {step} (metrics up to step {step - log_every} are '
+            f'in {workdir}/metrics.jsonl); lower optimizer.learning_rate, raise '
             'schedule.warmup_steps, or use model.dtype=float32 to find the source')
       now = time.perf_counter()
       if interval_steps > 0:
@@ -119,11 +121,13 @@ def main(argv: Sequence[str]) -> int:
     if not workdir:
       raise config_lib.ConfigError('--workdir is required: the folder for checkpoints, metrics '
                                    'and the resolved config')
-    config_lib.validate(config, jax.device_count())
     run(config, workdir)
   except config_lib.ConfigError as e:
     print(f'config error: {e}', file=sys.stderr)
     return 2
+  except FloatingPointError as e:
+    print(f'training stopped: {e}', file=sys.stderr)
+    return 1
   return 0
 
 

@@ -103,3 +103,17 @@ def test_quickstart_smoke_run_through_the_command_line(tmp_path):
   assert saved['train']['steps'] == 4
   assert any(name.startswith('events') for name in os.listdir(workdir / 'tensorboard'))
   assert 'step 4 | loss' in result.stdout
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+  workdir = tmp_path / 'w'
+  env = dict(os.environ, XLA_FLAGS='')
+  result = subprocess.run(
+      [sys.executable, '-m', 't5lite.train', '--config', QUICKSTART, '--workdir', str(workdir),
+       '--config.train.steps=6', '--config.train.log_every=1', '--config.optimizer.name=adamw',
+       '--config.optimizer.learning_rate=1e30', '--config.schedule.name=constant',
+       '--config.schedule.warmup_steps=0'],
+      capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'training stopped: loss is nan' in result.stderr and 'learning_rate' in result.stderr
+  assert 'Traceback' not in result.stderr
