@@ -1,0 +1,166 @@
+"""Start one multi-process run on this machine: N processes over loopback, K CPU devices each.
+
+  python -m t5lite.launch.local -n 2 --devices_per_process 4 -- python -m t5lite.train ...
+
+Each child gets the same command and, in its environment, T5LITE_COORDINATOR_ADDRESS (127.0.0.1 and
+a free port), T5LITE_NUM_PROCESSES, T5LITE_PROCESS_ID and T5LITE_LOCAL_DEVICE_COUNT, which
+`t5lite.distributed.maybe_initialize` turns into `jax.distributed.initialize(...)`. This is the
+same code path as a TPU pod or a SLURM job, small enough for a laptop and for tests.
+
+The launcher prefixes every output line with [p0], [p1], ...; forwards SIGTERM and SIGINT to every
+child (a second one escalates to SIGKILL); and when a child fails, stops the others (SIGTERM, then
+SIGKILL after --grace_s, since the survivors would otherwise block in a collective forever) and
+exits with that child's code. All children exiting 0 gives 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Sequence
+
+from t5lite.distributed import ENV
+
+
+def free_port() -> int:
+  """A TCP port free on loopback now. Another program could take it before the coordinator binds
+  it; that race is rare and fails loudly, and --port avoids it."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def child_env(base: dict, process_id: int, num_processes: int, port: int,
+              devices_per_process: int) -> dict:
+  env = dict(base)
+  env.update({
+      ENV['coordinator_address']: f'127.0.0.1:{port}',
+      ENV['num_processes']: str(num_processes),
+      ENV['process_id']: str(process_id),
+      ENV['local_device_count']: str(devices_per_process),
+      'PYTHONUNBUFFERED': '1',  # line by line, so the prefixed output interleaves as it happens
+  })
+  # CPU devices are the point of this launcher; on a GPU machine, N processes would otherwise all
+  # claim the same accelerators. An explicit JAX_PLATFORMS in the caller's environment wins.
+  env.setdefault('JAX_PLATFORMS', 'cpu')
+  return env
+
+
+def exit_code(returncode: int) -> int:
+  """A shell-style code: a child killed by signal S reads as 128 + S."""
+  return 128 - returncode if returncode < 0 else returncode
+
+
+class _Group:
+  """The children, the threads copying their output, and the signals sent to them."""
+
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.procs, self.threads = [], []
+
+  def start(self, command: Sequence[str], n: int, port: int, devices: int) -> None:
+    for i in range(n):
+      # Own session per child: a Ctrl-C in the terminal reaches only the launcher, which forwards
+      # it once; and killpg also reaches anything the command itself starts (a shell's children).
+      proc = subprocess.Popen(list(command), env=child_env(os.environ, i, n, port, devices),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+      thread = threading.Thread(target=self._copy, args=(proc, f'[p{i}] '.encode()), daemon=True)
+      thread.start()
+      self.procs.append(proc)
+      self.threads.append(thread)
+
+  def _copy(self, proc: subprocess.Popen, prefix: bytes) -> None:
+    out = sys.stdout.buffer
+    for line in iter(proc.stdout.readline, b''):
+      with self.lock:
+        out.write(prefix + (line if line.endswith(b'\n') else line + b'\n'))
+        out.flush()
+
+  def signal(self, sig: int, only_running: bool = True) -> None:
+    for proc in self.procs:
+      if only_running and proc.poll() is not None:
+        continue
+      try:
+        os.killpg(proc.pid, sig)
+      except (ProcessLookupError, PermissionError):
+        pass
+
+  def say(self, message: str) -> None:
+    with self.lock:
+      sys.stdout.buffer.write(f'[launch] {message}\n'.encode())
+      sys.stdout.buffer.flush()
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m t5lite.launch.local',
+      description='Run COMMAND as N processes of one JAX multi-process run on this machine.',
+      usage='%(prog)s -n N [--devices_per_process K] [--port P] -- COMMAND [ARGS...]')
+  parser.add_argument('-n', '--num_processes', type=int, required=True)
+  parser.add_argument('--devices_per_process', type=int, default=1,
+                      help='CPU devices in each process (default 1)')
+  parser.add_argument('--port', type=int, default=0, help='coordinator port (default: a free one)')
+  parser.add_argument('--grace_s', type=float, default=10.0,
+                      help='after a child fails, seconds the others get to exit before SIGKILL')
+  argv = list(argv)
+  if '--' not in argv:
+    parser.error('put the command after --, e.g. -n 2 -- python -m t5lite.train ...')
+  split = argv.index('--')
+  args = parser.parse_args(argv[:split])
+  args.command = argv[split + 1:]
+  if not args.command:
+    parser.error('no command after --')
+  if args.num_processes < 1 or args.devices_per_process < 1:
+    parser.error('-n and --devices_per_process must be >= 1')
+  return args
+
+
+def main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
+  port = args.port or free_port()
+  group, signals_seen = _Group(), []
+
+  def forward(sig, _frame):
+    # The first SIGTERM/SIGINT is passed on as is (a trainer saves and exits 0); a second one means
+    # "now": SIGKILL.
+    signals_seen.append(sig)
+    group.signal(signal.SIGKILL if len(signals_seen) > 1 else sig)
+
+  # Handlers first, so that a signal arriving while the children start is not lost.
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  first_failure, kill_at = None, None
+  try:
+    group.start(args.command, args.num_processes, port, args.devices_per_process)
+    while True:
+      codes = [p.poll() for p in group.procs]
+      if first_failure is None:
+        for i, code in enumerate(codes):
+          if code not in (None, 0):
+            first_failure = exit_code(code)
+            if None in codes:
+              group.say(f'process {i} exited with {first_failure}; stopping the others')
+              group.signal(signal.SIGTERM)
+              kill_at = time.monotonic() + args.grace_s
+            break
+      if None not in codes:
+        break
+      if kill_at is not None and time.monotonic() > kill_at:
+        group.signal(signal.SIGKILL)
+        kill_at = None
+      time.sleep(0.05)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  for thread in group.threads:
+    thread.join(timeout=5)  # a grandchild may still hold the pipe open; don't wait for it forever
+  return first_failure or 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
