@@ -22,7 +22,8 @@ Dtype = Any
 MASK_BIAS = -1e10
 
 
-def _init(stddev: float, axes: tuple[str, ...]):
+def param_init(stddev: float, axes: tuple[str, ...]):
+  """N(0, stddev^2) initializer whose parameter carries the logical axis names `axes`."""
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
 
 
@@ -80,7 +81,7 @@ class RelativePositionBias(nn.Module):
 
   @nn.compact
   def __call__(self, q_len: int, k_len: int, q_offset: int = 0) -> jax.Array:
-    table = self.param('rel_embedding', _init(1.0, ('relpos_buckets', 'heads')),
+    table = self.param('rel_embedding', param_init(1.0, ('relpos_buckets', 'heads')),
                        (self.num_buckets, self.num_heads), jnp.float32)
     relative = np.arange(k_len)[None, :] - (np.arange(q_len) + q_offset)[:, None]
     buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets,
@@ -126,7 +127,7 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', _init(self.stddev, self.axes), self.shape, jnp.float32)
+    kernel = self.param('kernel', param_init(self.stddev, self.axes), self.shape, jnp.float32)
     return jnp.einsum(self.equation, x, kernel.astype(self.dtype))
 
 
@@ -174,7 +175,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d_model = x.shape[-1]
     dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
-    wi_init = _init(d_model ** -0.5, ('embed', 'mlp'))
+    wi_init = param_init(d_model ** -0.5, ('embed', 'mlp'))
     if self.gated_gelu:
       # tanh-approximate GELU, as in T5.1.1 ("gelu_new" in HuggingFace).
       h = nn.gelu(dense(self.d_ff, kernel_init=wi_init, name='wi_0')(x), approximate=True)
@@ -184,7 +185,7 @@ class MlpBlock(nn.Module):
     h = constrain(h, ('act_batch', 'act_length', 'act_mlp'))
     if self.dropout_rate > 0 and not self.deterministic:
       h = nn.Dropout(self.dropout_rate)(h, deterministic=False)
-    return dense(d_model, kernel_init=_init(self.d_ff ** -0.5, ('mlp', 'embed')), name='wo')(h)
+    return dense(d_model, kernel_init=param_init(self.d_ff ** -0.5, ('mlp', 'embed')), name='wo')(h)
 
 
 class Embed(nn.Module):
@@ -194,7 +195,7 @@ class Embed(nn.Module):
   dtype: Dtype
 
   def setup(self):
-    self.embedding = self.param('embedding', _init(1.0, ('vocab', 'embed')),
+    self.embedding = self.param('embedding', param_init(1.0, ('vocab', 'embed')),
                                 (self.num_embeddings, self.features), jnp.float32)
 
   def __call__(self, ids: jax.Array) -> jax.Array:

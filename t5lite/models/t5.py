@@ -137,7 +137,8 @@ def _make_embedder_and_head(module: nn.Module):
   if not c.tie_logits:
     module.logits_dense = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype),
                                    param_dtype=jnp.float32, name='logits_dense',
-                                   kernel_init=layers._init(c.d_model ** -0.5, ('embed', 'vocab')))
+                                   kernel_init=layers.param_init(c.d_model ** -0.5,
+                                                                 ('embed', 'vocab')))
 
 
 def _logits(module: nn.Module, x):
