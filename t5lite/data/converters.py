@@ -126,3 +126,167 @@ def pad_rows(features: Mapping[str, np.ndarray], n_rows: int) -> dict[str, np.nd
         pad = np.zeros((n_rows - x.shape[0],) + x.shape[1:], x.dtype)
         out[name] = np.concatenate([x, pad], axis=0)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Decoder-only converters and the budget-driven packer the task pipeline uses.
+#
+# Decoder-only (seqio `LMFeatureConverter`): examples with 'targets';
+# lengths {'targets': T}. Features: decoder_target_tokens, decoder_input_tokens
+# (shifted right per segment, 0 as BOS), decoder_loss_weights, and when packed
+# decoder_segment_ids / decoder_positions.
+#
+# Prefix LM (seqio `PrefixLMFeatureConverter`): examples with 'inputs' and
+# 'targets'; lengths {'inputs': I, 'targets': T}; one decoder sequence of
+# length I + T holding inputs then targets. decoder_causal_attention is 1 on
+# the positions that attend bidirectionally: the len(inputs) + 1 first
+# positions of each segment (in decoder-input space the inputs sit at 1..len,
+# behind the BOS at 0). Loss on the targets only unless
+# loss_on_targets_only=False.
+# ---------------------------------------------------------------------------
+
+DECODER_FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights")
+DECODER_PACKING_FEATURES = ("decoder_segment_ids", "decoder_positions")
+
+
+def greedy_groups(sizes: Sequence[Sequence[int]], budgets: Sequence[int]) -> list[list[int]]:
+    """Greedy in-order packing under several budgets (e.g. inputs and targets lengths).
+
+    sizes[i][j] is example i's use of budget j (already truncated to it).
+    """
+    rows: list[list[int]] = []
+    used = [0] * len(budgets)
+    for i, size in enumerate(sizes):
+        if rows and all(u + s <= b for u, s, b in zip(used, size, budgets)):
+            rows[-1].append(i)
+            used = [u + s for u, s in zip(used, size)]
+        else:
+            rows.append([i])
+            used = list(size)
+    return rows
+
+
+def _shift_right(tokens: np.ndarray, segment_ids: np.ndarray | None) -> np.ndarray:
+    out = np.zeros_like(tokens)
+    out[:, 1:] = tokens[:, :-1]
+    if segment_ids is not None:
+        prev = np.zeros_like(segment_ids)
+        prev[:, 1:] = segment_ids[:, :-1]
+        out = np.where(segment_ids == prev, out, 0).astype(np.int32)
+    return out
+
+
+def decoder_features(examples: Sequence[Mapping[str, np.ndarray]], targets_length: int,
+                     pack: bool, groups: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Decoder-only (causal LM) features; `groups` overrides the packing."""
+    if groups is None:
+        groups = (greedy_groups([[min(len(ex["targets"]), targets_length)] for ex in examples],
+                                [targets_length]) if pack else [[i] for i in range(len(examples))])
+    segs = [[np.asarray(examples[i]["targets"], np.int32)[:targets_length] for i in g]
+            for g in groups]
+    dec, seg, pos = _fill(segs, targets_length)
+    out = {"decoder_target_tokens": dec,
+           "decoder_input_tokens": _shift_right(dec, seg if pack else None),
+           "decoder_loss_weights": (dec != 0).astype(np.int32)}
+    if pack:
+        out.update(decoder_segment_ids=seg, decoder_positions=pos)
+    return out
+
+
+def prefix_lm_features(examples: Sequence[Mapping[str, np.ndarray]], inputs_length: int,
+                       targets_length: int, pack: bool, loss_on_targets_only: bool = True,
+                       groups: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Prefix LM features (see above); decoder length inputs_length + targets_length."""
+    length = inputs_length + targets_length
+    ins = [np.asarray(ex["inputs"], np.int32)[:inputs_length] for ex in examples]
+    tgs = [np.asarray(ex["targets"], np.int32)[:targets_length] for ex in examples]
+    if groups is None:
+        groups = (greedy_groups([[len(a) + len(b)] for a, b in zip(ins, tgs)], [length])
+                  if pack else [[i] for i in range(len(examples))])
+    dec, seg, pos = _fill([[np.concatenate([ins[i], tgs[i]]) for i in g] for g in groups], length)
+    is_target = np.zeros_like(dec)
+    causal = np.zeros_like(dec)
+    for r, g in enumerate(groups):
+        start = 0
+        for i in g:
+            n_in, n_tg = len(ins[i]), len(tgs[i])
+            causal[r, start:start + n_in + 1] = 1
+            is_target[r, start + n_in:start + n_in + n_tg] = 1
+            start += n_in + n_tg
+    # The "+1" position may be padding (or the next segment) when an example has
+    # no targets; causal attention there is harmless but keep it inside the segment.
+    causal = np.where(seg > 0, causal, 0).astype(np.int32)
+    weights = is_target if loss_on_targets_only else (dec != 0).astype(np.int32)
+    out = {"decoder_target_tokens": dec,
+           "decoder_input_tokens": _shift_right(dec, seg if pack else None),
+           "decoder_loss_weights": weights.astype(np.int32),
+           "decoder_causal_attention": causal}
+    if pack:
+        out.update(decoder_segment_ids=seg, decoder_positions=pos)
+    return out
+
+
+class Converter:
+    """A feature converter by name: how examples use the length budgets, and the features.
+
+    kind: 'encdec' (lengths inputs, targets), 'decoder' (targets) or
+    'prefix_lm' (inputs, targets; one decoder sequence of their sum).
+    """
+
+    KINDS = ("encdec", "decoder", "prefix_lm")
+
+    def __init__(self, kind: str, lengths: Mapping[str, int], loss_on_targets_only: bool = True):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown converter {kind!r}; expected one of {self.KINDS}.")
+        need = ("targets",) if kind == "decoder" else ("inputs", "targets")
+        missing = [k for k in need if k not in lengths]
+        if missing:
+            raise ValueError(f"converter {kind!r} needs feature lengths for {need}; "
+                             f"missing {missing} in {dict(lengths)}.")
+        self.kind = kind
+        self.lengths = {k: int(lengths[k]) for k in need}
+        self.loss_on_targets_only = loss_on_targets_only
+        self.features = need
+
+    def budgets(self) -> list[int]:
+        if self.kind == "encdec":
+            return [self.lengths["inputs"], self.lengths["targets"]]
+        if self.kind == "decoder":
+            return [self.lengths["targets"]]
+        return [self.lengths["inputs"] + self.lengths["targets"]]
+
+    def sizes(self, ex: Mapping[str, np.ndarray]) -> list[int]:
+        n = {k: min(len(ex[k]), self.lengths[k]) for k in self.features}
+        if self.kind == "prefix_lm":
+            return [n["inputs"] + n["targets"]]
+        return [n[k] for k in self.features]
+
+    def dropped_tokens(self, ex: Mapping[str, np.ndarray]) -> int:
+        """Tokens truncation would cut from this example."""
+        return sum(max(len(ex[k]) - self.lengths[k], 0) for k in self.features)
+
+    def __call__(self, examples, groups, pack: bool) -> dict[str, np.ndarray]:
+        if self.kind == "encdec":
+            return encdec_from_groups(examples, groups, self.lengths["inputs"],
+                                      self.lengths["targets"], pack)
+        if self.kind == "decoder":
+            return decoder_features(examples, self.lengths["targets"], pack, groups=groups)
+        return prefix_lm_features(examples, self.lengths["inputs"], self.lengths["targets"],
+                                  pack, self.loss_on_targets_only, groups=groups)
+
+
+def encdec_from_groups(examples, groups, inputs_length: int, targets_length: int,
+                       pack: bool) -> dict[str, np.ndarray]:
+    """`encdec_features` with the packing given as groups of example indices."""
+    def segments(key, length):
+        return [[np.asarray(examples[i][key], np.int32)[:length] for i in g] for g in groups]
+
+    enc, enc_seg, enc_pos = _fill(segments("inputs", inputs_length), inputs_length)
+    dec, dec_seg, dec_pos = _fill(segments("targets", targets_length), targets_length)
+    out = {"encoder_input_tokens": enc, "decoder_target_tokens": dec,
+           "decoder_input_tokens": _shift_right(dec, dec_seg if pack else None),
+           "decoder_loss_weights": (dec != 0).astype(np.int32)}
+    if pack:
+        out.update(encoder_segment_ids=enc_seg, decoder_segment_ids=dec_seg,
+                   encoder_positions=enc_pos, decoder_positions=dec_pos)
+    return out

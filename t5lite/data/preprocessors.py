@@ -193,3 +193,334 @@ def split_tokens(documents_tokens: Iterable[Iterable[int]], length: int) -> list
              for d in documents_tokens]
     stream = np.concatenate(parts) if parts else np.zeros([0], np.int32)
     return [stream[i:i + length] for i in range(0, len(stream), length)]
+
+
+# ---------------------------------------------------------------------------
+# Task preprocessors: small per-example steps composed by `t5lite.data.tasks`.
+#
+# Every step has the signature `step(example: dict, ctx: Context) -> dict`
+# (bind its options with functools.partial; partials of these top-level
+# functions pickle, so grain worker processes can run them). `ctx` carries the
+# task name, its output features, the feature lengths of this run and an rng
+# keyed by (seed, element index), so a step is a pure function of its input.
+#
+# Objective steps (span corruption, prefix LM, ...) read token ids and return
+# 'inputs'/'targets' *without* EOS: the task appends EOS to every output
+# feature with add_eos=True as its last step, after trimming to the length.
+# ---------------------------------------------------------------------------
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+
+class InvalidExampleError(ValueError):
+    """An example lacks a feature or has an empty one.
+
+    The task pipeline turns it into a dropped example (counted) when the task
+    has `drop_invalid=True`; otherwise it propagates with the task and feature
+    named in the message.
+    """
+
+
+@dataclasses.dataclass
+class Context:
+    """What a step may know besides the example. All fields optional."""
+    task_name: str = "<no task>"
+    output_features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    sequence_length: Mapping[str, int] | None = None
+    rng: np.random.Generator | None = None
+
+
+def _get(example: Mapping[str, Any], key: str, ctx: Context):
+    if key not in example:
+        raise InvalidExampleError(
+            f"task {ctx.task_name!r}: example has no feature {key!r} "
+            f"(it has {sorted(example)}).")
+    return example[key]
+
+
+def _vocab(ctx: Context, key: str):
+    feature = ctx.output_features.get(key) or ctx.output_features.get("targets")
+    if feature is None:
+        raise ValueError(f"task {ctx.task_name!r}: no output feature {key!r} to take a "
+                         "vocabulary from.")
+    return feature.vocabulary
+
+
+def rekey(example, ctx: Context, key_map: Mapping[str, str | None]):
+    """{new: example[old]}; old None makes an empty string. Other keys are dropped."""
+    return {new: ("" if old is None else _get(example, old, ctx))
+            for new, old in key_map.items()}
+
+
+def tokenize(example, ctx: Context, keys: Sequence[str] | None = None):
+    """Encodes string features with their output feature's vocabulary (no EOS).
+
+    `keys` defaults to the task's output features present in the example;
+    features that are already token arrays are left as they are.
+    """
+    out = dict(example)
+    for key in (keys if keys is not None else [k for k in ctx.output_features if k in example]):
+        value = _get(example, key, ctx)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        if isinstance(value, str):
+            out[key] = np.asarray(_vocab(ctx, key).encode(value), np.int32)
+    return out
+
+
+def trim(example, ctx: Context, reserve_eos: bool = True):
+    """Cuts each output feature to its length in ctx.sequence_length (minus 1 for EOS)."""
+    if not ctx.sequence_length:
+        return example
+    out = dict(example)
+    for key, feature in ctx.output_features.items():
+        if key in out and key in ctx.sequence_length:
+            keep = ctx.sequence_length[key] - (1 if reserve_eos and feature.add_eos else 0)
+            out[key] = np.asarray(out[key])[:max(keep, 0)]
+    return out
+
+
+def append_eos(example, ctx: Context):
+    """Appends EOS to every output feature whose add_eos is True."""
+    out = dict(example)
+    for key, feature in ctx.output_features.items():
+        if key in out and feature.add_eos:
+            out[key] = np.concatenate(
+                [np.asarray(out[key], np.int32), [feature.vocabulary.eos_id]]).astype(np.int32)
+    return out
+
+
+def _tokens(example, ctx: Context, key: str) -> np.ndarray:
+    tokens = np.asarray(_get(example, key, ctx))
+    if tokens.dtype.kind not in "iu":
+        raise ValueError(f"task {ctx.task_name!r}: feature {key!r} must be token ids here; "
+                         "put a `tokenize` step before the objective.")
+    return tokens.astype(np.int32)
+
+
+def causal_lm(example, ctx: Context, key: str = "targets"):
+    """Language modelling: the whole sequence is the target (decoder-only)."""
+    return {"targets": _tokens(example, ctx, key)}
+
+
+def _split_range(n: int, inputs_room: int | None, targets_room: int | None) -> tuple[int, int]:
+    """Split points s (inputs = tokens[:s]) with both sides non-empty and fitting."""
+    lo, hi = 1, n - 1
+    if targets_room is not None:
+        lo = max(lo, n - targets_room)
+    if inputs_room is not None:
+        hi = min(hi, inputs_room)
+    if lo > hi:
+        raise ValueError(f"cannot split {n} tokens into inputs <= {inputs_room} and "
+                         f"targets <= {targets_room}, both non-empty.")
+    return lo, hi
+
+
+def _rooms(ctx: Context, reserved_inputs: int = 0):
+    """Token room per side before EOS (and `reserved_inputs`, e.g. a mode token)."""
+    lengths = ctx.sequence_length or {}
+    def room(key, extra):
+        if key not in lengths:
+            return None
+        feature = ctx.output_features.get(key)
+        return lengths[key] - extra - (1 if feature is None or feature.add_eos else 0)
+    return room("inputs", reserved_inputs), room("targets", 0)
+
+
+def prefix_lm(example, ctx: Context, key: str = "targets"):
+    """Prefix LM: split at a uniformly random point; prefix -> inputs, rest -> targets.
+
+    The split point is uniform over the points that leave both parts non-empty
+    and, when ctx.sequence_length gives 'inputs'/'targets' lengths, within them
+    (so nothing is trimmed later). With n tokens and no lengths: uniform in
+    [1, n-1], as T5's prefix LM objective (Raffel et al. 2020, section 3.3.3).
+    """
+    tokens = _tokens(example, ctx, key)
+    if len(tokens) < 2:
+        raise InvalidExampleError(f"task {ctx.task_name!r}: prefix LM needs >= 2 tokens in "
+                                  f"{key!r}, got {len(tokens)}.")
+    lo, hi = _split_range(len(tokens), *_rooms(ctx))
+    s = int(ctx.rng.integers(lo, hi + 1))
+    return {"inputs": tokens[:s], "targets": tokens[s:]}
+
+
+def _strip_eos(out: dict) -> dict:
+    return {k: v[:-1] for k, v in out.items()}
+
+
+def span_corruption_step(example, ctx: Context, noise_density: float = 0.15,
+                         mean_noise_span_length: float = 3.0, key: str = "targets"):
+    """T5 span corruption (see `span_corruption`) as a task step."""
+    tokens = _tokens(example, ctx, key)
+    if len(tokens) < 2:
+        raise InvalidExampleError(f"task {ctx.task_name!r}: span corruption needs >= 2 tokens "
+                                  f"in {key!r}, got {len(tokens)}.")
+    out = span_corruption(tokens, ctx.rng, _vocab(ctx, "targets").vocab_size,
+                          noise_density, mean_noise_span_length)
+    return _strip_eos(out)
+
+
+def iid_noise_mask(length: int, noise_density: float, rng: np.random.Generator) -> np.ndarray:
+    """Each token is noise independently with probability noise_density (seqio's iid_noise_mask)."""
+    return rng.random(length) < noise_density
+
+
+def iid_denoising(example, ctx: Context, noise_density: float = 0.15, key: str = "targets"):
+    """i.i.d. denoising (T5 paper section 3.3.2): iid mask, each noise run -> one sentinel."""
+    tokens = _tokens(example, ctx, key)
+    mask = iid_noise_mask(len(tokens), noise_density, ctx.rng)
+    return _strip_eos(corrupt_with_mask(tokens, mask, _vocab(ctx, "targets").vocab_size))
+
+
+# --- UL2 mixture of denoisers (Tay et al. 2022, "UL2: Unifying Language Learning
+# Paradigms", section 3.1). Mode tokens: the three *lowest* sentinel ids of the
+# vocabulary are reserved for them (ids vocab_size-100, -99, -98 with 100 extra
+# ids, i.e. <extra_id_99>, <extra_id_98>, <extra_id_97>), so no SentencePiece
+# model has to be retrained and the ids cannot collide with text. UL2 denoisers
+# then use at most 97 sentinels per example.
+
+MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")  # R, X, S denoisers
+NUM_RESERVED_SENTINELS = len(MODE_TOKENS)
+
+
+def mode_token_id(vocab_size: int, mode: str, num_sentinels: int = NUM_SENTINELS) -> int:
+    """Id of a UL2 mode token: [NLU] -> lowest sentinel, [NLG] next, [S2S] next."""
+    if mode not in MODE_TOKENS:
+        raise ValueError(f"unknown UL2 mode token {mode!r}; expected one of {MODE_TOKENS}.")
+    return vocab_size - num_sentinels + MODE_TOKENS.index(mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """One UL2 denoiser. kind 'span' (mean span, density) or 'prefix' (S)."""
+    mode: str
+    kind: str = "span"
+    mean_noise_span_length: float = 3.0
+    noise_density: float = 0.15
+    rate: float = 1.0
+
+
+# UL2's seven denoisers; equal rates by default (configurable).
+UL2_DENOISERS = (
+    Denoiser("[NLU]", "span", 3.0, 0.15), Denoiser("[NLU]", "span", 8.0, 0.15),
+    Denoiser("[NLG]", "span", 3.0, 0.5), Denoiser("[NLG]", "span", 8.0, 0.5),
+    Denoiser("[NLG]", "span", 64.0, 0.15), Denoiser("[NLG]", "span", 64.0, 0.5),
+    Denoiser("[S2S]", "prefix"),
+)
+
+
+@functools.lru_cache(maxsize=256)
+def fitting_raw_length(inputs_room: int, targets_room: int | None, noise_density: float,
+                       mean_noise_span_length: float, max_spans: int) -> int:
+    """Largest raw length L whose span-corrupted inputs/targets (no EOS) fit the rooms.
+
+    Generalises `random_spans_helper` to a targets bound and a sentinel budget.
+    """
+    best = 0
+    limit = inputs_room + (targets_room or inputs_room) + 1
+    for length in range(2, limit + 1):
+        noise, spans = noise_span_counts(length, noise_density, mean_noise_span_length)
+        if (length - noise + spans <= inputs_room and spans <= max_spans
+                and (targets_room is None or noise + spans <= targets_room)):
+            best = length
+    if best < 2:
+        raise ValueError(f"no raw length fits inputs <= {inputs_room}, targets <= "
+                         f"{targets_room} at density {noise_density}, mean span "
+                         f"{mean_noise_span_length}.")
+    return best
+
+
+def denoiser_raw_length(d: Denoiser, inputs_room: int, targets_room: int | None) -> int:
+    if d.kind == "prefix":
+        return max(inputs_room, targets_room or 0) if targets_room else inputs_room
+    return fitting_raw_length(inputs_room, targets_room, d.noise_density,
+                              d.mean_noise_span_length, NUM_SENTINELS - NUM_RESERVED_SENTINELS)
+
+
+def ul2_raw_length(sequence_length: Mapping[str, int],
+                   denoisers: Sequence[Denoiser] = UL2_DENOISERS) -> int:
+    """Chunk length to cut the corpus into for UL2: the longest any denoiser uses."""
+    inputs_room = sequence_length["inputs"] - 2  # mode token + EOS
+    targets_room = sequence_length["targets"] - 1 if "targets" in sequence_length else None
+    return max(denoiser_raw_length(d, inputs_room, targets_room) for d in denoisers)
+
+
+def ul2_denoise(example, ctx: Context, denoisers: Sequence[Denoiser] = UL2_DENOISERS,
+                key: str = "targets"):
+    """UL2 mixture of denoisers: pick one by rate, crop a fitting window, apply, prepend mode.
+
+    Span denoisers use the largest window whose corrupted inputs and targets fit
+    the lengths (crop start uniform); S (prefix LM) splits a window of
+    max(inputs, targets) room uniformly among the fitting split points.
+    Without ctx.sequence_length the whole sequence is used.
+    """
+    tokens = _tokens(example, ctx, key)
+    if len(tokens) < 2:
+        raise InvalidExampleError(f"task {ctx.task_name!r}: UL2 needs >= 2 tokens in {key!r}, "
+                                  f"got {len(tokens)}.")
+    rates = np.array([d.rate for d in denoisers], np.float64)
+    d = denoisers[int(ctx.rng.choice(len(denoisers), p=rates / rates.sum()))]
+    vocab_size = _vocab(ctx, "targets").vocab_size
+    inputs_room, targets_room = _rooms(ctx, reserved_inputs=1)
+    if inputs_room is not None:
+        window = min(len(tokens), denoiser_raw_length(d, inputs_room, targets_room))
+        start = int(ctx.rng.integers(0, len(tokens) - window + 1))
+        tokens = tokens[start:start + window]
+    if d.kind == "prefix":
+        lo, hi = _split_range(len(tokens), inputs_room, targets_room)
+        s = int(ctx.rng.integers(lo, hi + 1))
+        out = {"inputs": tokens[:s], "targets": tokens[s:]}
+    else:
+        mask = random_spans_noise_mask(len(tokens), d.noise_density,
+                                       d.mean_noise_span_length, ctx.rng)
+        out = _strip_eos(corrupt_with_mask(tokens, mask, vocab_size,
+                                           num_sentinels=NUM_SENTINELS - NUM_RESERVED_SENTINELS))
+    mode = mode_token_id(vocab_size, d.mode)
+    out["inputs"] = np.concatenate([[mode], out["inputs"]]).astype(np.int32)
+    return out
+
+
+# --- Dataset-level step: concatenate every document and cut fixed-length chunks.
+
+def span_corruption_raw_length(sequence_length: Mapping[str, int], noise_density: float = 0.15,
+                               mean_noise_span_length: float = 3.0) -> int:
+    """Raw chunk length that fills 'inputs' exactly (T5's helper; 512 -> 568)."""
+    return random_spans_helper(sequence_length["inputs"], noise_density,
+                               mean_noise_span_length)[0]
+
+
+def prefix_lm_raw_length(sequence_length: Mapping[str, int]) -> int:
+    """max(inputs, targets) - 1: leaves a wide uniform range of fitting split points."""
+    return max(sequence_length["inputs"], sequence_length.get("targets", 0)) - 1
+
+
+def causal_lm_raw_length(sequence_length: Mapping[str, int]) -> int:
+    return sequence_length["targets"] - 1
+
+
+class ConcatAndSplit:
+    """Dataset-level step: all documents' tokens end to end, cut into chunks.
+
+    T5's `reduce_concat_tokens` + `split_tokens` for pretraining. It sees the
+    whole source at once, so the task pipeline materialises everything up to
+    this step in memory: right for small corpora (the embedded one), wrong for
+    C4-sized data, where a per-example crop is the scalable choice.
+    `length_fn(sequence_length) -> chunk length`; chunks shorter than
+    `min_length` (only the last can be) are dropped.
+    """
+    dataset_level = True
+
+    def __init__(self, length_fn: Callable[[Mapping[str, int]], int], key: str = "targets",
+                 min_length: int = 2):
+        self.length_fn = length_fn
+        self.key = key
+        self.min_length = min_length
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]], ctx: Context) -> list[dict]:
+        if not ctx.sequence_length:
+            raise ValueError(f"task {ctx.task_name!r}: ConcatAndSplit needs feature lengths.")
+        length = self.length_fn(ctx.sequence_length)
+        chunks = split_tokens((_tokens(ex, ctx, self.key) for ex in examples), length)
+        return [{self.key: c} for c in chunks if len(c) >= self.min_length]

@@ -1,0 +1,74 @@
+"""Registered tasks: pretraining objectives over the embedded offline corpus.
+
+  embedded_span_corruption  T5 span corruption (0.15, mean span 3), chunks that fill 'inputs'
+                            exactly; the same examples as `make_span_corruption_iterator`
+  embedded_prefix_lm        prefix LM, split point uniform among those that fit
+  embedded_causal_lm        plain language modelling ('targets' only; decoder-only converter)
+  embedded_ul2              UL2 mixture of denoisers (R, X, S with [NLU]/[NLG]/[S2S])
+  embedded_pretraining_mix  a mixture of the span corruption, prefix LM and UL2 tasks
+
+Imported by `tasks.get`/`tasks.names` on first use. The vocabulary is the embedded
+SentencePiece model (trained once and cached; see vocab.embedded_vocabulary).
+C4 tasks (TFDS `c4/en`) are not registered yet: they need the dataset prepared as
+array_record (or the `tf` extra).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from t5lite.data import embedded, pipeline
+from t5lite.data import preprocessors as P
+from t5lite.data.sources import FunctionSource
+from t5lite.data.tasks import Feature, add_mixture, add_task
+from t5lite.data.vocab import embedded_vocabulary
+
+
+def _corpus(split: str):
+  del split
+  return [{'text': d} for d in embedded.corpus_documents()]
+
+
+class EmbeddedTokens:
+  """Dataset-level step: the embedded corpus tokenized with the task's vocabulary.
+
+  Shares `pipeline._tokenized_corpus`'s per-process cache, so several embedded tasks
+  (and the legacy span-corruption pipeline) tokenize the corpus once.
+  """
+  dataset_level = True
+
+  def __call__(self, examples, ctx):
+    del examples  # always the embedded corpus
+    v = ctx.output_features['targets'].vocabulary
+    return [{'targets': t} for t in pipeline._tokenized_corpus(v.path, v.extra_ids)]  # pylint: disable=protected-access
+
+
+def embedded_source() -> FunctionSource:
+  return FunctionSource(_corpus, splits=('train',))
+
+
+def _features(inputs: bool = True):
+  f = Feature(embedded_vocabulary)
+  return {'inputs': f, 'targets': f} if inputs else {'targets': f}
+
+
+add_task('embedded_span_corruption', embedded_source(), [
+    EmbeddedTokens(),
+    P.ConcatAndSplit(P.span_corruption_raw_length),
+    functools.partial(P.span_corruption_step, noise_density=0.15, mean_noise_span_length=3.0),
+], _features())
+
+add_task('embedded_prefix_lm', embedded_source(), [
+    EmbeddedTokens(), P.ConcatAndSplit(P.prefix_lm_raw_length), P.prefix_lm,
+], _features())
+
+add_task('embedded_causal_lm', embedded_source(), [
+    EmbeddedTokens(), P.ConcatAndSplit(P.causal_lm_raw_length), P.causal_lm,
+], _features(inputs=False))
+
+add_task('embedded_ul2', embedded_source(), [
+    EmbeddedTokens(), P.ConcatAndSplit(P.ul2_raw_length), P.ul2_denoise,
+], _features())
+
+add_mixture('embedded_pretraining_mix', [
+    ('embedded_span_corruption', 1.0), ('embedded_prefix_lm', 1.0), ('embedded_ul2', 1.0)])

@@ -1,0 +1,258 @@
+"""Data sources: where a task's raw examples come from, with random access by index.
+
+A source maps a split name to a random-access sequence of example dicts (`len` and
+`[i]`), which is what grain's `MapDataset.source` needs for exact, shardable,
+resumable reading. Sources here:
+
+  InMemorySource   {split: list of dicts}; for notebooks and tests
+  FunctionSource   split -> list of dicts, called once per split (lazily)
+  TextLineSource   local text files, one example {'text': line} per non-blank line
+  JsonlSource      local JSON-lines files, one dict per non-blank line
+  TsvSource        local tab-separated files, one dict per line with the given field names
+  TfdsSource       TFDS through `tfds.data_source` (array_record: random access, no TensorFlow);
+                   tfrecord-only datasets go through tf.data when TensorFlow is installed
+                   (`pip install t5lite[tf]`), and fail with that hint when it is not.
+
+File sources take, per split, a glob pattern or a list of them (several shards are
+read in sorted path order) and index line offsets once, so a 10 GB file is not
+held in memory. A pattern that matches nothing is a FileNotFoundError naming it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as glob_lib
+import io
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+
+class Source:
+  """Base: `splits`, `get(split)` (random-access sequence), `num_examples(split)`."""
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    raise NotImplementedError
+
+  def get(self, split: str) -> Sequence[Mapping[str, Any]]:
+    raise NotImplementedError
+
+  def num_examples(self, split: str) -> int:
+    return len(self.get(split))
+
+  def _check_split(self, split: str) -> None:
+    if split not in self.splits:
+      raise ValueError(f'{type(self).__name__} has no split {split!r}; it has {list(self.splits)}.')
+
+
+class InMemorySource(Source):
+  """Examples held in memory: {split: [dict, ...]}."""
+
+  def __init__(self, examples: Mapping[str, Sequence[Mapping[str, Any]]]):
+    self._examples = {k: list(v) for k, v in examples.items()}
+
+  @property
+  def splits(self):
+    return tuple(self._examples)
+
+  def get(self, split):
+    self._check_split(split)
+    return self._examples[split]
+
+
+class FunctionSource(Source):
+  """`fn(split) -> list of dicts`, called once per split and cached."""
+
+  def __init__(self, fn: Callable[[str], Sequence[Mapping[str, Any]]], splits: Sequence[str]):
+    self._fn = fn
+    self._splits = tuple(splits)
+    self._cache: dict[str, list] = {}
+
+  @property
+  def splits(self):
+    return self._splits
+
+  def get(self, split):
+    self._check_split(split)
+    if split not in self._cache:
+      self._cache[split] = list(self._fn(split))
+    return self._cache[split]
+
+  def __getstate__(self):  # grain workers rebuild the cache rather than pickle it
+    return {**self.__dict__, '_cache': {}}
+
+
+def expand_patterns(patterns: str | Sequence[str], what: str = '') -> list[str]:
+  """Sorted files matching one or more glob patterns; FileNotFoundError if none match."""
+  patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
+  files: list[str] = []
+  for pattern in patterns:
+    matched = sorted(glob_lib.glob(os.fspath(pattern)))
+    if not matched:
+      raise FileNotFoundError(f'{what}no file matches {os.fspath(pattern)!r}.')
+    files.extend(matched)
+  return files
+
+
+class _LineIndex(Sequence):
+  """Random access to the non-blank lines of several files through byte offsets."""
+
+  def __init__(self, files: Sequence[str], parse: Callable[[str, str, int], Mapping[str, Any]]):
+    self._files = list(files)
+    self._parse = parse
+    self._index: list[tuple[int, int, int]] = []  # (file number, offset, line number)
+    for f, path in enumerate(self._files):
+      offset = 0
+      with open(path, 'rb') as fh:
+        for lineno, line in enumerate(fh, 1):
+          if line.strip():
+            self._index.append((f, offset, lineno))
+          offset += len(line)
+
+  def __len__(self):
+    return len(self._index)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    f, offset, lineno = self._index[i]
+    with open(self._files[f], 'rb') as fh:
+      fh.seek(offset)
+      line = fh.readline().decode('utf-8').rstrip('\r\n')
+    return self._parse(line, self._files[f], lineno)
+
+
+class _FileSource(Source):
+
+  def __init__(self, split_patterns: Mapping[str, str | Sequence[str]]):
+    self._patterns = dict(split_patterns)
+    self._cache: dict[str, _LineIndex] = {}
+
+  @property
+  def splits(self):
+    return tuple(self._patterns)
+
+  def _parse(self, line: str, path: str, lineno: int) -> Mapping[str, Any]:
+    raise NotImplementedError
+
+  def files(self, split: str) -> list[str]:
+    self._check_split(split)
+    return expand_patterns(self._patterns[split], f'{type(self).__name__} split {split!r}: ')
+
+  def get(self, split):
+    if split not in self._cache:
+      self._cache[split] = _LineIndex(self.files(split), self._parse)
+    return self._cache[split]
+
+
+class TextLineSource(_FileSource):
+  """One example {key: line} per non-blank line (trailing newline removed)."""
+
+  def __init__(self, split_patterns, key: str = 'text'):
+    super().__init__(split_patterns)
+    self.key = key
+
+  def _parse(self, line, path, lineno):
+    return {self.key: line}
+
+
+class JsonlSource(_FileSource):
+  """One JSON object per non-blank line."""
+
+  def _parse(self, line, path, lineno):
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{lineno}: not valid JSON ({e.msg}).') from None
+    if not isinstance(obj, dict):
+      raise ValueError(f'{path}:{lineno}: expected a JSON object, got {type(obj).__name__}.')
+    return obj
+
+
+class TsvSource(_FileSource):
+  """Tab-separated lines -> {field_names[i]: column i}; a wrong column count is an error."""
+
+  def __init__(self, split_patterns, field_names: Sequence[str]):
+    super().__init__(split_patterns)
+    self.field_names = tuple(field_names)
+
+  def _parse(self, line, path, lineno):
+    cols = next(csv.reader(io.StringIO(line), delimiter='\t', quoting=csv.QUOTE_NONE))
+    if len(cols) != len(self.field_names):
+      raise ValueError(f'{path}:{lineno}: {len(cols)} tab-separated columns, expected '
+                       f'{len(self.field_names)} ({", ".join(self.field_names)}).')
+    return dict(zip(self.field_names, cols))
+
+
+TF_EXTRA_HINT = ('this TFDS dataset is only available as tfrecord, which needs TensorFlow: '
+                 'install the optional extra with `pip install t5lite[tf]`, or build/convert the '
+                 "dataset with file_format='array_record'.")
+
+
+def _has_tensorflow() -> bool:
+  try:
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+class _DecodedTfdsRecords(Sequence):
+  """tfds.data_source records as plain python: bytes text features -> str."""
+
+  def __init__(self, records):
+    self._records = records
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, i):
+    ex = self._records[i]
+    return {k: (v.decode('utf-8') if isinstance(v, bytes) else v) for k, v in ex.items()}
+
+
+class TfdsSource(Source):
+  """A TFDS dataset, e.g. TfdsSource('c4/en:3.1.0', splits=('train', 'validation')).
+
+  array_record datasets are read with `tfds.data_source` (random access, no TensorFlow).
+  A tfrecord-only dataset needs TensorFlow: with it installed the split is read once
+  through tf.data into memory (fine for fine-tuning sets, not for C4); without it
+  the error names the `tf` extra.
+  """
+
+  def __init__(self, name: str, splits: Sequence[str] = ('train', 'validation'),
+               data_dir: str | None = None, decode_bytes: bool = True):
+    self.name = name
+    self._splits = tuple(splits)
+    self.data_dir = data_dir
+    self.decode_bytes = decode_bytes
+    self._cache: dict[str, Sequence] = {}
+
+  @property
+  def splits(self):
+    return self._splits
+
+  def __getstate__(self):
+    return {**self.__dict__, '_cache': {}}
+
+  def get(self, split):
+    self._check_split(split)
+    if split not in self._cache:
+      self._cache[split] = self._open(split)
+    return self._cache[split]
+
+  def _open(self, split):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    try:
+      records = tfds.data_source(self.name, split=split, data_dir=self.data_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      message = str(e)
+      if 'array_record' not in message.lower() and 'file format' not in message.lower() \
+         and 'file_format' not in message.lower() and 'tensorflow' not in message.lower():
+        raise
+      if not _has_tensorflow():
+        raise RuntimeError(f'TFDS {self.name!r} split {split!r}: {TF_EXTRA_HINT}') from e
+      ds = tfds.load(self.name, split=split, data_dir=self.data_dir)
+      records = list(tfds.as_numpy(ds))
+    return _DecodedTfdsRecords(records) if self.decode_bytes else records
