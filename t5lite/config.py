@@ -100,6 +100,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-device peak FLOP/s for MFU. 0: look up the device kind; on CPU, measure a matmul at start.
   c.reporting.peak_flops_per_device = 0.0
   c.reporting.tensorboard = True
+
+  # Checkpoints go to WORKDIR/checkpoints (see docs/checkpoints.md). Running the same command again
+  # resumes from the newest complete one; the last step and a SIGTERM stop are always saved.
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500            # save period in steps; 0: only at the end and on SIGTERM.
+                                            # Shorter loses less work on a crash but writes more.
+  c.checkpoint.keep = 3                     # newest checkpoints to keep on disk; 0 keeps all
+  # Write in a background thread: the loop only waits for the device-to-host copy, then trains on
+  # while the files are written. (`async` is a Python keyword, hence the name.) False: every save
+  # blocks until it is on disk, simpler to reason about on flaky file systems.
+  c.checkpoint.async_save = True
   return c
 
 
@@ -277,6 +288,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   if not 0 <= config.schedule.decay_fraction <= 1:
     raise ConfigError(f'config.schedule.decay_fraction={config.schedule.decay_fraction}: must be '
                       'in [0, 1]')
+
+  k = config.checkpoint
+  for field in ('every_steps', 'keep'):
+    if isinstance(k[field], bool) or not isinstance(k[field], int) or k[field] < 0:
+      what = ('the save period in steps; 0 saves only at the end and on SIGTERM'
+              if field == 'every_steps' else 'how many checkpoints to keep; 0 keeps all')
+      raise ConfigError(f'config.checkpoint.{field}={k[field]!r}: must be an int >= 0 ({what})')
+  if not isinstance(k.async_save, bool):
+    raise ConfigError(f'config.checkpoint.async_save={k.async_save!r}: must be True or False')
 
   shape = mesh_shape(config.mesh, num_devices)
   data_parallel = shape[0] * shape[1]

@@ -1,18 +1,26 @@
 """Training entry point: `python -m t5lite.train --config configs/x.py[:arg] --workdir DIR`.
 
 Top to bottom: parse and validate the config (before any compute) -> mesh -> data -> model and
-sharded train state -> jitted train step -> loop with logging to stdout, TensorBoard and
-WORKDIR/metrics.jsonl.
+sharded train state, restored from WORKDIR/checkpoints when there is one -> jitted train step ->
+loop with logging to stdout, TensorBoard and WORKDIR/metrics.jsonl, periodic asynchronous
+checkpoints, and a checkpoint-and-exit-0 at the step boundary after a SIGTERM
+(docs/checkpoints.md).
 """
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
 import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from t5lite import checkpoints, distributed
 from t5lite import config as config_lib
 from t5lite import optim, partitioning, reporting, trainer
 from t5lite.data import pipeline, vocab
@@ -38,85 +46,215 @@ def build_data(config, process_index: int | None = None, process_count: int | No
   return iterator, vocabulary
 
 
+class PreemptionWatcher:
+  """SIGTERM (what TPU and cluster schedulers send before killing a job) -> stop at a step boundary.
+
+  The handler only sets a flag; the loop reads it between steps, where the state is consistent.
+  With several processes one may get the signal before the others, so every step they all-gather
+  their flags (a few bytes; the only per-step cross-process sync this adds) and stop together
+  at the same step. A single process just reads its flag.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. run() called from a worker thread): no handler
+      pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.any(flags))
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf is free of inf and nan."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def trim_metrics(workdir: str, step: int) -> None:
+  """Drops metrics.jsonl lines beyond `step`, the step a run resumes from: the resumed run logs
+  those steps again, so the file ends up as an uninterrupted run's would (no duplicates)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short by a crash
+  if len(kept) != len(lines):
+    with open(path, 'w') as f:
+      f.writelines(kept)
+
+
 def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> list[dict]:
-  """Trains for config.train.steps; returns the logged metrics (also written to the workdir)."""
+  """Trains to config.train.steps, resuming from WORKDIR/checkpoints if there is one; returns
+  the metrics logged by this invocation (also appended to WORKDIR/metrics.jsonl)."""
+  # --- config, mesh, model, data
   devices = list(devices if devices is not None else jax.devices())
   shape = config_lib.validate(config, len(devices))  # before anything is built
   config_lib.save_config(config, workdir)
+  config_dict = json.loads(json.dumps(config.to_dict(), default=str))
   mesh = partitioning.make_mesh(shape, devices)
   rules = config.partitioning.rules
   model_cfg = ModelConfig.from_config(config.model)
   model = make_model(model_cfg)
   tx, schedule = optim.make_optimizer(config)
-
   iterator, _ = build_data(config)
-  first = next(iterator)
-  state, shardings = trainer.init_train_state(model, tx, mesh, rules, first, config.train.seed)
-  step_fn = trainer.jit_train_step(
-      trainer.make_train_step(model, tx, schedule, config.train,
-                              dropout=config.model.dropout_rate > 0),
-      shardings, mesh, rules)
-  batch_sharding = partitioning.batch_sharding(mesh, rules)
+  batch = next(iterator)  # shapes for the state; the batch of step 1 on a fresh start
 
-  inputs_length = first['encoder_input_tokens'].shape[1] if 'encoder_input_tokens' in first else 0
-  targets_length = first['decoder_target_tokens'].shape[1]
-  flops_per_step = reporting.train_flops_per_step(model_cfg, config.train.batch_size,
-                                                  inputs_length, targets_length)
-  peak, peak_source = reporting.peak_flops_per_device(config.reporting.peak_flops_per_device,
-                                                      config.model.dtype)
-  total_peak = peak * len(devices)
-  writer = reporting.MetricWriter(workdir, config.reporting.tensorboard)
-  if writer.active:
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    print(f'model {config.model.size}/{config.model.variant} {n_params:,} params | mesh '
-          f'{dict(zip(config_lib.MESH_AXES, shape))} | {flops_per_step / 1e9:.2f} GFLOP/step | '
-          f'peak {peak / 1e9:.1f} GFLOP/s/device ({peak_source})', flush=True)
-
-  history, batch = [], first
-  total_steps, log_every = config.train.steps, config.train.log_every
-  interval_start, interval_steps, interval_tokens = None, 0, 0
-  run_start = time.perf_counter()
-  for step in range(1, total_steps + 1):
-    tokens = int(np.sum(batch.get('encoder_input_tokens', 0) > 0)
-                 + np.sum(batch['decoder_loss_weights'] > 0))
-    state, metrics = step_fn(state, partitioning.host_to_global(batch, batch_sharding))
-    if step == 1:
-      # The first step includes compilation: time the run from its end.
-      jax.block_until_ready(metrics)
-      interval_start = time.perf_counter()
-      if writer.active:
-        print(f'compiled and ran step 1 in {interval_start - run_start:.1f}s', flush=True)
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                  async_save=config.checkpoint.async_save)
+  watcher = PreemptionWatcher()
+  writer = None
+  try:
+    # --- train state: the newest readable checkpoint, else a fresh initialisation
+    abstract, shardings = checkpoints.abstract_train_state(model, tx, mesh, rules, batch,
+                                                           config.train.seed)
+    restored = ckpt.restore_latest(abstract, config_dict)
+    if restored is None:
+      state, shardings = trainer.init_train_state(model, tx, mesh, rules, batch,
+                                                  config.train.seed)
+      start_step = 0
     else:
-      interval_steps += 1
-      interval_tokens += tokens
-    if step < total_steps:
+      state, start_step = restored.state, restored.step
+      iterator.set_state(restored.data_state)
       batch = next(iterator)
-    if step % log_every == 0 or step == total_steps:
+    trim_metrics(workdir, start_step)
+
+    step_fn = trainer.jit_train_step(
+        trainer.make_train_step(model, tx, schedule, config.train,
+                                dropout=config.model.dropout_rate > 0),
+        shardings, mesh, rules)
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
+
+    # --- reporting
+    inputs_length = (batch['encoder_input_tokens'].shape[1] if 'encoder_input_tokens' in batch
+                     else 0)
+    targets_length = batch['decoder_target_tokens'].shape[1]
+    flops_per_step = reporting.train_flops_per_step(model_cfg, config.train.batch_size,
+                                                    inputs_length, targets_length)
+    peak, peak_source = reporting.peak_flops_per_device(config.reporting.peak_flops_per_device,
+                                                        config.model.dtype)
+    total_peak = peak * len(devices)
+    writer = reporting.MetricWriter(workdir, config.reporting.tensorboard)
+    total_steps, log_every = config.train.steps, config.train.log_every
+    every = config.checkpoint.every_steps
+    if writer.active:
+      n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+      print(f'model {config.model.size}/{config.model.variant} {n_params:,} params | mesh '
+            f'{dict(zip(config_lib.MESH_AXES, shape))} | {flops_per_step / 1e9:.2f} GFLOP/step | '
+            f'peak {peak / 1e9:.1f} GFLOP/s/device ({peak_source})', flush=True)
+      if start_step:
+        print(f'resumed from the checkpoint of step {start_step} in {ckpt.directory}', flush=True)
+    if start_step >= total_steps:
+      if writer.active:
+        print(f'nothing to do: the checkpoint is at step {start_step} and train.steps is '
+              f'{total_steps}', flush=True)
+      return []
+
+    # --- the loop
+    history = []
+    interval_start, interval_steps, interval_tokens = None, 0, 0
+    run_start = time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+      tokens = int(np.sum(batch.get('encoder_input_tokens', 0) > 0)
+                   + np.sum(batch['decoder_loss_weights'] > 0))
+      state, metrics = step_fn(state, partitioning.host_to_global(batch, batch_sharding))
+      # Where the data stands after this step's batch: a checkpoint of `step` resumes with the
+      # batch of step + 1. Read before the next() below, which already fetches that batch.
+      data_state = iterator.get_state()
+      if step == start_step + 1:
+        # The first step includes compilation: time the run from its end.
+        jax.block_until_ready(metrics)
+        interval_start = time.perf_counter()
+        if writer.active:
+          print(f'compiled and ran step {step} in {interval_start - run_start:.1f}s', flush=True)
+      else:
+        interval_steps += 1
+        interval_tokens += tokens
+      if step < total_steps:
+        batch = next(iterator)  # prepared on the host while the device runs the step
+      stop = watcher.should_stop()
+      save = step == total_steps or stop or (every > 0 and step % every == 0)
+      log = step % log_every == 0 or step == total_steps
+      if not (log or save):
+        continue
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(values['loss']):
-        writer.close()
+      bad = {k: values[k] for k in ('loss', 'grad_norm') if not np.isfinite(values[k])}
+      if bad:
+        # Never checkpoint this state. Let the save in flight (an earlier, good state) finish.
+        ckpt.wait()
+        last = ckpt.latest_step()
+        where = (f'the last good checkpoint is step {last} in {ckpt.directory}'
+                 if last is not None else 'no checkpoint was written')
         raise FloatingPointError(
-            f'loss is {values["loss"]} at step {step} (metrics up to step {step - log_every} are '
-            f'in {workdir}/metrics.jsonl); lower optimizer.learning_rate, raise '
-            'schedule.warmup_steps, or use model.dtype=float32 to find the source')
-      now = time.perf_counter()
-      if interval_steps > 0:
-        elapsed = now - interval_start
-        step_time = elapsed / interval_steps
-        values['steps_per_sec'] = 1.0 / step_time
-        values['tokens_per_sec'] = interval_tokens / elapsed
-        if total_peak > 0:
-          values['mfu'] = flops_per_step / step_time / total_peak
-        values['eta_seconds'] = step_time * (total_steps - step)
-      interval_start, interval_steps, interval_tokens = now, 0, 0
-      writer.write(step, values)
-      history.append({'step': step, **values})
-  writer.close()
-  return history
+            f'{" and ".join(f"{k} is {v}" for k, v in bad.items())} at step {step} (metrics up '
+            f'to step {step - log_every} are in {workdir}/metrics.jsonl; {where}); lower '
+            'optimizer.learning_rate, raise schedule.warmup_steps, or use model.dtype=float32 '
+            'to find the source')
+      if log:
+        now = time.perf_counter()
+        if interval_steps > 0:
+          elapsed = now - interval_start
+          step_time = elapsed / interval_steps
+          values['steps_per_sec'] = 1.0 / step_time
+          values['tokens_per_sec'] = interval_tokens / elapsed
+          if total_peak > 0:
+            values['mfu'] = flops_per_step / step_time / total_peak
+          values['eta_seconds'] = step_time * (total_steps - step)
+        interval_start, interval_steps, interval_tokens = now, 0, 0
+        writer.write(step, values)
+        history.append({'step': step, **values})
+      if save:
+        # The loss above was computed before this step's update: check the updated state too,
+        # so a checkpoint never holds inf/nan (one cheap reduction per save).
+        if not bool(all_finite(state)):
+          ckpt.wait()
+          raise FloatingPointError(
+              f'the update of step {step} made parameters or optimizer state non-finite (loss '
+              f'{values["loss"]}); not saved, the last good checkpoint is step '
+              f'{ckpt.latest_step()} in {ckpt.directory}; lower optimizer.learning_rate or raise '
+              'schedule.warmup_steps')
+        ckpt.save(step, state, data_state, config_dict)  # async: returns after the host copy
+      if stop:
+        ckpt.wait()
+        if writer.active:
+          print(f'preempted (SIGTERM): saved the checkpoint of step {step} in {ckpt.directory}; '
+                f'run the same command to continue from step {step}', flush=True)
+        return history
+    return history
+  finally:
+    watcher.close()
+    if writer is not None:
+      writer.close()
+    ckpt.close()  # waits for a save in flight: on any exit the last checkpoint is complete
 
 
 def main(argv: Sequence[str]) -> int:
   try:
+    # Takes --coordinator_address/--num_processes/--process_id out of argv and initialises JAX for
+    # a multi-process run; must come before any other JAX call.
+    argv = distributed.setup(argv)
     config, workdir = config_lib.parse_command_line(argv)
     if not workdir:
       raise config_lib.ConfigError('--workdir is required: the folder for checkpoints, metrics '
@@ -127,6 +265,9 @@ def main(argv: Sequence[str]) -> int:
     return 2
   except FloatingPointError as e:
     print(f'training stopped: {e}', file=sys.stderr)
+    return 1
+  except checkpoints.CheckpointError as e:
+    print(f'checkpoint error: {e}', file=sys.stderr)
     return 1
   return 0
 

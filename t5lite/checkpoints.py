@@ -1,0 +1,290 @@
+"""Checkpoints: write a run's state with orbax, and read it back onto any mesh, or refuse clearly.
+
+    WORKDIR/checkpoints/<step>/
+      state/    TrainState (step, params, opt_state): orbax StandardSave, i.e. tensorstore array
+                files + JSON metadata. The dropout RNG is fold_in(train.seed, step): nothing to save.
+      data/     process_<i>-of-<n>.json: each process's data-iterator state (grain get_state())
+      config/   metadata: the resolved config as JSON (for people and for mismatch messages)
+      commit_success.txt, _CHECKPOINT_METADATA: orbax's markers
+
+Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when every process has
+finished, so a crash mid-save leaves a tmp folder, never a half-written `<step>/`. Before restoring,
+`Checkpointer.restore_latest` also skips step folders without orbax's commit marker (a partial copy)
+and falls back to the previous step when reading fails (a truncated file); it raises
+`CheckpointError` rather than start from scratch when checkpoints exist but none can be read.
+Reading uses orbax's standard handlers (tensorstore, JSON) and `json` only: no pickle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from orbax.checkpoint import options as ocp_options
+
+from t5lite import partitioning, trainer
+
+COMMIT_MARKER = 'commit_success.txt'      # orbax writes it last, just before the final rename
+TMP_MARKER = '.orbax-checkpoint-tmp'      # orbax's suffix for a step still being written
+REJECTED_DIR = 'checkpoints_rejected'     # unreadable steps are moved here, next to checkpoints/
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used; the message says which one, why, and what to do."""
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any          # TrainState on the target shardings
+  data_state: dict    # this process's data-iterator state, for iterator.set_state
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def data_state_filename() -> str:
+  # Per process: grain's iterator state describes this process's slice of the data. JsonSave's
+  # default handler writes on process 0 only, so the `data` item gets a handler with
+  # primary_host=None (every process writes) and a file name carrying the process index.
+  return f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+
+
+def abstract_train_state(model, tx, mesh, rules, example_batch, seed: int):
+  """(ShapeDtypeStructs carrying the mesh's shardings, shardings) of the train state.
+
+  What trainer.init_train_state would build, traced with jax.eval_shape so that nothing is
+  allocated: a restore then costs one copy of the state, not two. The structs are the restore
+  targets that put every array straight into this mesh's layout, whatever mesh wrote it.
+  (init_train_state itself cannot run under eval_shape: it enters jax.set_mesh.)
+  """
+  inputs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example_batch.items()
+            if k != 'decoder_loss_weights'}
+  with trainer.activate(mesh, rules):
+    boxed = jax.eval_shape(lambda key, x: model.init(key, **x), jax.random.PRNGKey(seed), inputs)
+    param_shardings = partitioning.logical_shardings(boxed['params'], mesh, rules)
+  params = nn.meta.unbox(boxed)['params']
+  opt_state = jax.eval_shape(tx.init, params)
+  opt_shardings = partitioning.optimizer_state_shardings(tx, opt_state, param_shardings, mesh)
+  replicated = NamedSharding(mesh, P())
+  shardings = trainer.TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+  shapes = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                              opt_state=opt_state)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return abstract, shardings
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  """'params/encoder/.../kernel' -> shape, for a tree of arrays or structs, or for orbax's saved
+  metadata (already the nested dicts/lists that orbax.tree.serialize_tree makes of a tree)."""
+  if hasattr(tree, 'tree'):  # orbax TreeMetadata
+    tree = tree.tree
+  else:
+    tree = ocp.tree.serialize_tree(tree, keep_empty_nodes=True)
+  flat = ocp.tree.to_flat_dict(tree, sep='/', is_leaf=lambda x: hasattr(x, 'shape'))
+  return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
+
+
+class Checkpointer:
+  """Saves (async) and restores one run's checkpoints under WORKDIR/checkpoints."""
+
+  def __init__(self, workdir: str, keep: int = 0, async_save: bool = True):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    policy = ocp.checkpoint_managers.LatestN(n=keep or None)  # None keeps all
+    every_process = ocp_options.MultiprocessingOptions(primary_host=None)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'data': ocp.JsonCheckpointHandler(filename=data_state_filename(),
+                                              multiprocessing_options=every_process),
+            'config': ocp.JsonCheckpointHandler(),
+        },
+        # The train loop decides when to save and calls save(force=True), so none of orbax's save
+        # policies (interval, its own preemption check) runs; this only sets retention and async.
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
+                                             preservation_policy=policy, create=True))
+
+  # -------------------------------------------------------------------------------------------
+  # Saving
+
+  def save(self, step: int, state, data_state: dict, config: dict) -> bool:
+    """Starts writing `state` as step `step` and returns after the device-to-host copy (async) or
+    when it is on disk (sync). Every process must call it. False if that step already exists."""
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config)))
+
+  def wait(self) -> None:
+    """Blocks until the in-flight save, if any, is finalised on disk."""
+    self.manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def close(self) -> None:
+    self.manager.close()  # waits for an in-flight save first
+
+  # -------------------------------------------------------------------------------------------
+  # Restoring
+
+  def _complete_steps(self) -> tuple[list[int], list[str]]:
+    """(steps with orbax's commit marker, descriptions of what was skipped)."""
+    self.manager.reload()
+    skipped, complete = [], []
+    if os.path.isdir(self.directory):
+      for name in sorted(os.listdir(self.directory)):
+        if TMP_MARKER in name:
+          # Orbax deletes these itself; an interrupted save, never a checkpoint. Not an error.
+          _log(f'checkpoints: ignoring {name}: a save that never finished (interrupted)')
+    for step in self.manager.all_steps():
+      if os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER)):
+        complete.append(step)
+      else:
+        skipped.append(f'step {step}: no {COMMIT_MARKER} (incomplete or partially copied)')
+        _log(f'checkpoints: skipping step {step}: it has no {COMMIT_MARKER}, so it is '
+             'incomplete (e.g. a partial copy)')
+    return sorted(complete), skipped
+
+  def check_compatible(self, step: int, abstract_state, config: dict | None = None) -> None:
+    """Raises CheckpointError naming the parameters whose shapes differ from `abstract_state`
+    (and the config.model fields that differ, when the saved config is readable)."""
+    saved = _flat_shapes(self.manager.item_metadata(step)['state'])
+    expected = _flat_shapes(abstract_state)
+    problems = []
+    # Parameters first: they say more than the optimizer statistics that follow them.
+    for name in sorted(set(saved) | set(expected), key=lambda n: (not n.startswith('params/'), n)):
+      if name not in saved:
+        problems.append(f'{name}: not in the checkpoint (config wants {expected[name]})')
+      elif name not in expected:
+        problems.append(f'{name}: in the checkpoint {saved[name]} but not in this config')
+      elif saved[name] != expected[name]:
+        problems.append(f'{name}: checkpoint {saved[name]} vs config {expected[name]}')
+    if not problems:
+      return
+    hint = ''
+    if config is not None:
+      try:
+        saved_model = self._read_config(step).get('model', {})
+        diffs = [f'{k}={saved_model[k]!r} (now {v!r})' for k, v in config.get('model', {}).items()
+                 if k in saved_model and saved_model[k] != v]
+        if diffs:
+          hint = f'\nIt was written with config.model ' + ', '.join(diffs) + '.'
+      except Exception:  # pylint: disable=broad-except  (the hint is optional)
+        pass
+    shown = '\n  '.join(problems[:5])
+    more = f'\n  ... and {len(problems) - 5} more' if len(problems) > 5 else ''
+    raise CheckpointError(
+        f'checkpoint step {step} in {self.directory} does not fit this model config: '
+        f'{len(problems)} array(s) differ:\n  {shown}{more}{hint}\n'
+        'Use the config it was written with, or another --workdir to start a new run.')
+
+  def _read_config(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))['config']
+
+  def restore(self, step: int, abstract_state) -> Restored:
+    """Reads step `step` into the shardings that `abstract_state`'s structs carry."""
+    data_dir = os.path.join(self.directory, str(step), 'data')
+    if os.path.isdir(data_dir) and not os.path.exists(os.path.join(data_dir,
+                                                                   data_state_filename())):
+      written = sorted(n for n in os.listdir(data_dir) if n.startswith('process_'))
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} holds data-iterator states {written}, '
+          f'none for this process ({data_state_filename()}): the data position is per process, '
+          'so resume with the process count that wrote it (the model state itself restores on '
+          'any mesh).')
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore()))
+    return Restored(step=step, state=restored['state'], data_state=restored['data'])
+
+  def restore_latest(self, abstract_state, config: dict | None = None) -> Restored | None:
+    """The newest checkpoint that reads back, or None when there is none at all.
+
+    Steps that fail to read are reported, moved to WORKDIR/checkpoints_rejected/ (so the run can
+    write that step again) and the previous one is tried. An incompatible model config raises at
+    once: an older step of the same run would not fit either.
+    """
+    steps, skipped = self._complete_steps()
+    failures = list(skipped)
+    for step in reversed(steps):
+      try:
+        self.check_compatible(step, abstract_state, config)
+        restored = self.restore(step, abstract_state)
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any read error: try an older step)
+        reason = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
+        failures.append(f'step {step}: {reason}')
+        _log(f'checkpoints: step {step} cannot be read ({reason}); trying an older one')
+        continue
+      newer = [s for s in self.manager.all_steps() if s > step]
+      if newer:
+        self._set_aside(newer)
+      if failures:
+        _log(f'checkpoints: resuming from step {step}, the newest readable checkpoint')
+      return restored
+    if failures:
+      raise CheckpointError(
+          f'checkpoints exist in {self.directory} but none can be read:\n  ' +
+          '\n  '.join(failures) + '\nRefusing to start from scratch over them: move the folder '
+          'away (or use another --workdir) to start a new run.')
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable steps out of checkpoints/ so that orbax can save those steps again;
+    kept rather than deleted, for a post-mortem."""
+    if jax.process_index() == 0:
+      rejected = os.path.join(self.workdir, REJECTED_DIR)
+      os.makedirs(rejected, exist_ok=True)
+      for step in steps:
+        target = os.path.join(rejected, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        _log(f'checkpoints: moved unreadable step {step} to {target}')
+    _barrier('t5lite_checkpoints_set_aside')
+    self.manager.reload()
+
+
+def restore_as_numpy(workdir: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, the saved TrainState as nested dicts of numpy arrays), without building a model.
+
+  For inspection and tests: targets come from the checkpoint's own metadata, placed on one device,
+  so it reads any checkpoint whatever mesh wrote it.
+  """
+  ckpt = Checkpointer(workdir)
+  try:
+    steps, _ = ckpt._complete_steps()  # pylint: disable=protected-access
+    if not steps:
+      raise CheckpointError(f'no complete checkpoint in {ckpt.directory}')
+    step = steps[-1] if step is None else step
+    metadata = ckpt.manager.item_metadata(step)['state']
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata.tree, is_leaf=lambda x: hasattr(x, 'shape'))
+    state = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))['state']
+    return step, jax.tree.map(np.asarray, state)
+  finally:
+    ckpt.close()
