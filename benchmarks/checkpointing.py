@@ -59,7 +59,7 @@ def main():
   batch = example_batch()
   state, _ = trainer.init_train_state(model, tx, mesh, config.partitioning.rules, batch, 0)
   jax.block_until_ready(state)
-  abstract, _ = checkpoints.abstract_train_state(model, tx, mesh, config.partitioning.rules,
+  abstract, _ = trainer.abstract_train_state(model, tx, mesh, config.partitioning.rules,
                                                  batch, 0)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))

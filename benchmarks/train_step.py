@@ -85,7 +85,7 @@ def main():
         f'{args.targets} tokens | {args.steps} timed steps per row, interleaved')
   print(f'matmul peak measured: f32 {peaks["float32"] / 1e9:.0f} GFLOP/s, '
         f'bf16 operands/f32 acc {peaks["bfloat16"] / 1e9:.0f} GFLOP/s')
-  print(f'| variant | median step (ms) | vs first | MFU (vs its dtype peak) |')
+  print('| variant | median step (ms) | vs first | MFU (vs its dtype peak) |')
   print('|---|---|---|---|')
   base = None
   for variant, run in zip(VARIANTS, runs):

@@ -22,16 +22,12 @@ import shutil
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from orbax.checkpoint import options as ocp_options
 
-from t5lite import partitioning, trainer
 
 COMMIT_MARKER = 'commit_success.txt'      # orbax writes it last, just before the final rename
 TMP_MARKER = '.orbax-checkpoint-tmp'      # orbax's suffix for a step still being written
@@ -64,31 +60,6 @@ def data_state_filename() -> str:
   # default handler writes on process 0 only, so the `data` item gets a handler with
   # primary_host=None (every process writes) and a file name carrying the process index.
   return f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-
-
-def abstract_train_state(model, tx, mesh, rules, example_batch, seed: int):
-  """(ShapeDtypeStructs carrying the mesh's shardings, shardings) of the train state.
-
-  What trainer.init_train_state would build, traced with jax.eval_shape so that nothing is
-  allocated: a restore then costs one copy of the state, not two. The structs are the restore
-  targets that put every array straight into this mesh's layout, whatever mesh wrote it.
-  (init_train_state itself cannot run under eval_shape: it enters jax.set_mesh.)
-  """
-  inputs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example_batch.items()
-            if k != 'decoder_loss_weights'}
-  with trainer.activate(mesh, rules):
-    boxed = jax.eval_shape(lambda key, x: model.init(key, **x), jax.random.PRNGKey(seed), inputs)
-    param_shardings = partitioning.logical_shardings(boxed['params'], mesh, rules)
-  params = nn.meta.unbox(boxed)['params']
-  opt_state = jax.eval_shape(tx.init, params)
-  opt_shardings = partitioning.optimizer_state_shardings(tx, opt_state, param_shardings, mesh)
-  replicated = NamedSharding(mesh, P())
-  shardings = trainer.TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-  shapes = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                              opt_state=opt_state)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-  return abstract, shardings
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
@@ -190,7 +161,7 @@ class Checkpointer:
         diffs = [f'{k}={saved_model[k]!r} (now {v!r})' for k, v in config.get('model', {}).items()
                  if k in saved_model and saved_model[k] != v]
         if diffs:
-          hint = f'\nIt was written with config.model ' + ', '.join(diffs) + '.'
+          hint = '\nIt was written with config.model ' + ', '.join(diffs) + '.'
       except Exception:  # pylint: disable=broad-except  (the hint is optional)
         pass
     shown = '\n  '.join(problems[:5])

@@ -19,7 +19,7 @@ from t5lite.models import presets
 
 OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('rsqrt', 'cosine', 'wsd', 'constant')
-TASKS = ('embedded_span_corruption',)
+CONVERTERS = ('encdec', 'decoder', 'prefix_lm')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # Logical axis -> mesh axes. First matching rule whose mesh axes are still free wins (flax).
@@ -55,10 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = presets.model_config('tiny')
 
   c.data = ml_collections.ConfigDict()
-  c.data.task = 'embedded_span_corruption'  # see TASKS; the data-pipeline issue adds a registry
-  c.data.inputs_length = 128                # encoder length; raw chunk length follows T5's helper
-  c.data.noise_density = 0.15               # span corruption: fraction of tokens masked
-  c.data.mean_noise_span_length = 3.0
+  c.data.task = 'embedded_span_corruption'  # a registered task or mixture (t5lite.data.tasks;
+                                            # python -m t5lite.data.inspect --task NAME shows it)
+  c.data.inputs_length = 128                # encoder (or prefix) length
+  c.data.targets_length = 0                 # 0: T5's random_spans_helper at noise 0.15, span 3
+                                            # (the span-corruption target length for inputs_length)
+  c.data.converter = 'encdec'               # encdec (encoder_decoder) | decoder | prefix_lm
+                                            # (decoder_only); see t5lite/data/converters.py
   c.data.pack = True                        # several examples per row, separated by segment ids
   c.data.sp_vocab_size = 1948               # embedded SentencePiece size; + 100 sentinels = 2048
 
@@ -223,6 +226,14 @@ def _positive(value, field: str, allow_zero: bool = False) -> None:
     raise ConfigError(f'config.{field}={value!r}: must be {need}')
 
 
+def _check_task(name: str) -> None:
+  from t5lite.data import tasks  # the registry imports the data stack: only when validating
+  try:
+    tasks.get(name)
+  except tasks.UnknownNameError as e:
+    raise ConfigError(f'config.data.task={name!r}: {e.args[0]}') from None
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor) with at most one -1 filled so that the product is `num_devices`."""
   dims = [mesh_cfg[a] for a in MESH_AXES]
@@ -269,11 +280,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   if not 0 <= m.dropout_rate < 1:
     raise ConfigError(f'config.model.dropout_rate={m.dropout_rate}: must be in [0, 1)')
 
-  _choice(config.data.task, 'data.task', TASKS)
+  _check_task(config.data.task)
   _positive(config.data.inputs_length, 'data.inputs_length')
-  if not 0 < config.data.noise_density < 1:
-    raise ConfigError(f'config.data.noise_density={config.data.noise_density}: must be in (0, 1)')
-  _positive(config.data.mean_noise_span_length, 'data.mean_noise_span_length')
+  _positive(config.data.targets_length, 'data.targets_length', allow_zero=True)
+  _choice(config.data.converter, 'data.converter', CONVERTERS)
+  wanted = ('encdec',) if m.architecture == 'encoder_decoder' else ('decoder', 'prefix_lm')
+  if config.data.converter not in wanted:
+    raise ConfigError(f'config.data.converter={config.data.converter!r} does not feed '
+                      f'model.architecture={m.architecture!r}; use data.converter in '
+                      f'{", ".join(wanted)}')
 
   t = config.train
   for field in ('steps', 'batch_size', 'microbatches', 'log_every'):

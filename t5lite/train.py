@@ -38,10 +38,14 @@ def build_data(config, process_index: int | None = None, process_count: int | No
         f'config.model.vocab_size={config.model.vocab_size} is smaller than the vocabulary '
         f'({vocabulary.vocab_size} ids including 100 sentinels); set model.vocab_size >= '
         f'{vocabulary.vocab_size} or lower data.sp_vocab_size')
-  iterator = pipeline.make_span_corruption_iterator(
-      inputs_length=d.inputs_length, global_batch_size=config.train.batch_size,
-      seed=config.train.seed, pack=d.pack, noise_density=d.noise_density,
-      mean_noise_span_length=d.mean_noise_span_length, vocabulary=vocabulary,
+  # T5's choice for span corruption: the targets that inputs_length of corrupted text produces.
+  targets_length = d.targets_length or random_spans_helper(d.inputs_length, 0.15, 3.0)[1]
+  lengths = {'inputs': d.inputs_length, 'targets': targets_length}
+  if d.converter == 'decoder':
+    lengths = {'targets': d.inputs_length + targets_length}
+  iterator = pipeline.make_task_iterator(
+      d.task, feature_lengths=lengths, global_batch_size=config.train.batch_size,
+      seed=config.train.seed, pack=d.pack, converter=d.converter, vocabulary=vocabulary,
       process_index=process_index, process_count=process_count)
   return iterator, vocabulary
 
@@ -128,7 +132,7 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
   writer = None
   try:
     # --- train state: the newest readable checkpoint, else a fresh initialisation
-    abstract, shardings = checkpoints.abstract_train_state(model, tx, mesh, rules, batch,
+    abstract, shardings = trainer.abstract_train_state(model, tx, mesh, rules, batch,
                                                            config.train.seed)
     restored = ckpt.restore_latest(abstract, config_dict)
     if restored is None:
@@ -218,7 +222,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
           elapsed = now - interval_start
           step_time = elapsed / interval_steps
           values['steps_per_sec'] = 1.0 / step_time
-          values['tokens_per_sec'] = interval_tokens / elapsed
+          # Every process counted its own rows: scale to the global batch.
+          values['tokens_per_sec'] = interval_tokens * jax.process_count() / elapsed
           if total_peak > 0:
             values['mfu'] = flops_per_step / step_time / total_peak
           values['eta_seconds'] = step_time * (total_steps - step)

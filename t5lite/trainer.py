@@ -63,28 +63,45 @@ def _model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: v for k, v in batch.items() if k != 'decoder_loss_weights'}
 
 
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
+                         example_batch: dict[str, Any], seed: int):
+  """(ShapeDtypeStructs carrying this mesh's shardings, shardings) of the train state.
+
+  Traced with jax.eval_shape, so nothing is allocated: the shardings for `init_train_state`, and
+  restore targets that put every checkpointed array straight into this mesh's layout.
+  `example_batch` only lends shapes (arrays or ShapeDtypeStructs).
+  """
+  inputs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in _model_inputs(example_batch).items()}
+  with activate(mesh, rules):
+    boxed = jax.eval_shape(lambda key, x: model.init(key, **x), jax.random.PRNGKey(seed), inputs)
+    param_shardings = partitioning.logical_shardings(boxed['params'], mesh, rules)
+  params = nn.meta.unbox(boxed)['params']
+  opt_state = jax.eval_shape(tx.init, params)
+  opt_shardings = partitioning.optimizer_state_shardings(tx, opt_state, param_shardings, mesh)
+  shardings = TrainState(step=NamedSharding(mesh, P()), params=param_shardings,
+                         opt_state=opt_shardings)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=opt_state)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return abstract, shardings
+
+
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
                      example_batch: dict[str, Any], seed: int):
   """Initialises parameters and optimizer state directly in their shardings.
 
-  `example_batch` only lends shapes (arrays or ShapeDtypeStructs). Returns (state, shardings).
+  Returns (state, shardings).
   """
-  rules = partitioning.rules_tuple(rules)
+  _, shardings = abstract_train_state(model, tx, mesh, rules, example_batch, seed)
   inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in _model_inputs(example_batch).items()}
   with activate(mesh, rules):
-    init_fn = lambda key: model.init(key, **inputs)
-    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
-    param_shardings = partitioning.logical_shardings(boxed['params'], mesh, rules)
-    params = jax.jit(lambda key: nn.meta.unbox(init_fn(key))['params'],
-                     out_shardings=param_shardings)(jax.random.PRNGKey(seed))
-    abstract_opt_state = jax.eval_shape(tx.init, params)
-    opt_shardings = partitioning.optimizer_state_shardings(tx, abstract_opt_state,
-                                                           param_shardings, mesh)
+    params = jax.jit(lambda key: nn.meta.unbox(model.init(key, **inputs))['params'],
+                     out_shardings=shardings.params)(jax.random.PRNGKey(seed))
     # jit(tx.init) alone would not carry the parameter shardings over: give out_shardings.
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  replicated = NamedSharding(mesh, P())
-  step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
   return TrainState(step=step, params=params, opt_state=opt_state), shardings
 
 

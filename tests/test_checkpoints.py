@@ -5,7 +5,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -158,7 +157,7 @@ def _trained_state(config, devices, steps=2):
 
 def _restore(workdir, config, devices):
   model, tx, _, mesh, example = _setup(config, devices)
-  abstract, _ = checkpoints.abstract_train_state(model, tx, mesh, config.partitioning.rules,
+  abstract, _ = trainer.abstract_train_state(model, tx, mesh, config.partitioning.rules,
                                                  example, 0)
   ckpt = checkpoints.Checkpointer(str(workdir))
   try:

@@ -117,3 +117,10 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'training stopped: loss is nan' in result.stderr and 'learning_rate' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_unknown_task_lists_close_names_and_converter_must_fit_the_model():
+  msg = error_of('data.task=embedded_span_corruptoin')
+  assert "config.data.task='embedded_span_corruptoin'" in msg and 'embedded_span_corruption' in msg
+  msg = error_of('data.converter=decoder')
+  assert "config.data.converter='decoder'" in msg and 'encdec' in msg

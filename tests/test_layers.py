@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
-import pytest
 
 from t5lite.models import layers
 

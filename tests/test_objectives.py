@@ -4,7 +4,6 @@ Truths used: hand-written arrays, exact reconstruction of the original tokens, a
 frequencies compared with the configured parameters over many draws.
 """
 
-import functools
 
 import numpy as np
 import pytest

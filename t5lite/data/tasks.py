@@ -27,7 +27,6 @@ A sub-mixture's rate is shared among its tasks in its own proportions.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import difflib
 import logging
 import threading
