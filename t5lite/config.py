@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import json
 import os
+import re
 from typing import Sequence
 
 import ml_collections
@@ -114,6 +115,17 @@ def base_config() -> ml_collections.ConfigDict:
   # while the files are written. (`async` is a Python keyword, hence the name.) False: every save
   # blocks until it is on disk, simpler to reason about on flaky file systems.
   c.checkpoint.async_save = True
+  # Fine-tuning (docs/checkpoints.md): when WORKDIR has no checkpoint yet, take the params (only:
+  # optimizer state and step start fresh) from another run's checkpoint, a step directory or a
+  # WORKDIR/checkpoints directory (its newest step). '' starts from a random init. The workdir's own
+  # checkpoints always win, so a preempted fine-tune resumes where it stopped.
+  c.checkpoint.init_from = ''
+  # (regex, replacement) pairs applied in order (re.sub) to the checkpoint's '/'-joined param names,
+  # e.g. (('^encoder/', 'enc/'),), so that differently named models can share weights.
+  c.checkpoint.init_rename = ()
+  # Regexes (re.search) over param names: matching model params keep their fresh init (a new head),
+  # matching (renamed) checkpoint params are dropped. Anything else unmatched is an error.
+  c.checkpoint.init_ignore = ()
   return c
 
 
@@ -312,6 +324,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
       raise ConfigError(f'config.checkpoint.{field}={k[field]!r}: must be an int >= 0 ({what})')
   if not isinstance(k.async_save, bool):
     raise ConfigError(f'config.checkpoint.async_save={k.async_save!r}: must be True or False')
+  if not isinstance(k.init_from, str):
+    raise ConfigError(f'config.checkpoint.init_from={k.init_from!r}: must be a path string '
+                      "(a checkpoint step directory or WORKDIR/checkpoints; '' for none)")
+  pairs = k.init_rename
+  if not isinstance(pairs, (tuple, list)) or not all(
+      isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)
+      for p in pairs):
+    raise ConfigError(f'config.checkpoint.init_rename={pairs!r}: must be a tuple of '
+                      "(regex, replacement) string pairs, e.g. (('^encoder/', 'enc/'),)")
+  patterns = k.init_ignore
+  if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
+    raise ConfigError(f'config.checkpoint.init_ignore={patterns!r}: must be a tuple of regex '
+                      "strings, e.g. ('^decoder/logits_dense/',)")
+  for field, regexes in (('init_rename', [p[0] for p in pairs]), ('init_ignore', patterns)):
+    for regex in regexes:
+      try:
+        re.compile(regex)
+      except re.error as e:
+        raise ConfigError(f'config.checkpoint.{field}: {regex!r} is not a valid regex ({e})')
 
   shape = mesh_shape(config.mesh, num_devices)
   data_parallel = shape[0] * shape[1]

@@ -139,6 +139,18 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
       state, shardings = trainer.init_train_state(model, tx, mesh, rules, batch,
                                                   config.train.seed)
       start_step = 0
+      if config.checkpoint.init_from:
+        # Fine-tuning: params from another run; optimizer state and step stay fresh. Only here,
+        # with nothing to resume: once this run has saved, resuming takes precedence.
+        k = config.checkpoint
+        source = checkpoints.resolve_init_path(k.init_from)
+        loaded = checkpoints.load_params_for_init(source, abstract.params, k.init_rename,
+                                                  k.init_ignore)
+        state = state.replace(params=checkpoints.merge_init_params(state.params, loaded))
+        fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
+        if jax.process_index() == 0:
+          print(f'initialised params from {source} ({fresh} kept fresh by init_ignore); '
+                'optimizer state and step start fresh', flush=True)
     else:
       state, start_step = restored.state, restored.step
       iterator.set_state(restored.data_state)
