@@ -142,21 +142,6 @@ def test_eval_pass_is_ordered_and_two_shards_partition(registry):
   assert not set(p0) & set(p1) and sorted(p0 + p1) == full
 
 
-def test_embedded_task_matches_legacy_pipeline():
-  for pack in (True, False):
-    a = pipeline.make_task_iterator('embedded_span_corruption',
-                                    feature_lengths={'inputs': 64, 'targets': 14},
-                                    global_batch_size=4, seed=3, pack=pack,
-                                    process_index=0, process_count=1)
-    b = pipeline.make_span_corruption_iterator(inputs_length=64, global_batch_size=4, seed=3,
-                                               pack=pack, process_index=0, process_count=1)
-    for _ in range(4):
-      x, y = next(a), next(b)
-      assert set(x) == set(y)
-      for k in x:
-        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def test_embedded_fill_ratio_at_t5_shapes():
   i = pipeline.make_task_iterator('embedded_span_corruption',
                                   feature_lengths={'inputs': 512, 'targets': 114},

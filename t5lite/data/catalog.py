@@ -1,7 +1,7 @@
 """Registered tasks: pretraining objectives over the embedded offline corpus.
 
   embedded_span_corruption  T5 span corruption (0.15, mean span 3), chunks that fill 'inputs'
-                            exactly; the same examples as `make_span_corruption_iterator`
+                            exactly (the quickstart's task)
   embedded_prefix_lm        prefix LM, split point uniform among those that fit
   embedded_causal_lm        plain language modelling ('targets' only; decoder-only converter)
   embedded_ul2              UL2 mixture of denoisers (R, X, S with [NLU]/[NLG]/[S2S])
