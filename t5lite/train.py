@@ -136,8 +136,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
                                                            config.train.seed)
     restored = ckpt.restore_latest(abstract, config_dict)
     if restored is None:
-      state, shardings = trainer.init_train_state(model, tx, mesh, rules, batch,
-                                                  config.train.seed)
+      state, _ = trainer.init_train_state(model, tx, mesh, rules, batch, config.train.seed,
+                                          shardings)
       start_step = 0
       if config.checkpoint.init_from:
         # Fine-tuning: params from another run; optimizer state and step stay fresh. Only here,

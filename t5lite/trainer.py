@@ -89,12 +89,12 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, mes
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
-                     example_batch: dict[str, Any], seed: int):
-  """Initialises parameters and optimizer state directly in their shardings.
-
-  Returns (state, shardings).
+                     example_batch: dict[str, Any], seed: int, shardings: TrainState | None = None):
+  """Initialises parameters and optimizer state directly in their shardings (computed here
+  unless the caller already has them from `abstract_train_state`). Returns (state, shardings).
   """
-  _, shardings = abstract_train_state(model, tx, mesh, rules, example_batch, seed)
+  if shardings is None:
+    _, shardings = abstract_train_state(model, tx, mesh, rules, example_batch, seed)
   inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in _model_inputs(example_batch).items()}
   with activate(mesh, rules):
     params = jax.jit(lambda key: nn.meta.unbox(model.init(key, **inputs))['params'],
