@@ -1,0 +1,155 @@
+"""Convert checkpoints between HuggingFace T5 and t5lite (the weights maths is in t5lite/hf.py).
+
+    python -m t5lite.convert hf-to-t5lite --model HF_DIR --out WORKDIR [--scan_layers]
+    python -m t5lite.convert t5lite-to-hf --checkpoint PATH --out HF_DIR [--dtype bfloat16]
+
+hf-to-t5lite writes WORKDIR/checkpoints/0/ the way a training run writes its checkpoints (orbax
+`state` item holding {'params': ...}, `config` item holding {'model': ...}), so
+`--config.checkpoint.init_from=WORKDIR` reads it and so does t5lite-to-hf; it also writes
+WORKDIR/model_config.json and prints the `--config.model.*` overrides that build the same model.
+(`--config.checkpoint.init_from=hf:HF_DIR` skips this step and converts in memory.)
+
+t5lite-to-hf reads PATH (a workdir, its checkpoints/ directory or one step directory; the newest
+complete step is used), takes the model config from the checkpoint's saved config, and writes
+model.safetensors, config.json and generation_config.json for
+`T5ForConditionalGeneration.from_pretrained(HF_DIR)`. Only the params are read, never the
+optimizer state.
+
+Errors (a missing path, a non-T5 model, a config t5lite cannot represent, a tensor that does not
+fit) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from t5lite import hf
+
+
+class ConvertError(Exception):
+  """A one-line reason the conversion cannot run."""
+
+
+def _overrides(model: dict) -> list[str]:
+  return [f'--config.model.{k}={model[k]}' for k in hf.MODEL_FIELDS + ('scan_layers',)]
+
+
+def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
+  """Converts the HF model directory `model_path` into a t5lite checkpoint under `out`; returns
+  the t5lite config.model block written beside it."""
+  if not os.path.isdir(model_path):
+    raise ConvertError(f'--model {model_path}: no such directory')
+  out = os.path.abspath(out)
+  if os.path.isdir(os.path.join(out, 'checkpoints')) and os.listdir(os.path.join(out,
+                                                                                 'checkpoints')):
+    raise ConvertError(f'--out {out}: it already holds checkpoints; choose an empty directory')
+  fields, params = hf.load_hf(model_path, scan_layers)  # all checks before anything is written
+
+  # Imported here: JAX/orbax start-up is not needed for the checks above.
+  from t5lite import checkpoints  # pylint: disable=import-outside-toplevel
+  from t5lite.models import presets  # pylint: disable=import-outside-toplevel
+  model = presets.model_config('tiny', fields['variant']).to_dict()
+  model.update(fields)
+  model.update(size='custom', scan_layers=bool(scan_layers))
+  hf_config = hf.read_config(model_path)
+  source = {'hf_model': os.path.abspath(model_path), 'model_type': hf_config.get('model_type'),
+            'architectures': hf_config.get('architectures')}
+  ckpt = checkpoints.Checkpointer(out, async_save=False)
+  try:
+    ckpt.save(0, {'params': params}, {}, {'model': model, 'converted_from': source})
+  finally:
+    ckpt.close()
+  with open(os.path.join(out, 'model_config.json'), 'w') as f:
+    json.dump({'model': model, 'overrides': _overrides(model), 'converted_from': source}, f,
+              indent=2)
+  return model
+
+
+def _read_step(step_dir: str) -> tuple[dict, dict]:
+  """(saved config, params as nested numpy dicts) of a t5lite step directory."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  config_dir = os.path.join(step_dir, 'config')
+  if not os.path.isdir(config_dir):
+    raise ConvertError(f'{step_dir}: no saved config (config/ item), so the model config is '
+                       'unknown')
+  config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
+  if 'model' not in config:
+    raise ConvertError(f'{config_dir}: the saved config has no model block')
+  state_dir = os.path.join(step_dir, 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(state_dir)
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  tree = getattr(metadata, 'tree', metadata)
+  if 'params' not in tree:
+    raise ConvertError(f'{state_dir}: no params in the saved state')
+  # Params only, on one device whatever mesh wrote them (the optimizer state is never read).
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        tree['params'], is_leaf=lambda x: hasattr(x, 'shape'))
+  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item={'params': target},
+      restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
+      partial_restore=True))['params']
+  return config, jax.tree.map(np.asarray, restored)
+
+
+def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32') -> tuple[str, dict]:
+  """Writes the t5lite checkpoint `checkpoint` as a HF T5 under `out`; (step dir, model block)."""
+  if not os.path.exists(checkpoint):
+    raise ConvertError(f'--checkpoint {checkpoint}: no such path')
+  for name in ('config.json', 'model.safetensors'):
+    if os.path.exists(os.path.join(out, name)):
+      raise ConvertError(f'--out {out}: it already holds {name}; choose an empty directory')
+  from t5lite import checkpoints  # pylint: disable=import-outside-toplevel
+  try:
+    step_dir = checkpoints.resolve_init_path(checkpoint)
+  except checkpoints.CheckpointError as e:
+    raise ConvertError(str(e).replace('checkpoint.init_from=', '--checkpoint ')) from None
+  config, params = _read_step(step_dir)
+  model = config['model']
+  hf.save_hf(params, model, out, dtype, dropout_rate=float(model.get('dropout_rate', 0.0)))
+  return step_dir, model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m t5lite.convert', description=__doc__.split(
+      '\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True)
+  a = sub.add_parser('hf-to-t5lite', help='HF T5 directory -> t5lite checkpoint (a workdir)')
+  a.add_argument('--model', required=True, help='HF model directory (config.json + weights)')
+  a.add_argument('--out', required=True, help='directory for the t5lite checkpoint')
+  a.add_argument('--scan_layers', action='store_true',
+                 help='write layers stacked on a leading axis (config.model.scan_layers=True)')
+  b = sub.add_parser('t5lite-to-hf', help='t5lite checkpoint -> HF T5 directory')
+  b.add_argument('--checkpoint', required=True,
+                 help='t5lite workdir, its checkpoints/ directory or a step directory')
+  b.add_argument('--out', required=True, help='directory for the HF model')
+  b.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='dtype of the written tensors (t5lite params are float32)')
+  args = parser.parse_args(argv)
+  try:
+    if args.command == 'hf-to-t5lite':
+      model = hf_to_t5lite(args.model, args.out, args.scan_layers)
+      out = os.path.abspath(args.out)
+      print(f'wrote a t5lite checkpoint of {os.path.abspath(args.model)} '
+            f'({model["variant"]}) to {os.path.join(out, "checkpoints", "0")} and its model '
+            f'config to {os.path.join(out, "model_config.json")}')
+      print('fine-tune from it with these overrides:')
+      print(' '.join(_overrides(model) + [f'--config.checkpoint.init_from={out}']))
+    else:
+      step_dir, model = t5lite_to_hf(args.checkpoint, args.out, args.dtype)
+      print(f'wrote a HuggingFace T5ForConditionalGeneration ({model["variant"]}) of {step_dir} '
+            f'to {os.path.abspath(args.out)}')
+  except (ConvertError, hf.HFConversionError) as e:
+    print(f'convert error: {" ".join(str(e).split())}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
