@@ -23,9 +23,13 @@ setup(
         'numpy>=1.26',
     ],
     extras_require={
-        'test': ['pytest>=8.0', 'pytest-xdist>=3.5'],
+        # The suite runs the HuggingFace parity and metric tests too. torch itself is installed
+        # first by the README's command (`pip install torch==2.13.0`): a bare `torch` requirement
+        # here would pull the multi-GB CUDA build on machines without a CPU wheel at hand.
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'transformers>=4.40', 'safetensors>=0.4',
+                 'sacrebleu>=2.4', 'rouge-score>=0.1.2', 'scipy>=1.10'],
         'tf': ['tensorflow>=2.16'],                      # TFDS catalog builders, tfds mock data
-        'hf': ['torch>=2.2', 'transformers>=4.40'],     # HuggingFace interop
-        'metrics': ['sacrebleu>=2.4', 'rouge-score>=0.1.2'],
+        'hf': ['torch>=2.2', 'transformers>=4.40', 'safetensors>=0.4'],  # HuggingFace interop
+        'metrics': ['sacrebleu>=2.4', 'rouge-score>=0.1.2', 'scipy>=1.10'],
     },
 )

@@ -77,10 +77,23 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 class Checkpointer:
   """Saves (async) and restores one run's checkpoints under WORKDIR/checkpoints."""
 
-  def __init__(self, workdir: str, keep: int = 0, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 0, async_save: bool = True, best_metric: str = '',
+               best_mode: str = 'min', best_n: int = 1):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     policy = ocp.checkpoint_managers.LatestN(n=keep or None)  # None keeps all
+    if best_metric and keep:
+      # Also keep the best_n by `best_metric` (a value passed to save(metrics=...)); orbax keeps
+      # each step's metrics in its metadata, so the ranking survives restarts. BestN sorts
+      # ascending and keeps the tail, so a loss to minimise sorts in reverse.
+      best = ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == 'min',
+          n=best_n, keep_checkpoints_without_metrics=False)
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, best])
+    # best_fn only makes orbax write each step's metrics (a `metrics` JSON item) and read them
+    # back when it starts; retention is the preservation policy above.
+    track = {'best_fn': (lambda metrics: metrics[best_metric]),
+             'best_mode': best_mode} if best_metric and keep else {}
     every_process = ocp_options.MultiprocessingOptions(primary_host=None)
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -93,17 +106,19 @@ class Checkpointer:
         # The train loop decides when to save and calls save(force=True), so none of orbax's save
         # policies (interval, its own preemption check) runs; this only sets retention and async.
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
-                                             preservation_policy=policy, create=True))
+                                             preservation_policy=policy, create=True, **track))
 
   # -------------------------------------------------------------------------------------------
   # Saving
 
-  def save(self, step: int, state, data_state: dict, config: dict) -> bool:
+  def save(self, step: int, state, data_state: dict, config: dict,
+           metrics: dict[str, float] | None = None) -> bool:
     """Starts writing `state` as step `step` and returns after the device-to-host copy (async) or
-    when it is on disk (sync). Every process must call it. False if that step already exists."""
+    when it is on disk (sync). Every process must call it. False if that step already exists.
+    `metrics` (e.g. {'eval/loss': 2.3}) rank checkpoints for keep-best."""
     if step in self.manager.all_steps():
       return False
-    return self.manager.save(step, force=True, args=ocp.args.Composite(
+    return self.manager.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config)))
@@ -265,9 +280,20 @@ def restore_as_numpy(workdir: str, step: int | None = None) -> tuple[int, dict]:
 # ---------------------------------------------------------------------------------------------
 # Initialising a new run's params from another run's checkpoint (fine-tuning)
 
+HF_PREFIX = 'hf:'  # checkpoint.init_from=hf:DIR: a HuggingFace T5 model directory (t5lite/hf.py)
+
+
 def resolve_init_path(path: str) -> str:
   """The step directory that `checkpoint.init_from` names: a step directory itself, or a
-  checkpoints directory (or the workdir above it), whose newest complete step is used."""
+  checkpoints directory (or the workdir above it), whose newest complete step is used.
+  'hf:DIR' (a HuggingFace model directory) comes back as 'hf:' + its absolute path."""
+  if path.startswith(HF_PREFIX):
+    hf_dir = os.path.abspath(os.path.expanduser(path[len(HF_PREFIX):]))
+    if not os.path.isfile(os.path.join(hf_dir, 'config.json')):
+      raise CheckpointError(f'checkpoint.init_from={path}: no HuggingFace model there (want a '
+                            'directory with config.json and model.safetensors or '
+                            'pytorch_model.bin)')
+    return HF_PREFIX + hf_dir
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, 'state')):
     if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
@@ -323,13 +349,25 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
   a parameter was ignored (merge_init_params fills those from a fresh init).
   """
   step_dir = resolve_init_path(path)
-  state_dir = os.path.join(step_dir, 'state')
-  checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(state_dir)
-  metadata = getattr(metadata, 'item_metadata', metadata)  # orbax 0.12 wraps it in StepMetadata
-  saved = {k[len('params/'):]: v for k, v in _flat_shapes(metadata).items()
-           if k.startswith('params/')}
   wanted = {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  hf_params = None
+  if step_dir.startswith(HF_PREFIX):
+    # HuggingFace weights, converted in memory to t5lite names in this model's layout (scanned
+    # or not); then the same rename/ignore/shape checks and placement as a t5lite checkpoint.
+    from t5lite import hf  # pylint: disable=import-outside-toplevel  (the optional [hf] extra)
+    scanned = any(re.match(r'(encoder|decoder)/layers/', n) for n in wanted)
+    try:
+      hf_params = hf.load_flat_for_init(step_dir[len(HF_PREFIX):], scanned)
+    except hf.HFConversionError as e:
+      raise CheckpointError(f'checkpoint.init_from={step_dir}: {e}') from None
+    saved = {k: tuple(v.shape) for k, v in hf_params.items()}
+  else:
+    state_dir = os.path.join(step_dir, 'state')
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(state_dir)
+    metadata = getattr(metadata, 'item_metadata', metadata)  # orbax 0.12 wraps it in StepMetadata
+    saved = {k[len('params/'):]: v for k, v in _flat_shapes(metadata).items()
+             if k.startswith('params/')}
 
   renamed = {}  # new name -> checkpoint name
   collisions = []
@@ -364,18 +402,26 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
   # Restore targets in the checkpoint's own names, carrying the new model's shardings (and
   # dtypes: orbax casts), so values land sharded; opt_state and step are never read.
   used = {renamed[n]: wanted[n] for n in needed}
-  target = {}
-  for old, struct in used.items():
-    node = target
-    *parents, leaf = old.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=struct.sharding)
-  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item={'params': target},
-      restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
-      partial_restore=True))['params']
-  values = {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored)}
+  if hf_params is not None:
+    values = {}
+    for old, s in used.items():
+      x = hf_params[old].astype(s.dtype)
+      # Every process holds the whole host array and hands each of its devices its slice.
+      values[old] = (jax.make_array_from_callback(s.shape, s.sharding, lambda i, x=x: x[i])
+                     if s.sharding is not None else jax.numpy.asarray(x))
+  else:
+    target = {}
+    for old, struct in used.items():
+      node = target
+      *parents, leaf = old.split('/')
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[leaf] = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=struct.sharding)
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={'params': target},
+        restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
+        partial_restore=True))['params']
+    values = {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored)}
   names_back = {old: new for new, old in renamed.items()}
   loaded = {names_back[old]: x for old, x in values.items()}
   return jax.tree_util.tree_map_with_path(lambda p, s: loaded.get(_path_name(p), s),

@@ -22,6 +22,7 @@ OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('rsqrt', 'cosine', 'wsd', 'constant')
 CONVERTERS = ('encdec', 'decoder', 'prefix_lm')
 MESH_AXES = ('data', 'fsdp', 'tensor')
+EVAL_VALUES = ('eval/loss', 'eval/accuracy')  # what in-training evaluation logs (t5lite/train.py)
 
 # Logical axis -> mesh axes. First matching rule whose mesh axes are still free wins (flax).
 # Parameters: fsdp shards the embed dimension (ZeRO-3 style), tensor shards heads / mlp / vocab.
@@ -126,6 +127,22 @@ def base_config() -> ml_collections.ConfigDict:
   # Regexes (re.search) over param names: matching model params keep their fresh init (a new head),
   # matching (renamed) checkpoint params are dropped. Anything else unmatched is an error.
   c.checkpoint.init_ignore = ()
+  # Also keep the best checkpoint(s) by an evaluation metric, whatever `keep` drops: the name of a
+  # value logged at eval steps, e.g. 'eval/loss'. '' keeps only the newest. Needs eval.every_steps
+  # to divide checkpoint.every_steps, so every periodic checkpoint has the metric.
+  c.checkpoint.keep_best_metric = ''
+  c.checkpoint.keep_best_mode = 'min'       # min (a loss) | max (an accuracy, a BLEU)
+  c.checkpoint.keep_best_n = 1
+
+  # In-training evaluation (docs/evaluation.md): every `every_steps` steps and at the last step,
+  # one ordered pass over eval.split of eval.task gives eval/loss (cross-entropy per target token,
+  # without z-loss or label smoothing) and eval/accuracy, logged with that step's metrics.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0                    # 0: off. Costs one forward pass per eval batch.
+  c.eval.task = ''                          # '' = data.task
+  c.eval.split = 'validation'
+  c.eval.batch_size = 0                     # 0 = train.batch_size (must divide like it)
+  c.eval.max_batches = 0                    # 0: the whole split; N: its first N batches
   return c
 
 
@@ -238,12 +255,31 @@ def _positive(value, field: str, allow_zero: bool = False) -> None:
     raise ConfigError(f'config.{field}={value!r}: must be {need}')
 
 
-def _check_task(name: str) -> None:
+def _check_task(name: str, field: str = 'data.task') -> None:
   from t5lite.data import tasks  # the registry imports the data stack: only when validating
   try:
     tasks.get(name)
   except tasks.UnknownNameError as e:
-    raise ConfigError(f'config.data.task={name!r}: {e.args[0]}') from None
+    raise ConfigError(f'config.{field}={name!r}: {e.args[0]}') from None
+
+
+def _check_eval(config) -> None:
+  e, k = config.eval, config.checkpoint
+  for field in ('every_steps', 'batch_size', 'max_batches'):
+    _positive(e[field], f'eval.{field}', allow_zero=True)
+  if e.every_steps and e.task:
+    _check_task(e.task, 'eval.task')
+  _choice(k.keep_best_mode, 'checkpoint.keep_best_mode', ('min', 'max'))
+  _positive(k.keep_best_n, 'checkpoint.keep_best_n')
+  if k.keep_best_metric:
+    if not e.every_steps:
+      raise ConfigError(f'config.checkpoint.keep_best_metric={k.keep_best_metric!r} needs '
+                        'evaluation: set eval.every_steps > 0')
+    _choice(k.keep_best_metric, 'checkpoint.keep_best_metric', EVAL_VALUES)
+    if k.every_steps % e.every_steps:
+      raise ConfigError(f'config.checkpoint.every_steps={k.every_steps} is not a multiple of '
+                        f'eval.every_steps={e.every_steps}: a checkpoint without '
+                        f'{k.keep_best_metric} cannot be ranked; make it a multiple')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -327,6 +363,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   if not isinstance(k.init_from, str):
     raise ConfigError(f'config.checkpoint.init_from={k.init_from!r}: must be a path string '
                       "(a checkpoint step directory or WORKDIR/checkpoints; '' for none)")
+  if k.init_from.startswith('hf:'):
+    # A HuggingFace T5: its config.json must give config.model's shape (read now, before any
+    # compute; fields such as relative_attention_max_distance change no param shape).
+    from t5lite import hf  # pylint: disable=import-outside-toplevel  (the optional [hf] extra)
+    try:
+      problems = hf.config_mismatches(k.init_from[len('hf:'):], config.model)
+    except hf.HFConversionError as e:
+      raise ConfigError(f'config.checkpoint.init_from={k.init_from}: {e}') from None
+    if problems:
+      raise ConfigError(f'config.checkpoint.init_from={k.init_from}: config.model does not match '
+                        'the HF model: ' + '; '.join(problems) + ' (python -m t5lite.convert '
+                        'hf-to-t5lite prints the overrides)')
   pairs = k.init_rename
   if not isinstance(pairs, (tuple, list)) or not all(
       isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)
@@ -344,8 +392,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
       except re.error as e:
         raise ConfigError(f'config.checkpoint.{field}: {regex!r} is not a valid regex ({e})')
 
+  _check_eval(config)
+
   shape = mesh_shape(config.mesh, num_devices)
   data_parallel = shape[0] * shape[1]
+  eval_batch = config.eval.batch_size or t.batch_size
+  if config.eval.every_steps and eval_batch % data_parallel:
+    raise ConfigError(f'config.eval.batch_size={eval_batch} is not divisible by the data-parallel '
+                      f'size mesh.data*mesh.fsdp = {data_parallel}; use a multiple of '
+                      f'{data_parallel}')
   per_pass = t.batch_size // t.microbatches if t.batch_size % t.microbatches == 0 else None
   if per_pass is None:
     raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '

@@ -50,6 +50,57 @@ def build_data(config, process_index: int | None = None, process_count: int | No
   return iterator, vocabulary
 
 
+def build_validation(config, model, param_shardings, mesh, rules):
+  """A function params -> {'eval/loss', 'eval/accuracy', 'eval/target_tokens'}: one ordered
+  pass over eval.split of eval.task (data.task by default), the same lengths as training.
+
+  The last batch is zero-padded by the pipeline and padding carries no loss weight, so every
+  example counts once. With several processes each reads its slice; they may run out of batches
+  at different times, so each pass agrees (one tiny all-gather per batch) on whether anyone still
+  has data, and a process that has none feeds an all-padding batch to the collective step.
+  """
+  e, d = config.eval, config.data
+  task = e.task or d.task
+  batch_size = e.batch_size or config.train.batch_size
+  targets_length = d.targets_length or random_spans_helper(d.inputs_length, 0.15, 3.0)[1]
+  lengths = {'inputs': d.inputs_length, 'targets': targets_length}
+  if d.converter == 'decoder':
+    lengths = {'targets': d.inputs_length + targets_length}
+  vocabulary = vocab.embedded_vocabulary(d.sp_vocab_size)
+  eval_step = trainer.make_eval_step(model, param_shardings, mesh, rules)
+  batch_sharding = partitioning.batch_sharding(mesh, rules)
+
+  def evaluate(params) -> dict[str, float]:
+    iterator = pipeline.make_task_iterator(
+        task, feature_lengths=lengths, global_batch_size=batch_size, seed=config.train.seed,
+        pack=d.pack, converter=d.converter, vocabulary=vocabulary, split=e.split,
+        shuffle=False, repeat=False)
+    totals, template, batches = None, None, 0
+    while not e.max_batches or batches < e.max_batches:
+      batch = next(iterator, None)
+      if jax.process_count() > 1:
+        anyone = multihost_utils.process_allgather(np.array([batch is not None], np.int32))
+        if not np.any(anyone):
+          break
+      elif batch is None:
+        break
+      if batch is None:
+        batch = {k: np.zeros_like(v) for k, v in template.items()}
+      template = batch
+      sums = eval_step(params, partitioning.host_to_global(batch, batch_sharding))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+      batches += 1
+    if totals is None:
+      raise ValueError(f'eval: task {task!r} split {e.split!r} gave no batches')
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    weight = max(totals['weight_sum'], 1.0)
+    return {'eval/loss': totals['loss_sum'] / weight,
+            'eval/accuracy': totals['correct_sum'] / weight,
+            'eval/target_tokens': totals['weight_sum']}
+
+  return evaluate
+
+
 class PreemptionWatcher:
   """SIGTERM (what TPU and cluster schedulers send before killing a job) -> stop at a step boundary.
 
@@ -126,8 +177,10 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
   iterator, _ = build_data(config)
   batch = next(iterator)  # shapes for the state; the batch of step 1 on a fresh start
 
-  ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                  async_save=config.checkpoint.async_save)
+  k = config.checkpoint
+  ckpt = checkpoints.Checkpointer(workdir, keep=k.keep, async_save=k.async_save,
+                                  best_metric=k.keep_best_metric, best_mode=k.keep_best_mode,
+                                  best_n=k.keep_best_n)
   watcher = PreemptionWatcher()
   writer = None
   try:
@@ -162,6 +215,9 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
                                 dropout=config.model.dropout_rate > 0),
         shardings, mesh, rules)
     batch_sharding = partitioning.batch_sharding(mesh, rules)
+    eval_every = config.eval.every_steps
+    evaluate = (build_validation(config, model, shardings.params, mesh, rules) if eval_every
+                else None)
 
     # --- reporting
     inputs_length = (batch['encoder_input_tokens'].shape[1] if 'encoder_input_tokens' in batch
@@ -212,7 +268,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
         batch = next(iterator)  # prepared on the host while the device runs the step
       stop = watcher.should_stop()
       save = step == total_steps or stop or (every > 0 and step % every == 0)
-      log = step % log_every == 0 or step == total_steps
+      do_eval = eval_every > 0 and (step % eval_every == 0 or step == total_steps)
+      log = step % log_every == 0 or step == total_steps or do_eval
       if not (log or save):
         continue
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -228,6 +285,12 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
             f'to step {step - log_every} are in {workdir}/metrics.jsonl; {where}); lower '
             'optimizer.learning_rate, raise schedule.warmup_steps, or use model.dtype=float32 '
             'to find the source')
+      if do_eval:
+        eval_start = time.perf_counter()
+        values.update(evaluate(state.params))
+        # Evaluation time is not training time: keep it out of steps/s and the ETA.
+        if interval_start is not None:
+          interval_start += time.perf_counter() - eval_start
       if log:
         now = time.perf_counter()
         if interval_steps > 0:
@@ -252,7 +315,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
               f'{values["loss"]}); not saved, the last good checkpoint is step '
               f'{ckpt.latest_step()} in {ckpt.directory}; lower optimizer.learning_rate or raise '
               'schedule.warmup_steps')
-        ckpt.save(step, state, data_state, config_dict)  # async: returns after the host copy
+        ckpt.save(step, state, data_state, config_dict,  # async: returns after the host copy
+                  metrics={k: v for k, v in values.items() if k.startswith('eval/')} or None)
       if stop:
         ckpt.wait()
         if writer.active:

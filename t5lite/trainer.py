@@ -171,6 +171,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return train_step
 
 
+def make_eval_step(model: nn.Module, param_shardings, mesh: Mesh, rules) -> Callable:
+  """jitted (params, batch) -> summed loss / correct / weight over the batch's target tokens, with
+  the params in their training shardings; dropout off, no z-loss or label smoothing (so the
+  validation loss is the plain cross-entropy per target token, comparable across configs)."""
+  def eval_step(params, batch):
+    logits = model.apply({'params': params}, **_model_inputs(batch), deterministic=True)
+    return cross_entropy_sums(logits, batch['decoder_target_tokens'],
+                              batch['decoder_loss_weights'])
+
+  jitted = jax.jit(eval_step, in_shardings=(param_shardings, partitioning.batch_sharding(mesh, rules)),
+                   out_shardings=NamedSharding(mesh, P()))
+
+  def call(params, batch):
+    with activate(mesh, rules):
+      return jitted(params, batch)
+  return call
+
+
 def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh, rules):
   """jax.jit with shardings (this is pjit); the input state is donated."""
   batch_sharding = partitioning.batch_sharding(mesh, rules)

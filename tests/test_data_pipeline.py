@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from t5lite.data import converters, embedded, pipeline, preprocessors, vocab
+from t5lite.data import catalog, converters, embedded, pipeline, preprocessors, vocab
 
 # ---------------------------------------------------------------------------
 # Converter (expected arrays written by hand)
@@ -181,8 +181,10 @@ def test_batch_shapes_and_loss_weights(v):
 
 def test_examples_are_corpus_chunks(v):
     raw_length, _ = preprocessors.random_spans_helper(LENGTH, 0.15, 3.0)
+    # The train split: every document but the held-out validation ones (catalog.VALIDATION_EVERY).
     stream = np.concatenate([np.asarray(v.encode(d), np.int32)
-                             for d in embedded.corpus_documents()])
+                             for i, d in enumerate(embedded.corpus_documents())
+                             if i % catalog.VALIDATION_EVERY != catalog.VALIDATION_EVERY - 1])
     batch = next(make(v, pack=False))
     for inputs, targets in zip(batch["encoder_input_tokens"], batch["decoder_target_tokens"]):
         merged = preprocessors.merge_span_corruption(inputs, targets, v.vocab_size)
@@ -230,8 +232,10 @@ def test_new_shuffle_each_epoch(v):
             b["encoder_input_tokens"][0], b["decoder_target_tokens"][0], v.vocab_size)
 
     raw_length, _ = preprocessors.random_spans_helper(LENGTH, 0.15, 3.0)
-    chunks = [c.tobytes() for c in preprocessors.split_tokens(
-        pipeline._tokenized_corpus(v.path, v.extra_ids), raw_length) if len(c) >= 2]
+    train_docs = [t for i, t in enumerate(pipeline._tokenized_corpus(v.path, v.extra_ids))
+                  if catalog._in_split(i, "train")]
+    chunks = [c.tobytes() for c in preprocessors.split_tokens(train_docs, raw_length)
+              if len(c) >= 2]
     n = len(chunks)
     epoch0 = [chunk().tobytes() for _ in range(n)]
     epoch1 = [chunk().tobytes() for _ in range(20)]
@@ -244,3 +248,13 @@ def test_new_shuffle_each_epoch(v):
 def test_batch_size_not_divisible_by_processes(v):
     with pytest.raises(ValueError, match="global_batch_size"):
         make(v, batch=5, process_index=0, process_count=2)
+
+
+def test_validation_split_is_held_out(v):
+    """The embedded corpus's validation split shares no document with train, and is small."""
+    source = catalog.embedded_source()
+    train_docs = {e["doc"] for e in source.get("train")}
+    validation_docs = {e["doc"] for e in source.get("validation")}
+    assert not train_docs & validation_docs
+    assert train_docs | validation_docs == set(range(len(embedded.corpus_documents())))
+    assert 0.02 < len(validation_docs) / len(train_docs) < 0.08

@@ -24,27 +24,37 @@ from t5lite.data.tasks import Feature, add_mixture, add_task
 from t5lite.data.vocab import embedded_vocabulary
 
 
+# Every 20th document (~3% of the text, ~8k tokens) is held out as the 'validation' split, for
+# the validation loss of in-training evaluation. The SentencePiece model is trained on all of it.
+VALIDATION_EVERY = 20
+
+
+def _in_split(index: int, split: str) -> bool:
+  held_out = index % VALIDATION_EVERY == VALIDATION_EVERY - 1
+  return held_out if split == 'validation' else not held_out
+
+
 def _corpus(split: str):
-  del split
-  return [{'text': d} for d in embedded.corpus_documents()]
+  return [{'text': d, 'doc': i} for i, d in enumerate(embedded.corpus_documents())
+          if _in_split(i, split)]
 
 
 class EmbeddedTokens:
   """Dataset-level step: the embedded corpus tokenized with the task's vocabulary.
 
-  Shares `pipeline._tokenized_corpus`'s per-process cache, so several embedded tasks
-  (and the legacy span-corruption pipeline) tokenize the corpus once.
+  Shares `pipeline._tokenized_corpus`'s per-process cache, so several embedded tasks and
+  splits tokenize the corpus once.
   """
   dataset_level = True
 
   def __call__(self, examples, ctx):
-    del examples  # always the embedded corpus
     v = ctx.output_features['targets'].vocabulary
-    return [{'targets': t} for t in pipeline._tokenized_corpus(v.path, v.extra_ids)]  # pylint: disable=protected-access
+    tokens = pipeline._tokenized_corpus(v.path, v.extra_ids)  # pylint: disable=protected-access
+    return [{'targets': tokens[e['doc']]} for e in examples]  # this split's documents
 
 
 def embedded_source() -> FunctionSource:
-  return FunctionSource(_corpus, splits=('train',))
+  return FunctionSource(_corpus, splits=('train', 'validation'))
 
 
 def _features(inputs: bool = True):
