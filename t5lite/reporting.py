@@ -98,7 +98,10 @@ def peak_flops_per_device(configured: float, dtype: str) -> tuple[float, str]:
 class MetricWriter:
   """Writes a dict of scalars per logged step; a no-op on processes other than 0."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, purge_step: int | None = None):
+    """`purge_step`: the first step a resumed run logs again. TensorBoard event files are
+    append-only; the purge marker makes TensorBoard drop the earlier run's events from that step
+    on, so replayed steps show once (metrics.jsonl is trimmed the same way, in train.py)."""
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
@@ -108,7 +111,7 @@ class MetricWriter:
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     if tensorboard:
       from tensorboardX import SummaryWriter  # imported lazily: optional at run time
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.active:
@@ -135,10 +138,12 @@ def _duration(seconds: float) -> str:
 
 
 def format_line(step: int, m: dict[str, float]) -> str:
-  parts = [f'step {step}', f'loss {m["loss"]:.4f}', f'acc {m["accuracy"]:.3f}',
-           f'lr {m["learning_rate"]:.3g}', f'gnorm {m["grad_norm"]:.3f}']
-  if 'steps_per_sec' in m:
-    parts += [f'{m["steps_per_sec"]:.2f} steps/s', f'{m["tokens_per_sec"]:.0f} tok/s']
+  """One line per logged step; only the values present are printed."""
+  fields = (('loss', 'loss {:.4f}'), ('accuracy', 'acc {:.3f}'), ('learning_rate', 'lr {:.3g}'),
+            ('grad_norm', 'gnorm {:.3f}'), ('steps_per_sec', '{:.2f} steps/s'),
+            ('tokens_per_sec', '{:.0f} tok/s'), ('eval/loss', 'eval loss {:.4f}'),
+            ('eval/accuracy', 'eval acc {:.3f}'))
+  parts = [f'step {step}'] + [fmt.format(m[key]) for key, fmt in fields if key in m]
   if 'mfu' in m:
     parts.append(f'MFU {100 * m["mfu"]:.1f}%')
   if 'eta_seconds' in m:

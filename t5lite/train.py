@@ -228,7 +228,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
     peak, peak_source = reporting.peak_flops_per_device(config.reporting.peak_flops_per_device,
                                                         config.model.dtype)
     total_peak = peak * len(devices)
-    writer = reporting.MetricWriter(workdir, config.reporting.tensorboard)
+    writer = reporting.MetricWriter(workdir, config.reporting.tensorboard,
+                                    purge_step=start_step + 1 if start_step else None)
     total_steps, log_every = config.train.steps, config.train.log_every
     every = config.checkpoint.every_steps
     if writer.active:
