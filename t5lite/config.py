@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.converter = 'encdec'               # encdec (encoder_decoder) | decoder | prefix_lm
                                             # (decoder_only); see t5lite/data/converters.py
   c.data.pack = True                        # several examples per row, separated by segment ids
+  # embedded: the embedded corpus's SentencePiece model (data.sp_vocab_size pieces + 100
+  # sentinels) for every feature; task: each task's own vocabularies; byte: ByT5's bytes (259 ids
+  # + 125 sentinels = 384); or a path to a SentencePiece .model (+ 100 sentinels).
+  c.data.vocabulary = 'embedded'
   c.data.sp_vocab_size = 1948               # embedded SentencePiece size; + 100 sentinels = 2048
 
   c.train = ml_collections.ConfigDict()
@@ -143,6 +147,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.split = 'validation'
   c.eval.batch_size = 0                     # 0 = train.batch_size (must divide like it)
   c.eval.max_batches = 0                    # 0: the whole split; N: its first N batches
+  # Metric evaluation (t5lite/evaluation/evaluator.py): decode / score every example of eval.split
+  # of these tasks, postprocess, apply each task's metric_fns; results in WORKDIR/eval/<task>/
+  # step_<N>.json and TensorBoard under WORKDIR/eval. Used by `python -m t5lite.eval` and, at
+  # eval.every_steps, by training. () = none. Uses eval.batch_size and eval.max_batches too.
+  c.eval.tasks = ()                         # e.g. ('docstring_kind', 'fill_word')
+  c.eval.num_examples_to_save = 5           # example predictions kept in each step_<N>.json
+
+  # Decoding for metric evaluation and `python -m t5lite.infer` (t5lite/models/decoding.py).
+  c.decode = ml_collections.ConfigDict()
+  c.decode.method = 'greedy'                # greedy | sample | beam
+  c.decode.max_decode_length = 0            # generated tokens (EOS included); 0 = the targets length
+  c.decode.temperature = 1.0                # sample: logits / temperature; 0 = argmax
+  c.decode.top_k = 0                        # sample: keep the k most likely tokens; 0 = off
+  c.decode.top_p = 1.0                      # sample: nucleus probability mass; 1 = off
+  c.decode.num_beams = 4                    # beam: more beams search wider, cost grows linearly
+  c.decode.length_penalty_alpha = 0.6       # beam: score = log p / ((5 + len) / 6) ** alpha
+  c.decode.seed = 0                         # sample: PRNG seed (per batch: fold_in(seed, batch))
+
+  # Batch inference (python -m t5lite.infer): JSONL in, JSONL out, resumable.
+  c.infer = ml_collections.ConfigDict()
+  c.infer.batch_size = 0                    # 0 = eval.batch_size, else train.batch_size
+  c.infer.input_key = 'inputs'              # JSONL field holding the input text
+  c.infer.target_key = 'targets'            # copied to the output when present
+  c.infer.on_too_long = 'truncate'          # truncate (counted warning) | error: an input longer than
+                                            # data.inputs_length tokens (EOS included)
+  c.infer.on_bad_line = 'error'             # error (names the line) | skip (counted): a line that is
+                                            # not JSON, or has no input_key string
   return c
 
 
@@ -269,6 +300,7 @@ def _check_eval(config) -> None:
     _positive(e[field], f'eval.{field}', allow_zero=True)
   if e.every_steps and e.task:
     _check_task(e.task, 'eval.task')
+  _check_metric_eval(config)
   _choice(k.keep_best_mode, 'checkpoint.keep_best_mode', ('min', 'max'))
   _positive(k.keep_best_n, 'checkpoint.keep_best_n')
   if k.keep_best_metric:
@@ -280,6 +312,26 @@ def _check_eval(config) -> None:
       raise ConfigError(f'config.checkpoint.every_steps={k.every_steps} is not a multiple of '
                         f'eval.every_steps={e.every_steps}: a checkpoint without '
                         f'{k.keep_best_metric} cannot be ranked; make it a multiple')
+
+
+def _check_metric_eval(config) -> None:
+  """eval.tasks, decode.* and infer.* (metric evaluation, eval and infer jobs)."""
+  e, d, i = config.eval, config.decode, config.infer
+  if not isinstance(e.tasks, (tuple, list)) or not all(isinstance(t, str) for t in e.tasks):
+    raise ConfigError(f'config.eval.tasks={e.tasks!r}: must be a tuple of task names, e.g. '
+                      "('docstring_kind',), or () for none")
+  for name in e.tasks:
+    _check_task(name, 'eval.tasks')
+  _positive(e.num_examples_to_save, 'eval.num_examples_to_save', allow_zero=True)
+  _choice(d.method, 'decode.method', ('greedy', 'sample', 'beam'))
+  for field in ('max_decode_length', 'top_k', 'temperature'):
+    _positive(d[field], f'decode.{field}', allow_zero=True)
+  _positive(d.num_beams, 'decode.num_beams')
+  if not 0 < d.top_p <= 1:
+    raise ConfigError(f'config.decode.top_p={d.top_p!r}: must be in (0, 1] (1 = off)')
+  _positive(i.batch_size, 'infer.batch_size', allow_zero=True)
+  _choice(i.on_too_long, 'infer.on_too_long', ('truncate', 'error'))
+  _choice(i.on_bad_line, 'infer.on_bad_line', ('error', 'skip'))
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -397,7 +449,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   shape = mesh_shape(config.mesh, num_devices)
   data_parallel = shape[0] * shape[1]
   eval_batch = config.eval.batch_size or t.batch_size
-  if config.eval.every_steps and eval_batch % data_parallel:
+  if (config.eval.every_steps or config.eval.tasks) and eval_batch % data_parallel:
     raise ConfigError(f'config.eval.batch_size={eval_batch} is not divisible by the data-parallel '
                       f'size mesh.data*mesh.fsdp = {data_parallel}; use a multiple of '
                       f'{data_parallel}')

@@ -32,12 +32,15 @@ from t5lite.models.t5 import make_model
 def build_data(config, process_index: int | None = None, process_count: int | None = None):
   """The training iterator and the vocabulary; the vocabulary size is checked against the model."""
   d = config.data
-  vocabulary = vocab.embedded_vocabulary(d.sp_vocab_size)
-  if vocabulary.vocab_size > config.model.vocab_size:
+  try:
+    vocabulary = vocab.get_vocabulary(d.vocabulary, d.sp_vocab_size)
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  if vocabulary is not None and vocabulary.vocab_size > config.model.vocab_size:
     raise config_lib.ConfigError(
         f'config.model.vocab_size={config.model.vocab_size} is smaller than the vocabulary '
-        f'({vocabulary.vocab_size} ids including 100 sentinels); set model.vocab_size >= '
-        f'{vocabulary.vocab_size} or lower data.sp_vocab_size')
+        f'({vocabulary.vocab_size} ids including {vocabulary.extra_ids} sentinels); set '
+        f'model.vocab_size >= {vocabulary.vocab_size} or use a smaller vocabulary')
   # T5's choice for span corruption: the targets that inputs_length of corrupted text produces.
   targets_length = d.targets_length or random_spans_helper(d.inputs_length, 0.15, 3.0)[1]
   lengths = {'inputs': d.inputs_length, 'targets': targets_length}
@@ -66,7 +69,7 @@ def build_validation(config, model, param_shardings, mesh, rules):
   lengths = {'inputs': d.inputs_length, 'targets': targets_length}
   if d.converter == 'decoder':
     lengths = {'targets': d.inputs_length + targets_length}
-  vocabulary = vocab.embedded_vocabulary(d.sp_vocab_size)
+  vocabulary = vocab.get_vocabulary(d.vocabulary, d.sp_vocab_size)
   eval_step = trainer.make_eval_step(model, param_shardings, mesh, rules)
   batch_sharding = partitioning.batch_sharding(mesh, rules)
 

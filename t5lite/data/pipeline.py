@@ -33,13 +33,14 @@ import grain
 import numpy as np
 
 from t5lite.data import converters, embedded
-from t5lite.data.vocab import SentencePieceVocabulary
+from t5lite.data.vocab import ByteVocabulary, SentencePieceVocabulary
 
 
 @functools.lru_cache(maxsize=4)
 def _tokenized_corpus(vocab_path: str, extra_ids: int) -> tuple[np.ndarray, ...]:
     """Token ids of every corpus document, cached per vocabulary file."""
-    vocab = SentencePieceVocabulary(vocab_path, extra_ids=extra_ids)
+    vocab = (ByteVocabulary(extra_ids) if vocab_path == "byte"
+             else SentencePieceVocabulary(vocab_path, extra_ids=extra_ids))
     return tuple(np.asarray(vocab.encode(doc), np.int32)
                  for doc in embedded.corpus_documents())
 

@@ -135,6 +135,69 @@ class SentencePieceVocabulary:
         return "".join(pieces)
 
 
+class ByteVocabulary:
+    """ByT5's vocabulary (Xue et al. 2022): pad 0, eos 1, unk 2, then the 256 UTF-8 byte values
+    at ids 3..258, then `extra_ids` sentinels counting down from the top. ByT5 uses 125 extra ids,
+    so 384 ids in all. No model file: `path` is a fixed name so caches keyed on it work.
+    """
+
+    OFFSET = 3  # pad, eos, unk come first
+
+    def __init__(self, extra_ids: int = 125):
+        self._extra_ids = int(extra_ids)
+
+    def __repr__(self) -> str:
+        return f"ByteVocabulary(extra_ids={self._extra_ids}, vocab_size={self.vocab_size})"
+
+    @property
+    def path(self) -> str:
+        return "byte"
+
+    @property
+    def sp_vocab_size(self) -> int:
+        """Ids below the sentinels (named as for SentencePiece, so code can treat both alike)."""
+        return self.OFFSET + 256
+
+    @property
+    def extra_ids(self) -> int:
+        return self._extra_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp_vocab_size + self._extra_ids
+
+    pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
+
+    def sentinel_id(self, i: int) -> int:
+        if not 0 <= i < self._extra_ids:
+            raise ValueError(f"sentinel index {i} out of range [0, {self._extra_ids}).")
+        return self.vocab_size - 1 - i
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Skips pad, stops at EOS, shows sentinels as <extra_id_N>; bytes that do not form valid
+        UTF-8 (a cut-off character) are dropped, as ByT5 does."""
+        pieces: list[str] = []
+        run = bytearray()
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if self.OFFSET <= i < self.sp_vocab_size:
+                run.append(i - self.OFFSET)
+                continue
+            pieces.append(run.decode("utf-8", errors="ignore"))
+            run.clear()
+            if self.sp_vocab_size <= i < self.vocab_size:
+                pieces.append(f"<extra_id_{self.vocab_size - 1 - i}>")
+            elif i != PAD_ID:
+                pieces.append("\N{REPLACEMENT CHARACTER}")  # unk or out of range
+        pieces.append(run.decode("utf-8", errors="ignore"))
+        return "".join(pieces)
+
+
 def _training_sentences(texts: Iterable[str], max_chars: int) -> Iterable[str]:
     """Cuts texts into word-aligned pieces SentencePiece will not skip.
 
@@ -222,3 +285,23 @@ def embedded_vocabulary(sp_vocab_size: int = DEFAULT_SP_VOCAB_SIZE,
     if not os.path.exists(path):
         train_sentencepiece(embedded.corpus_documents(), path, sp_vocab_size)
     return SentencePieceVocabulary(path, extra_ids=DEFAULT_EXTRA_IDS)
+
+
+def get_vocabulary(spec: str = "embedded", sp_vocab_size: int = DEFAULT_SP_VOCAB_SIZE):
+    """The vocabulary `config.data.vocabulary` names, or None to keep the task's own:
+    'embedded' -> the embedded SentencePiece model of `sp_vocab_size` pieces (+100 sentinels);
+    'task' -> None (each output feature keeps the vocabulary its task declares);
+    'byte' -> ByteVocabulary (ByT5); anything else -> a SentencePiece model path (local, or
+    gs:// etc. through etils.epath) with 100 sentinels."""
+    if spec == "embedded":
+        return embedded_vocabulary(sp_vocab_size)
+    if spec == "task":
+        return None
+    if spec == "byte":
+        return ByteVocabulary()
+    try:
+        return SentencePieceVocabulary(spec)
+    except (OSError, RuntimeError) as e:
+        raise FileNotFoundError(
+            f"data.vocabulary={spec!r}: cannot read a SentencePiece model there ({e}); give a "
+            "path to a .model file, or one of 'embedded', 'task', 'byte'") from None
