@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.converter = 'encdec'               # encdec (encoder_decoder) | decoder | prefix_lm
                                             # (decoder_only); see t5lite/data/converters.py
   c.data.pack = True                        # several examples per row, separated by segment ids
+  # Preprocessing worker processes (grain mp_prefetch); 0 runs it in the training process. Same
+  # batches either way. Workers pay off when preprocessing, not the step, is the bottleneck.
+  c.data.num_workers = 0
   # embedded: the embedded corpus's SentencePiece model (data.sp_vocab_size pieces + 100
   # sentinels) for every feature; task: each task's own vocabularies; byte: ByT5's bytes (259 ids
   # + 125 sentinels = 384); or a path to a SentencePiece .model (+ 100 sentinels).
@@ -382,6 +385,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
 
   _check_task(config.data.task)
   _positive(config.data.inputs_length, 'data.inputs_length')
+  _positive(config.data.num_workers, 'data.num_workers', allow_zero=True)
   _positive(config.data.targets_length, 'data.targets_length', allow_zero=True)
   _choice(config.data.converter, 'data.converter', CONVERTERS)
   wanted = ('encdec',) if m.architecture == 'encoder_decoder' else ('decoder', 'prefix_lm')

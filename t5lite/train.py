@@ -49,7 +49,7 @@ def build_data(config, process_index: int | None = None, process_count: int | No
   iterator = pipeline.make_task_iterator(
       d.task, feature_lengths=lengths, global_batch_size=config.train.batch_size,
       seed=config.train.seed, pack=d.pack, converter=d.converter, vocabulary=vocabulary,
-      process_index=process_index, process_count=process_count)
+      process_index=process_index, process_count=process_count, num_workers=d.num_workers)
   return iterator, vocabulary
 
 
@@ -93,6 +93,7 @@ def build_validation(config, model, param_shardings, mesh, rules):
       sums = eval_step(params, partitioning.host_to_global(batch, batch_sharding))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       batches += 1
+    iterator.close()
     if totals is None:
       raise ValueError(f'eval: task {task!r} split {e.split!r} gave no batches')
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
@@ -333,6 +334,7 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
     if writer is not None:
       writer.close()
     ckpt.close()  # waits for a save in flight: on any exit the last checkpoint is complete
+    iterator.close()  # stops data worker processes, if any
 
 
 def main(argv: Sequence[str]) -> int:

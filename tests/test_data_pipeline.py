@@ -258,3 +258,19 @@ def test_validation_split_is_held_out(v):
     assert not train_docs & validation_docs
     assert train_docs | validation_docs == set(range(len(embedded.corpus_documents())))
     assert 0.02 < len(validation_docs) / len(train_docs) < 0.08
+
+
+def test_worker_processes_give_the_same_batches_and_resume(v):
+    """Preprocessing in 2 grain worker processes: the same batches as in-process, and a state
+    taken mid-way resumes (in a new set of workers) with exactly the batches that followed."""
+    reference = take(make(v, seed=3), 6)
+    it = make(v, seed=3, num_workers=2)
+    got = take(it, 3)
+    state = it.get_state()
+    got += take(it, 3)
+    it.close()
+    assert_batches_equal(reference, got)
+    resumed = make(v, seed=3, num_workers=2)
+    resumed.set_state(state)
+    assert_batches_equal(reference[3:], take(resumed, 3))
+    resumed.close()

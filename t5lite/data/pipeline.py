@@ -206,7 +206,8 @@ def make_task_dataset(task_or_mixture_name, *, feature_lengths: Mapping[str, int
                       converter: str = "encdec", loss_on_targets_only: bool = True,
                       vocabulary=None, process_index: int | None = None,
                       process_count: int | None = None,
-                      read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+                      read_options: grain.ReadOptions | None = None,
+                      num_workers: int = 0) -> grain.IterDataset:
     """The IterDataset behind `make_task_iterator` (same arguments)."""
     from t5lite.data import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
 
@@ -235,6 +236,16 @@ def make_task_dataset(task_or_mixture_name, *, feature_lengths: Mapping[str, int
         ds = grain.IterDataset.mix(
             [m.to_iter_dataset(read_options).filter(NotNone()) for m in maps],
             [w for _, w in leaves])
+    if num_workers > 0:
+        # Preprocessing in worker processes (grain mp_prefetch): each worker takes every n-th
+        # element and grain interleaves them back in order, so the batches are the same as
+        # with none, and the iterator state (every worker's position) still resumes exactly.
+        from absl import flags  # pylint: disable=import-outside-toplevel
+        if not flags.FLAGS.is_parsed():
+            # grain reads its absl flags when it starts workers; t5lite has its own command
+            # line, so mark absl's as parsed (their defaults) rather than crash.
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return PackedBatches(ds, conv, rows, pack)
 
 
@@ -244,7 +255,8 @@ def make_task_iterator(task_or_mixture_name, *, feature_lengths: Mapping[str, in
                        converter: str = "encdec", loss_on_targets_only: bool = True,
                        vocabulary=None, process_index: int | None = None,
                        process_count: int | None = None,
-                       read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+                       read_options: grain.ReadOptions | None = None,
+                       num_workers: int = 0) -> grain.DatasetIterator:
     """Host-local batches of a registered task or mixture, with exact resumption.
 
     feature_lengths: e.g. {'inputs': 512, 'targets': 114} (encdec, prefix_lm) or
@@ -262,5 +274,6 @@ def make_task_iterator(task_or_mixture_name, *, feature_lengths: Mapping[str, in
         global_batch_size=global_batch_size, seed=seed, pack=pack, split=split,
         shuffle=shuffle, repeat=repeat, converter=converter,
         loss_on_targets_only=loss_on_targets_only, vocabulary=vocabulary,
-        process_index=process_index, process_count=process_count, read_options=read_options)
+        process_index=process_index, process_count=process_count, read_options=read_options,
+        num_workers=num_workers)
     return iter(ds)
