@@ -500,6 +500,29 @@ def causal_lm_raw_length(sequence_length: Mapping[str, int]) -> int:
     return sequence_length["targets"] - 1
 
 
+class RandomChunk:
+    """Per-example step: a random window of `length_fn(sequence_length)` tokens of `key` (the
+    whole of a shorter document). T5's `select_random_chunk`, used where ConcatAndSplit cannot be:
+    it runs lazily per document, so a C4-sized source is never materialised; short chunks are
+    packed together by the feature converter instead of being concatenated first. Each document
+    gives one chunk per epoch, a fresh random one every epoch.
+    """
+
+    def __init__(self, length_fn: Callable[[Mapping[str, int]], int], key: str = "targets"):
+        self.length_fn = length_fn
+        self.key = key
+
+    def __call__(self, example, ctx: Context):
+        if not ctx.sequence_length:
+            raise ValueError(f"task {ctx.task_name!r}: RandomChunk needs feature lengths.")
+        tokens = _tokens(example, ctx, self.key)
+        length = self.length_fn(ctx.sequence_length)
+        if len(tokens) <= length:
+            return {**example, self.key: tokens}
+        start = int(ctx.rng.integers(0, len(tokens) - length + 1))
+        return {**example, self.key: tokens[start:start + length]}
+
+
 class ConcatAndSplit:
     """Dataset-level step: all documents' tokens end to end, cut into chunks.
 

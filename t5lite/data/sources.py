@@ -242,10 +242,15 @@ class TfdsSource(Source):
       self._cache[split] = self._open(split)
     return self._cache[split]
 
+  def _data_dir(self) -> str | None:
+    # TFDS_DATA_DIR read when the split is opened (TFDS reads it once, at import), so a
+    # notebook or test can point a registered task at its own copy.
+    return self.data_dir or os.environ.get('TFDS_DATA_DIR') or None
+
   def _open(self, split):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     try:
-      records = tfds.data_source(self.name, split=split, data_dir=self.data_dir)
+      records = tfds.data_source(self.name, split=split, data_dir=self._data_dir())
     except Exception as e:  # pylint: disable=broad-except
       message = str(e)
       if 'array_record' not in message.lower() and 'file format' not in message.lower() \
@@ -253,6 +258,6 @@ class TfdsSource(Source):
         raise
       if not _has_tensorflow():
         raise RuntimeError(f'TFDS {self.name!r} split {split!r}: {TF_EXTRA_HINT}') from e
-      ds = tfds.load(self.name, split=split, data_dir=self.data_dir)
+      ds = tfds.load(self.name, split=split, data_dir=self._data_dir())
       records = list(tfds.as_numpy(ds))
     return _DecodedTfdsRecords(records) if self.decode_bytes else records
