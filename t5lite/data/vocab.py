@@ -40,7 +40,33 @@ def _read_bytes(path: str) -> bytes:
     return epath.Path(path).read_bytes()
 
 
-class SentencePieceVocabulary:
+class _T5Ids:
+    """What every t5lite vocabulary shares: pad 0, eos 1, unk 2, and `extra_ids` sentinels
+    above the `sp_vocab_size` ordinary ids, counting down from the top."""
+
+    pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
+    _extra_ids: int
+
+    @property
+    def sp_vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def extra_ids(self) -> int:
+        return self._extra_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp_vocab_size + self._extra_ids
+
+    def sentinel_id(self, i: int) -> int:
+        """Id of `<extra_id_i>`; sentinels count down from the top."""
+        if not 0 <= i < self._extra_ids:
+            raise ValueError(f"sentinel index {i} out of range [0, {self._extra_ids}).")
+        return self.vocab_size - 1 - i
+
+
+class SentencePieceVocabulary(_T5Ids):
     """A SentencePiece model plus `extra_ids` sentinel ids on top of it."""
 
     def __init__(self, path: str, extra_ids: int = DEFAULT_EXTRA_IDS):
@@ -67,32 +93,6 @@ class SentencePieceVocabulary:
     def sp_vocab_size(self) -> int:
         """Number of SentencePiece pieces (ids below the sentinels)."""
         return self._sp.get_piece_size()
-
-    @property
-    def extra_ids(self) -> int:
-        return self._extra_ids
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp_vocab_size + self._extra_ids
-
-    @property
-    def pad_id(self) -> int:
-        return PAD_ID
-
-    @property
-    def eos_id(self) -> int:
-        return EOS_ID
-
-    @property
-    def unk_id(self) -> int:
-        return UNK_ID
-
-    def sentinel_id(self, i: int) -> int:
-        """Id of `<extra_id_i>`; sentinels count down from the top."""
-        if not 0 <= i < self._extra_ids:
-            raise ValueError(f"sentinel index {i} out of range [0, {self._extra_ids}).")
-        return self.vocab_size - 1 - i
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids. No EOS is appended (preprocessors add it, as in seqio)."""
@@ -135,7 +135,7 @@ class SentencePieceVocabulary:
         return "".join(pieces)
 
 
-class ByteVocabulary:
+class ByteVocabulary(_T5Ids):
     """ByT5's vocabulary (Xue et al. 2022): pad 0, eos 1, unk 2, then the 256 UTF-8 byte values
     at ids 3..258, then `extra_ids` sentinels counting down from the top. ByT5 uses 125 extra ids,
     so 384 ids in all. No model file: `path` is a fixed name so caches keyed on it work.
@@ -157,21 +157,6 @@ class ByteVocabulary:
     def sp_vocab_size(self) -> int:
         """Ids below the sentinels (named as for SentencePiece, so code can treat both alike)."""
         return self.OFFSET + 256
-
-    @property
-    def extra_ids(self) -> int:
-        return self._extra_ids
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp_vocab_size + self._extra_ids
-
-    pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
-
-    def sentinel_id(self, i: int) -> int:
-        if not 0 <= i < self._extra_ids:
-            raise ValueError(f"sentinel index {i} out of range [0, {self._extra_ids}).")
-        return self.vocab_size - 1 - i
 
     def encode(self, text: str) -> list[int]:
         return [b + self.OFFSET for b in text.encode("utf-8")]
