@@ -80,9 +80,20 @@ class RelativePositionBias(nn.Module):
   bidirectional: bool
 
   @nn.compact
-  def __call__(self, q_len: int, k_len: int, q_offset: int = 0) -> jax.Array:
+  def __call__(self, q_len: int, k_len: int, q_offset: int = 0,
+               query_positions: jax.Array | None = None) -> jax.Array:
+    """[1, heads, q_len, k_len]; or, given per-example `query_positions` [batch] (one query each,
+    as in cached decoding, where the position is only known at run time), [batch, heads, 1, k_len]:
+    those rows of the full [k_len, k_len] bias, gathered from a static bucket table."""
     table = self.param('rel_embedding', param_init(1.0, ('relpos_buckets', 'heads')),
                        (self.num_buckets, self.num_heads), jnp.float32)
+    if query_positions is not None:
+      square = np.arange(k_len)[None, :] - np.arange(k_len)[:, None]
+      buckets = relative_position_bucket(square, self.bidirectional, self.num_buckets,
+                                         self.max_distance)
+      rows = jnp.take(jnp.asarray(buckets, jnp.int32), query_positions, axis=0)  # [batch, k]
+      bias = jnp.take(table, rows, axis=0)  # [batch, k, heads]
+      return jnp.transpose(bias, (0, 2, 1))[:, :, None, :]
     relative = np.arange(k_len)[None, :] - (np.arange(q_len) + q_offset)[:, None]
     buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets,
                                        self.max_distance)
@@ -132,26 +143,48 @@ class Projection(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-  """T5 attention: no biases, no 1/sqrt(head_dim) logit scaling (folded into the query init)."""
+  """T5 attention: no biases, no 1/sqrt(head_dim) logit scaling (folded into the query init).
+
+  Key/value cache for autoregressive decoding, in the mutable 'cache' collection (the flax/T5X
+  way; both flags off is the training path, untouched):
+  - `prefill`: an ordinary full-length call that also stores its keys/values as `cached_key` /
+    `cached_value` [batch, cache_length, heads, kv] (positions past the call's length are zero);
+    cross-attention stores the encoder's keys/values whole, so they are computed once.
+  - `decode`: one new query per call. Self-attention writes its key/value at `cache_index`
+    ([batch] int32, per example, since prompts differ in length) and attends over the whole cache;
+    `bias` ([batch, heads, 1, cache_length]) masks the slots not written yet. Cross-attention
+    reads the stored encoder keys/values; `inputs_kv` is unused.
+  """
   num_heads: int
   head_dim: int
   dtype: Dtype
   dropout_rate: float
   deterministic: bool
+  decode: bool = False
+  prefill: bool = False
+  cross: bool = False        # cross-attention: cached keys/values never change during decoding
+  cache_length: int = 0      # self-attention cache slots (prefill)
 
   @nn.compact
-  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array) -> jax.Array:
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None, bias: jax.Array,
+               cache_index: jax.Array | None = None) -> jax.Array:
     d_model = inputs_q.shape[-1]
     inner = self.num_heads * self.head_dim
     shape, axes = (d_model, self.num_heads, self.head_dim), ('embed', 'heads', 'kv')
     proj = lambda stddev, name: Projection(shape, axes, 'bld,dhk->blhk', stddev, self.dtype,
                                            name=name)
+    act = ('act_batch', 'act_length', 'act_heads', 'act_kv')
     # Initialisation as in mesh-tensorflow T5: query carries the extra head_dim**-0.5.
     q = proj((d_model * self.head_dim) ** -0.5, 'query')(inputs_q)
-    k = proj(d_model ** -0.5, 'key')(inputs_kv)
-    v = proj(d_model ** -0.5, 'value')(inputs_kv)
-    act = ('act_batch', 'act_length', 'act_heads', 'act_kv')
+    if self.cross and self.decode:
+      k = self.get_variable('cache', 'cached_key')
+      v = self.get_variable('cache', 'cached_value')
+    else:
+      k = proj(d_model ** -0.5, 'key')(inputs_kv)
+      v = proj(d_model ** -0.5, 'value')(inputs_kv)
     q, k, v = constrain(q, act), constrain(k, act), constrain(v, act)
+    if self.prefill or self.decode:
+      k, v = self._cache(k, v, cache_index, act)
 
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
@@ -161,6 +194,29 @@ class MultiHeadAttention(nn.Module):
     out = constrain(out, act)
     return Projection((self.num_heads, self.head_dim, d_model), ('heads', 'kv', 'embed'),
                       'blhk,hkd->bld', inner ** -0.5, self.dtype, name='out')(out)
+
+  def _cache(self, k, v, cache_index, act):
+    """Stores (prefill) or extends (decode) the cache; returns the keys/values to attend to."""
+    if self.cross:
+      if self.prefill:
+        self.put_variable('cache', 'cached_key', k)
+        self.put_variable('cache', 'cached_value', v)
+      return k, v
+    if self.prefill:
+      pad = ((0, 0), (0, self.cache_length - k.shape[1]), (0, 0), (0, 0))
+      self.put_variable('cache', 'cached_key', constrain(jnp.pad(k, pad), act))
+      self.put_variable('cache', 'cached_value', constrain(jnp.pad(v, pad), act))
+      return k, v
+    cached_k = self.get_variable('cache', 'cached_key')
+    cached_v = self.get_variable('cache', 'cached_value')
+    # A one-hot select rather than a scatter: every example writes its own slot, and the update
+    # is elementwise, so it shards like the cache itself (T5X uses one-hot updates for this too).
+    slot = (jnp.arange(cached_k.shape[1])[None, :] == cache_index[:, None])[:, :, None, None]
+    k = constrain(jnp.where(slot, k.astype(cached_k.dtype), cached_k), act)
+    v = constrain(jnp.where(slot, v.astype(cached_v.dtype), cached_v), act)
+    self.put_variable('cache', 'cached_key', k)
+    self.put_variable('cache', 'cached_value', v)
+    return k, v
 
 
 class MlpBlock(nn.Module):

@@ -5,6 +5,13 @@ hidden state. Inputs use the seqio/T5X feature names; packed batches pass segmen
 masks keep attention inside one example. Relative position biases depend only on distance, which
 is the same inside a contiguous packed segment as in the example alone, so positions need not
 be passed to the model (they are part of the batch for tools that want them).
+
+Autoregressive decoding (t5lite/models/decoding.py) uses two extra modes of the decoder, with a
+key/value cache in the mutable 'cache' collection (see `layers.MultiHeadAttention`):
+`prefill=True` runs a full-length call (the start token, or a decoder-only prompt) and fills the
+cache, sized `cache_length`; `decode=True` then feeds one token per example per call. The
+decoder's `cache_index` [batch] holds each example's next position. Neither flag changes the
+training path.
 """
 from __future__ import annotations
 
@@ -44,21 +51,29 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Self-attention, cross-attention (when `encoded` is given), MLP; all pre-norm residual."""
+  """Self-attention, cross-attention (when `cross_bias` is given), MLP; all pre-norm residual.
+
+  `decode` / `prefill` / `cache_length` select the cached decoding modes (module docstring);
+  `encoded` may then be None in `decode` mode, the encoder's keys/values being cached.
+  """
   cfg: ModelConfig
   deterministic: bool
+  decode: bool = False
+  prefill: bool = False
+  cache_length: int = 0
 
   @nn.compact
-  def __call__(self, x, self_bias, encoded, cross_bias):
+  def __call__(self, x, self_bias, encoded, cross_bias, cache_index=None):
     c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     dropout = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
-    attention = lambda name: layers.MultiHeadAttention(
-        c.num_heads, c.head_dim, dtype, c.dropout_rate, self.deterministic, name=name)
+    attention = lambda name, cross: layers.MultiHeadAttention(
+        c.num_heads, c.head_dim, dtype, c.dropout_rate, self.deterministic, decode=self.decode,
+        prefill=self.prefill, cross=cross, cache_length=self.cache_length, name=name)
     h = layers.RMSNorm(dtype=dtype, name='pre_self_attention_norm')(x)
-    x = x + dropout(attention('self_attention')(h, h, self_bias))
-    if encoded is not None:
+    x = x + dropout(attention('self_attention', False)(h, h, self_bias, cache_index))
+    if cross_bias is not None:
       h = layers.RMSNorm(dtype=dtype, name='pre_cross_attention_norm')(x)
-      x = x + dropout(attention('encoder_decoder_attention')(h, encoded, cross_bias))
+      x = x + dropout(attention('encoder_decoder_attention', True)(h, encoded, cross_bias))
     h = layers.RMSNorm(dtype=dtype, name='pre_mlp_norm')(x)
     h = layers.MlpBlock(c.d_ff, c.gated_gelu, dtype, c.dropout_rate, self.deterministic,
                         name='mlp')(h)
@@ -67,20 +82,28 @@ class DecoderLayer(nn.Module):
 
 
 def _run_layers(parent: nn.Module, layer_cls, num_layers: int, cfg: ModelConfig,
-                deterministic: bool, x, *args):
-  """Applies `num_layers` layers, scanned (params stacked on a `layers` axis) or unrolled."""
-  if cfg.remat_policy != 'none':
+                deterministic: bool, x, *args, **layer_kwargs):
+  """Applies `num_layers` layers, scanned (params stacked on a `layers` axis) or unrolled.
+
+  `layer_kwargs` (the decoding modes) go to each layer's constructor. Scanned, the 'cache'
+  collection gets a leading layers axis like the parameters.
+  """
+  caching = layer_kwargs.get('decode', False) or layer_kwargs.get('prefill', False)
+  # Remat only saves activations for a backward pass; decoding has none, so it is left out there
+  # (the parameter tree is the same either way: lifted transforms add no scope).
+  if cfg.remat_policy != 'none' and not caching:
     layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
                          prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    stack = nn.scan(layer_cls, variable_axes={'params': 0},
+    stack = nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 0},
                     split_rngs={'params': True, 'dropout': True},
                     in_axes=(nn.broadcast,) * len(args), length=num_layers,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, _ = stack(cfg, deterministic, name='layers', parent=parent)(x, *args)
+    x, _ = stack(cfg, deterministic, **layer_kwargs, name='layers', parent=parent)(x, *args)
     return x
   for i in range(num_layers):
-    x, _ = layer_cls(cfg, deterministic, name=f'layers_{i}', parent=parent)(x, *args)
+    x, _ = layer_cls(cfg, deterministic, **layer_kwargs, name=f'layers_{i}', parent=parent)(
+        x, *args)
   return x
 
 
@@ -106,26 +129,49 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Causal decoder stack; with `encoded` it cross-attends (encoder-decoder), else decoder-only."""
+  """Causal decoder stack; given `encoder_segments` it cross-attends to `encoded`
+  (encoder-decoder), else it is decoder-only.
+
+  Cached decoding (module docstring): `prefill` also fills the cache (`cache_length` slots) and
+  sets `cache_index` to `prefill_lengths` (default: the call's length); `decode` feeds one token
+  per example at its `cache_index`, with the bias row of that position and a mask over the
+  slots written so far.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, embedded, segments, deterministic: bool, encoded=None,
-               encoder_segments=None, causal_attention=None):
+               encoder_segments=None, causal_attention=None, decode: bool = False,
+               prefill: bool = False, prefill_lengths=None, cache_length: int = 0):
     c = self.cfg
-    length = embedded.shape[1]
-    self_bias = layers.RelativePositionBias(c.relative_attention_num_buckets,
-                                            c.relative_attention_max_distance, c.num_heads,
-                                            bidirectional=False, name='relpos_bias')(length, length)
-    self_bias = self_bias + layers.mask_to_bias(layers.attention_mask(
-        segments, segments, causal=True, bidirectional_q=causal_attention,
-        bidirectional_k=causal_attention))
+    batch, length = embedded.shape[:2]
+    relpos = layers.RelativePositionBias(c.relative_attention_num_buckets,
+                                         c.relative_attention_max_distance, c.num_heads,
+                                         bidirectional=False, name='relpos_bias')
+    extra, cache_kwargs = (), {}
+    if decode:
+      index = self.get_variable('cache', 'cache_index')
+      self_bias = relpos(1, cache_length, query_positions=index)
+      written = jnp.arange(cache_length)[None, :] <= index[:, None]
+      self_bias = self_bias + layers.mask_to_bias(written[:, None, None, :])
+      self.put_variable('cache', 'cache_index', index + 1)
+      extra, cache_kwargs = (index,), dict(decode=True, cache_length=cache_length)
+    else:
+      self_bias = relpos(length, length)
+      self_bias = self_bias + layers.mask_to_bias(layers.attention_mask(
+          segments, segments, causal=True, bidirectional_q=causal_attention,
+          bidirectional_k=causal_attention))
+      if prefill:
+        lengths = (jnp.full((batch,), length, jnp.int32) if prefill_lengths is None
+                   else jnp.asarray(prefill_lengths, jnp.int32))
+        self.put_variable('cache', 'cache_index', lengths)
+        cache_kwargs = dict(prefill=True, cache_length=cache_length)
     cross_bias = None
-    if encoded is not None:
+    if encoder_segments is not None:
       cross_bias = layers.mask_to_bias(layers.attention_mask(segments, encoder_segments))
     x = nn.Dropout(c.dropout_rate, deterministic=deterministic)(embedded)
     x = _run_layers(self, DecoderLayer, c.num_decoder_layers, c, deterministic, x, self_bias,
-                    encoded, cross_bias)
+                    encoded, cross_bias, *extra, **cache_kwargs)
     x = layers.RMSNorm(dtype=jnp.dtype(c.dtype), name='final_norm')(x)
     return nn.Dropout(c.dropout_rate, deterministic=deterministic)(x)
 
@@ -167,11 +213,15 @@ class EncoderDecoder(nn.Module):
     return self.encoder(embedded, segments, deterministic)
 
   def decode(self, encoded, encoder_segments, decoder_input_tokens, decoder_segments,
-             deterministic=True):
+             deterministic=True, decode: bool = False, prefill: bool = False,
+             prefill_lengths=None, cache_length: int = 0):
+    """Decoder logits. With `prefill` / `decode` (apply with mutable=['cache']), the cached
+    decoding modes of the module docstring; in `decode` mode `encoded` may be None."""
     embedded = layers.constrain(self.embedder(decoder_input_tokens),
                                 ('act_batch', 'act_length', 'act_embed'))
     x = self.decoder(embedded, decoder_segments, deterministic, encoded=encoded,
-                     encoder_segments=encoder_segments)
+                     encoder_segments=encoder_segments, decode=decode, prefill=prefill,
+                     prefill_lengths=prefill_lengths, cache_length=cache_length)
     return _logits(self, x)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
@@ -198,7 +248,9 @@ class DecoderOnly(nn.Module):
 
   def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,
                decoder_positions=None, decoder_causal_attention=None, deterministic: bool = True,
-               **unused: Any):
+               decode: bool = False, prefill: bool = False, prefill_lengths=None,
+               cache_length: int = 0, **unused: Any):
+    """Logits; `prefill` / `decode` as in `EncoderDecoder.decode` (module docstring)."""
     del decoder_positions, unused
     if decoder_segment_ids is None:
       decoder_segment_ids = (jnp.ones_like(decoder_input_tokens) if decoder_target_tokens is None
@@ -206,7 +258,8 @@ class DecoderOnly(nn.Module):
     embedded = layers.constrain(self.embedder(decoder_input_tokens),
                                 ('act_batch', 'act_length', 'act_embed'))
     x = self.decoder(embedded, decoder_segment_ids, deterministic,
-                     causal_attention=decoder_causal_attention)
+                     causal_attention=decoder_causal_attention, decode=decode, prefill=prefill,
+                     prefill_lengths=prefill_lengths, cache_length=cache_length)
     return _logits(self, x)
 
 
