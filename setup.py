@@ -27,7 +27,9 @@ setup(
         # first by the README's command (`pip install torch==2.13.0`): a bare `torch` requirement
         # here would pull the multi-GB CUDA build on machines without a CPU wheel at hand.
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'transformers>=4.40', 'safetensors>=0.4',
-                 'sacrebleu>=2.4', 'rouge-score>=0.1.2', 'scipy>=1.10'],
+                 'sacrebleu>=2.4', 'rouge-score>=0.1.2', 'scipy>=1.10',
+                 # executing docs/notebooks/quickstart.ipynb headlessly
+                 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.29', 'matplotlib>=3.8'],
         'tf': ['tensorflow>=2.16'],                      # TFDS catalog builders, tfds mock data
         'hf': ['torch>=2.2', 'transformers>=4.40', 'safetensors>=0.4'],  # HuggingFace interop
         'metrics': ['sacrebleu>=2.4', 'rouge-score>=0.1.2', 'scipy>=1.10'],

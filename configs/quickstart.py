@@ -27,7 +27,11 @@ def get_config(arg=None):
   c.train.max_grad_norm = 1.0       # global-norm clipping: AdamW at 5e-3 spikes without it
   c.schedule.name = 'cosine'
   c.schedule.warmup_steps = 100     # linear warm-up to the peak, cosine decay to 0 at the last step
-  c.optimizer.name = 'adamw'
-  c.optimizer.learning_rate = 5e-3  # 1e-2 diverges into loss spikes; 3e-3 learns more slowly
-  c.optimizer.b2 = 0.98
+  # T5's optimizer: Adafactor scales each update by the parameter's RMS, so the N(0, 1) token
+  # embeddings move as fast, relative to their size, as the small projection matrices. AdamW's
+  # absolute steps leave them ~10x slower (measured: AdamW 5e-3 ends at loss 4.2, Adafactor at
+  # 3.3, same steps). Peak 0.03 beat 0.01 (3.68 at the end).
+  c.optimizer.name = 'adafactor'
+  c.optimizer.learning_rate = 0.03
+  c.eval.every_steps = 500          # validation loss on held-out documents (~2 s each)
   return c

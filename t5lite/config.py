@@ -310,7 +310,11 @@ def _check_eval(config) -> None:
     if not e.every_steps:
       raise ConfigError(f'config.checkpoint.keep_best_metric={k.keep_best_metric!r} needs '
                         'evaluation: set eval.every_steps > 0')
-    _choice(k.keep_best_metric, 'checkpoint.keep_best_metric', EVAL_VALUES)
+    by_task = k.keep_best_metric.split('/')
+    if not (len(by_task) == 3 and by_task[0] == 'eval' and by_task[1] in e.tasks):
+      # eval/<task>/<metric> of a metric task is named by the task's metric fns: checked when
+      # it is first logged; the validation values are known now.
+      _choice(k.keep_best_metric, 'checkpoint.keep_best_metric', EVAL_VALUES)
     if k.every_steps % e.every_steps:
       raise ConfigError(f'config.checkpoint.every_steps={k.every_steps} is not a multiple of '
                         f'eval.every_steps={e.every_steps}: a checkpoint without '
@@ -452,11 +456,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
 
   shape = mesh_shape(config.mesh, num_devices)
   data_parallel = shape[0] * shape[1]
-  eval_batch = config.eval.batch_size or t.batch_size
-  if (config.eval.every_steps or config.eval.tasks) and eval_batch % data_parallel:
-    raise ConfigError(f'config.eval.batch_size={eval_batch} is not divisible by the data-parallel '
-                      f'size mesh.data*mesh.fsdp = {data_parallel}; use a multiple of '
-                      f'{data_parallel}')
   per_pass = t.batch_size // t.microbatches if t.batch_size % t.microbatches == 0 else None
   if per_pass is None:
     raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
@@ -466,6 +465,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
         f'config.train.batch_size={t.batch_size} (per microbatch {per_pass}) is not divisible by '
         f'the data-parallel size mesh.data*mesh.fsdp = {shape[0]}*{shape[1]} = {data_parallel}; '
         f'use a batch size that is a multiple of {data_parallel * t.microbatches}')
+  eval_batch = config.eval.batch_size or t.batch_size
+  if (config.eval.every_steps or config.eval.tasks) and eval_batch % data_parallel:
+    raise ConfigError(f'config.eval.batch_size={eval_batch} is not divisible by the data-parallel '
+                      f'size mesh.data*mesh.fsdp = {data_parallel}; use a multiple of '
+                      f'{data_parallel}')
   rules = config.partitioning.rules
   for rule in rules:
     if len(rule) != 2:

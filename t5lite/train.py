@@ -25,6 +25,7 @@ from t5lite import config as config_lib
 from t5lite import optim, partitioning, reporting, trainer
 from t5lite.data import pipeline, vocab
 from t5lite.data.preprocessors import random_spans_helper
+from t5lite.evaluation import evaluator as evaluator_lib
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
 
@@ -186,7 +187,7 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
                                   best_metric=k.keep_best_metric, best_mode=k.keep_best_mode,
                                   best_n=k.keep_best_n)
   watcher = PreemptionWatcher()
-  writer = None
+  writer = evaluate_metrics = None
   try:
     # --- train state: the newest readable checkpoint, else a fresh initialisation
     abstract, shardings = trainer.abstract_train_state(model, tx, mesh, rules, batch,
@@ -222,6 +223,9 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
     eval_every = config.eval.every_steps
     evaluate = (build_validation(config, model, shardings.params, mesh, rules) if eval_every
                 else None)
+    # Downstream metrics (decode / score eval.tasks) at the same steps: eval/<task>/<metric>.
+    evaluate_metrics = (evaluator_lib.build_metric_evaluation(config, model, mesh, rules, workdir)
+                        if eval_every else None)
 
     # --- reporting
     inputs_length = (batch['encoder_input_tokens'].shape[1] if 'encoder_input_tokens' in batch
@@ -293,6 +297,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
       if do_eval:
         eval_start = time.perf_counter()
         values.update(evaluate(state.params))
+        if evaluate_metrics is not None:
+          values.update(evaluate_metrics(state.params, step))
         # Evaluation time is not training time: keep it out of steps/s and the ETA.
         if interval_start is not None:
           interval_start += time.perf_counter() - eval_start
@@ -333,6 +339,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
     watcher.close()
     if writer is not None:
       writer.close()
+    if evaluate_metrics is not None:
+      evaluate_metrics.close()
     ckpt.close()  # waits for a save in flight: on any exit the last checkpoint is complete
     iterator.close()  # stops data worker processes, if any
 

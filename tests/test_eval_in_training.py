@@ -87,7 +87,8 @@ def test_keep_best_survives_retention_and_restarts(tmp_path):
 
 
 @pytest.mark.parametrize('override, message', [
-    ({'checkpoint.keep_best_metric': 'eval/loss'}, 'needs evaluation: set eval.every_steps'),
+    ({'eval.every_steps': 0, 'checkpoint.keep_best_metric': 'eval/loss'},
+     'needs evaluation: set eval.every_steps'),
     ({'eval.every_steps': 3, 'checkpoint.every_steps': 10,
       'checkpoint.keep_best_metric': 'eval/loss'}, 'is not a multiple of eval.every_steps=3'),
     ({'eval.every_steps': 5, 'checkpoint.keep_best_metric': 'eval/los'}, "did you mean 'eval/loss'"),

@@ -1,0 +1,76 @@
+"""Fine-tune the offline quickstart model on downstream tasks, with metric evaluation in training.
+
+    python -m t5lite.train --config configs/quickstart.py --workdir /tmp/t5lite_quickstart
+    python -m t5lite.train --config configs/quickstart_finetune.py --workdir /tmp/t5lite_finetune
+    python -m t5lite.eval --config configs/quickstart_finetune.py --workdir /tmp/t5lite_finetune \
+        --checkpoint all        # again, or any checkpoint later; skips those already evaluated
+
+The first command is the quickstart (README). This config reads its newest checkpoint from
+/tmp/t5lite_quickstart, or from the run given as the config argument
+(`configs/quickstart_finetune.py:/path/to/run`) or by `--config.checkpoint.init_from=...`.
+Training mixes two tasks of t5lite/data/downstream.py at equal rates (downstream_mix):
+
+  docstring_kind    'docstring kind: <24 words>' -> reference | library: from the language
+                    reference or a stdlib docstring? Accuracy, macro F1, rank accuracy.
+  docstring_module  'which module: <24 words of a stdlib docstring>' -> its module's dotted name
+                    (105 modules), generated; exact match.
+
+Every eval.every_steps steps (and at the end) the model decodes and scores both validation splits
+(held-out documents): the table is printed, WORKDIR/eval/<task>/step_<N>.json and TensorBoard get
+the metrics, and metrics.jsonl gets eval/<task>/<metric> on that step's line.
+
+Measured on the shared 2-core CPU VM (other jobs running, load about 5; seed 0) after the 1500-step
+quickstart: the fine-tune took 6m07s wall for 1000 steps including four evaluations (about 8 s
+each after the first). `eval --checkpoint all` over the four checkpoints took 46 s and gave
+the same metrics, digit for digit. Validation results:
+
+  step   docstring_kind acc / macro F1 / rank acc   docstring_module acc
+   250        80.9 / 80.8 / 80.1                          0.3
+   500        78.0 / 77.8 / 78.3                          3.4
+   750        79.8 / 79.9 / 80.3                          7.2
+  1000        80.9 / 80.8 / 80.6                          7.2
+  trivial baseline (t5lite.data.downstream.baselines()):
+              50.0 / 33.3 (majority; the split is balanced)  3.5 (always 'logging')
+  the quickstart checkpoint itself (no fine-tuning, `eval --checkpoint /tmp/t5lite_quickstart`):
+              0.0 / 0.0 / 50.0                             0.0
+
+So the fine-tuned model beats both baselines: by 31 points on docstring_kind, and doubles the
+baseline on docstring_module (53 of 733 right vs 26), a hard 105-way task for a 1.3M-parameter
+model. The third task, fill_word (restore a blanked frequent word), is not in the mix: fine-tuned
+on it (with docstring_kind, 600 steps) the tiny model stayed at 17.3%, what always answering 'the'
+gets.
+"""
+from t5lite.config import base_config
+from t5lite.models.presets import model_config
+
+DEFAULT_INIT = '/tmp/t5lite_quickstart'
+
+
+def get_config(arg=None):
+  c = base_config()
+  # The quickstart's model, exactly (init_from checks every name and shape).
+  c.model = model_config('tiny', variant='v1_1', vocab_size=2048)
+  c.model.dtype = 'bfloat16'
+  c.checkpoint.init_from = arg or DEFAULT_INIT
+  c.checkpoint.every_steps = 250
+  c.checkpoint.keep = 0                 # keep all: `eval --checkpoint all` scores each of them
+
+  c.data.task = 'downstream_mix'
+  c.data.inputs_length = 96             # 99% of the inputs fit (longer ones are trimmed)
+  c.data.targets_length = 8             # answers: 2 to 8 tokens with EOS (mean 2.9)
+  c.train.steps = 1000
+  c.train.batch_size = 32
+  c.train.log_every = 20
+  c.train.max_grad_norm = 1.0
+  c.optimizer.name = 'adamw'
+  c.optimizer.learning_rate = 2e-3      # 0.4x the pretraining peak: a short run on new tasks
+  c.optimizer.b2 = 0.98
+  c.schedule.name = 'cosine'
+  c.schedule.warmup_steps = 50
+
+  c.eval.every_steps = 250              # validation loss of the mixture, and eval.tasks' metrics
+  c.eval.tasks = ('docstring_kind', 'docstring_module')
+  c.eval.batch_size = 64
+  c.decode.method = 'greedy'
+  c.decode.max_decode_length = 8
+  return c

@@ -1,0 +1,356 @@
+"""Metric evaluation: decode or score a task's whole split, postprocess, apply its metric fns.
+
+    ev = Evaluator(config, model, mesh, rules, workdir=W)      # tasks: config.eval.tasks
+    results = ev.evaluate(params, step)                        # {task: TaskResult}
+    # -> W/eval/<task>/step_<step>.json, TensorBoard scalars in W/eval, a printed table
+
+For each task, one ordered pass (shuffle=False, repeat=False) over `eval.split` with the
+unpacked encoder-decoder converter, so each row is one example: inputs and targets trimmed to
+data.inputs_length / data.targets_length with EOS, as in training. The pipeline zero-pads the last
+batch; padding rows are recognised by their all-zero targets (a real target always holds EOS) and
+never reach a metric, so every example counts exactly once. A task's metric fns (names or
+functions, `t5lite.evaluation.metrics`) come in two kinds, as in seqio:
+
+- predict metrics `fn(targets, predictions)`: the inputs are decoded (`t5lite.models.decoding`,
+  config.decode), predictions and targets are detokenized and passed through the task's
+  postprocess_fn (`fn(text, example=None, is_target=...)`; a one-argument function works too);
+- score metrics `fn(targets, scores)` (`metrics.takes_scores`): with rank options (a task
+  attribute `rank_options`, or downstream.RANK_OPTIONS) every (example, option) pair is scored
+  and `scores[i]` holds example i's per-option log-likelihoods, `targets[i]` the index of its
+  postprocessed target among the options (rank classification); without options `scores[i]` is the
+  log-likelihood of the example's own target.
+
+Several processes: each reads its slice of the split. They may run out at different batches, so
+every batch they all-gather whether anyone still has data (a few bytes) and a process with none
+feeds an all-padding batch to the collective computations (as train.build_validation does).
+Decoded tokens and per-row data are gathered with `multihost_utils.process_allgather`; every
+process computes the metrics (cheap) and only process 0 writes. Params stay on the training mesh
+and everything runs under `trainer.activate(mesh, rules)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from t5lite import partitioning, trainer
+from t5lite.data import converters, pipeline, tasks as tasks_lib, vocab as vocab_lib
+from t5lite.data.preprocessors import random_spans_helper
+from t5lite.evaluation import metrics as metrics_lib
+from t5lite.evaluation import scoring
+from t5lite.models import decoding
+
+
+@dataclasses.dataclass
+class TaskResult:
+  """One task's evaluation; lists are in split order, one entry per example."""
+  task: str
+  metrics: dict[str, float]
+  inputs: list[str]
+  targets: list[Any]           # postprocessed
+  predictions: list[Any]       # postprocessed (empty without predict metrics)
+  raw_predictions: list[str]   # detokenized, before postprocessing
+  scores: list[Any]            # per-option scores (rank) or target log-likelihoods; may be empty
+  seconds: float
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.targets)
+
+
+def lengths(config) -> tuple[int, int]:
+  """(inputs_length, targets_length) as training uses them (targets 0: T5's span helper)."""
+  d = config.data
+  return d.inputs_length, d.targets_length or random_spans_helper(d.inputs_length, 0.15, 3.0)[1]
+
+
+def config_vocabulary(config):
+  """The vocabulary config.data names, or None for each task's own (data.vocabulary='task')."""
+  d = config.data
+  if hasattr(vocab_lib, 'get_vocabulary'):
+    return vocab_lib.get_vocabulary(d.get('vocabulary', 'embedded'), d.sp_vocab_size)
+  return vocab_lib.embedded_vocabulary(d.sp_vocab_size)
+
+
+def decode_config(config, targets_length: int) -> decoding.DecodeConfig:
+  d = config.decode
+  return decoding.DecodeConfig(
+      method=d.method, max_decode_length=d.max_decode_length or targets_length,
+      temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, num_beams=d.num_beams,
+      length_penalty_alpha=d.length_penalty_alpha)
+
+
+def postprocess(fn: Callable | None, text: str, example=None, is_target: bool = False):
+  """seqio's convention `fn(text, example=..., is_target=...)`; keywords it lacks are left out."""
+  if fn is None:
+    return text
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    params = {}
+  kwargs = {k: v for k, v in (('example', example), ('is_target', is_target))
+            if k in params or any(p.kind == p.VAR_KEYWORD for p in params.values())}
+  return fn(text, **kwargs)
+
+
+def rank_options(task) -> Sequence[str] | None:
+  options = getattr(task, 'rank_options', None)
+  if options is None:
+    from t5lite.data import downstream  # pylint: disable=import-outside-toplevel
+    options = downstream.RANK_OPTIONS.get(task.name)
+  return options
+
+
+@functools.lru_cache(maxsize=16)
+def _log_likelihood_fn(model, mesh):
+  """jit of (params, batch) -> each row's summed target log-likelihood, replicated so every
+  process reads all rows; one per (model, mesh), as flax modules and meshes compare by value."""
+  return jax.jit(lambda params, batch: scoring.token_log_likelihoods(model, params, batch).sum(-1),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def _strip(row: np.ndarray) -> np.ndarray:
+  """Token ids of a padded row without trailing padding (EOS kept)."""
+  nonzero = np.flatnonzero(row)
+  return row[:nonzero[-1] + 1] if nonzero.size else row[:0]
+
+
+class Evaluator:
+  """Metric evaluation of `tasks` (default config.eval.tasks); see the module docstring."""
+
+  def __init__(self, config, model, mesh, rules, *, workdir: str | None = None,
+               tasks: Sequence[str] | None = None, verbose: bool = True):
+    self.config, self.model, self.mesh = config, model, mesh
+    self.rules = partitioning.rules_tuple(rules)
+    self.workdir = workdir
+    self.verbose = verbose
+    names = config.eval.tasks if tasks is None else tasks
+    self.tasks = [tasks_lib.get_task(n) for n in names]
+    self.inputs_length, self.targets_length = lengths(config)
+    self.batch_size = config.eval.batch_size or config.train.batch_size
+    self.decode_cfg = decode_config(config, self.targets_length)
+    self.prefix_lm = config.data.converter == 'prefix_lm'
+    self.vocabulary = config_vocabulary(config)
+    self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
+    self._log_likelihood = _log_likelihood_fn(model, mesh)
+    self._tb = None
+
+  # --- per-batch pieces ---------------------------------------------------------------------
+
+  def _global(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return partitioning.host_to_global(arrays, self.batch_sharding)
+
+  def _gather(self, x) -> np.ndarray:
+    """All rows of a global array (every process gets them)."""
+    if jax.process_count() == 1:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  def decode_rows(self, params, local_inputs: np.ndarray, batch_number: int) -> np.ndarray:
+    """Decoded tokens [global rows, max_decode_length] of each process's input rows."""
+    key = ('encoder_input_tokens' if self.model.cfg.architecture == 'encoder_decoder'
+           else 'decoder_prompt_tokens')
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.decode.seed), batch_number)
+    out = decoding.decode(self.model, params, self._global({key: local_inputs}), self.decode_cfg,
+                          rng, prefix_lm=self.prefix_lm, mesh=self.mesh, rules=self.rules)
+    return self._gather(out.tokens)
+
+  def _features(self, pairs: list[tuple[np.ndarray, np.ndarray] | None], targets_length: int):
+    """Scoring features for (input ids, target ids) rows; None rows are all padding."""
+    real = [i for i, p in enumerate(pairs) if p is not None]
+    examples = [{'inputs': pairs[i][0], 'targets': pairs[i][1]} for i in real]
+    if self.model.cfg.architecture == 'encoder_decoder':
+      features = converters.encdec_features(examples, self.inputs_length, targets_length, False)
+    else:
+      features = converters.prefix_lm_features(examples, self.inputs_length, targets_length,
+                                               False)
+      if not self.prefix_lm:
+        del features['decoder_causal_attention']
+    out = {}
+    for k, v in features.items():
+      full = np.zeros((len(pairs),) + v.shape[1:], v.dtype)
+      full[real] = v
+      out[k] = full
+    return out
+
+  def score_rows(self, params, pairs, targets_length: int) -> np.ndarray:
+    """Log-likelihood of each row's target ([global rows], replicated to every process)."""
+    features = self._features(pairs, targets_length)
+    with trainer.activate(self.mesh, self.rules):
+      scores = self._log_likelihood(params, self._global(features))
+    return np.asarray(jax.device_get(scores))
+
+  # --- one task -------------------------------------------------------------------------------
+
+  def evaluate_task(self, task, params) -> TaskResult:
+    start = time.perf_counter()
+    fns = metrics_lib.resolve(task.metric_fns)
+    predict_fns = [f for f in fns if not metrics_lib.takes_scores(f)]
+    score_fns = [f for f in fns if metrics_lib.takes_scores(f)]
+    options = rank_options(task) if score_fns else None
+    vocabulary = self.vocabulary or task.output_features['targets'].vocabulary
+    option_ids = [np.asarray(list(vocabulary.encode(o)) + [vocabulary.eos_id], np.int32)
+                  for o in options] if options else []
+    option_length = -(-max((len(o) for o in option_ids), default=1) // 8) * 8
+    iterator = pipeline.make_task_iterator(
+        task, feature_lengths={'inputs': self.inputs_length, 'targets': self.targets_length},
+        global_batch_size=self.batch_size, seed=self.config.train.seed, pack=False,
+        split=self.config.eval.split, shuffle=False, repeat=False, converter='encdec',
+        vocabulary=self.vocabulary)
+    p, count = jax.process_index(), jax.process_count()
+    rows = self.batch_size // count
+    zeros = {'encoder_input_tokens': np.zeros((rows, self.inputs_length), np.int32),
+             'decoder_target_tokens': np.zeros((rows, self.targets_length), np.int32)}
+    kept: dict[str, list[np.ndarray]] = {'index': [], 'inputs': [], 'targets': [], 'tokens': [],
+                                         'scores': []}
+    seen, batches, max_batches = 0, 0, self.config.eval.max_batches
+    while not max_batches or batches < max_batches:
+      batch = next(iterator, None)
+      if count > 1:
+        anyone = multihost_utils.process_allgather(np.array([batch is not None], np.int32))
+        if not np.any(anyone):
+          break
+      elif batch is None:
+        break
+      batch = zeros if batch is None else batch
+      inputs, targets = batch['encoder_input_tokens'], batch['decoder_target_tokens']
+      real = targets[:, 0] != 0
+      # Global order: element k of process p is element k * count + p of the split.
+      index = np.where(real, (seen + np.arange(rows)) * count + p, -1).astype(np.int32)
+      seen += int(real.sum())
+      local = {'index': index, 'inputs': inputs, 'targets': targets}
+      if count > 1:
+        local = {k: self._gather(v) for k, v in self._global(local).items()}
+      for k, v in local.items():
+        kept[k].append(v)
+      if predict_fns:
+        kept['tokens'].append(self.decode_rows(params, inputs, batches))
+      if options:
+        pairs = [(_strip(inputs[r]), o) if real[r] else None for r in range(rows)
+                 for o in option_ids]
+        kept['scores'].append(self.score_rows(params, pairs, option_length).reshape(
+            -1, len(options)))
+      elif score_fns:
+        pairs = [(_strip(inputs[r]), _strip(targets[r])) if real[r] else None
+                 for r in range(rows)]
+        kept['scores'].append(self.score_rows(params, pairs, self.targets_length))
+      batches += 1
+    if not kept['index']:
+      raise ValueError(f'eval: task {task.name!r} split {self.config.eval.split!r} gave no '
+                       'batches')
+    index = np.concatenate(kept['index'])
+    order = np.flatnonzero(index >= 0)
+    order = order[np.argsort(index[order], kind='stable')]
+    take = {k: np.concatenate(v)[order] for k, v in kept.items() if v}
+
+    decode_text = vocabulary.decode
+    in_vocab = self.vocabulary or task.output_features['inputs'].vocabulary
+    inputs_text = [in_vocab.decode(r) for r in take['inputs']]
+    targets = [postprocess(task.postprocess_fn, decode_text(r), is_target=True)
+               for r in take['targets']]
+    raw, predictions, scores, results = [], [], [], {}
+    if predict_fns:
+      raw = [decode_text(r) for r in take['tokens']]
+      predictions = [postprocess(task.postprocess_fn, t, is_target=False) for t in raw]
+      for fn in predict_fns:
+        results.update(fn(targets, predictions))
+    if score_fns:
+      scores = [s.tolist() if np.ndim(s) else float(s) for s in take['scores']]
+      score_targets = targets
+      if options:
+        labels = [postprocess(task.postprocess_fn, o, is_target=True) for o in options]
+        missing = sorted({str(t) for t in targets if t not in labels})
+        if missing:
+          raise ValueError(f'eval: task {task.name!r}: targets {missing[:5]} are not among its '
+                           f'rank options {list(options)}')
+        score_targets = [labels.index(t) for t in targets]
+      for fn in score_fns:
+        results.update(fn(score_targets, scores))
+    return TaskResult(task.name, {k: float(v) for k, v in results.items()}, inputs_text,
+                      targets, predictions, raw, scores, time.perf_counter() - start)
+
+  # --- all tasks, writing -------------------------------------------------------------------
+
+  def evaluate(self, params, step: int) -> dict[str, TaskResult]:
+    results = {task.name: self.evaluate_task(task, params) for task in self.tasks}
+    if jax.process_index() == 0:
+      if self.workdir:
+        self.write(step, results)
+      if self.verbose:
+        print(format_table(step, results), flush=True)
+    return results
+
+  def write(self, step: int, results: dict[str, TaskResult]) -> None:
+    """WORKDIR/eval/<task>/step_<step>.json (written whole, then renamed) and TensorBoard."""
+    shown = self.config.eval.num_examples_to_save
+    for name, r in results.items():
+      record = {
+          'task': name, 'step': int(step), 'split': self.config.eval.split,
+          'num_examples': r.num_examples, 'metrics': r.metrics, 'seconds': round(r.seconds, 3),
+          'decode': {**dataclasses.asdict(self.decode_cfg), 'seed': self.config.decode.seed},
+          'examples': [{'input': r.inputs[i], 'target': r.targets[i],
+                        **({'prediction': r.predictions[i], 'raw_prediction':
+                            r.raw_predictions[i]} if r.predictions else {}),
+                        **({'scores': r.scores[i]} if r.scores else {})}
+                       for i in range(min(shown, r.num_examples))],
+      }
+      write_json(result_path(self.workdir, name, step), record)
+    if self.config.reporting.tensorboard:
+      if self._tb is None:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self._tb = SummaryWriter(os.path.join(self.workdir, 'eval'))
+      for name, r in results.items():
+        for metric, value in r.metrics.items():
+          self._tb.add_scalar(f'{name}/{metric}', value, int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def result_path(workdir: str, task: str, step: int) -> str:
+  return os.path.join(workdir, 'eval', task, f'step_{int(step)}.json')
+
+
+def write_json(path: str, record: dict) -> None:
+  """Atomic: a reader (eval --checkpoint all) never sees half a file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(record, f, indent=1, default=str)
+  os.replace(tmp, path)
+
+
+def format_table(step: int, results: dict[str, TaskResult]) -> str:
+  lines = [f'eval at step {step}:', f'  {"task":<24} {"metric":<20} {"value":>9}  examples']
+  for name, r in results.items():
+    for i, (metric, value) in enumerate(sorted(r.metrics.items())):
+      lines.append(f'  {name if i == 0 else "":<24} {metric:<20} {value:>9.3f}'
+                   + (f'  {r.num_examples} ({r.seconds:.1f}s)' if i == 0 else ''))
+  return '\n'.join(lines)
+
+
+def build_metric_evaluation(config, model, mesh, rules, workdir: str):
+  """For train.run: None when config.eval.tasks is empty, else fn(params, step) -> {
+  'eval/<task>/<metric>': value} that also writes WORKDIR/eval/<task>/step_<step>.json."""
+  if not config.eval.tasks:
+    return None
+  evaluator = Evaluator(config, model, mesh, rules, workdir=workdir)
+
+  def evaluate(params, step: int) -> dict[str, float]:
+    results = evaluator.evaluate(params, step)
+    return {f'eval/{t}/{k}': v for t, r in results.items() for k, v in r.metrics.items()}
+
+  evaluate.close = evaluator.close
+  return evaluate

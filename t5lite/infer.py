@@ -1,0 +1,266 @@
+"""Batch inference: `python -m t5lite.infer --config C[:arg] --checkpoint SPEC (--input IN.jsonl |
+--task NAME [--split S]) --output OUT.jsonl [--workdir W] [--config.x=y ...]`.
+
+Decodes every input with config.decode and writes one JSON object per input, in input order:
+`{"index": i, "line": n, "input": ..., "prediction": ..., "target": ...}` (`line`: the input
+file's line number; `target` when the input has one). --checkpoint is as for t5lite.eval (latest,
+N, a path, hf:DIR; latest and N read --workdir's checkpoints).
+
+Input: JSON lines, each an object with the text under infer.input_key (default "inputs") and
+optionally a target under infer.target_key; a line that is a bare JSON string is an input too;
+blank lines are ignored. `<extra_id_N>` in the text is sentinel N (as HuggingFace's T5 tokenizer
+reads it), so span-corruption style inputs can be written out. A line that is not valid JSON or
+has no input string is an error naming the line number (infer.on_bad_line='error'), or is
+skipped and counted ('skip'). An input longer than data.inputs_length tokens (EOS included) is
+cut to fit with a counted warning (infer.on_too_long='truncate') or is an error naming the line
+('error'). All inputs are read and checked before the model is loaded. --task reads a registered task's split instead (inputs after
+its preprocessing, detokenized for the output).
+
+Resumable: each batch is written and flushed (and fsync'ed) as soon as it is decoded. Run the same
+command again after an interruption and it keeps the complete lines already in --output, drops a
+cut-off last line, and continues. It restarts at the start of the batch that holds the first
+missing input, so batches (and sampling's per-batch random keys) are the same as in an
+uninterrupted run and the file ends up identical. An output file written for other inputs is an
+error. Several processes: every process reads all inputs and decodes its share; process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from t5lite import checkpoints, distributed, partitioning
+from t5lite import config as config_lib
+from t5lite import eval as eval_lib
+from t5lite.data import downstream, tasks as tasks_lib
+from t5lite.evaluation import evaluator as evaluator_lib
+from t5lite.models import decoding
+
+
+class InferError(ValueError):
+  """Bad input or output file; the message names the file and line (exit code 2)."""
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def read_jsonl(path: str, input_key: str, target_key: str, on_bad_line: str):
+  """([{'line', 'input', 'target'?}], number of bad lines skipped)."""
+  records, bad = [], 0
+  try:
+    f = open(path, encoding='utf-8')
+  except OSError as e:
+    raise InferError(f'--input {path}: cannot read it ({e.strerror})') from None
+  with f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      problem = None
+      try:
+        value = json.loads(line)
+      except json.JSONDecodeError as e:
+        problem = f'not valid JSON ({e.msg} at column {e.colno})'
+      else:
+        if isinstance(value, str):
+          value = {input_key: value}
+        if not isinstance(value, dict) or not isinstance(value.get(input_key), str):
+          problem = f'no {input_key!r} string (set infer.input_key to the field holding the text)'
+      if problem:
+        if on_bad_line == 'error':
+          raise InferError(f'{path}: line {number}: {problem}; fix the line or set '
+                           'infer.on_bad_line=skip to skip and count such lines')
+        bad += 1
+        if bad & (bad - 1) == 0:
+          _say(f'warning: {path}: line {number}: {problem}; skipped ({bad} so far)')
+        continue
+      record = {'line': number, 'input': value[input_key]}
+      if target_key in value:
+        record['target'] = value[target_key]
+      records.append(record)
+  return records, bad
+
+
+def read_task(name: str, split: str, vocabulary, seed: int):
+  """Records of a task's split: input ids after its preprocessing (EOS included, not trimmed)."""
+  task = tasks_lib.get_task(name)
+  features = task.output_features
+  if vocabulary is not None:
+    features = {k: f.replace(vocabulary=vocabulary) for k, f in features.items()}
+  if 'inputs' not in features:
+    raise InferError(f'--task {name}: the task has no inputs feature to decode from')
+  records = []
+  for i, example in enumerate(task.examples(split, None, features)):
+    ctx = task.context(None, np.random.default_rng([seed, 2, i]), features)
+    example = task.process(example, ctx)
+    if example is None:
+      continue
+    record = {'ids': [int(t) for t in example['inputs']],
+              'input': features['inputs'].vocabulary.decode(example['inputs'])}
+    if 'targets' in example:
+      record['target'] = features['targets'].vocabulary.decode(example['targets'])
+    records.append(record)
+  return records
+
+
+def fit_inputs(records, vocabulary, length: int, on_too_long: str, where: str) -> int:
+  """Sets record['ids'] (EOS included, at most `length`); returns how many were truncated."""
+  cut = 0
+  for i, r in enumerate(records):
+    ids = r.get('ids')
+    if ids is None:
+      ids = downstream.encode_with_sentinels(vocabulary, r['input']) + [vocabulary.eos_id]
+    if len(ids) > length:
+      at = f'line {r["line"]}' if 'line' in r else f'example {i}'
+      if on_too_long == 'error':
+        raise InferError(f'{where}: {at}: the input has {len(ids)} tokens (EOS included), more '
+                         f'than data.inputs_length={length}; raise data.inputs_length or set '
+                         'infer.on_too_long=truncate')
+      cut += 1
+      if cut & (cut - 1) == 0:
+        _say(f'warning: {where}: {at}: {len(ids)} tokens, truncated to data.inputs_length='
+             f'{length} ({cut} truncated so far)')
+      ids = ids[:length - 1] + [vocabulary.eos_id]
+    r['ids'] = ids
+  return cut
+
+
+def resume(output: str, records) -> int:
+  """How many records --output already holds; cuts it back to its last complete, valid line."""
+  if not os.path.exists(output):
+    return 0
+  with open(output, 'rb') as f:
+    data = f.read()
+  done, keep = 0, 0
+  for raw in data.split(b'\n')[:-1]:  # the piece after the last newline is cut off (or empty)
+    try:
+      record = json.loads(raw)
+    except ValueError:
+      break
+    if not isinstance(record, dict) or record.get('index') != done:
+      break
+    if done >= len(records) or record.get('input') != records[done]['input']:
+      raise InferError(f'--output {output}: line {done + 1} was written for another input; '
+                       'remove the file or choose another --output')
+    done, keep = done + 1, keep + len(raw) + 1
+  if keep != len(data) and jax.process_index() == 0:
+    with open(output, 'r+b') as f:
+      f.truncate(keep)
+  return done
+
+
+def _full_batch_to_global(array: np.ndarray, sharding) -> jax.Array:
+  """Every process holds the whole batch; each device takes its rows."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = None,
+        input: str | None = None, task: str | None = None, split: str = 'validation',
+        devices=None) -> dict:
+  """Writes the predictions; returns counts {'written', 'resumed', 'truncated', 'skipped'}."""
+  # pylint: disable=redefined-builtin
+  if (input is None) == (task is None):
+    raise config_lib.ConfigError('give exactly one of --input FILE.jsonl and --task NAME')
+  i_cfg = config.infer
+  model, mesh, rules = eval_lib.build(config, devices)
+  inputs_length, targets_length = evaluator_lib.lengths(config)
+  vocabulary = evaluator_lib.config_vocabulary(config)
+  if input is not None:
+    records, skipped = read_jsonl(input, i_cfg.input_key, i_cfg.target_key, i_cfg.on_bad_line)
+    where = input
+  else:
+    records, skipped, where = read_task(task, split, vocabulary, config.train.seed), 0, task
+  if vocabulary is None:
+    vocabulary = tasks_lib.get_task(task).output_features['inputs'].vocabulary if task else None
+  if vocabulary is None:
+    raise config_lib.ConfigError('data.vocabulary=task needs --task (a file has no task to take '
+                                 'a vocabulary from)')
+  truncated = fit_inputs(records, vocabulary, inputs_length, i_cfg.on_too_long, where)
+  done = resume(output, records)
+  counts = {'written': 0, 'resumed': done, 'truncated': truncated, 'skipped': skipped}
+  batch_size = i_cfg.batch_size or config.eval.batch_size or config.train.batch_size
+  data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
+  if batch_size % data_parallel:
+    raise config_lib.ConfigError(f'config.infer.batch_size={batch_size} is not divisible by the '
+                                 f'data-parallel size {data_parallel}')
+  if done >= len(records):
+    _say(f'nothing to do: {output} already has all {len(records)} predictions')
+    return counts
+  target = eval_lib.resolve_checkpoints(checkpoint, workdir)
+  if len(target) != 1:
+    raise config_lib.ConfigError('--checkpoint all is for t5lite.eval; give latest, N or a path')
+  params = eval_lib.load_params(target[0][1], eval_lib.abstract_params(model, mesh, rules))
+  cfg = evaluator_lib.decode_config(config, targets_length)
+  key = ('encoder_input_tokens' if model.cfg.architecture == 'encoder_decoder'
+         else 'decoder_prompt_tokens')
+  sharding = partitioning.batch_sharding(mesh, rules)
+  start = done // batch_size * batch_size
+  if done:
+    _say(f'resuming: {done} of {len(records)} predictions already in {output}')
+  out = open(output, 'a', encoding='utf-8') if jax.process_index() == 0 else None
+  try:
+    for begin in range(start, len(records), batch_size):
+      chunk = records[begin:begin + batch_size]
+      rows = np.zeros((batch_size, inputs_length), np.int32)
+      for r, record in enumerate(chunk):
+        rows[r, :len(record['ids'])] = record['ids']
+      rng = jax.random.fold_in(jax.random.PRNGKey(config.decode.seed), begin // batch_size)
+      tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)}, cfg,
+                               rng, prefix_lm=config.data.converter == 'prefix_lm', mesh=mesh,
+                               rules=rules).tokens
+      tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1
+                else np.asarray(multihost_utils.process_allgather(tokens, tiled=True)))
+      lines = []
+      for r, record in enumerate(chunk):
+        index = begin + r
+        if index < done:
+          continue
+        entry = {'index': index, **({'line': record['line']} if 'line' in record else {}),
+                 'input': record['input'], 'prediction': vocabulary.decode(tokens[r])}
+        if 'target' in record:
+          entry['target'] = record['target']
+        lines.append(json.dumps(entry, ensure_ascii=False) + '\n')
+      if out is not None:
+        out.write(''.join(lines))
+        out.flush()
+        os.fsync(out.fileno())
+      counts['written'] += len(lines)
+  finally:
+    if out is not None:
+      out.close()
+  _say(f'wrote {counts["written"]} predictions to {output} ({done} were already there); '
+       f'{truncated} input(s) truncated to {inputs_length} tokens, {skipped} bad line(s) skipped')
+  return counts
+
+
+FLAGS = {'checkpoint': str, 'input': str, 'task': str, 'split': str, 'output': str}
+
+
+def main(argv: Sequence[str]) -> int:
+  try:
+    argv = distributed.setup(argv)
+    options, rest = eval_lib.split_flags(argv, FLAGS)
+    config, workdir = config_lib.parse_command_line(rest)
+    if 'output' not in options:
+      raise config_lib.ConfigError('--output FILE.jsonl is required')
+    run(config, workdir=workdir, **options)
+  except (eval_lib.MissingCheckpointError, InferError) as e:
+    print(f'infer: {e}', file=sys.stderr)
+    return 2
+  except config_lib.ConfigError as e:
+    print(f'config error: {e}', file=sys.stderr)
+    return 2
+  except checkpoints.CheckpointError as e:
+    print(f'checkpoint error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

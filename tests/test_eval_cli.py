@@ -1,0 +1,212 @@
+"""`python -m t5lite.eval` and `python -m t5lite.infer`, run in-process through their main().
+
+A tiny float32 model, a 10-example in-memory task registered by the config file itself, and
+checkpoints written directly with the Checkpointer (no training), so the tests time the jobs,
+not training.
+"""
+import json
+import os
+import re
+import textwrap
+import threading
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5lite import checkpoints, eval as eval_lib, infer, trainer
+from t5lite import config as config_lib
+from t5lite.models import decoding
+from t5lite.models.presets import ModelConfig
+from t5lite.models.t5 import make_model
+
+CONFIG = textwrap.dedent('''
+    from t5lite.config import base_config
+    from t5lite.data import preprocessors, sources, tasks, vocab
+
+    def get_config(arg=None):
+      if 'cli_echo' not in tasks.names():
+        examples = [{'inputs': f'say {w}', 'targets': w} for w in
+                    'alpha beta gamma delta epsilon zeta eta theta iota kappa'.split()]
+        f = tasks.Feature(vocab.embedded_vocabulary)
+        tasks.add_task('cli_echo', sources.InMemorySource({'train': examples,
+                                                           'validation': examples}),
+                       [preprocessors.tokenize], {'inputs': f, 'targets': f},
+                       metric_fns=['accuracy'])
+      c = base_config()
+      c.model.vocab_size = 2048
+      c.model.dtype = 'float32'
+      c.data.update(task='cli_echo', inputs_length=16, targets_length=8)
+      c.train.update(steps=4, batch_size=8)
+      c.eval.update(tasks=('cli_echo',), batch_size=8)
+      c.decode.max_decode_length = 4
+      c.reporting.tensorboard = False
+      return c
+    ''')
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  root = tmp_path_factory.mktemp('cli')
+  path = root / 'cli_config.py'
+  path.write_text(CONFIG)
+  config = config_lib.load_config_file(str(path))
+  model = make_model(ModelConfig.from_config(config.model))
+  example = {'encoder_input_tokens': np.ones((1, 16), np.int32),
+             'decoder_input_tokens': np.ones((1, 8), np.int32)}
+  params = nn.meta.unbox(jax.jit(lambda k: model.init(k, **example))(jax.random.PRNGKey(1)))
+  # The jobs read only the params: no optimizer state needed in these checkpoints.
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params['params'], opt_state={})
+  return {'config': str(path), 'state': state, 'config_dict': config.to_dict(), 'root': root}
+
+
+def save(env, workdir, *steps):
+  ckpt = checkpoints.Checkpointer(str(workdir), async_save=False)
+  for step in steps:
+    ckpt.save(step, env['state'], {}, json.loads(json.dumps(env['config_dict'], default=str)))
+  ckpt.close()
+
+
+def run_eval(env, workdir, *flags):
+  return eval_lib.main(['--config', env['config'], '--workdir', str(workdir), *flags])
+
+
+def test_all_skips_steps_already_evaluated(env, tmp_path, capsys):
+  save(env, tmp_path, 2, 4)
+  assert run_eval(env, tmp_path, '--checkpoint', '2') == 0
+  first = tmp_path / 'eval' / 'cli_echo' / 'step_2.json'
+  stamp = first.stat().st_mtime_ns
+  assert json.load(open(first))['num_examples'] == 10
+  capsys.readouterr()
+  assert run_eval(env, tmp_path, '--checkpoint', 'all') == 0
+  out = capsys.readouterr().out
+  assert 'step 2: already evaluated' in out and 'evaluating step 4' in out
+  assert 'evaluating step 2' not in out
+  assert first.stat().st_mtime_ns == stamp
+  assert json.load(open(tmp_path / 'eval' / 'cli_echo' / 'step_4.json'))['step'] == 4
+
+
+def test_watch_picks_up_a_checkpoint_written_after_it_started(env, tmp_path, capsys):
+  save(env, tmp_path, 2)
+  writer = threading.Timer(4.0, save, (env, tmp_path, 4))  # 4 = train.steps: the final one
+  writer.start()
+  start = time.monotonic()
+  code = run_eval(env, tmp_path, '--watch', '--poll_seconds', '0.5', '--timeout', '120')
+  writer.join()
+  assert code == 0 and time.monotonic() - start < 120
+  out = capsys.readouterr().out
+  assert 'evaluating step 2' in out and 'evaluating step 4' in out
+  assert 'evaluated the final checkpoint (step 4)' in out
+  assert (tmp_path / 'eval' / 'cli_echo' / 'step_4.json').exists()
+
+
+def test_watch_times_out_without_new_checkpoints(env, tmp_path, capsys):
+  save(env, tmp_path, 2)
+  os.makedirs(tmp_path / 'eval' / 'cli_echo')
+  (tmp_path / 'eval' / 'cli_echo' / 'step_2.json').write_text('{}')  # already evaluated
+  assert run_eval(env, tmp_path, '--watch', '--poll_seconds', '0.2', '--timeout', '1') == 0
+  assert 'no new checkpoint for 1s; stopping' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--checkpoint', 'latest'], 'eval: no complete checkpoint in '),
+    (['--checkpoint', '7'], 'eval: no complete checkpoint of step 7 in '),
+    (['--checkpoint', '/nonexistent/run'], 'eval: --checkpoint /nonexistent/run: no complete'),
+])
+def test_missing_checkpoint_is_one_line_and_exit_2(env, tmp_path, capsys, flags, message):
+  assert run_eval(env, tmp_path, *flags) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(message) and err.count('\n') == 1, err
+  assert infer.main(['--config', env['config'], '--workdir', str(tmp_path), '--input', 'x',
+                     '--output', str(tmp_path / 'o.jsonl'), *flags]) == 2
+
+
+def write_inputs(path, lines):
+  path.write_text(''.join(l + '\n' for l in lines))
+
+
+INPUTS = [json.dumps({'inputs': f'say word number {i}', **({'targets': f'w{i}'} if i % 2 else {})})
+          for i in range(10)]
+LONG = json.dumps({'inputs': ' '.join(['many'] * 40)})
+
+
+def run_infer(env, workdir, inputs, output, *flags):
+  return infer.main(['--config', env['config'], '--workdir', str(workdir), '--checkpoint',
+                     'latest', '--input', str(inputs), '--output', str(output),
+                     '--config.infer.batch_size=8', *flags])
+
+
+def test_infer_order_resume_and_counted_warnings(env, tmp_path, capsys, monkeypatch):
+  save(env, tmp_path, 4)
+  lines = INPUTS[:3] + ['{"inputs": "cut off', ''] + INPUTS[3:7] + [LONG] + INPUTS[7:] + [LONG]
+  write_inputs(tmp_path / 'in.jsonl', lines)
+  full = tmp_path / 'full.jsonl'
+  assert run_infer(env, tmp_path, tmp_path / 'in.jsonl', full,
+                   '--config.infer.on_bad_line=skip') == 0
+  out = capsys.readouterr().out
+  assert 'line 4: not valid JSON' in out
+  assert re.search(r'line 10: \d+ tokens, truncated to data.inputs_length=16 \(1 truncated', out)
+  assert '2 input(s) truncated to 16 tokens, 1 bad line(s) skipped' in out
+  records = [json.loads(l) for l in open(full)]
+  # One object per good input, in input order; targets copied where present.
+  expected = [(n + 1, json.loads(l)) for n, l in enumerate(lines) if l.startswith('{"inputs": "')
+              and l.endswith('}')]
+  assert [r['index'] for r in records] == list(range(12))
+  assert [(r['line'], r['input'], r.get('target')) for r in records] == [
+      (n, e['inputs'], e.get('targets')) for n, e in expected]
+  # Each prediction is the model's greedy decode of that input alone.
+  config = config_lib.load_config_file(env['config'])
+  vocab = eval_lib.evaluator_lib.config_vocabulary(config)
+  model = make_model(ModelConfig.from_config(config.model))
+  params = jax.device_get(env['state'].params)
+  rows = np.zeros((8, 16), np.int32)
+  ids = vocab.encode(expected[5][1]['inputs']) + [1]
+  rows[0, :len(ids)] = ids
+  tokens = decoding.decode(model, params, {'encoder_input_tokens': rows},
+                           eval_lib.evaluator_lib.decode_config(config, 8)).tokens
+  assert records[5]['prediction'] == vocab.decode(np.asarray(tokens)[0])
+
+  # Interrupted after the first batch (8 lines written), plus a cut-off half line: the rerun
+  # gives the uninterrupted file byte for byte.
+  partial = tmp_path / 'partial.jsonl'
+  real_decode, calls = decoding.decode, []
+  def decode_then_die(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real_decode(*args, **kwargs)
+  monkeypatch.setattr(decoding, 'decode', decode_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    run_infer(env, tmp_path, tmp_path / 'in.jsonl', partial, '--config.infer.on_bad_line=skip')
+  monkeypatch.undo()
+  assert len(open(partial).readlines()) == 8
+  with open(partial, 'a') as f:
+    f.write(open(full).readlines()[8][:25])  # a line cut short by a crash
+  capsys.readouterr()
+  assert run_infer(env, tmp_path, tmp_path / 'in.jsonl', partial,
+                   '--config.infer.on_bad_line=skip') == 0
+  assert 'resuming: 8 of 12' in capsys.readouterr().out
+  assert partial.read_bytes() == full.read_bytes()
+  # A third run has nothing to do; another input file is refused rather than mixed in.
+  assert run_infer(env, tmp_path, tmp_path / 'in.jsonl', partial,
+                   '--config.infer.on_bad_line=skip') == 0
+  write_inputs(tmp_path / 'other.jsonl', INPUTS[::-1])
+  assert run_infer(env, tmp_path, tmp_path / 'other.jsonl', partial) == 2
+  assert 'was written for another input' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('lines, flags, message', [
+    (INPUTS[:2] + ['not json'], [], 'in.jsonl: line 3: not valid JSON'),
+    (INPUTS[:1] + ['{"text": "x"}'], [], "line 2: no 'inputs' string"),
+    (INPUTS[:4] + [LONG], ['--config.infer.on_too_long=error'],
+     'line 5: the input has 81 tokens (EOS included), more than data.inputs_length=16'),
+])
+def test_infer_bad_input_errors_name_the_line(env, tmp_path, capsys, lines, flags, message):
+  save(env, tmp_path, 4)
+  write_inputs(tmp_path / 'in.jsonl', lines)
+  assert run_infer(env, tmp_path, tmp_path / 'in.jsonl', tmp_path / 'o.jsonl', *flags) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / 'o.jsonl').exists()

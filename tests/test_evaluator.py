@@ -1,0 +1,204 @@
+"""The metric evaluator against per-example loops that call decode() / scoring directly.
+
+Tiny float32 encoder-decoder, random init, the embedded vocabulary; two in-memory tasks whose
+validation splits (13 and 11 examples) are not multiples of the batch size (8), evaluated on a
+2x2x2 (data, fsdp, tensor) mesh of the 8 simulated CPU devices.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import flax.linen as nn
+import pytest
+
+from t5lite import config as config_lib
+from t5lite import partitioning, trainer
+from t5lite.data import downstream, tasks, vocab as vocab_lib
+from t5lite.data import preprocessors as P
+from t5lite.data.sources import InMemorySource
+from t5lite.evaluation import evaluator as evaluator_lib
+from t5lite.evaluation import metrics, scoring
+from t5lite.models import decoding
+from t5lite.models.presets import ModelConfig
+from t5lite.models.t5 import make_model
+
+INPUTS, TARGETS, BATCH = 24, 8, 8
+WORDS = ('the value of the key', 'return a new list', 'raise an error', 'open the file for reading',
+         'a class definition', 'the default encoding', 'parse the string')
+
+
+def mean_log_likelihood(targets, scores):
+  """A score metric without rank options: gets each example's target log-likelihood."""
+  return {'mean_log_likelihood': float(np.mean(scores))}
+
+
+def lower(text, example=None, is_target=False):
+  del example, is_target
+  return text.strip().lower()
+
+
+def _register():
+  rng = np.random.default_rng(0)
+  gen = [{'inputs': f'copy: {WORDS[i % 7]} {i}', 'targets': WORDS[(i * 3) % 7].title()}
+         for i in range(13)]
+  cls = [{'inputs': f'is it long: {WORDS[i % 7]}', 'targets': ['yes', 'no'][rng.integers(2)]}
+         for i in range(11)]
+  f = tasks.Feature(vocab_lib.embedded_vocabulary)
+  features = {'inputs': f, 'targets': f}
+  tasks.add_task('evtest_gen', InMemorySource({'train': gen, 'validation': gen}), [P.tokenize],
+                 features, postprocess_fn=lower,
+                 metric_fns=['accuracy', metrics.sequence_accuracy, mean_log_likelihood],
+                 overwrite=True)
+  task = tasks.add_task('evtest_cls', InMemorySource({'train': cls, 'validation': cls}),
+                        [P.tokenize], features, metric_fns=['accuracy', downstream.rank_accuracy],
+                        overwrite=True)
+  task.rank_options = ('yes', 'no')
+
+
+@pytest.fixture(scope='module')
+def setup():
+  _register()
+  c = config_lib.base_config()
+  c.model.vocab_size = 2048
+  c.model.dtype = 'float32'
+  c.data.update(inputs_length=INPUTS, targets_length=TARGETS)
+  c.train.batch_size = BATCH
+  c.eval.update(tasks=('evtest_gen', 'evtest_cls'), batch_size=BATCH, num_examples_to_save=3)
+  c.decode.max_decode_length = 6
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  shape = config_lib.validate(c, 8)
+  mesh = partitioning.make_mesh(shape)
+  model = make_model(ModelConfig.from_config(c.model))
+  example = {'encoder_input_tokens': np.ones((BATCH, INPUTS), np.int32),
+             'decoder_input_tokens': np.ones((BATCH, TARGETS), np.int32)}
+  params = nn.meta.unbox(jax.jit(lambda k: model.init(k, **example))(jax.random.PRNGKey(3)))
+  params = params['params']
+  with trainer.activate(mesh, c.partitioning.rules):
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example))['params']
+    shardings = partitioning.logical_shardings(boxed, mesh, c.partitioning.rules)
+  sharded = jax.device_put(params, shardings)  # on the mesh, as the train state's are
+  return c, mesh, model, params, sharded
+
+
+def split_examples(name):
+  """Token ids of each validation example as the task makes them (trimmed, EOS appended)."""
+  task = tasks.get_task(name)
+  lengths = {'inputs': INPUTS, 'targets': TARGETS}
+  return [task.process(ex, task.context(lengths, np.random.default_rng(0)))
+          for ex in task.examples('validation')]
+
+
+def test_each_example_once_and_metrics_equal_a_per_example_loop(setup, tmp_path):
+  c, mesh, model, params, sharded = setup
+  ev = evaluator_lib.Evaluator(c, model, mesh, c.partitioning.rules, workdir=str(tmp_path),
+                               verbose=False)
+  results = ev.evaluate(sharded, step=7)
+  ev.close()
+  vocab = vocab_lib.embedded_vocabulary()
+  cfg = evaluator_lib.decode_config(c, TARGETS)
+
+  # Generation: every example decoded alone (row 0 of a zero batch, no mesh) with decode().
+  gen = results['evtest_gen']
+  examples = split_examples('evtest_gen')
+  assert gen.num_examples == len(examples) == 13
+  predictions, targets, log_likelihoods = [], [], []
+  for ex in examples:
+    rows = np.zeros((BATCH, INPUTS), np.int32)
+    rows[0, :len(ex['inputs'])] = ex['inputs']
+    tokens = np.asarray(decoding.decode(model, params, {'encoder_input_tokens': rows}, cfg,
+                                        jax.random.PRNGKey(0)).tokens)[0]
+    predictions.append(lower(vocab.decode(tokens)))
+    targets.append(lower(vocab.decode(ex['targets'])))
+    batch = {'encoder_input_tokens': rows[:1],
+             'decoder_target_tokens': np.zeros((1, TARGETS), np.int32)}
+    batch['decoder_target_tokens'][0, :len(ex['targets'])] = ex['targets']
+    batch['decoder_input_tokens'] = np.roll(batch['decoder_target_tokens'], 1, axis=1)
+    batch['decoder_input_tokens'][:, 0] = 0
+    batch['decoder_loss_weights'] = (batch['decoder_target_tokens'] > 0).astype(np.int32)
+    log_likelihoods.append(float(scoring.score_batch(model, params, batch)[0]))
+  assert gen.targets == targets
+  assert gen.predictions == predictions
+  np.testing.assert_allclose(gen.scores, log_likelihoods, rtol=1e-4)
+  expected = {**metrics.accuracy(targets, predictions),
+              **metrics.sequence_accuracy(targets, predictions),
+              'mean_log_likelihood': float(np.mean(log_likelihoods))}
+  assert gen.metrics.keys() == expected.keys()
+  for k in expected:
+    np.testing.assert_allclose(gen.metrics[k], expected[k], rtol=1e-4)
+
+  # Rank classification: the same scores as scoring.rank_classification on the whole split.
+  cls = results['evtest_cls']
+  examples = split_examples('evtest_cls')
+  assert cls.num_examples == 11
+  ranked = scoring.rank_classification(model, params, [ex['inputs'][:-1] for ex in examples],
+                                       [('yes', 'no')] * 11, vocab, inputs_length=INPUTS,
+                                       targets_length=TARGETS, batch_size=BATCH)
+  np.testing.assert_allclose(np.asarray(cls.scores), np.stack(ranked.scores), rtol=1e-4)
+  labels = [['yes', 'no'].index(vocab.decode(ex['targets'])) for ex in examples]
+  assert cls.metrics['rank_accuracy'] == metrics.rank_accuracy(labels, ranked.scores)['accuracy']
+  assert cls.metrics['accuracy'] == metrics.accuracy(cls.targets, cls.predictions)['accuracy']
+
+  # step_7.json per task, with the metrics and the first examples; TensorBoard events.
+  record = json.load(open(tmp_path / 'eval' / 'evtest_gen' / 'step_7.json'))
+  assert record['metrics'] == gen.metrics and record['num_examples'] == 13
+  assert [e['prediction'] for e in record['examples']] == predictions[:3]
+  assert record['examples'][0]['input'] == vocab.decode(split_examples('evtest_gen')[0]['inputs'])
+  assert any(n.startswith('events.out.tfevents') for n in os.listdir(tmp_path / 'eval'))
+
+
+def test_max_batches_and_the_training_hook(setup, tmp_path):
+  """eval.max_batches=1 reads one batch (8 examples); the hook flattens to eval/<task>/<metric>
+  and writes the same files."""
+  c, mesh, model, _, sharded = setup
+  c = c.copy_and_resolve_references()
+  c.eval.update(max_batches=1, tasks=('evtest_gen',))
+  c.reporting.tensorboard = False
+  hook = evaluator_lib.build_metric_evaluation(c, model, mesh, c.partitioning.rules,
+                                               str(tmp_path))
+  values = hook(sharded, 3)
+  hook.close()
+  record = json.load(open(tmp_path / 'eval' / 'evtest_gen' / 'step_3.json'))
+  assert record['num_examples'] == 8
+  assert values == {f'eval/evtest_gen/{k}': v for k, v in record['metrics'].items()}
+  c.eval.tasks = ()
+  assert evaluator_lib.build_metric_evaluation(c, model, mesh, c.partitioning.rules, '') is None
+
+
+def test_config_checks():
+  c = config_lib.base_config()
+  for key, value, message in [('eval.tasks', "('fill_wrd',)", "config.eval.tasks='fill_wrd'"),
+                              ('decode.method', 'beams', "did you mean 'beam'"),
+                              ('infer.on_too_long', 'cut', 'infer.on_too_long')]:
+    bad = c.copy_and_resolve_references()
+    config_lib.set_override(bad, key, value)
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.validate(bad, 8)
+
+
+def test_downstream_tasks_and_baselines():
+  """The tasks register with train/validation splits, postprocess and metrics; validation never
+  repeats a training input; the trivial baselines are what the fine-tune config's docstring says;
+  the blank of fill_word is the sentinel id."""
+  kind = downstream.docstring_kind_examples('validation')
+  assert {e['targets'] for e in kind} == set(downstream.LABELS)
+  assert sum(e['targets'] == 'reference' for e in kind) * 2 == len(kind) == 346
+  for name, make in (('docstring_kind', downstream.docstring_kind_examples),
+                     ('docstring_module', downstream.docstring_module_examples),
+                     ('fill_word', downstream.fill_word_examples)):
+    train = {e['inputs'] for e in make('train')}
+    assert not any(e['inputs'] in train for e in make('validation')), name
+    task = tasks.get_task(name)
+    assert task.splits == ('train', 'validation') and task.postprocess_fn and task.metric_fns
+  b = downstream.baselines()
+  assert b['docstring_kind/majority'] == {'accuracy': 50.0, 'macro_f1': pytest.approx(100 / 3)}
+  assert b['docstring_module/majority']['accuracy'] == pytest.approx(3.547, abs=1e-3)
+  assert b['fill_word/most_frequent_word']['accuracy'] == pytest.approx(17.279, abs=1e-3)
+  vocab = vocab_lib.embedded_vocabulary()
+  ids = downstream.encode_with_sentinels(vocab, 'a <extra_id_0> b<extra_id_1>')
+  assert ids.count(vocab.sentinel_id(0)) == 1 and ids[-1] == vocab.sentinel_id(1)
+  assert downstream.first_span('<extra_id_0> the<extra_id_1> of') == 'the'
+  # An invalid answer is wrong but adds no class to docstring_kind's macro F1: F1 1 for
+  # 'reference', 0 for 'library' -> 50 (with 'junk' as a third class it would be 33.3).
+  macro = tasks.get_task('docstring_kind').metric_fns[1]
+  assert macro(['reference', 'library'], ['reference', 'junk'])['macro_f1'] == 50.0
