@@ -19,7 +19,6 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   monkeypatch.setenv('T5LITE_NOTEBOOK_STEPS', '12')
   monkeypatch.setenv('T5LITE_NOTEBOOK_WORKDIR', str(tmp_path))
   monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device in the kernel, as in Colab
-  monkeypatch.setenv('MPLBACKEND', 'Agg')
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': str(tmp_path)}}).execute()
