@@ -20,6 +20,7 @@ import transformers
 from safetensors.numpy import load_file
 
 from t5lite import checkpoints, convert, hf, train
+from t5lite.models import decoding
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
 
@@ -362,7 +363,6 @@ def test_finetune_from_hf_directly(tmp_path, capsys):
 
 @pytest.mark.parametrize('kind', list(KINDS))
 def test_greedy_decoding_matches_generate(hf_models, kind):
-  decoding = pytest.importorskip('t5lite.models.decoding')
   model, path = hf_models[kind]
   fields, params = hf.load_hf(path)
   _, t5 = t5lite_model(fields)

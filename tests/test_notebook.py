@@ -5,10 +5,8 @@ API; T5LITE_NOTEBOOK_STEPS shrinks every step count so that CI can execute every
 import json
 import os
 
-import pytest
-
-nbformat = pytest.importorskip('nbformat')  # in the test extra; a clear skip reason elsewhere
-nbclient = pytest.importorskip('nbclient')
+import nbclient
+import nbformat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'docs', 'notebooks', 'quickstart.ipynb')
