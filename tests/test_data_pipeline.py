@@ -274,3 +274,16 @@ def test_worker_processes_give_the_same_batches_and_resume(v):
     resumed.set_state(state)
     assert_batches_equal(reference[3:], take(resumed, 3))
     resumed.close()
+
+
+def test_corpus_does_not_depend_on_what_was_imported_first():
+    """torch/transformers patch stdlib modules on import; the corpus (and so the vocabulary and
+    every batch) must still be what a fresh interpreter reads."""
+    import subprocess
+    import sys
+    code = ("import torch, transformers\n"
+            "from t5lite.data import vocab\n"
+            "print(vocab._corpus_hash())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()[-1]
+    assert out == vocab._corpus_hash()

@@ -327,6 +327,8 @@ def test_finetune_from_hf_directly(tmp_path, capsys):
           '--workdir', str(tmp_path / 'run'), '--config.model.dtype=float32',
           '--config.data.inputs_length=32', '--config.train.steps=2',
           '--config.train.batch_size=8', '--config.train.log_every=1',
+          '--config.optimizer.name=adamw', '--config.optimizer.learning_rate=5e-3',
+          '--config.eval.every_steps=0',
           # Linear warm-up from 0: step 1 has learning rate 0 and step 2 5e-5, so AdamW moves
           # each weight by about 5e-5 from the HF value (a fresh init would be O(1) away).
           '--config.schedule.warmup_steps=100', '--config.reporting.tensorboard=False',

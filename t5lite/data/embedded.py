@@ -19,6 +19,10 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 # Pure-Python stdlib modules that import without side effects: no GUI (tkinter,
@@ -93,8 +97,8 @@ def _module_docstrings(module) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _corpus() -> tuple[str, ...]:
+def _collect() -> tuple[str, ...]:
+    """Reads the docstrings in *this* interpreter: see `_corpus` for why that must be a fresh one."""
     from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
 
     raw: list[str] = [topics[key] for key in sorted(topics)]
@@ -111,6 +115,25 @@ def _corpus() -> tuple[str, ...]:
     return tuple(doc for doc in docs if len(doc) >= MIN_DOCUMENT_CHARS)
 
 
+@functools.lru_cache(maxsize=1)
+def _corpus() -> tuple[str, ...]:
+    """The corpus as a fresh interpreter sees it.
+
+    Other libraries patch standard-library modules when they are imported (importing torch and
+    transformers first changes some docstrings here, measured), so reading them in a process that
+    has imported who-knows-what would make the corpus, the vocabulary and every batch depend on
+    import order. This file is run as a script in an isolated interpreter (`python -I`: no
+    PYTHONPATH, no user site) that imports only the standard library; about a second, once per
+    process.
+    """
+    result = subprocess.run([sys.executable, "-I", os.path.abspath(__file__)],
+                            capture_output=True, text=True, encoding="utf-8", check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"reading the embedded corpus in a fresh interpreter failed:\n"
+                           f"{result.stderr[-2000:]}")
+    return tuple(json.loads(result.stdout))
+
+
 def corpus_documents() -> list[str]:
     """Returns the embedded corpus: a deterministic, ordered list of documents.
 
@@ -118,3 +141,8 @@ def corpus_documents() -> list[str]:
     callers may mutate it freely.
     """
     return list(_corpus())
+
+
+if __name__ == "__main__":
+    # Run by `_corpus` in a fresh interpreter: write the documents as JSON to stdout.
+    json.dump(list(_collect()), sys.stdout)
