@@ -13,11 +13,13 @@ What is measured (docs/performance.md says more):
   d_model 512, d_ff 1024, 6x64 heads, vocab 32128, batch 8, 512 -> 114 tokens), each in float32 and
   bfloat16, for
     t5lite: its real jitted step (trainer.make_train_step + jit_train_step + init_train_state on a
-            1-device mesh, state donated), optimizer as in configs/quickstart.py (AdamW, global-norm
-            clipping 1.0, z-loss 1e-4); bfloat16 = model.dtype (float32 params);
+            1-device mesh, state donated), AdamW (lr 1e-3 constant, betas 0.9/0.98, eps 1e-8) with
+            global-norm clipping 1.0, t5lite's default z-loss 1e-4; bfloat16 = model.dtype
+            (float32 params);
     HF:     transformers' T5ForConditionalGeneration with the same dimensions (T5Config from
-            t5lite.hf, untied lm_head for v1.1), same batch, torch.optim.AdamW with the same lr,
-            betas, eps, weight decay and clipping; bfloat16 = torch.autocast('cpu', bfloat16).
+            t5lite.hf, untied lm_head for v1.1), same batch, torch.optim.AdamW(fused=True, as HF's
+            Trainer uses) with the same lr, betas, eps, weight decay and clipping, torch threads =
+            cores; bfloat16 = torch.autocast('cpu', bfloat16).
   The first step (compile for t5lite, lazy optimizer state for torch) and one more warm-up step
   are excluded; the median of --steps timed steps is reported.
 - compile rows: trace + lower + XLA compile of t5lite's train step at T5.1.1-small width with
@@ -46,7 +48,10 @@ if ROOT not in sys.path:  # `python benchmarks/train_throughput.py` from a check
   sys.path.insert(0, ROOT)
 
 WARMUP = 1  # warm-up steps after the first call, excluded from the median
-WORKER_TIMEOUT_S = 900  # one subprocess; a full run's slowest row takes a few minutes
+# One row's subprocess may take this long (seconds; --quick: 150). An idle machine needs about
+# 2 minutes for the slowest full row; a row that runs out is reported as such, so that the run
+# ends even when other jobs starve it (torch's OpenMP threads slow down 10x and more then).
+WORKER_TIMEOUT_S = 420
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,16 +71,17 @@ class Shape:
 def shapes(quick: bool) -> list[Shape]:
   if quick:
     return [Shape('quickstart', batch=8, inputs=128, targets=32, size='quickstart'),
-            Shape('small-2L', batch=2, inputs=64, targets=16, size='small', layers=2)]
+            Shape('small-1L', batch=2, inputs=32, targets=8, size='small', layers=1)]
   return [Shape('quickstart', batch=32, inputs=128, targets=32, size='quickstart'),
           Shape('small', batch=8, inputs=512, targets=114, size='small')]
 
 
 def compile_shapes(quick: bool) -> list[Shape]:
-  """Compile-time rows: T5.1.1-small width (quick: tiny width), short sequences."""
+  """Compile-time rows: T5.1.1-small width (quick: tiny width, 1 and 2 layers), short
+  sequences."""
   if quick:
     return [Shape(f'tiny-{n}L', batch=2, inputs=32, targets=8, size='tiny', vocab=2048, layers=n)
-            for n in (1, 2, 4)]
+            for n in (1, 2)]
   return [Shape(f'small-{n}L', batch=2, inputs=64, targets=16, size='small', layers=n)
           for n in (2, 8, 24)]
 
@@ -149,7 +155,8 @@ def t5lite_step_worker(spec: dict) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   # A persistent compilation cache would turn the first step into a cache read.
   jax.config.update('jax_enable_compilation_cache', False)
-  from t5lite import optim, partitioning, reporting, trainer  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from t5lite import optim, partitioning, reporting, trainer
   from t5lite.models.presets import ModelConfig  # pylint: disable=import-outside-toplevel
   from t5lite.models.t5 import make_model  # pylint: disable=import-outside-toplevel
 
@@ -299,14 +306,14 @@ def hf_step_worker(spec: dict) -> dict:
 WORKERS = {'t5lite': t5lite_step_worker, 'hf': hf_step_worker, 'compile': t5lite_compile_worker}
 
 
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, timeout: float, env: dict | None = None) -> dict:
   """Runs one measurement in a fresh Python process; returns its result dict (or an error)."""
   command = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(spec)]
   try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
-                          cwd=ROOT)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env)
   except subprocess.TimeoutExpired:
-    return {'error': f'timed out after {WORKER_TIMEOUT_S}s'}
+    return {'error': f'timed out after {timeout:.0f}s'}
   for line in reversed(done.stdout.splitlines()):
     if line.startswith('RESULT '):
       return json.loads(line[len('RESULT '):])
@@ -337,15 +344,16 @@ def machine_lines(args) -> list[str]:
       f'machine: {cpu}, {core_count()} cores (os.cpu_count {os.cpu_count()}), '
       f'load average at start {" ".join(f"{x:.2f}" for x in os.getloadavg())}',
       f'versions: python {sys.version.split()[0]}, {versions}',
-      f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; torch threads = {core_count()}; '
+      f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; torch threads = {core_count()}, '
+      f'OMP_WAIT_POLICY={"PASSIVE (--hf-omp-passive)" if args.hf_omp_passive else os.environ.get("OMP_WAIT_POLICY", "default")}; '
       f'{"--quick: tiny shapes, " if args.quick else ""}{args.steps} timed steps per row '
       f'(median) after the first step and {WARMUP} warm-up step',
   ]
 
 
-COLUMNS = ['kind', 'shape', 'framework', 'dtype', 'layers', 'scan', 'params', 'first step / compile s',
-           'step s (median)', 'tokens/s', 'GFLOP/step', 'matmul peak GFLOP/s', 'MFU',
-           't5lite/HF', 'vs fewest layers', 'peak RSS MiB']
+COLUMNS = ['kind', 'shape', 'framework', 'dtype', 'layers', 'scan', 'params',
+           'first step / compile s', 'step s (median)', 'CPU s/step', 'tokens/s', 'GFLOP/step',
+           'matmul peak GFLOP/s', 'MFU', 't5lite/HF', 'vs fewest layers', 'peak RSS MiB', 'load']
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -356,23 +364,26 @@ def table(rows: list[dict]) -> list[str]:
   for r in rows:
     if r.get('error'):
       cells = [r['kind'], r['shape'], r['framework'], r['dtype'], str(r['layers']),
-               r.get('scan', '-'), f'ERROR: {r["error"]}'] + ['-'] * (len(COLUMNS) - 7)
+               {True: 'yes', False: 'no'}.get(r.get('scan'), '-'), f'ERROR: {r["error"]}']
+      cells += ['-'] * (len(COLUMNS) - len(cells) - 1) + [fmt(r.get('load'), '.1f')]
     else:
       cells = [r['kind'], r['shape'], r['framework'], r['dtype'], str(r['layers']),
                {True: 'yes', False: 'no'}.get(r.get('scan'), '-'), f'{r["params"]:,}',
                fmt(r.get('first_s'), '.1f'), fmt(r.get('step_s'), '.3f'),
-               fmt(r.get('tokens_per_s'), ',.0f'),
+               fmt(r.get('cpu_s'), '.2f'), fmt(r.get('tokens_per_s'), ',.0f'),
                fmt(r.get('flops_per_step') and r['flops_per_step'] / 1e9, '.1f'),
                fmt(r.get('peak_flops') and r['peak_flops'] / 1e9, '.0f'),
                fmt(r.get('mfu') and 100 * r['mfu'], '.1f') + ('%' if r.get('mfu') else ''),
                fmt(r.get('ratio_vs_hf'), '.2f'), fmt(r.get('vs_fewest_layers'), '.2f'),
-               fmt(r.get('peak_rss_mib'), ',.0f')]
+               fmt(r.get('peak_rss_mib'), ',.0f'), fmt(r.get('load'), '.1f')]
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return lines
 
 
 NOTES = """\
 Columns: step s = median wall time of one train step (forward + backward + AdamW update, synced);
+CPU s/step = the process's CPU time per step, median (all its threads: about cores x step s when
+they all work; much less means other jobs took the cores, more means threads spin-waiting);
 tokens/s = batch x (inputs + targets) / step s (random batches have no padding); GFLOP/step = model
 matmul FLOPs x 3 (t5lite.reporting.train_flops_per_step; the same count for both frameworks);
 MFU = GFLOP/step / step s / matmul peak, where the peak is measured in the row's own subprocess
@@ -384,7 +395,9 @@ t5lite/HF = HF step time / t5lite step time (>1: t5lite faster), same shape and 
 first step / compile s = the first call (t5lite: trace + lower + compile + one step; HF: one eager
 step with lazy optimizer state) for step rows, trace + lower + XLA compile for compile rows;
 vs fewest layers = compile s / compile s of the fewest-layer row with the same scan setting;
-peak RSS = ru_maxrss of the row's subprocess (step rows: read before the peak measurement)."""
+peak RSS = ru_maxrss of the row's subprocess (step rows: read before the peak measurement);
+load = the machine's 1-minute load average when the row started (this run's own rows add about 1:
+more means other jobs shared the cores and the row's numbers are not an idle machine's)."""
 
 
 def finish_rows(results: list[tuple[dict, dict]], expected_params: dict) -> list[dict]:
@@ -404,6 +417,7 @@ def finish_rows(results: list[tuple[dict, dict]], expected_params: dict) -> list
            'vocab': config.model.vocab_size, **result}
     if 'error' not in result and spec['worker'] != 'compile':
       row['step_s'] = float(np.median(result['times']))
+      row['cpu_s'] = float(np.median(result['cpu_times']))
       row['tokens_per_s'] = shape.batch * (shape.inputs + shape.targets) / row['step_s']
       row['flops_per_step'] = reporting.train_flops_per_step(
           ModelConfig.from_config(config.model), shape.batch, shape.inputs, shape.targets)
@@ -451,23 +465,31 @@ def expected_param_counts(shape_list: list[Shape]) -> dict[str, int]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--quick', action='store_true',
-                      help='tiny shapes and 3 timed steps: checks the script in 1-2 minutes')
+                      help='tiny shapes and 2 timed steps: checks the script in 1-2 minutes')
   parser.add_argument('--only', choices=('t5lite', 'hf'),
                       help='only t5lite rows (step and compile) or only HF rows')
   parser.add_argument('--steps', type=int, default=None,
-                      help='timed steps per step row, median reported (default 5; --quick 3)')
+                      help='timed steps per step row, median reported (default 5; --quick 2)')
   parser.add_argument('--json', metavar='OUT', help='also write the rows as JSON to OUT')
+  parser.add_argument('--hf-omp-passive', action='store_true',
+                      help='run HF rows with OMP_WAIT_POLICY=PASSIVE: on a machine shared with '
+                           'other jobs, torch\'s spin-waiting OpenMP threads otherwise slow its '
+                           'steps down 5-20x; off by default (torch\'s defaults, what users run)')
   parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: run one measurement
   args = parser.parse_args(argv)
   if args.worker:
     spec = json.loads(args.worker)
     print('RESULT ' + json.dumps(WORKERS[spec['worker']](spec)), flush=True)
     return 0
-  args.steps = args.steps or (3 if args.quick else 5)
+  args.steps = args.steps or (2 if args.quick else 5)
   if args.steps < 1:
     parser.error('--steps must be >= 1')
 
   header = machine_lines(args)
+  if os.getloadavg()[0] >= 0.5 * core_count():
+    header.append(f'WARNING: load average {os.getloadavg()[0]:.1f} on {core_count()} cores before '
+                  'the first row: other jobs are running, so times are slower and noisier than an '
+                  'idle machine\'s, and HF rows far more (OpenMP threads spin-wait for busy cores)')
   print('\n'.join(header), flush=True)
   specs = []
   for shape in shapes(args.quick):
@@ -486,8 +508,14 @@ def main(argv=None) -> int:
 
   start = time.perf_counter()
   results = []
+  timeout = 150 if args.quick else WORKER_TIMEOUT_S
   for i, spec in enumerate(specs, 1):
-    result = run_worker(spec)
+    load = os.getloadavg()[0]
+    env = None
+    if args.hf_omp_passive and spec['worker'] == 'hf':
+      env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE')
+    result = run_worker(spec, timeout, env)
+    result['load'] = load
     results.append((spec, result))
     what = (f'{spec["worker"]} {spec["shape"]["name"]} {spec["dtype"]}'
             + (f' scan={spec["scan"]}' if 'scan' in spec else ''))
