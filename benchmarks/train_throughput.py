@@ -340,12 +340,14 @@ def machine_lines(args) -> list[str]:
 
   versions = ', '.join(f'{n} {version(n)}' for n in ('jax', 'jaxlib', 'flax', 'optax', 'torch',
                                                        'transformers'))
+  omp = ('PASSIVE (--hf-omp-passive)' if args.hf_omp_passive
+         else os.environ.get('OMP_WAIT_POLICY', 'default'))
   return [
       f'machine: {cpu}, {core_count()} cores (os.cpu_count {os.cpu_count()}), '
       f'load average at start {" ".join(f"{x:.2f}" for x in os.getloadavg())}',
       f'versions: python {sys.version.split()[0]}, {versions}',
       f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; torch threads = {core_count()}, '
-      f'OMP_WAIT_POLICY={"PASSIVE (--hf-omp-passive)" if args.hf_omp_passive else os.environ.get("OMP_WAIT_POLICY", "default")}; '
+      f'OMP_WAIT_POLICY {omp}; '
       f'{"--quick: tiny shapes, " if args.quick else ""}{args.steps} timed steps per row '
       f'(median) after the first step and {WARMUP} warm-up step',
   ]
