@@ -264,3 +264,22 @@ def test_registry_and_unknown_name():
     M.get_metric('matthews')
   with pytest.raises(ValueError, match='already registered'):
     M.register_metric('bleu', M.bleu)
+
+
+def test_multirc_grouped_exact_match_and_f1_over_all_answers_by_hand():
+  # Three questions (groups): answers [T, F, T], [F, T], [T]; 1 = True, -1 = unparseable output.
+  targets = [{'value': v, 'group': g} for v, g in
+             [(1, 'a'), (0, 'a'), (1, 'a'), (0, 'b'), (1, 'b'), (1, 'c')]]
+  predictions = [{'value': v} for v in [1, 0, 1, 0, 0, -1]]
+  # Exact match per question: a all right (100), b one wrong (0), c invalid (0): mean 100/3.
+  grouped = M.METRICS['multirc_exact_match'](targets, predictions)
+  assert grouped == {'exact_match': pytest.approx(100 / 3)}
+  # F1a over all six answers: TP = 2 (a's two Trues), FN = 2 (b's True predicted False, c's
+  # invalid), FP = 0: F1 = 2*2 / (2*2 + 0 + 2) = 4/6.
+  assert M.METRICS['multirc_f1_over_all_answers'](targets, predictions) == {
+      'f1': pytest.approx(400 / 6)}
+  # Groups are averaged unweighted: one big right group and one small wrong one give 50.
+  big = [{'value': 1, 'group': 0}] * 5 + [{'value': 1, 'group': 1}]
+  assert M.mean_group_metric(M.all_match)(big, [{'value': 1}] * 5 + [{'value': 0}]) == {
+      'exact_match': 50.0}
+  assert M.all_match([1, 2], [1, 2]) == {'exact_match': 100.0}

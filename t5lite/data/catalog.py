@@ -12,10 +12,18 @@
   c4_span_corruption        T5 span corruption over TFDS c4/en (array_record), per-document
                             random chunks (T5's select_random_chunk) packed together
   c4_ul2                    the UL2 mixture of denoisers over the same
+  glue_<config>_v002, super_glue_<config>_v102, glue_v002_proportional,
+  super_glue_v102_proportional
+                            GLUE (all tasks and AX) and SuperGLUE (the 8 scored tasks) over
+                            TFDS, in T5's text-to-text formats with its postprocessing and
+                            metrics (t5lite/data/glue.py)
+  squad_v010_allanswers, cnn_dailymail_v002, wmt14_ende_v003, wmt14_enfr_v003, wmt16_enro_v003
+                            SQuAD v1.1, CNN/DailyMail, WMT over TFDS, the same way
+                            (t5lite/data/public_tasks.py); docs/evaluation.md lists them all
 
 Imported by `tasks.get`/`tasks.names` on first use. The embedded tasks' vocabulary is the
 embedded SentencePiece model (trained once and cached; see vocab.embedded_vocabulary); the C4
-tasks declare T5's (read from gs:// on first use only).
+and public downstream tasks declare T5's (read from gs:// on first use only).
 """
 
 from __future__ import annotations
@@ -117,3 +125,7 @@ add_mixture('embedded_pretraining_mix', [
 
 # Downstream (fine-tuning) tasks over the same corpus, with postprocessing and metrics.
 from t5lite.data import downstream  # pylint: disable=wrong-import-position,unused-import  # noqa: E402,F401
+
+# Public downstream tasks over TFDS (GLUE, SuperGLUE, SQuAD, CNN/DailyMail, WMT).
+# pylint: disable-next=wrong-import-position,unused-import
+from t5lite.data import glue, public_tasks  # noqa: E402,F401

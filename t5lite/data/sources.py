@@ -208,7 +208,12 @@ class _DecodedTfdsRecords(Sequence):
     return len(self._records)
 
   def __getitem__(self, i):
-    ex = self._records[i]
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    if not -len(self) <= i < len(self):
+      # array_record raises ValueError here; IndexError is what ends iteration over a Sequence.
+      raise IndexError(f'record {i} of {len(self)}')
+    ex = self._records[i % len(self)]
     return {k: (v.decode('utf-8') if isinstance(v, bytes) else v) for k, v in ex.items()}
 
 

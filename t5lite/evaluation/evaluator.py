@@ -13,7 +13,8 @@ functions, `t5lite.evaluation.metrics`) come in two kinds, as in seqio:
 
 - predict metrics `fn(targets, predictions)`: the inputs are decoded (`t5lite.models.decoding`,
   config.decode), predictions and targets are detokenized and passed through the task's
-  postprocess_fn (`fn(text, example=None, is_target=...)`; a one-argument function works too);
+  postprocess_fn (`fn(text, example=..., is_target=...)`, example the row's element of
+  `task.examples(split)`, see `split_examples`; a one-argument function works too);
 - score metrics `fn(targets, scores)` (`metrics.takes_scores`): with rank options (a task
   attribute `rank_options`, or downstream.RANK_OPTIONS) every (example, option) pair is scored
   and `scores[i]` holds example i's per-option log-likelihoods, `targets[i]` the index of its
@@ -100,6 +101,42 @@ def postprocess(fn: Callable | None, text: str, example=None, is_target: bool = 
   kwargs = {k: v for k, v in (('example', example), ('is_target', is_target))
             if k in params or any(p.kind == p.VAR_KEYWORD for p in params.values())}
   return fn(text, **kwargs)
+
+
+def _takes_example(fn: Callable | None) -> bool:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return 'example' in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def split_examples(task, split: str, indices: Sequence[int], sequence_length=None,
+                   vocabulary=None) -> list | None:
+  """The example behind each evaluated row, for `postprocess_fn(text, example=...)`.
+
+  seqio hands the postprocessor the example, so that e.g. SQuAD can score against every reference
+  answer, not only the one the target holds. Here it is element `indices[i]` of
+  `task.examples(split)`: the source's record after the task's dataset-level steps, before the
+  per-example ones (for a TFDS task, the raw record). The ordered pass neither shuffles nor
+  drops, so row k of the split is element k. None (every postprocess_fn gets example=None) when
+  the fn takes no `example`, or the task may drop examples (drop_invalid), so that rows and
+  elements need not line up.
+  """
+  if task.drop_invalid or not _takes_example(task.postprocess_fn):
+    return None
+  features = ({k: f.replace(vocabulary=vocabulary) for k, f in task.output_features.items()}
+              if vocabulary is not None else None)
+  elements = task.examples(split, sequence_length, features)  # the pipeline's cached list
+  return [elements[int(i)] for i in indices]
+
+
+def postprocess_all(task, texts: Sequence[str], examples: Sequence | None,
+                    is_target: bool) -> list:
+  """`postprocess` of each detokenized text, with its example when there are examples."""
+  examples = [None] * len(texts) if examples is None else examples
+  return [postprocess(task.postprocess_fn, t, example=e, is_target=is_target)
+          for t, e in zip(texts, examples)]
 
 
 def rank_options(task) -> Sequence[str] | None:
@@ -255,12 +292,14 @@ class Evaluator:
     decode_text = vocabulary.decode
     in_vocab = self.vocabulary or task.output_features['inputs'].vocabulary
     inputs_text = [in_vocab.decode(r) for r in take['inputs']]
-    targets = [postprocess(task.postprocess_fn, decode_text(r), is_target=True)
-               for r in take['targets']]
+    examples = split_examples(
+        task, self.config.eval.split, take['index'],
+        {'inputs': self.inputs_length, 'targets': self.targets_length}, self.vocabulary)
+    targets = postprocess_all(task, [decode_text(r) for r in take['targets']], examples, True)
     raw, predictions, scores, results = [], [], [], {}
     if predict_fns:
       raw = [decode_text(r) for r in take['tokens']]
-      predictions = [postprocess(task.postprocess_fn, t, is_target=False) for t in raw]
+      predictions = postprocess_all(task, raw, examples, False)
       for fn in predict_fns:
         results.update(fn(targets, predictions))
     if score_fns:

@@ -298,6 +298,46 @@ def rouge(targets: Sequence[str | Sequence[str]], predictions: Sequence[str],
   return {k: 100.0 * v / len(targets) for k, v in totals.items()}
 
 
+# --- grouped metrics (MultiRC) ------------------------------------------------------------------
+# MultiRC asks several true/false questions about each answer candidate of a question; its
+# postprocessor (t5lite.data.glue.multirc_postprocess) turns each answer into {'value': 0/1/-1}
+# and each target into {'value': ..., 'group': its question}. As T5's metrics of the same names.
+
+def all_match(targets: Sequence, predictions: Sequence) -> dict[str, float]:
+  """100 if every prediction equals its target, else 0 (one group's exact match)."""
+  _check(targets, predictions)
+  return {'exact_match': 100.0 * float(all(t == p for t, p in zip(targets, predictions)))}
+
+
+def mean_group_metric(metric_fn: MetricFn, group_key: str = 'group',
+                      value_key: str = 'value') -> MetricFn:
+  """`metric_fn` applied to each group's values, averaged (unweighted) over the groups.
+
+  Targets are dicts holding the group (`targets[i][group_key]`) and the value; predictions dicts
+  holding the value. MultiRC's question-level exact match is mean_group_metric(all_match): the
+  percent of questions whose answers are all classified right.
+  """
+  def grouped(targets: Sequence[Mapping], predictions: Sequence[Mapping]) -> dict[str, float]:
+    _check(targets, predictions)
+    groups: dict[Any, tuple[list, list]] = {}
+    for t, p in zip(targets, predictions):
+      g = groups.setdefault(t[group_key], ([], []))
+      g[0].append(t[value_key])
+      g[1].append(p[value_key])
+    scores = collections.defaultdict(list)
+    for group_targets, group_predictions in groups.values():
+      for name, value in metric_fn(group_targets, group_predictions).items():
+        scores[name].append(value)
+    return {name: float(np.mean(values)) for name, values in scores.items()}
+  return grouped
+
+
+def multirc_f1_over_all_answers(targets: Sequence[Mapping],
+                                predictions: Sequence[Mapping]) -> dict[str, float]:
+  """MultiRC's F1a: binary `f1` of the 'value's of all answers together (invalid counts wrong)."""
+  return f1([t['value'] for t in targets], [p['value'] for p in predictions])
+
+
 # --- benchmark averages --------------------------------------------------------------------------
 
 # group name -> the (task, metric key) pairs averaged into that group's score. Tasks are the keys
@@ -400,6 +440,9 @@ METRICS: dict[str, MetricFn] = _Registry({
     'bleu': bleu,
     'rouge': rouge,
     'rank_accuracy': rank_accuracy,
+    'all_match': all_match,
+    'multirc_f1_over_all_answers': multirc_f1_over_all_answers,
+    'multirc_exact_match': mean_group_metric(all_match),  # MultiRC's question-level EM
 })
 
 
