@@ -9,13 +9,14 @@ float32.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
+
+from t5lite.models import matmul
 
 Dtype = Any
 # Additive attention bias for masked positions; finite so fully-masked (padding) rows stay NaN-free.
@@ -125,21 +126,42 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
 
 
 class Projection(nn.Module):
-  """A bias-free einsum projection whose kernel has its full multi-axis shape from the start.
+  """A bias-free projection whose kernel has its full multi-axis shape from the start.
 
   (flax's DenseGeneral initialises a flattened 2-D kernel and reshapes it, which breaks
-  logical-axis metadata of rank 3.)
+  logical-axis metadata of rank 3.) `in_dims` leading kernel dims are contracted with as many
+  trailing dims of x: computed as one 2-D matmul (`matmul.dense`, float32 accumulation), the
+  kernel and x reshaped for free.
   """
   shape: tuple[int, ...]
   axes: tuple[str, ...]
-  equation: str
+  in_dims: int
   stddev: float
   dtype: Dtype
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', param_init(self.stddev, self.axes), self.shape, jnp.float32)
-    return jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+    fan_in = int(np.prod(self.shape[:self.in_dims]))
+    lead = x.shape[:x.ndim - self.in_dims]
+    y = matmul.dense(x.reshape(lead + (fan_in,)), kernel.reshape(fan_in, -1), self.dtype)
+    return y.reshape(lead + self.shape[self.in_dims:])
+
+
+class Dense(nn.Module):
+  """x[..., d] @ kernel[d, features], no bias (flax Dense's parameter layout and name); the
+  result in `out_dtype` (default `dtype`)."""
+  features: int
+  axes: tuple[str, str]
+  stddev: float
+  dtype: Dtype
+  out_dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', param_init(self.stddev, self.axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    return matmul.dense(x, kernel, self.dtype, out_dtype=self.out_dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -171,8 +193,7 @@ class MultiHeadAttention(nn.Module):
     d_model = inputs_q.shape[-1]
     inner = self.num_heads * self.head_dim
     shape, axes = (d_model, self.num_heads, self.head_dim), ('embed', 'heads', 'kv')
-    proj = lambda stddev, name: Projection(shape, axes, 'bld,dhk->blhk', stddev, self.dtype,
-                                           name=name)
+    proj = lambda stddev, name: Projection(shape, axes, 1, stddev, self.dtype, name=name)
     act = ('act_batch', 'act_length', 'act_heads', 'act_kv')
     # Initialisation as in mesh-tensorflow T5: query carries the extra head_dim**-0.5.
     q = proj((d_model * self.head_dim) ** -0.5, 'query')(inputs_q)
@@ -186,14 +207,14 @@ class MultiHeadAttention(nn.Module):
     if self.prefill or self.decode:
       k, v = self._cache(k, v, cache_index, act)
 
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) + bias
+    logits = matmul.einsum(matmul.ATTENTION_LOGITS, q, k, self.dtype, jnp.float32) + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     if self.dropout_rate > 0 and not self.deterministic:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    out = matmul.einsum(matmul.ATTENTION_OUTPUT, weights, v, self.dtype)
     out = constrain(out, act)
-    return Projection((self.num_heads, self.head_dim, d_model), ('heads', 'kv', 'embed'),
-                      'blhk,hkd->bld', inner ** -0.5, self.dtype, name='out')(out)
+    return Projection((self.num_heads, self.head_dim, d_model), ('heads', 'kv', 'embed'), 2,
+                      inner ** -0.5, self.dtype, name='out')(out)
 
   def _cache(self, k, v, cache_index, act):
     """Stores (prefill) or extends (decode) the cache; returns the keys/values to attend to."""
@@ -230,18 +251,16 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d_model = x.shape[-1]
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
-    wi_init = param_init(d_model ** -0.5, ('embed', 'mlp'))
+    wi = lambda name: Dense(self.d_ff, ('embed', 'mlp'), d_model ** -0.5, self.dtype, name=name)
     if self.gated_gelu:
       # tanh-approximate GELU, as in T5.1.1 ("gelu_new" in HuggingFace).
-      h = nn.gelu(dense(self.d_ff, kernel_init=wi_init, name='wi_0')(x), approximate=True)
-      h = h * dense(self.d_ff, kernel_init=wi_init, name='wi_1')(x)
+      h = nn.gelu(wi('wi_0')(x), approximate=True) * wi('wi_1')(x)
     else:
-      h = nn.relu(dense(self.d_ff, kernel_init=wi_init, name='wi')(x))
+      h = nn.relu(wi('wi')(x))
     h = constrain(h, ('act_batch', 'act_length', 'act_mlp'))
     if self.dropout_rate > 0 and not self.deterministic:
       h = nn.Dropout(self.dropout_rate)(h, deterministic=False)
-    return dense(d_model, kernel_init=param_init(self.d_ff ** -0.5, ('mlp', 'embed')), name='wo')(h)
+    return Dense(d_model, ('mlp', 'embed'), self.d_ff ** -0.5, self.dtype, name='wo')(h)
 
 
 class Embed(nn.Module):
@@ -258,5 +277,5 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum('bld,vd->blv', x, self.embedding.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return matmul.dense(x, self.embedding, self.dtype, transpose_kernel=True,
+                        out_dtype=jnp.float32)

@@ -181,10 +181,10 @@ def _make_embedder_and_head(module: nn.Module):
   c = module.cfg
   module.embedder = layers.Embed(c.vocab_size, c.d_model, jnp.dtype(c.dtype), name='token_embedder')
   if not c.tie_logits:
-    module.logits_dense = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype),
-                                   param_dtype=jnp.float32, name='logits_dense',
-                                   kernel_init=layers.param_init(c.d_model ** -0.5,
-                                                                 ('embed', 'vocab')))
+    # float32 logits straight from the matmul's accumulator (the loss wants them unrounded).
+    module.logits_dense = layers.Dense(c.vocab_size, ('embed', 'vocab'), c.d_model ** -0.5,
+                                       jnp.dtype(c.dtype), out_dtype=jnp.float32,
+                                       name='logits_dense')
 
 
 def _logits(module: nn.Module, x):
