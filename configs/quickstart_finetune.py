@@ -19,23 +19,24 @@ Every eval.every_steps steps (and at the end) the model decodes and scores both 
 (held-out documents): the table is printed, WORKDIR/eval/<task>/step_<N>.json and TensorBoard get
 the metrics, and metrics.jsonl gets eval/<task>/<metric> on that step's line.
 
-Measured 2026-11-23 on the shared 2-core CPU VM (CI running beside it; seed 0) after the
-1500-step Adafactor quickstart (`configs/quickstart_finetune.py:/tmp/qs_final`): the fine-tune took
-5m07s wall for 1000 steps including four evaluations. Validation results, as printed during
-training (`eval --checkpoint all` afterwards found every step evaluated and skipped them; an
+Measured 2026-11-23 on the 2-core CPU VM (nothing else running; seed 0) after the 1500-step
+Adafactor quickstart (`configs/quickstart_finetune.py:/tmp/qs_new`), both with the
+mixed-precision matmuls (docs/performance.md): the fine-tune took 1m57s wall for 1000 steps
+including four evaluations (5m07s before them, beside a CI run). Validation results, as printed
+during training (`eval --checkpoint all` afterwards finds every step evaluated and skips them; an
 earlier run checked that it reproduces the training-time metrics digit for digit):
 
   step   docstring_kind acc / macro F1 / rank acc   docstring_module acc
-   250        93.1 / 93.1 / 93.4                         39.3
-   500        90.5 / 90.4 / 90.5                         45.6
-   750        92.8 / 92.8 / 92.5                         48.4
-  1000        92.5 / 92.5 / 92.5                         48.0
+   250        91.3 / 91.3 / 91.3                         40.2
+   500        92.8 / 92.8 / 92.8                         44.2
+   750        93.6 / 93.6 / 93.6                         44.7
+  1000        94.5 / 94.5 / 94.5                         45.4
   trivial baseline (t5lite.data.downstream.baselines()):
               50.0 / 33.3 (majority; the split is balanced)  3.5 (always 'logging')
   the quickstart checkpoint itself (no fine-tuning): 0.0 / 0.0 / 50.0, and 0.0
 
-So the fine-tuned model beats both baselines: by 42 points on docstring_kind, and 14 times the
-baseline on docstring_module (352 of 733 right vs 26), a 105-way task for a 1.3M-parameter model.
+So the fine-tuned model beats both baselines: by 44 points on docstring_kind, and 13 times the
+baseline on docstring_module (333 of 733 right vs 26), a 105-way task for a 1.3M-parameter model.
 (Fine-tuned from the earlier AdamW quickstart, whose pretraining loss ended at 4.2 instead of 3.3,
 the same config reached only 80.9 and 7.2: better pretraining, better fine-tuning.) The third
 task, fill_word (restore a blanked frequent word), is not in the mix: fine-tuned on it from the
