@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from t5lite import checkpoints, distributed, partitioning, trainer
+from t5lite import checkpoints, cli, distributed, partitioning, trainer
 from t5lite import config as config_lib
 from t5lite.evaluation import evaluator as evaluator_lib
 from t5lite.models.presets import ModelConfig
@@ -235,25 +235,14 @@ FLAGS = {'checkpoint': str, 'watch': bool, 'poll_seconds': float, 'timeout': flo
 
 
 def main(argv: Sequence[str]) -> int:
-  try:
-    argv = distributed.setup(argv)
-    options, rest = split_flags(argv, FLAGS)
+  def job():
+    options, rest = split_flags(distributed.setup(argv), FLAGS)
     config, workdir = config_lib.parse_command_line(rest)
     if not workdir:
       raise config_lib.ConfigError('--workdir is required: the run whose checkpoints to '
                                    'evaluate; results go to WORKDIR/eval')
     run(config, workdir, **options)
-  except MissingCheckpointError as e:
-    print(f'eval: {e}', file=sys.stderr)
-    return 2
-  except config_lib.ConfigError as e:
-    print(f'config error: {e}', file=sys.stderr)
-    return 2
-  except checkpoints.CheckpointError as e:
-    print(f'checkpoint error: {e}', file=sys.stderr)
-    return 1
-  return 0
-
+  return cli.run_main(job, [(MissingCheckpointError, 'eval', 2)])
 
 if __name__ == '__main__':
   sys.exit(main(sys.argv[1:]))

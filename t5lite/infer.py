@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from t5lite import checkpoints, distributed, partitioning
+from t5lite import cli, distributed, partitioning
 from t5lite import config as config_lib
 from t5lite import eval as eval_lib
 from t5lite.data import downstream, tasks as tasks_lib
@@ -243,24 +243,13 @@ FLAGS = {'checkpoint': str, 'input': str, 'task': str, 'split': str, 'output': s
 
 
 def main(argv: Sequence[str]) -> int:
-  try:
-    argv = distributed.setup(argv)
-    options, rest = eval_lib.split_flags(argv, FLAGS)
+  def job():
+    options, rest = eval_lib.split_flags(distributed.setup(argv), FLAGS)
     config, workdir = config_lib.parse_command_line(rest)
     if 'output' not in options:
       raise config_lib.ConfigError('--output FILE.jsonl is required')
     run(config, workdir=workdir, **options)
-  except (eval_lib.MissingCheckpointError, InferError) as e:
-    print(f'infer: {e}', file=sys.stderr)
-    return 2
-  except config_lib.ConfigError as e:
-    print(f'config error: {e}', file=sys.stderr)
-    return 2
-  except checkpoints.CheckpointError as e:
-    print(f'checkpoint error: {e}', file=sys.stderr)
-    return 1
-  return 0
-
+  return cli.run_main(job, [(eval_lib.MissingCheckpointError, 'infer', 2), (InferError, 'infer', 2)])
 
 if __name__ == '__main__':
   sys.exit(main(sys.argv[1:]))

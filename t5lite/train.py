@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from t5lite import checkpoints, distributed
+from t5lite import checkpoints, cli, distributed
 from t5lite import config as config_lib
 from t5lite import optim, partitioning, reporting, trainer
 from t5lite.data import pipeline, vocab
@@ -346,26 +346,15 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
 
 
 def main(argv: Sequence[str]) -> int:
-  try:
+  def job():
     # Takes --coordinator_address/--num_processes/--process_id out of argv and initialises JAX for
     # a multi-process run; must come before any other JAX call.
-    argv = distributed.setup(argv)
-    config, workdir = config_lib.parse_command_line(argv)
+    config, workdir = config_lib.parse_command_line(distributed.setup(argv))
     if not workdir:
       raise config_lib.ConfigError('--workdir is required: the folder for checkpoints, metrics '
                                    'and the resolved config')
     run(config, workdir)
-  except config_lib.ConfigError as e:
-    print(f'config error: {e}', file=sys.stderr)
-    return 2
-  except FloatingPointError as e:
-    print(f'training stopped: {e}', file=sys.stderr)
-    return 1
-  except checkpoints.CheckpointError as e:
-    print(f'checkpoint error: {e}', file=sys.stderr)
-    return 1
-  return 0
-
+  return cli.run_main(job, [(FloatingPointError, 'training stopped', 1)])
 
 if __name__ == '__main__':
   sys.exit(main(sys.argv[1:]))

@@ -72,3 +72,17 @@ def test_backend_without_mixed_dots_falls_back_to_bf16_results(monkeypatch):
   np.testing.assert_array_equal(matmul.dense(x, kernel, BF16),
                                 jnp.einsum('bld,df->blf', x, kernel.astype(BF16)))
   assert is_bf16(_kernel_grad(x, kernel))  # plain autodiff: a bf16 gradient cast to f32
+
+
+def test_probe_detects_a_cpu_that_cannot_run_the_mixed_dots(monkeypatch, caplog):
+  def unsupported(*args):
+    raise jax.errors.JaxRuntimeError(
+        'UNIMPLEMENTED: Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32')
+  matmul._probe.cache_clear()
+  monkeypatch.setattr(matmul, '_mixed_einsum', unsupported)
+  try:
+    assert matmul._probe('cpu') is False
+    assert 'BF16 x BF16 = F32' in caplog.text
+    assert matmul._probe('gpu') is True  # GPUs and TPUs are not probed
+  finally:
+    matmul._probe.cache_clear()  # the real probe runs again for the other tests

@@ -13,9 +13,8 @@ recipe, as torch.autocast and TPU MXUs do), through a custom VJP, because:
 - the kernel gradient is accumulated in float32 straight from the dot, never rounded to bfloat16
   (the parameters are float32), so it is no less accurate than autodiff's.
 
-The backward dots use layouts the CPU's fast kernels take (the kernel gradient contracts over a
-[batch, length] pair of leading dims: as a 2-D [tokens, d] contraction it ran at half the speed).
-Measured with benchmarks/train_throughput.py (docs/performance.md). On GPU and TPU the same
+The backward dots use operand orders and layouts the CPU's fast kernels take (see the specs
+below). `einsum` does the same for attention's activation x activation einsums. Measured with benchmarks/train_throughput.py (docs/performance.md). On GPU and TPU the same
 formulation is what the hardware does anyway.
 """
 from __future__ import annotations
@@ -29,71 +28,33 @@ import jax.numpy as jnp
 _F32 = jnp.float32
 
 
+# Each einsum is (forward, (grad of a: equation, operands), (grad of b: equation, operands)),
+# g = the cotangent. The backward operand orders are spelled out, not derived: XLA:CPU's
+# bf16 x bf16 -> f32 kernels take some orders and not their mirror images (which fail with
+# UNIMPLEMENTED), and some layouts run twice as fast as others.
+# Weights, x [B, L, d]: `dense` folds x's leading dims into two, so the kernel gradient contracts
+# over a [batch, length] pair (618 GFLOP/s here; as one flattened 2-D contraction, 332).
+DENSE = ('bld,df->blf', ('blf,df->bld', 'gb'), ('bld,blf->df', 'ag'))
+DENSE_TRANSPOSED = ('bld,fd->blf', ('blf,fd->bld', 'gb'), ('blf,bld->fd', 'ga'))  # kernel [f, d]
+# Attention: scores from queries and keys, outputs from weights and values.
+ATTENTION_LOGITS = ('bqhd,bkhd->bhqk', ('bhqk,bkhd->bqhd', 'gb'), ('bhqk,bqhd->bkhd', 'ga'))
+ATTENTION_OUTPUT = ('bhqk,bkhd->bqhd', ('bqhd,bkhd->bhqk', 'gb'), ('bhqk,bqhd->bkhd', 'ag'))
+
+
 def dense(x: jax.Array, kernel: jax.Array, dtype, transpose_kernel: bool = False,
           out_dtype=None) -> jax.Array:
   """x[..., d] @ kernel[d, f] -> [..., f] computed in `dtype` (kernel[f, d] with
   `transpose_kernel`); the result in `out_dtype` (default `dtype`; float32 keeps the
   accumulator unrounded, as the output logits want)."""
-  dtype = jnp.dtype(dtype)
-  out_dtype = jnp.dtype(out_dtype or dtype)
-  if dtype == _F32 or not mixed_precision_supported():
-    equation = '...d,fd->...f' if transpose_kernel else '...d,df->...f'
-    return jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype)).astype(out_dtype)
-  return _mixed_dense(x, kernel, dtype.name, transpose_kernel, out_dtype.name)
-
-
-def _forward(x, kernel, transpose_kernel):
-  equation = '...d,fd->...f' if transpose_kernel else '...d,df->...f'
-  return jnp.einsum(equation, x, kernel, preferred_element_type=_F32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _mixed_dense(x, kernel, dtype_name, transpose_kernel, out_dtype_name):
-  return _forward(x.astype(dtype_name), kernel.astype(dtype_name),
-                  transpose_kernel).astype(out_dtype_name)
-
-
-def _mixed_dense_fwd(x, kernel, dtype_name, transpose_kernel, out_dtype_name):
-  xc, kc = x.astype(dtype_name), kernel.astype(dtype_name)
-  # The residual dtypes carry x's and the kernel's own dtypes to the backward pass.
-  out = _forward(xc, kc, transpose_kernel).astype(out_dtype_name)
-  return out, (xc, kc, jnp.zeros((), x.dtype), jnp.zeros((), kernel.dtype))
-
-
-def _as_3d(a):
-  """[..., n] -> [B, L, n]: leading dims folded into two (the kernel gradient's fast layout)."""
-  if a.ndim >= 3:
-    return a.reshape((-1,) + a.shape[-2:])
-  return a.reshape((1, -1, a.shape[-1]))
-
-
-def _mixed_dense_bwd(dtype_name, transpose_kernel, out_dtype_name, residuals, g):
-  del out_dtype_name
-  xc, kc, x_like, kernel_like = residuals
-  g = g.astype(dtype_name)
-  if transpose_kernel:  # kernel [f, d]
-    dx = jnp.einsum('...f,fd->...d', g, kc, preferred_element_type=_F32)
-    dkernel = jnp.einsum('blf,bld->fd', _as_3d(g), _as_3d(xc), preferred_element_type=_F32)
-  else:  # kernel [d, f]
-    dx = jnp.einsum('...f,df->...d', g, kc, preferred_element_type=_F32)
-    dkernel = jnp.einsum('bld,blf->df', _as_3d(xc), _as_3d(g), preferred_element_type=_F32)
-  return dx.astype(x_like.dtype), dkernel.astype(kernel_like.dtype)
-
-
-_mixed_dense.defvjp(_mixed_dense_fwd, _mixed_dense_bwd)
-
-
-# Attention's two activation x activation einsums, each with the operand order of its backward
-# einsums spelled out: XLA:CPU's bf16 x bf16 -> f32 kernels take some operand orders and not
-# their mirror images (which fail with UNIMPLEMENTED), so the order is chosen, not derived.
-# (forward, (grad of a: equation, operands), (grad of b: equation, operands)); g = cotangent.
-ATTENTION_LOGITS = ('bqhd,bkhd->bhqk', ('bhqk,bkhd->bqhd', 'gb'), ('bhqk,bqhd->bkhd', 'ga'))
-ATTENTION_OUTPUT = ('bhqk,bkhd->bqhd', ('bqhd,bkhd->bhqk', 'gb'), ('bhqk,bqhd->bkhd', 'ag'))
+  x3 = x.reshape((-1,) + x.shape[-2:]) if x.ndim >= 3 else x.reshape((1, -1, x.shape[-1]))
+  y = einsum(DENSE_TRANSPOSED if transpose_kernel else DENSE, x3, kernel, dtype, out_dtype)
+  return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
 def einsum(spec, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array:
-  """The einsum `spec[0]` of a and b in `dtype` with float32 accumulation, forward and backward
-  (as `dense`); the result in `out_dtype` (default `dtype`)."""
+  """The einsum `spec[0]` of a and b in `dtype`; in bfloat16 (or another low-precision dtype) its
+  forward and both backward einsums take `dtype` operands and accumulate in float32, and the
+  gradients come back in a's and b's own dtypes. The result in `out_dtype` (default `dtype`)."""
   dtype = jnp.dtype(dtype)
   out_dtype = jnp.dtype(out_dtype or dtype)
   if dtype == _F32 or not mixed_precision_supported():
@@ -144,11 +105,9 @@ def _probe(platform: str) -> bool:
   dtype = jnp.bfloat16.dtype.name
 
   def forms(x, w, wt, q, p):
-    loss = (jnp.sum(_mixed_dense(x, w, dtype, False, 'float32'))
-            + jnp.sum(_mixed_dense(x, wt, dtype, True, 'float32'))
-            + jnp.sum(_mixed_einsum(q, q, ATTENTION_LOGITS, dtype, 'float32'))
-            + jnp.sum(_mixed_einsum(p, q, ATTENTION_OUTPUT, dtype, 'float32')))
-    return loss
+    return sum(jnp.sum(_mixed_einsum(a, b, spec, dtype, 'float32')) for spec, a, b in (
+        (DENSE, x, w), (DENSE_TRANSPOSED, x, wt), (ATTENTION_LOGITS, q, q),
+        (ATTENTION_OUTPUT, p, q)))
 
   try:
     with jax.ensure_compile_time_eval():  # may be called while tracing a jitted step
