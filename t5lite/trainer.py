@@ -39,7 +39,12 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   """
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
-  log_z = jax.nn.logsumexp(logits, axis=-1)
+  # logsumexp by hand so that its max also gives the accuracy: a token is right when its logit is
+  # the largest. A separate argmax pass over [batch, length, vocab] cost ~4% of a T5.1.1-small
+  # step (docs/performance.md). Unlike argmax, an exact tie with the target counts as right; float
+  # logits tie only in degenerate cases (e.g. all zero).
+  max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  log_z = max_logit[..., 0] + jnp.log(jnp.sum(jnp.exp(logits - max_logit), axis=-1))
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   if label_smoothing > 0:
     confidence = 1.0 - label_smoothing
@@ -50,7 +55,7 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   else:
     cross_entropy = log_z - target_logit
   weights = weights.astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (target_logit >= max_logit[..., 0]).astype(jnp.float32)
   return {
       'loss_sum': jnp.sum(cross_entropy * weights),
       'z_loss_sum': jnp.sum(z_loss * jnp.square(log_z) * weights),

@@ -121,6 +121,7 @@ def test_cross_entropy_matches_numpy(smoothing):
   rng = np.random.RandomState(0)
   logits = rng.randn(2, 5, 11) * 3
   targets = rng.randint(0, 11, (2, 5))
+  targets[0] = logits[0].argmax(-1)  # half the tokens right, so the accuracy count means something
   weights = (rng.rand(2, 5) > 0.3).astype(np.float32)
   sums = trainer.cross_entropy_sums(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
                                     jnp.asarray(weights), 1e-4, smoothing)
@@ -129,7 +130,19 @@ def test_cross_entropy_matches_numpy(smoothing):
   np.testing.assert_allclose(sums['z_loss_sum'], z, rtol=1e-5)
   np.testing.assert_allclose(sums['weight_sum'], weights.sum())
   correct = ((logits.argmax(-1) == targets) * weights).sum()
+  assert correct >= weights[0].sum() > 0
   np.testing.assert_allclose(sums['correct_sum'], correct)
+  # Shift invariance in float32 (the max is subtracted before exp), and the gradient of the
+  # hand-written logsumexp equals jax.nn.logsumexp's.
+  args = (jnp.asarray(targets), jnp.asarray(weights), 1e-4, smoothing)
+  shifted = trainer.cross_entropy_sums(jnp.asarray(logits + 1000.0, jnp.float32), *args)
+  np.testing.assert_allclose(shifted['loss_sum'], ce, rtol=1e-4)
+  loss = lambda x: trainer.cross_entropy_sums(x, *args)['loss_sum']
+  reference = lambda x: jnp.sum((jax.nn.logsumexp(x, -1) - jnp.take_along_axis(
+      x, args[0][..., None], -1)[..., 0]) * args[1])
+  if smoothing == 0:
+    np.testing.assert_allclose(jax.grad(loss)(jnp.asarray(logits, jnp.float32)),
+                               jax.grad(reference)(jnp.asarray(logits, jnp.float32)), atol=1e-6)
 
 
 def test_schedules_match_hand_values():
