@@ -20,6 +20,10 @@ What is measured (docs/performance.md says more):
             t5lite.hf, untied lm_head for v1.1), same batch, torch.optim.AdamW(fused=True, as HF's
             Trainer uses) with the same lr, betas, eps, weight decay and clipping, torch threads =
             cores; bfloat16 = torch.autocast('cpu', bfloat16).
+    HF, kept host memory: the same HF step in a process started with glibc's MALLOC_MMAP_MAX_=0
+            and MALLOC_TRIM_THRESHOLD_ at its maximum, the allocator settings t5lite applies to
+            itself on CPU (config.keep_host_memory, t5lite/host_memory.py): what HF would gain
+            from the same trick, so that the ratio against it shows what is t5lite's own.
   The first step (compile for t5lite, lazy optimizer state for torch) and one more warm-up step
   are excluded; the median of --steps timed steps is reported.
 - compile rows: trace + lower + XLA compile of t5lite's train step at T5.1.1-small width with
@@ -156,12 +160,13 @@ def t5lite_step_worker(spec: dict) -> dict:
   # A persistent compilation cache would turn the first step into a cache read.
   jax.config.update('jax_enable_compilation_cache', False)
   # pylint: disable-next=import-outside-toplevel
-  from t5lite import optim, partitioning, reporting, trainer
+  from t5lite import host_memory, optim, partitioning, reporting, trainer
   from t5lite.models.presets import ModelConfig  # pylint: disable=import-outside-toplevel
   from t5lite.models.t5 import make_model  # pylint: disable=import-outside-toplevel
 
   shape = Shape(**spec['shape'])
   config = build_config(shape, spec['dtype'])
+  host_memory.keep_freed_memory(config.keep_host_memory)  # as t5lite's train job does
   rules = config.partitioning.rules
   mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
   model_cfg = ModelConfig.from_config(config.model)
@@ -303,7 +308,12 @@ def hf_step_worker(spec: dict) -> dict:
           'peak_how': 'torch.matmul, ' + ('bf16 (as autocast runs nn.Linear)' if bf16 else 'f32')}
 
 
-WORKERS = {'t5lite': t5lite_step_worker, 'hf': hf_step_worker, 'compile': t5lite_compile_worker}
+WORKERS = {'t5lite': t5lite_step_worker, 'hf': hf_step_worker, 'hf_kept': hf_step_worker,
+           'compile': t5lite_compile_worker}
+# glibc's environment form of t5lite.host_memory's mallopt calls, for the 'hf_kept' rows.
+KEPT_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}
+FRAMEWORKS = {'t5lite': 't5lite', 'compile': 't5lite', 'hf': 'HF torch',
+              'hf_kept': 'HF torch, kept host memory'}
 
 
 def run_worker(spec: dict, timeout: float, env: dict | None = None) -> dict:
@@ -355,7 +365,7 @@ def machine_lines(args) -> list[str]:
 
 COLUMNS = ['kind', 'shape', 'framework', 'dtype', 'layers', 'scan', 'params',
            'first step / compile s', 'step s (median)', 'CPU s/step', 'tokens/s', 'GFLOP/step',
-           'matmul peak GFLOP/s', 'MFU', 't5lite/HF', 'vs fewest layers', 'peak RSS MiB', 'load']
+           'matmul peak GFLOP/s', 'MFU', 't5lite/HF', 't5lite/HF kept mem', 'vs fewest layers', 'peak RSS MiB', 'load']
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -376,7 +386,8 @@ def table(rows: list[dict]) -> list[str]:
                fmt(r.get('flops_per_step') and r['flops_per_step'] / 1e9, '.1f'),
                fmt(r.get('peak_flops') and r['peak_flops'] / 1e9, '.0f'),
                fmt(r.get('mfu') and 100 * r['mfu'], '.1f') + ('%' if r.get('mfu') else ''),
-               fmt(r.get('ratio_vs_hf'), '.2f'), fmt(r.get('vs_fewest_layers'), '.2f'),
+               fmt(r.get('ratio_vs_hf'), '.2f'), fmt(r.get('ratio_vs_hf_kept'), '.2f'),
+               fmt(r.get('vs_fewest_layers'), '.2f'),
                fmt(r.get('peak_rss_mib'), ',.0f'), fmt(r.get('load'), '.1f')]
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return lines
@@ -394,6 +405,8 @@ bf16 rows with bf16 operands and f32 accumulation; HF: torch.matmul, bf16 rows b
 autocast runs nn.Linear), as the best of the model's shapes (encoder tokens x d_model x d_ff,
 encoder tokens x d_ff x d_model, decoder tokens x d_model x vocab), best of 8 each;
 t5lite/HF = HF step time / t5lite step time (>1: t5lite faster), same shape and dtype;
+t5lite/HF kept mem = the same against HF run with t5lite's host allocator settings (glibc
+MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ max; t5lite applies them to itself on CPU);
 first step / compile s = the first call (t5lite: trace + lower + compile + one step; HF: one eager
 step with lazy optimizer state) for step rows, trace + lower + XLA compile for compile rows;
 vs fewest layers = compile s / compile s of the fewest-layer row with the same scan setting;
@@ -410,8 +423,9 @@ def finish_rows(results: list[tuple[dict, dict]], expected_params: dict) -> list
     shape = Shape(**spec['shape'])
     config = build_config(shape, spec['dtype'])
     row = {'kind': 'compile' if spec['worker'] == 'compile' else 'step', 'shape': shape.name,
-           'framework': 'HF torch' if spec['worker'] == 'hf' else 't5lite',
-           'dtype': spec['dtype'] if spec['worker'] != 'hf' or spec['dtype'] == 'float32'
+           'framework': FRAMEWORKS[spec['worker']],
+           'dtype': spec['dtype'] if spec['worker'] not in ('hf', 'hf_kept')
+                    or spec['dtype'] == 'float32'
                     else 'bfloat16 autocast',
            'layers': f'{config.model.num_encoder_layers}+{config.model.num_decoder_layers}',
            'scan': spec.get('scan') if spec['worker'] == 'compile' else None,
@@ -432,11 +446,13 @@ def finish_rows(results: list[tuple[dict, dict]], expected_params: dict) -> list
   # Ratios between rows.
   for row in rows:
     if row['kind'] == 'step' and row['framework'] == 't5lite' and 'step_s' in row:
-      twin = [r for r in rows if r['kind'] == 'step' and r['framework'] == 'HF torch'
-              and r['shape'] == row['shape'] and r['dtype'].split()[0] == row['dtype']
-              and 'step_s' in r and not r.get('error')]
-      if twin:
-        row['ratio_vs_hf'] = twin[0]['step_s'] / row['step_s']
+      for framework, key in (('HF torch', 'ratio_vs_hf'),
+                             ('HF torch, kept host memory', 'ratio_vs_hf_kept')):
+        twin = [r for r in rows if r['kind'] == 'step' and r['framework'] == framework
+                and r['shape'] == row['shape'] and r['dtype'].split()[0] == row['dtype']
+                and 'step_s' in r and not r.get('error')]
+        if twin:
+          row[key] = twin[0]['step_s'] / row['step_s']
     if row['kind'] == 'compile' and 'first_s' in row:
       same = [r for r in rows if r['kind'] == 'compile' and r['scan'] == row['scan']
               and 'first_s' in r]
@@ -497,8 +513,8 @@ def main(argv=None) -> int:
   for shape in shapes(args.quick):
     for dtype in ('float32', 'bfloat16'):
       # t5lite then HF, back to back: their ratio sees the same load on a shared machine.
-      for worker in ('t5lite', 'hf'):
-        if args.only in (None, worker):
+      for worker in ('t5lite', 'hf', 'hf_kept'):
+        if args.only in (None, worker.split('_')[0]):
           specs.append({'worker': worker, 'shape': dataclasses.asdict(shape), 'dtype': dtype,
                         'steps': args.steps})
   if args.only in (None, 't5lite'):
@@ -514,8 +530,10 @@ def main(argv=None) -> int:
   for i, spec in enumerate(specs, 1):
     load = os.getloadavg()[0]
     env = None
-    if args.hf_omp_passive and spec['worker'] == 'hf':
-      env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE')
+    if spec['worker'] == 'hf_kept':
+      env = dict(os.environ, **KEPT_MEMORY_ENV)
+    if args.hf_omp_passive and spec['worker'] in ('hf', 'hf_kept'):
+      env = dict(env or os.environ, OMP_WAIT_POLICY='PASSIVE')
     result = run_worker(spec, timeout, env)
     result['load'] = load
     results.append((spec, result))

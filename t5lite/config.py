@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.vocabulary = 'embedded'
   c.data.sp_vocab_size = 1948               # embedded SentencePiece size; + 100 sentinels = 2048
 
+  # CPU backend: keep freed host memory for reuse instead of returning it to the kernel after
+  # every step (glibc malloc settings; t5lite/host_memory.py), ~1.2-1.3x faster CPU steps.
+  c.keep_host_memory = True
+
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
   c.train.batch_size = 32                   # global, over all processes

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from t5lite import checkpoints, cli, distributed, partitioning, trainer
+from t5lite import checkpoints, cli, distributed, host_memory, partitioning, trainer
 from t5lite import config as config_lib
 from t5lite.evaluation import evaluator as evaluator_lib
 from t5lite.models.presets import ModelConfig
@@ -74,6 +74,7 @@ def build(config, devices=None):
   """(model, mesh, rules) for a validated config."""
   devices = list(devices if devices is not None else jax.devices())
   shape = config_lib.validate(config, len(devices))
+  host_memory.keep_freed_memory(config.keep_host_memory, devices[0].platform)
   mesh = partitioning.make_mesh(shape, devices)
   return make_model(ModelConfig.from_config(config.model)), mesh, config.partitioning.rules
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from t5lite import checkpoints, cli, distributed
+from t5lite import checkpoints, cli, distributed, host_memory
 from t5lite import config as config_lib
 from t5lite import optim, partitioning, reporting, trainer
 from t5lite.data import pipeline, vocab
@@ -173,6 +173,7 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
   devices = list(devices if devices is not None else jax.devices())
   shape = config_lib.validate(config, len(devices))  # before anything is built
   config_lib.save_config(config, workdir)
+  host_memory.keep_freed_memory(config.keep_host_memory, devices[0].platform)
   config_dict = json.loads(json.dumps(config.to_dict(), default=str))
   mesh = partitioning.make_mesh(shape, devices)
   rules = config.partitioning.rules

@@ -43,7 +43,8 @@ def test_attention_matches_numpy():
   xq, xkv = rng.randn(b, lq, d).astype(np.float32), rng.randn(b, lk, d).astype(np.float32)
   mask = rng.rand(b, 1, lq, lk) > 0.3
   mask[..., 0] = True  # every query sees at least one key
-  bias = np.where(mask, 0.0, -1e10).astype(np.float32) + rng.randn(1, h, lq, lk).astype(np.float32)
+  relpos = rng.randn(1, h, lq, lk).astype(np.float32)
+  bias = layers.AttentionBias(jnp.asarray(relpos), jnp.asarray(mask))
   attn = layers.MultiHeadAttention(h, dh, jnp.float32, 0.0, True)
   params = nn.meta.unbox(attn.init(jax.random.PRNGKey(0), xq, xkv, bias))['params']
   got = attn.apply({'params': params}, xq, xkv, bias)
@@ -53,7 +54,8 @@ def test_attention_matches_numpy():
   q = np.einsum('bld,dhk->bhlk', xq, wq)
   k = np.einsum('bld,dhk->bhlk', xkv, wk)
   v = np.einsum('bld,dhk->bhlk', xkv, wv)
-  logits = q @ k.transpose(0, 1, 3, 2) + bias  # T5: no 1/sqrt(head_dim) scaling
+  logits = q @ k.transpose(0, 1, 3, 2) + relpos  # T5: no 1/sqrt(head_dim) scaling
+  logits = np.where(mask, logits, -np.inf)
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   expected = np.einsum('bhqk,bhkd,hde->bqe', weights, v, wo)

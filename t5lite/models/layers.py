@@ -9,18 +9,16 @@ float32.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from t5lite.models import matmul
+from t5lite.models import attention, matmul
 
 Dtype = Any
-# Additive attention bias for masked positions; finite so fully-masked (padding) rows stay NaN-free.
-MASK_BIAS = -1e10
 
 
 def param_init(stddev: float, axes: tuple[str, ...]):
@@ -121,8 +119,12 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, causal: bool = 
   return mask[:, None]
 
 
-def mask_to_bias(mask: jax.Array) -> jax.Array:
-  return jnp.where(mask, 0.0, MASK_BIAS).astype(jnp.float32)
+class AttentionBias(NamedTuple):
+  """What attention adds to its scores: `bias`, float and learned (the relative position bias,
+  [1, heads, q, k], or [batch, heads, 1, k] in cached decoding), and `mask`, boolean
+  ([batch, 1, q, k], False where a key must not be seen); either may be None."""
+  bias: jax.Array | None
+  mask: jax.Array | None
 
 
 class Projection(nn.Module):
@@ -174,7 +176,7 @@ class MultiHeadAttention(nn.Module):
     cross-attention stores the encoder's keys/values whole, so they are computed once.
   - `decode`: one new query per call. Self-attention writes its key/value at `cache_index`
     ([batch] int32, per example, since prompts differ in length) and attends over the whole cache;
-    `bias` ([batch, heads, 1, cache_length]) masks the slots not written yet. Cross-attention
+    `bias.mask` ([batch, 1, 1, cache_length]) hides the slots not written yet. Cross-attention
     reads the stored encoder keys/values; `inputs_kv` is unused.
   """
   num_heads: int
@@ -188,7 +190,7 @@ class MultiHeadAttention(nn.Module):
   cache_length: int = 0      # self-attention cache slots (prefill)
 
   @nn.compact
-  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None, bias: jax.Array,
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None, bias: AttentionBias,
                cache_index: jax.Array | None = None) -> jax.Array:
     d_model = inputs_q.shape[-1]
     inner = self.num_heads * self.head_dim
@@ -207,11 +209,13 @@ class MultiHeadAttention(nn.Module):
     if self.prefill or self.decode:
       k, v = self._cache(k, v, cache_index, act)
 
-    logits = matmul.einsum(matmul.ATTENTION_LOGITS, q, k, self.dtype, jnp.float32) + bias
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    if self.dropout_rate > 0 and not self.deterministic:
-      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = matmul.einsum(matmul.ATTENTION_OUTPUT, weights, v, self.dtype)
+    keep = None
+    if self.dropout_rate > 0 and not self.deterministic:  # dropout on the attention weights
+      keep_rate = 1.0 - self.dropout_rate
+      shape = (q.shape[0], self.num_heads, q.shape[1], k.shape[1])
+      keep = (jax.random.bernoulli(self.make_rng('dropout'), keep_rate, shape)
+              .astype(self.dtype) / keep_rate)
+    out = attention.dot_product_attention(q, k, v, bias.bias, bias.mask, self.dtype, keep)
     out = constrain(out, act)
     return Projection((self.num_heads, self.head_dim, d_model), ('heads', 'kv', 'embed'), 2,
                       inner ** -0.5, self.dtype, name='out')(out)

@@ -118,10 +118,10 @@ class Encoder(nn.Module):
   def __call__(self, embedded, segments, deterministic: bool):
     c = self.cfg
     length = embedded.shape[1]
-    bias = layers.RelativePositionBias(c.relative_attention_num_buckets,
-                                       c.relative_attention_max_distance, c.num_heads,
-                                       bidirectional=True, name='relpos_bias')(length, length)
-    bias = bias + layers.mask_to_bias(layers.attention_mask(segments, segments))
+    relpos = layers.RelativePositionBias(c.relative_attention_num_buckets,
+                                         c.relative_attention_max_distance, c.num_heads,
+                                         bidirectional=True, name='relpos_bias')(length, length)
+    bias = layers.AttentionBias(relpos, layers.attention_mask(segments, segments))
     x = nn.Dropout(c.dropout_rate, deterministic=deterministic)(embedded)
     x = _run_layers(self, EncoderLayer, c.num_encoder_layers, c, deterministic, x, bias)
     x = layers.RMSNorm(dtype=jnp.dtype(c.dtype), name='final_norm')(x)
@@ -151,14 +151,13 @@ class Decoder(nn.Module):
     extra, cache_kwargs = (), {}
     if decode:
       index = self.get_variable('cache', 'cache_index')
-      self_bias = relpos(1, cache_length, query_positions=index)
       written = jnp.arange(cache_length)[None, :] <= index[:, None]
-      self_bias = self_bias + layers.mask_to_bias(written[:, None, None, :])
+      self_bias = layers.AttentionBias(relpos(1, cache_length, query_positions=index),
+                                       written[:, None, None, :])
       self.put_variable('cache', 'cache_index', index + 1)
       extra, cache_kwargs = (index,), dict(decode=True, cache_length=cache_length)
     else:
-      self_bias = relpos(length, length)
-      self_bias = self_bias + layers.mask_to_bias(layers.attention_mask(
+      self_bias = layers.AttentionBias(relpos(length, length), layers.attention_mask(
           segments, segments, causal=True, bidirectional_q=causal_attention,
           bidirectional_k=causal_attention))
       if prefill:
@@ -168,7 +167,7 @@ class Decoder(nn.Module):
         cache_kwargs = dict(prefill=True, cache_length=cache_length)
     cross_bias = None
     if encoder_segments is not None:
-      cross_bias = layers.mask_to_bias(layers.attention_mask(segments, encoder_segments))
+      cross_bias = layers.AttentionBias(None, layers.attention_mask(segments, encoder_segments))
     x = nn.Dropout(c.dropout_rate, deterministic=deterministic)(embedded)
     x = _run_layers(self, DecoderLayer, c.num_decoder_layers, c, deterministic, x, self_bias,
                     encoded, cross_bias, *extra, **cache_kwargs)
