@@ -144,7 +144,10 @@ def _run_backward(q, k, v, bias, mask, keep, weights, out, d_out, chunks):
   looped, rebuild = _per_chunk((q, k, v, mask, keep, weights, out, d_out), chunks)
 
   def body(d_bias_sum, slices):
-    d_q, d_k, d_v, d_scores = _backward(*rebuild(slices))
+    # The barrier keeps XLA from hoisting conversions of whole inputs out of the loop (done on
+    # all chunks at once, in memory: the traffic the loop avoids). T5.1.1-small bf16 step,
+    # interleaved A/B: 3.58 s without it, 2.99 s with it, 3.11 s unchunked.
+    d_q, d_k, d_v, d_scores = _backward(*rebuild(jax.lax.optimization_barrier(slices)))
     if bias_batched:
       return d_bias_sum, (d_q, d_k, d_v, _sum_to(d_scores, (d_scores.shape[0],) + bias.shape[1:]))
     return d_bias_sum + _sum_to(d_scores, bias.shape), (d_q, d_k, d_v)
