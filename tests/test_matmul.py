@@ -53,10 +53,21 @@ def test_attention_einsums_match_float32(spec):
     assert got.dtype == BF16 and rel_err(got, want) < 5e-3
 
 
-def test_float32_is_a_plain_einsum():
-  x = jax.random.normal(jax.random.PRNGKey(4), (2, 5, 8), F32)
-  kernel = jax.random.normal(jax.random.PRNGKey(5), (8, 6), F32)
-  np.testing.assert_array_equal(matmul.dense(x, kernel, F32), jnp.einsum('bld,df->blf', x, kernel))
+@pytest.mark.parametrize('spec, a_shape, b_shape', [
+    (matmul.DENSE, (2, 5, 8), (8, 6)), (matmul.DENSE_TRANSPOSED, (2, 5, 8), (6, 8)),
+    (matmul.ATTENTION_LOGITS, (2, 5, 3, 4), (2, 7, 3, 4)),
+    (matmul.ATTENTION_OUTPUT, (2, 3, 5, 7), (2, 7, 3, 4))])
+def test_float32_equals_autodiff_of_the_plain_einsum(spec, a_shape, b_shape):
+  """Float32 also takes the custom VJP (for its backward layouts): the same values and gradients
+  as autodiff of jnp.einsum, every spec's backward equations included."""
+  a = jax.random.normal(jax.random.PRNGKey(4), a_shape, F32)
+  b = jax.random.normal(jax.random.PRNGKey(5), b_shape, F32)
+  want_out, want = _grads(lambda a, b: jnp.einsum(spec[0], a, b), a, b)
+  out, got = _grads(lambda a, b: matmul.einsum(spec, a, b, F32), a, b)
+  np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+  for g, w in zip(got, want):
+    assert g.dtype == F32
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def _kernel_grad(x, kernel):
