@@ -20,17 +20,18 @@ Every eval.every_steps steps (and at the end) the model decodes and scores both 
 the metrics, and metrics.jsonl gets eval/<task>/<metric> on that step's line.
 
 Measured 2026-11-23 on the 2-core CPU VM (nothing else running; seed 0) after the 1500-step
-Adafactor quickstart (`configs/quickstart_finetune.py:/tmp/qs_new`), both with the
-mixed-precision matmuls (docs/performance.md): the fine-tune took 1m57s wall for 1000 steps
-including four evaluations (5m07s before them, beside a CI run). Validation results, as printed
+Adafactor quickstart (`configs/quickstart_finetune.py:/tmp/qs_s11`), both with the attention
+core and host-memory settings of docs/performance.md: the fine-tune took 1m30s wall for 1000
+steps including four evaluations (1m57s before those, 5m07s beside a CI run before the
+mixed-precision matmuls). Validation results, as printed
 during training (`eval --checkpoint all` afterwards finds every step evaluated and skips them; an
 earlier run checked that it reproduces the training-time metrics digit for digit):
 
   step   docstring_kind acc / macro F1 / rank acc   docstring_module acc
-   250        91.3 / 91.3 / 91.3                         40.2
-   500        92.8 / 92.8 / 92.8                         44.2
-   750        93.6 / 93.6 / 93.6                         44.7
-  1000        94.5 / 94.5 / 94.5                         45.4
+   250        91.3 / 91.3 / 91.3                         38.3
+   500        90.5 / 90.5 / 90.5                         43.1
+   750        91.3 / 91.3 / 91.3                         46.1
+  1000        90.2 / 90.2 / 90.2                         47.1
   trivial baseline (t5lite.data.downstream.baselines()):
               50.0 / 33.3 (majority; the split is balanced)  3.5 (always 'logging')
   the quickstart checkpoint itself (no fine-tuning): 0.0 / 0.0 / 50.0, and 0.0
