@@ -1,26 +1,26 @@
 """The attention core, softmax(q k^T + bias, masked) v, with a hand-written backward pass.
 
-Autodiff of `softmax(s) @ v` keeps the normalised weights and, in the backward pass, reduces
-dP * P over every key of every query: one more full pass over the [batch, heads, q, k] scores.
-This core uses FlashAttention's identity instead (Dao et al. 2022, "FlashAttention", Appendix
-B.2): the row sum of dP * P equals rowsum(dO * O), a reduction over [batch, q, heads, d], k / d
-times smaller. It normalises the output rather than the weights (o = (e v) / l with
-e = exp(s - max s), l = sum e), so the weights are written once, unnormalised, in the compute
-dtype; the backward pass folds 1 / l into dO, again the small tensor.
+Autodiff of `softmax(s) @ v` reduces dP * P over every key of every query in its backward pass:
+one more full pass over the [batch, heads, q, k] scores. This core uses FlashAttention's identity
+instead (Dao et al. 2022, "FlashAttention", Appendix B.2): the row sum of dP * P equals
+rowsum(dO * O), a reduction over [batch, q, heads, d], k / d times smaller. The forward pass is
+the plain one; it saves the weights in the compute dtype and the output in float32 (for an
+unrounded rowsum(dO * O)).
 
 The relative position bias ([1, heads, q, k], shared by the batch) gets its gradient summed over
-the batch inside the backward pass. The mask is boolean and has no gradient.
+the batch inside the backward pass, rather than autodiff summing a [batch, heads, q, k] gradient
+over every layer that shares it. The mask is boolean and has no gradient.
 
-Large score tensors are processed a few examples at a time (a loop over batch chunks of at most
-`CHUNK_BYTES` of float32 scores), so that the scores of one chunk stay in the CPU's caches between
-the dot that writes them and the passes that read them: measured on this project's 2-core VM for
-T5.1.1-small's encoder (8 x 6 heads x 512 x 512), forward + backward 147 -> 112 ms per layer
-against the plain formulation (benchmarks/train_throughput.py measures the whole step). A chunk
-takes every n-th example (a strided split), so a batch sharded over devices stays sharded the same
-way in every chunk.
+When the scores are large, the backward pass runs a few examples at a time (a loop over batch
+chunks of at most `CHUNK_BYTES` of float32 scores), so that one chunk's scores stay in the CPU's
+caches between the dot that writes them and the passes that read them. T5.1.1-small's encoder
+attention (8 x 6 heads x 512 x 512) on this project's 2-core VM, forward + backward:
+139-149 -> 96-100 ms per layer against the plain formulation (docs/performance.md has the whole
+step). A chunk takes every n-th example (a strided split), so a batch sharded over devices stays
+sharded the same way in every chunk. (Chunking the forward pass too measured no faster.)
 
 In bfloat16 every dot takes bfloat16 operands and accumulates in float32 (the operand orders of
-`matmul.ATTENTION_*`, which XLA:CPU's bf16 kernels take); scores, max, exp sums are float32.
+`matmul.ATTENTION_*`, which XLA:CPU's bf16 kernels take); scores, softmax and sums are float32.
 """
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def _merge(x):
 
 
 def _per_chunk(arrays, chunks):
-  """(looped, fixed): the batched arrays split into chunks, and a rebuild(looped_slices) that
-  returns all arrays in order, the broadcast ones unchanged."""
+  """(looped, rebuild): the batched arrays split into chunks, and a function that takes one
+  chunk's slices of them and returns all arrays in order (the broadcast ones unchanged)."""
   batched = [i for i, a in enumerate(arrays) if a.shape[0] != 1]
   looped = [_split(arrays[i], chunks) for i in batched]
 
