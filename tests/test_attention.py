@@ -94,3 +94,23 @@ def test_chunked_sharded_training_equals_unchunked_one_device(monkeypatch, mesh)
   losses, _ = train_losses(config, jax.devices(), steps=3)
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
   assert losses[-1] < losses[0]
+
+
+def test_attention_layer_dropout_drops_and_rescales():
+  """MultiHeadAttention's dropout on the weights: a training call differs from the deterministic
+  one, and its mean over many dropout keys converges to it (kept weights scaled by 1 / keep)."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from t5lite.models import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, 5, 16), jnp.float32)
+  bias = layers.AttentionBias(jnp.asarray(rng.randn(1, 2, 5, 5), jnp.float32), None)
+  make = lambda deterministic: layers.MultiHeadAttention(2, 8, jnp.float32, 0.5, deterministic)
+  params = nn.meta.unbox(make(True).init(jax.random.PRNGKey(0), x, x, bias))['params']
+  plain = make(True).apply({'params': params}, x, x, bias)
+  dropped = jax.vmap(lambda key: make(False).apply({'params': params}, x, x, bias,
+                                                   rngs={'dropout': key}))(
+      jax.random.split(jax.random.PRNGKey(1), 4000))
+  assert float(jnp.abs(dropped[0] - plain).max()) > 1e-2  # something was dropped
+  # Standard error of the mean over 4000 draws is ~1.6% of a draw's spread.
+  spread = float(jnp.std(dropped, axis=0).max())
+  np.testing.assert_allclose(dropped.mean(0), plain, atol=5 * spread / np.sqrt(4000))

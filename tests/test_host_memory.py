@@ -4,9 +4,9 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
-from t5lite import host_memory
+from t5lite import eval as eval_lib
+from t5lite import host_memory, train
+from test_init_from import tiny_config
 
 # In a fresh interpreter: count glibc's mmapped blocks (mallinfo2().hblks) around a 64 MiB malloc,
 # before and after keep_freed_memory.
@@ -34,8 +34,9 @@ PROBE = textwrap.dedent('''
 
 
 def test_large_blocks_come_from_the_heap_once_applied():
-  if not sys.platform.startswith('linux'):
-    pytest.skip('glibc only')
+  if not sys.platform.startswith('linux'):  # no glibc: the documented no-op, not a skip
+    assert host_memory.keep_freed_memory(True, backend='cpu') is False
+    return
   result = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True,
                           check=True)
   before, applied, after = result.stdout.split()
@@ -47,3 +48,14 @@ def test_off_or_not_cpu_leaves_the_allocator_alone(monkeypatch):
   assert host_memory.keep_freed_memory(False, backend='cpu') is False
   assert host_memory.keep_freed_memory(True, backend='gpu') is False
   assert host_memory._applied is False
+
+
+def test_train_and_eval_jobs_apply_the_config(monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(host_memory, 'keep_freed_memory',
+                      lambda enabled, backend=None: calls.append((enabled, backend)))
+  config = tiny_config(1)
+  config.keep_host_memory = False
+  eval_lib.build(config)  # the eval and infer jobs' set-up
+  train.run(config, str(tmp_path))
+  assert calls == [(False, 'cpu'), (False, 'cpu')]
