@@ -59,9 +59,13 @@ def test_float32_matches_numpy_and_autodiff(monkeypatch, chunk_bytes, bias_batch
   assert float(jnp.abs(grads[3]).max()) > 1e-3  # the bias gradient is not trivially zero
 
 
-def test_bfloat16_is_as_accurate_as_the_plain_formulation():
+@pytest.mark.parametrize('chunk_bytes', [None, 1])  # one chunk / one example each (bf16 as bits)
+def test_bfloat16_is_as_accurate_as_the_plain_formulation(monkeypatch, chunk_bytes):
   """Against float32 truth, the bf16 core's output and gradients err no more than the plain bf16
   formulation's (its backward uses rowsum(dO * O) and the rounded weights instead)."""
+  if chunk_bytes:
+    monkeypatch.setattr(attention, 'CHUNK_BYTES', chunk_bytes)
+  assert attention.num_chunks(4, 2, 64, 64) == (4 if chunk_bytes else 1)
   q, k, v, bias, mask, d_out = inputs(batch=4, q_len=64, k_len=64, heads=2, dim=16)
   truth = vjp(lambda *a: attention.reference_attention(*a, mask, jnp.float32), q, k, v, bias,
               d_out)

@@ -17,7 +17,9 @@ caches between the dot that writes them and the passes that read them. T5.1.1-sm
 attention (8 x 6 heads x 512 x 512) on this project's 2-core VM, forward + backward:
 139-149 -> 96-100 ms per layer against the plain formulation (docs/performance.md has the whole
 step). A chunk takes every n-th example (a strided split), so a batch sharded over devices stays
-sharded the same way in every chunk. (Chunking the forward pass too measured no faster.)
+sharded the same way in every chunk; the loop slices its inputs and writes its gradients in place,
+with no transposing copies (T5.1.1-small bf16 step, interleaved A/B: 2.94 -> 2.52 s against
+stacking a scan's outputs). (Chunking the forward pass too measured no faster.)
 
 In bfloat16 every dot takes bfloat16 operands and accumulates in float32 (the operand orders of
 `matmul.ATTENTION_*`, which XLA:CPU's bf16 kernels take); scores, softmax and sums are float32.
@@ -109,31 +111,22 @@ def _backward(q, k, v, mask, keep, weights, out, d_out):
 
 # --- chunking over the batch -------------------------------------------------------------------
 
-def _split(x, chunks):
-  """[b, ...] -> [chunks, b / chunks, ...], chunk j holding examples j, j + chunks, ...;
-  arrays with batch 1 (broadcast) are returned as they are."""
-  if x.shape[0] == 1 or chunks == 1:
-    return x
-  return jnp.moveaxis(x.reshape((x.shape[0] // chunks, chunks) + x.shape[1:]), 1, 0)
+def _chunk_view(x, chunks):
+  """[b, ...] -> [b / chunks, chunks, ...], a free reshape: chunk j is [:, j], the examples
+  j, j + chunks, ... (so a batch sharded over devices stays sharded the same way in every chunk)."""
+  return _bits(x.reshape((x.shape[0] // chunks, chunks) + x.shape[1:]))
 
 
-def _merge(x):
-  """Inverse of _split for a [chunks, b / chunks, ...] loop output."""
-  return jnp.moveaxis(x, 0, 1).reshape((-1,) + x.shape[2:])
+def _bits(x):
+  """bfloat16 viewed as uint16. XLA:CPU widens a bfloat16 array that a loop slices to float32,
+  whole, before the loop (a converting copy of every saved weight, 84 ms per T5.1.1-small
+  step); integers it leaves alone."""
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
 
 
-def _per_chunk(arrays, chunks):
-  """(looped, rebuild): the batched arrays split into chunks, and a function that takes one
-  chunk's slices of them and returns all arrays in order (the broadcast ones unchanged)."""
-  batched = [i for i, a in enumerate(arrays) if a.shape[0] != 1]
-  looped = [_split(arrays[i], chunks) for i in batched]
-
-  def rebuild(slices):
-    out = list(arrays)
-    for i, s in zip(batched, slices):
-      out[i] = s
-    return out
-  return looped, rebuild
+def _from_bits(x, dtype):
+  """Undoes _bits."""
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
 def _run_backward(q, k, v, bias, mask, keep, weights, out, d_out, chunks):
@@ -141,21 +134,36 @@ def _run_backward(q, k, v, bias, mask, keep, weights, out, d_out, chunks):
     d_q, d_k, d_v, d_scores = _backward(q, k, v, mask, keep, weights, out, d_out)
     return d_q, d_k, d_v, _sum_to(d_scores, bias.shape)
   bias_batched = bias.shape[0] != 1
-  looped, rebuild = _per_chunk((q, k, v, mask, keep, weights, out, d_out), chunks)
+  inputs = (q, k, v, mask, keep, weights, out, d_out)
+  batched = [i for i, a in enumerate(inputs) if a.shape[0] != 1]  # the rest is broadcast
+  views = [_chunk_view(inputs[i], chunks) for i in batched]
+  # Gradients are written chunk by chunk into buffers of the same view, so that neither the
+  # inputs nor the results are ever transposed (as stacking a scan's outputs would).
+  results = [q, k, v] + ([bias] if bias_batched else [])
+  buffers = [_chunk_view(jnp.zeros(a.shape, a.dtype), chunks) for a in results]
 
-  def body(d_bias_sum, slices):
+  def body(j, carry):
+    d_bias_sum, buffers = carry
+    slices = [jax.lax.dynamic_index_in_dim(x, j, 1, keepdims=False) for x in views]
     # The barrier keeps XLA from hoisting conversions of whole inputs out of the loop (done on
-    # all chunks at once, in memory: the traffic the loop avoids). T5.1.1-small bf16 step,
-    # interleaved A/B: 3.58 s without it, 2.99 s with it, 3.11 s unchunked.
-    d_q, d_k, d_v, d_scores = _backward(*rebuild(jax.lax.optimization_barrier(slices)))
+    # all chunks at once, in memory: the traffic the loop avoids).
+    slices = jax.lax.optimization_barrier(slices)
+    chunk = list(inputs)
+    for i, s in zip(batched, slices):
+      chunk[i] = _from_bits(s, inputs[i].dtype)
+    d_q, d_k, d_v, d_scores = _backward(*chunk)
+    grads = [d_q, d_k, d_v]
     if bias_batched:
-      return d_bias_sum, (d_q, d_k, d_v, _sum_to(d_scores, (d_scores.shape[0],) + bias.shape[1:]))
-    return d_bias_sum + _sum_to(d_scores, bias.shape), (d_q, d_k, d_v)
+      grads.append(_sum_to(d_scores, (d_scores.shape[0],) + bias.shape[1:]))
+    else:
+      d_bias_sum = d_bias_sum + _sum_to(d_scores, bias.shape)
+    buffers = [jax.lax.dynamic_update_index_in_dim(b, _bits(g), j, 1)
+               for b, g in zip(buffers, grads)]
+    return d_bias_sum, buffers
 
-  d_bias, grads = jax.lax.scan(body, jnp.zeros(bias.shape, _F32), looped)
-  if bias_batched:
-    d_bias = _merge(grads[3])
-  return _merge(grads[0]), _merge(grads[1]), _merge(grads[2]), d_bias
+  d_bias, buffers = jax.lax.fori_loop(0, chunks, body, (jnp.zeros(bias.shape, _F32), buffers))
+  grads = [_from_bits(b, a.dtype).reshape(a.shape) for b, a in zip(buffers, results)]
+  return grads[0], grads[1], grads[2], (grads[3] if bias_batched else d_bias)
 
 
 def _sum_to(grad, shape):
