@@ -37,6 +37,30 @@ def test_rms_norm_matches_numpy():
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_rms_norm_gradients_equal_autodiff_of_the_formula():
+  """The hand-written backward against jax.grad of the plain formula, for x and scale, in
+  float32 (and bf16 inputs/outputs, within bf16 rounding)."""
+  rng = np.random.RandomState(2)
+  x = jnp.asarray(rng.randn(3, 7, 16) * 2, jnp.float32)
+  scale = jnp.asarray(rng.rand(16) + 0.5, jnp.float32)
+  d_y = jnp.asarray(rng.randn(3, 7, 16), jnp.float32)
+
+  def plain(x, scale):
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, axis=-1, keepdims=True) + 1e-6) * scale
+
+  for dtype, rtol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    fast = lambda x, s: layers.rms_norm(x, s, 1e-6, jnp.dtype(dtype).name)
+    y, pullback = jax.vjp(fast, x.astype(dtype), scale)
+    want_y, want_pullback = jax.vjp(lambda x, s: plain(x, s).astype(dtype), x.astype(dtype),
+                                    scale)
+    np.testing.assert_allclose(np.float32(y), np.float32(want_y), rtol=rtol, atol=rtol)
+    got, want = pullback(d_y.astype(dtype)), want_pullback(d_y.astype(dtype))
+    assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=rtol, atol=rtol)
+
+
 def test_attention_matches_numpy():
   rng = np.random.RandomState(0)
   b, lq, lk, d, h, dh = 2, 4, 6, 16, 2, 8

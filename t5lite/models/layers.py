@@ -9,6 +9,7 @@ float32.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -40,9 +41,40 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
                        (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    return (x32 * jax.lax.rsqrt(variance + self.epsilon) * scale).astype(self.dtype)
+    return rms_norm(x, scale, self.epsilon, jnp.dtype(self.dtype).name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x: jax.Array, scale: jax.Array, epsilon: float, dtype_name: str) -> jax.Array:
+  """x / rms(x) * scale over the last axis, in float32; the result in `dtype_name`.
+
+  The backward pass is written out and saves only x and the per-row 1 / rms: autodiff saved
+  float32 [tokens, d_model] products and materialised the broadcast 1 / rms (about 7 ms per
+  T5.1.1-small encoder norm on this project's CPU). bf16 step 2.58 -> 2.37 s, f32 4.21 -> 4.01 s
+  (interleaved A/B in one process)."""
+  return _rms_norm_fwd(x, scale, epsilon, dtype_name)[0]
+
+
+def _rms_norm_fwd(x, scale, epsilon, dtype_name):
+  x32 = x.astype(jnp.float32)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
+  return (x32 * rstd * scale).astype(dtype_name), (x, rstd, scale)
+
+
+def _rms_norm_bwd(epsilon, dtype_name, residuals, d_y):
+  del epsilon, dtype_name
+  x, rstd, scale = residuals
+  x_hat = x.astype(jnp.float32) * rstd
+  d_y = d_y.astype(jnp.float32)
+  g = d_y * scale
+  # y = scale * x * r, r = (mean(x^2) + eps)^-1/2, dr/dx_j = -r^3 x_j / n, so
+  # dx_j = r * (g_j - x_hat_j * mean_i(g_i * x_hat_i)).
+  d_x = rstd * (g - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+  d_scale = jnp.sum(d_y * x_hat, axis=tuple(range(x.ndim - 1)))
+  return d_x.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
