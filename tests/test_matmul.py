@@ -70,6 +70,38 @@ def test_float32_equals_autodiff_of_the_plain_einsum(spec, a_shape, b_shape):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def _gated_gelu_grads(fn, x, w0, w1):
+  out = fn(x, w0, w1)
+  cot = jax.random.normal(jax.random.PRNGKey(9), out.shape, F32)
+  return out, jax.grad(lambda *a: jnp.sum(fn(*a).astype(F32) * cot), argnums=(0, 1, 2))(
+      x, w0, w1)
+
+
+def _plain_gated_gelu(x, w0, w1, dtype=F32):
+  x, w0, w1 = (a.astype(dtype) for a in (x, w0, w1))
+  return jax.nn.gelu(x @ w0, approximate=True) * (x @ w1)
+
+
+def test_gated_gelu_equals_autodiff_in_float32_and_is_accurate_in_bfloat16():
+  x = jax.random.normal(jax.random.PRNGKey(10), (2, 24, 32), F32)
+  w0, w1 = (jax.random.normal(jax.random.PRNGKey(i), (32, 48), F32) * 0.3 for i in (11, 12))
+  want_out, want = _gated_gelu_grads(_plain_gated_gelu, x, w0, w1)
+  out, got = _gated_gelu_grads(lambda *a: matmul.gated_gelu(*a, F32), x, w0, w1)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+  for g, w in zip(got, want):
+    assert g.dtype == F32
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  # bf16: as accurate as autodiff of the plain bf16 formulation (against the float32 truth);
+  # the weight gradients more so (an f32 accumulator, not rounded to bf16).
+  xb = x.astype(BF16)
+  out, got = _gated_gelu_grads(lambda *a: matmul.gated_gelu(*a, BF16), xb, w0, w1)
+  _, plain = _gated_gelu_grads(lambda *a: _plain_gated_gelu(*a, BF16), xb, w0, w1)
+  assert out.dtype == BF16 and got[0].dtype == BF16 and got[1].dtype == F32
+  assert rel_err(out, want_out) < 1e-2
+  for g, p, w in zip(got, plain, want):
+    assert rel_err(g, w) < 1.5 * rel_err(p, w) + 1e-3, (rel_err(g, w), rel_err(p, w))
+
+
 def _kernel_grad(x, kernel):
   return jax.grad(lambda k: jnp.sum(matmul.dense(x, k, BF16).astype(F32) ** 2))(kernel)
 
@@ -83,6 +115,10 @@ def test_backend_without_mixed_dots_falls_back_to_bf16_results(monkeypatch):
   np.testing.assert_array_equal(matmul.dense(x, kernel, BF16),
                                 jnp.einsum('bld,df->blf', x, kernel.astype(BF16)))
   assert is_bf16(_kernel_grad(x, kernel))  # plain autodiff: a bf16 gradient cast to f32
+  w1 = kernel * 0.5
+  np.testing.assert_allclose(np.float32(matmul.gated_gelu(x, kernel, w1, BF16)),
+                             np.float32(_plain_gated_gelu(x, kernel, w1, BF16)), rtol=2e-2,
+                             atol=2e-2)
 
 
 def test_probe_detects_a_cpu_that_cannot_run_the_mixed_dots(monkeypatch, caplog):

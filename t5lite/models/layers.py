@@ -198,6 +198,18 @@ class Dense(nn.Module):
     return matmul.dense(x, kernel, self.dtype, out_dtype=self.out_dtype)
 
 
+class Kernel(nn.Module):
+  """A float32 matmul weight alone, as `Dense` would hold it (its parameter `kernel`), for a
+  caller that does the matmul itself."""
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  stddev: float
+
+  @nn.compact
+  def __call__(self):
+    return self.param('kernel', param_init(self.stddev, self.axes), self.shape, jnp.float32)
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention: no biases, no 1/sqrt(head_dim) logit scaling (folded into the query init).
 
@@ -287,12 +299,14 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d_model = x.shape[-1]
-    wi = lambda name: Dense(self.d_ff, ('embed', 'mlp'), d_model ** -0.5, self.dtype, name=name)
     if self.gated_gelu:
-      # tanh-approximate GELU, as in T5.1.1 ("gelu_new" in HuggingFace).
-      h = nn.gelu(wi('wi_0')(x), approximate=True) * wi('wi_1')(x)
+      # tanh-approximate GELU, as in T5.1.1 ("gelu_new" in HuggingFace); both matmuls and the
+      # gate in one custom VJP (matmul.gated_gelu).
+      kernel = lambda name: Kernel((d_model, self.d_ff), ('embed', 'mlp'), d_model ** -0.5,
+                                   name=name)()
+      h = matmul.gated_gelu(x, kernel('wi_0'), kernel('wi_1'), self.dtype)
     else:
-      h = nn.relu(wi('wi')(x))
+      h = nn.relu(Dense(self.d_ff, ('embed', 'mlp'), d_model ** -0.5, self.dtype, name='wi')(x))
     h = constrain(h, ('act_batch', 'act_length', 'act_mlp'))
     if self.dropout_rate > 0 and not self.deterministic:
       h = nn.Dropout(self.dropout_rate)(h, deterministic=False)

@@ -53,6 +53,56 @@ def dense(x: jax.Array, kernel: jax.Array, dtype, transpose_kernel: bool = False
   return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
+def gated_gelu(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype) -> jax.Array:
+  """T5.1.1's gated GELU, gelu(x @ w0) * (x @ w1) (tanh approximation), x[..., d], w [d, f]:
+  both matmuls in `dtype` with float32 accumulation, the gate applied to the float32 results,
+  the result in `dtype`.
+
+  One custom VJP for the pair: the forward pass saves both pre-activations rounded to `dtype`
+  (as two `dense` calls would) but gates the unrounded ones, and the backward pass computes both
+  pre-activation gradients in one elementwise pass. Against two `dense` calls and autodiff of the
+  gate: T5.1.1-small bf16 step 2.38 -> 2.26 s (interleaved A/B in one process)."""
+  dtype = jnp.dtype(dtype)
+  if dtype != _F32 and not mixed_precision_supported():
+    return _gelu_gate(dense(x, w0, dtype), dense(x, w1, dtype)).astype(dtype)
+  x3 = x.reshape((-1,) + x.shape[-2:]) if x.ndim >= 3 else x.reshape((1, -1, x.shape[-1]))
+  h = _gated_gelu(x3, w0, w1, dtype.name)
+  return h.reshape(x.shape[:-1] + h.shape[-1:])
+
+
+def _gelu_gate(a0, a1):
+  return jax.nn.gelu(a0, approximate=True) * a1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gated_gelu(x, w0, w1, dtype_name):
+  return _gated_gelu_fwd(x, w0, w1, dtype_name)[0]
+
+
+def _gated_gelu_fwd(x, w0, w1, dtype_name):
+  xc, w0c, w1c = (a.astype(dtype_name) for a in (x, w0, w1))
+  a0 = jnp.einsum(DENSE[0], xc, w0c, preferred_element_type=_F32)
+  a1 = jnp.einsum(DENSE[0], xc, w1c, preferred_element_type=_F32)
+  h = _gelu_gate(a0, a1).astype(dtype_name)
+  saved = (xc, w0c, w1c, a0.astype(dtype_name), a1.astype(dtype_name))
+  return h, (saved, jnp.zeros((), x.dtype))
+
+
+def _gated_gelu_bwd(dtype_name, residuals, d_h):
+  (xc, w0c, w1c, a0, a1), x_like = residuals
+  _, gate_pullback = jax.vjp(_gelu_gate, a0.astype(_F32), a1.astype(_F32))
+  d_a0, d_a1 = (g.astype(dtype_name) for g in gate_pullback(d_h.astype(_F32)))
+  (d_x_spec, _), (d_w_spec, _) = DENSE[1], DENSE[2]  # operand orders 'gb' and 'ag'
+  d_x = (jnp.einsum(d_x_spec, d_a0, w0c, preferred_element_type=_F32)
+         + jnp.einsum(d_x_spec, d_a1, w1c, preferred_element_type=_F32))
+  d_w0 = jnp.einsum(d_w_spec, xc, d_a0, preferred_element_type=_F32)
+  d_w1 = jnp.einsum(d_w_spec, xc, d_a1, preferred_element_type=_F32)
+  return d_x.astype(x_like.dtype), d_w0, d_w1
+
+
+_gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
+
+
 def einsum(spec, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array:
   """The einsum `spec[0]` of a and b in `dtype`: its forward and both backward einsums take
   `dtype` operands and accumulate in float32, and the gradients come back in a's and b's own
