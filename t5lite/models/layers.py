@@ -64,14 +64,16 @@ def _rms_norm_fwd(x, scale, epsilon, dtype_name):
 def _rms_norm_bwd(epsilon, dtype_name, residuals, d_y):
   del epsilon, dtype_name
   x, rstd, scale = residuals
-  x_hat = x.astype(jnp.float32) * rstd
+  x = x.astype(jnp.float32)
   d_y = d_y.astype(jnp.float32)
-  g = d_y * scale
-  # y = scale * x * r, r = (mean(x^2) + eps)^-1/2, dr/dx_j = -r^3 x_j / n, so
-  # dx_j = r * (g_j - x_hat_j * mean_i(g_i * x_hat_i)).
-  d_x = rstd * (g - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
-  d_scale = jnp.sum(d_y * x_hat, axis=tuple(range(x.ndim - 1)))
-  return d_x.astype(x.dtype), d_scale.astype(scale.dtype)
+  # y = scale * x * r, r = (mean(x^2) + eps)^-1/2, dr/dx_j = -r^3 x_j / n, so with
+  # g = d_y * scale: dx_j = r * (g_j - x_j * r^2 * mean_i(g_i * x_i)).
+  # The row sum is a matrix-vector product with scale: as a reduction, XLA:CPU's reduce kernels
+  # would take scale broadcast to the whole [tokens, d_model] (materialised; 2.39 -> 2.28 s).
+  row_mean = jnp.einsum('...d,d->...', d_y * x, scale)[..., None] / x.shape[-1]
+  d_x = rstd * (d_y * scale - x * (rstd * rstd * row_mean))
+  d_scale = jnp.sum(d_y * x * rstd, axis=tuple(range(x.ndim - 1)))
+  return d_x.astype(residuals[0].dtype), d_scale.astype(scale.dtype)
 
 
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
