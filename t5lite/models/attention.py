@@ -167,7 +167,15 @@ def _run_backward(q, k, v, bias, mask, keep, weights, out, d_out, chunks):
 
 
 def _sum_to(grad, shape):
-  """Sums a [b, h, q, k] gradient over the axes `shape` broadcasts (size 1 there)."""
+  """Sums a [b, h, q, k] gradient over the axes `shape` broadcasts (size 1 there).
+
+  The batch axis is folded in halves first (x[:b/2] + x[b/2:], one elementwise pass): XLA:CPU's
+  reduce kernel over a leading axis is pathologically slow (8 layers of [8, 6, 114, 114], the
+  decoder's relative-position bias gradients: 25 ms as a reduce, 0.5 ms folded)."""
+  if shape[0] == 1:
+    while grad.shape[0] > 1 and grad.shape[0] % 2 == 0:
+      half = grad.shape[0] // 2
+      grad = grad[:half] + grad[half:]
   axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
   return jnp.sum(grad, axis=axes, keepdims=True)
 
