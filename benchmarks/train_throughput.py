@@ -20,10 +20,11 @@ What is measured (docs/performance.md says more):
             t5lite.hf, untied lm_head for v1.1), same batch, torch.optim.AdamW(fused=True, as HF's
             Trainer uses) with the same lr, betas, eps, weight decay and clipping, torch threads =
             cores; bfloat16 = torch.autocast('cpu', bfloat16).
-    HF, kept host memory: the same HF step in a process started with glibc's MALLOC_MMAP_MAX_=0
-            and MALLOC_TRIM_THRESHOLD_ at its maximum, the allocator settings t5lite applies to
-            itself on CPU (config.keep_host_memory, t5lite/host_memory.py): what HF would gain
-            from the same trick, so that the ratio against it shows what is t5lite's own.
+    HF, kept host memory: the same HF step in a process started with glibc's MALLOC_MMAP_MAX_=0,
+            MALLOC_TRIM_THRESHOLD_ at its maximum and MALLOC_ARENA_MAX=1, the allocator settings
+            t5lite applies to itself on CPU (config.keep_host_memory, t5lite/host_memory.py):
+            what HF would gain from the same trick, so that the ratio against it shows what is
+            t5lite's own.
   The first step (compile for t5lite, lazy optimizer state for torch) and one more warm-up step
   are excluded; the median of --steps timed steps is reported.
 - compile rows: trace + lower + XLA compile of t5lite's train step at T5.1.1-small width with
@@ -314,7 +315,8 @@ def hf_step_worker(spec: dict) -> dict:
 WORKERS = {'t5lite': t5lite_step_worker, 'hf': hf_step_worker, 'hf_kept': hf_step_worker,
            'compile': t5lite_compile_worker}
 # glibc's environment form of t5lite.host_memory's mallopt calls, for the 'hf_kept' rows.
-KEPT_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}
+KEPT_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1),
+                   'MALLOC_ARENA_MAX': '1'}
 FRAMEWORKS = {'t5lite': 't5lite', 'compile': 't5lite', 'hf': 'HF torch',
               'hf_kept': 'HF torch, kept host memory'}
 
@@ -409,7 +411,8 @@ autocast runs nn.Linear), as the best of the model's shapes (encoder tokens x d_
 encoder tokens x d_ff x d_model, decoder tokens x d_model x vocab), best of 8 each;
 t5lite/HF = HF step time / t5lite step time (>1: t5lite faster), same shape and dtype;
 t5lite/HF kept mem = the same against HF run with t5lite's host allocator settings (glibc
-MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ max; t5lite applies them to itself on CPU);
+MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ max, MALLOC_ARENA_MAX=1; t5lite applies them to itself
+on CPU);
 first step / compile s = the first call (t5lite: trace + lower + compile + one step; HF: one eager
 step with lazy optimizer state) for step rows, trace + lower + XLA compile for compile rows;
 vs fewest layers = compile s / compile s of the fewest-layer row with the same scan setting;

@@ -72,9 +72,11 @@ def split_flags(argv: Sequence[str], flags: dict[str, type]) -> tuple[dict, list
 
 def build(config, devices=None):
   """(model, mesh, rules) for a validated config."""
+  # Before JAX starts its CPU client, if it has not yet (host_memory's arena limit).
+  host_memory.keep_freed_memory(config.keep_host_memory,
+                                devices[0].platform if devices else None)
   devices = list(devices if devices is not None else jax.devices())
   shape = config_lib.validate(config, len(devices))
-  host_memory.keep_freed_memory(config.keep_host_memory, devices[0].platform)
   mesh = partitioning.make_mesh(shape, devices)
   return make_model(ModelConfig.from_config(config.model)), mesh, config.partitioning.rules
 

@@ -170,10 +170,12 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
   """Trains to config.train.steps, resuming from WORKDIR/checkpoints if there is one; returns
   the metrics logged by this invocation (also appended to WORKDIR/metrics.jsonl)."""
   # --- config, mesh, model, data
+  # Before JAX starts its CPU client, if it has not yet (host_memory's arena limit).
+  host_memory.keep_freed_memory(config.keep_host_memory,
+                                devices[0].platform if devices else None)
   devices = list(devices if devices is not None else jax.devices())
   shape = config_lib.validate(config, len(devices))  # before anything is built
   config_lib.save_config(config, workdir)
-  host_memory.keep_freed_memory(config.keep_host_memory, devices[0].platform)
   config_dict = json.loads(json.dumps(config.to_dict(), default=str))
   mesh = partitioning.make_mesh(shape, devices)
   rules = config.partitioning.rules
