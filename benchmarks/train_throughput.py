@@ -21,7 +21,7 @@ What is measured (docs/performance.md says more):
             Trainer uses) with the same lr, betas, eps, weight decay and clipping, torch threads =
             cores; bfloat16 = torch.autocast('cpu', bfloat16).
     HF, kept host memory: the same HF step in a process started with glibc's MALLOC_MMAP_MAX_=0,
-            MALLOC_TRIM_THRESHOLD_ at its maximum and MALLOC_ARENA_MAX=1, the allocator settings
+            MALLOC_TRIM_THRESHOLD_=2**64-1 and MALLOC_ARENA_MAX=1, the allocator settings
             t5lite applies to itself on CPU (config.keep_host_memory, t5lite/host_memory.py):
             what HF would gain from the same trick, so that the ratio against it shows what is
             t5lite's own.
@@ -315,7 +315,7 @@ def hf_step_worker(spec: dict) -> dict:
 WORKERS = {'t5lite': t5lite_step_worker, 'hf': hf_step_worker, 'hf_kept': hf_step_worker,
            'compile': t5lite_compile_worker}
 # glibc's environment form of t5lite.host_memory's mallopt calls, for the 'hf_kept' rows.
-KEPT_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1),
+KEPT_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**64 - 1),
                    'MALLOC_ARENA_MAX': '1'}
 FRAMEWORKS = {'t5lite': 't5lite', 'compile': 't5lite', 'hf': 'HF torch',
               'hf_kept': 'HF torch, kept host memory'}
@@ -411,7 +411,7 @@ autocast runs nn.Linear), as the best of the model's shapes (encoder tokens x d_
 encoder tokens x d_ff x d_model, decoder tokens x d_model x vocab), best of 8 each;
 t5lite/HF = HF step time / t5lite step time (>1: t5lite faster), same shape and dtype;
 t5lite/HF kept mem = the same against HF run with t5lite's host allocator settings (glibc
-MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ max, MALLOC_ARENA_MAX=1; t5lite applies them to itself
+MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=2**64-1, MALLOC_ARENA_MAX=1; t5lite applies them to itself
 on CPU);
 first step / compile s = the first call (t5lite: trace + lower + compile + one step; HF: one eager
 step with lazy optimizer state) for step rows, trace + lower + XLA compile for compile rows;

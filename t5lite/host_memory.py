@@ -1,28 +1,27 @@
 """Keeps freed host memory mapped, so that XLA:CPU's per-step buffers do not page-fault.
 
 XLA:CPU allocates each step's large temporaries (attention scores, MLP activations: tens of MB)
-with malloc and frees them at the end of the step. glibc serves blocks above its mmap threshold
-(at most 32 MiB) with fresh mmap()s and returns them to the kernel on free, so every step touches
-every page of these buffers for the first time again: one page fault per 4 KiB, zero-filled by
-the kernel. On this project's 2-core VM that made writing a new 50 MB float32 buffer cost ~19 ms
-against ~4 ms once the memory is reused, and a T5.1.1-small bfloat16 step ~20-30% slower
-(docs/performance.md). Turning off mmap for malloc (M_MMAP_MAX = 0) and never trimming the heap
-(M_TRIM_THRESHOLD at its maximum) keeps freed blocks in the process for the next step; the
-process's resident memory then stays at its peak instead of shrinking between steps (the same
-trade GPU frameworks make with their caching allocators). The standard environment variables
-MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... do the same for any process (HuggingFace's too).
+with malloc and frees them at the end of the step. Whenever glibc hands such memory back to the
+kernel, the next step touches every page of it for the first time again: one page fault per
+4 KiB, zero-filled by the kernel. Three of glibc's habits do that, and three settings stop them:
 
-That is not enough on its own: XLA:CPU's worker threads allocate from glibc's per-thread arenas,
-whose heaps are unmapped when they empty, and whose blocks beyond a heap's 64 MiB are mmapped
-whatever M_MMAP_MAX says. A T5.1.1-small bfloat16 step still took ~530,000 minor page faults
-(2 GB of first touches) and 2.2-2.5 s; with one arena (M_ARENA_MAX = 1, the main heap for every
-thread) it takes none and 1.8-2.0 s. The arena limit only binds threads that have not allocated
-yet, so it is applied before JAX starts its CPU client: train and eval call this first, and
-without a backend named, "CPU" is read off the configuration (jax_platforms) or the absence of
-an accelerator plugin, without starting a backend.
+- blocks above the mmap threshold (at most 32 MiB) are fresh mmap()s, unmapped on free:
+  M_MMAP_MAX = 0 serves them from the heap (writing a new 50 MB float32 buffer: ~19 -> ~4 ms);
+- the heap's free top is trimmed: M_TRIM_THRESHOLD = -1 never trims (the largest positive value,
+  INT_MAX, still let a T5.1.1-small float32 step give back its 2+ GiB top every step: ~740,000
+  faults per step, 4.3 s instead of 3.3 s);
+- XLA's worker threads allocate from per-thread arenas, whose heaps are unmapped when they empty
+  and whose blocks beyond 64 MiB are mmapped whatever M_MMAP_MAX says: M_ARENA_MAX = 1 puts
+  every thread on the main heap (T5.1.1-small bfloat16 step: ~530,000 faults and 2.2-2.5 s ->
+  none and 1.8-2.0 s). It only binds threads that have not allocated yet, so train and eval call
+  this before JAX starts its CPU client; with no backend named, "CPU" is read off the
+  configuration (jax_platforms) or the absence of an accelerator plugin, without starting one.
 
-Only for the CPU backend (on GPU/TPU the big buffers live on the device), only with glibc, and
-`config.keep_host_memory = False` turns it off.
+The process's resident memory then stays at its peak instead of shrinking between steps (the
+trade GPU frameworks make with their caching allocators). For any process (HuggingFace's too)
+the environment does the same: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615
+MALLOC_ARENA_MAX=1. Only for the CPU backend (on GPU/TPU the big buffers live on the device),
+only with glibc; `config.keep_host_memory = False` turns it off.
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ import jax
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
+_NEVER = -1  # M_TRIM_THRESHOLD = -1: never trim (mallopt(3))
 _applied = False
 
 
@@ -60,7 +59,7 @@ def keep_freed_memory(enabled: bool = True, backend: str | None = None) -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   # mallopt returns 1 on success; the second setting is only worth having with the first.
-  _applied = (mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+  _applied = (mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _NEVER) == 1
               and mallopt(_M_ARENA_MAX, 1) == 1)
   if not _applied:
     logging.warning('keep_host_memory: glibc mallopt refused the settings; allocator unchanged')
