@@ -5,10 +5,10 @@
 No download: the corpus is the standard library's pydoc topics and module docstrings
 (t5lite/data/embedded.py; every 20th document is held out for the validation loss); a 2048-id
 SentencePiece vocabulary (1948 pieces + 100 sentinels) is trained on it on first use and cached
-in ~/.cache/t5lite. Measured 2026-11-23 on the idle 2-core CPU VM (bf16, seed 0): 3m29s wall
-for 1500 steps; the logged loss goes from 7.71 at step 10 to 3.33 at step 1500, and the mean of
-the last 10% of logged steps (3.33) is 0.62 times the mean of the first 10% (5.38) in
-metrics.jsonl; validation loss 3.89 at the end.
+in ~/.cache/t5lite. Measured 2026-11-23 on the idle 2-core CPU VM (bf16, seed 0): 2m03s wall
+for 1500 steps; the logged loss goes from 7.71 at step 10 to 3.30 at step 1500, and the mean of
+the last 10% of logged steps (3.33) is 0.62 times the mean of the first 10% (5.37) in
+metrics.jsonl; validation loss 3.87 at the end.
 Runs are deterministic for a given seed.
 
 The optional argument picks the model size: configs/quickstart.py:small trains T5.1.1-small's

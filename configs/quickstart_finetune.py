@@ -20,24 +20,25 @@ Every eval.every_steps steps (and at the end) the model decodes and scores both 
 the metrics, and metrics.jsonl gets eval/<task>/<metric> on that step's line.
 
 Measured 2026-11-23 on the 2-core CPU VM (nothing else running; seed 0) after the 1500-step
-Adafactor quickstart (`configs/quickstart_finetune.py:/tmp/qs_s11`), both with the attention
-core and host-memory settings of docs/performance.md: the fine-tune took 1m30s wall for 1000
-steps including four evaluations (1m57s before those, 5m07s beside a CI run before the
-mixed-precision matmuls). Validation results, as printed
-during training (`eval --checkpoint all` afterwards finds every step evaluated and skips them; an
-earlier run checked that it reproduces the training-time metrics digit for digit):
+Adafactor quickstart (`configs/quickstart_finetune.py:/tmp/qs_s12`), both with the host-memory
+settings and hand-written backward passes of docs/performance.md: the fine-tune took 1m04s wall
+for 1000 steps including four evaluations (1m30s before the single malloc arena and the norm and
+gated-GELU backward passes, 5m07s beside a CI run before the mixed-precision matmuls).
+Validation results, as printed during training (`eval --checkpoint all` afterwards finds every
+step evaluated and skips them; an earlier run checked that it reproduces the training-time
+metrics digit for digit):
 
   step   docstring_kind acc / macro F1 / rank acc   docstring_module acc
-   250        91.3 / 91.3 / 91.3                         38.3
-   500        90.5 / 90.5 / 90.5                         43.1
-   750        91.3 / 91.3 / 91.3                         46.1
-  1000        90.2 / 90.2 / 90.2                         47.1
+   250        93.9 / 93.9 / 93.9                         40.0
+   500        91.9 / 91.9 / 91.9                         46.2
+   750        92.8 / 92.8 / 92.8                         49.5
+  1000        93.4 / 93.4 / 93.4                         49.7
   trivial baseline (t5lite.data.downstream.baselines()):
               50.0 / 33.3 (majority; the split is balanced)  3.5 (always 'logging')
   the quickstart checkpoint itself (no fine-tuning): 0.0 / 0.0 / 50.0, and 0.0
 
-So the fine-tuned model beats both baselines: by 44 points on docstring_kind, and 13 times the
-baseline on docstring_module (333 of 733 right vs 26), a 105-way task for a 1.3M-parameter model.
+So the fine-tuned model beats both baselines: by 43 points on docstring_kind, and 14 times the
+baseline on docstring_module (364 of 733 right vs 26), a 105-way task for a 1.3M-parameter model.
 (Fine-tuned from the earlier AdamW quickstart, whose pretraining loss ended at 4.2 instead of 3.3,
 the same config reached only 80.9 and 7.2: better pretraining, better fine-tuning.) The third
 task, fill_word (restore a blanked frequent word), is not in the mix: fine-tuned on it from the
