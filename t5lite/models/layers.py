@@ -58,14 +58,13 @@ def rms_norm(x: jax.Array, scale: jax.Array, epsilon: float, dtype_name: str) ->
 def _rms_norm_fwd(x, scale, epsilon, dtype_name):
   x32 = x.astype(jnp.float32)
   rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
-  return (x32 * rstd * scale).astype(dtype_name), (matmul.as_bits(x), rstd, scale)
+  return (x32 * rstd * scale).astype(dtype_name), (x, rstd, scale)
 
 
 def _rms_norm_bwd(epsilon, dtype_name, residuals, d_y):
   del epsilon, dtype_name
   x, rstd, scale = residuals
-  x_dtype = matmul.from_bits(x).dtype
-  x = matmul.from_bits(x).astype(jnp.float32)
+  x = x.astype(jnp.float32)
   d_y = d_y.astype(jnp.float32)
   # y = scale * x * r, r = (mean(x^2) + eps)^-1/2, dr/dx_j = -r^3 x_j / n, so with
   # g = d_y * scale: dx_j = r * (g_j - x_j * r^2 * mean_i(g_i * x_i)).
@@ -74,7 +73,7 @@ def _rms_norm_bwd(epsilon, dtype_name, residuals, d_y):
   row_mean = jnp.einsum('...d,d->...', d_y * x, scale)[..., None] / x.shape[-1]
   d_x = rstd * (d_y * scale - x * (rstd * rstd * row_mean))
   d_scale = jnp.sum(d_y * x * rstd, axis=tuple(range(x.ndim - 1)))
-  return d_x.astype(x_dtype), d_scale.astype(scale.dtype)
+  return d_x.astype(residuals[0].dtype), d_scale.astype(scale.dtype)
 
 
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)

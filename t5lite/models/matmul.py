@@ -43,20 +43,6 @@ ATTENTION_LOGITS = ('bqhd,bkhd->bhqk', ('bhqk,bkhd->bqhd', 'gb'), ('bhqk,bqhd->b
 ATTENTION_OUTPUT = ('bhqk,bkhd->bqhd', ('bqhd,bkhd->bhqk', 'gb'), ('bhqk,bqhd->bkhd', 'ag'))
 
 
-def as_bits(x: jax.Array) -> jax.Array:
-  """A bfloat16 array viewed as uint16 (anything else as it is), for custom VJP residuals.
-
-  XLA:CPU converts a bfloat16 array that a loop slices to float32, whole, before the loop: the
-  residuals a scan over layers stacks (and the attention backward's chunk loop slices) would be
-  widened and copied every step. It leaves integers alone. `from_bits` undoes this."""
-  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-
-
-def from_bits(x: jax.Array) -> jax.Array:
-  """Undoes `as_bits` (uint16 is only ever bfloat16's bits here)."""
-  return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
-
-
 def dense(x: jax.Array, kernel: jax.Array, dtype, transpose_kernel: bool = False,
           out_dtype=None) -> jax.Array:
   """x[..., d] @ kernel[d, f] -> [..., f] computed in `dtype` (kernel[f, d] with
@@ -99,12 +85,11 @@ def _gated_gelu_fwd(x, w0, w1, dtype_name):
   a1 = jnp.einsum(DENSE[0], xc, w1c, preferred_element_type=_F32)
   h = _gelu_gate(a0, a1).astype(dtype_name)
   saved = (xc, w0c, w1c, a0.astype(dtype_name), a1.astype(dtype_name))
-  return h, (tuple(as_bits(r) for r in saved), jnp.zeros((), x.dtype))
+  return h, (saved, jnp.zeros((), x.dtype))
 
 
 def _gated_gelu_bwd(dtype_name, residuals, d_h):
-  saved, x_like = residuals
-  xc, w0c, w1c, a0, a1 = (from_bits(r) for r in saved)
+  (xc, w0c, w1c, a0, a1), x_like = residuals
   _, gate_pullback = jax.vjp(_gelu_gate, a0.astype(_F32), a1.astype(_F32))
   d_a0, d_a1 = (g.astype(dtype_name) for g in gate_pullback(d_h.astype(_F32)))
   (d_x_spec, _), (d_w_spec, _) = DENSE[1], DENSE[2]  # operand orders 'gb' and 'ag'
@@ -143,13 +128,13 @@ def _mixed_einsum(a, b, spec, dtype_name, out_dtype_name):
 def _mixed_einsum_fwd(a, b, spec, dtype_name, out_dtype_name):
   ac, bc = a.astype(dtype_name), b.astype(dtype_name)
   out = jnp.einsum(spec[0], ac, bc, preferred_element_type=_F32).astype(out_dtype_name)
-  return out, (as_bits(ac), as_bits(bc), jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))
+  return out, (ac, bc, jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))
 
 
 def _mixed_einsum_bwd(spec, dtype_name, out_dtype_name, residuals, g):
   del out_dtype_name
   ac, bc, a_like, b_like = residuals
-  operands = {'a': from_bits(ac), 'b': from_bits(bc), 'g': g.astype(dtype_name)}
+  operands = {'a': ac, 'b': bc, 'g': g.astype(dtype_name)}
   grads = [jnp.einsum(equation, *(operands[name] for name in names),
                       preferred_element_type=_F32).astype(like.dtype)
            for (equation, names), like in zip(spec[1:], (a_like, b_like))]
