@@ -58,7 +58,7 @@ def keep_freed_memory(enabled: bool = True, backend: str | None = None) -> bool:
     logging.info('keep_host_memory: no glibc mallopt here; allocator left as it is')
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  # mallopt returns 1 on success; the second setting is only worth having with the first.
+  # mallopt returns 1 on success; the settings only help together, so all or none counts.
   _applied = (mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _NEVER) == 1
               and mallopt(_M_ARENA_MAX, 1) == 1)
   if not _applied:

@@ -21,6 +21,7 @@ PROBE = textwrap.dedent('''
           'fordblks', 'keepcost')]
     libc.mallinfo2.restype = MallInfo2
     libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = (ctypes.c_size_t,)
     libc.free.argtypes = (ctypes.c_void_p,)
     def mmapped_blocks_during_malloc():
       before = libc.mallinfo2().hblks
@@ -28,10 +29,19 @@ PROBE = textwrap.dedent('''
       during = libc.mallinfo2().hblks
       libc.free(block)
       return during - before
+    def heap_kept_after_freeing_a_top_block_over_2_gib():
+      # Virtual only (never touched). With M_TRIM_THRESHOLD at INT_MAX glibc would hand a free
+      # top over 2 GiB back to the kernel; at -1 (never) the heap keeps it.
+      block = libc.malloc((2 << 30) + (256 << 20))
+      assert block, 'malloc of 2.25 GiB (virtual) failed'
+      size = libc.mallinfo2().arena
+      libc.free(block)
+      return libc.mallinfo2().arena >= size
     from t5lite import host_memory
     first = mmapped_blocks_during_malloc()
     applied = host_memory.keep_freed_memory(True, backend='cpu')
-    print(first, applied, mmapped_blocks_during_malloc())
+    print(first, applied, mmapped_blocks_during_malloc(),
+          heap_kept_after_freeing_a_top_block_over_2_gib())
 ''')
 
 
@@ -41,8 +51,8 @@ def test_large_blocks_come_from_the_heap_once_applied():
     return
   result = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True,
                           check=True)
-  before, applied, after = result.stdout.split()
-  assert (before, applied, after) == ('1', 'True', '0'), result.stdout
+  before, applied, after, heap_kept = result.stdout.split()
+  assert (before, applied, after, heap_kept) == ('1', 'True', '0', 'True'), result.stdout
 
 
 # In a fresh interpreter (JAX not started): optionally apply, then run XLA:CPU computations with
@@ -115,9 +125,12 @@ def test_train_and_eval_jobs_apply_the_config(monkeypatch, tmp_path):
   calls = []
   monkeypatch.setattr(host_memory, 'keep_freed_memory',
                       lambda enabled, backend=None: calls.append((enabled, backend)))
+  devices = train.jax.devices  # train and eval share the jax module: one patch records both
+  monkeypatch.setattr(train.jax, 'devices', lambda *a: calls.append('devices') or devices(*a))
   config = tiny_config(1)
   config.keep_host_memory = False
   eval_lib.build(config)  # the eval and infer jobs' set-up
   train.run(config, str(tmp_path))
   # No devices given: called before JAX is asked for any, the platform left to be judged.
-  assert calls == [(False, None), (False, None)]
+  assert calls[:2] == [(False, None), 'devices'], calls  # eval.build
+  assert calls[2:4] == [(False, None), 'devices'], calls  # train.run

@@ -48,9 +48,14 @@ def dense(x: jax.Array, kernel: jax.Array, dtype, transpose_kernel: bool = False
   """x[..., d] @ kernel[d, f] -> [..., f] computed in `dtype` (kernel[f, d] with
   `transpose_kernel`); the result in `out_dtype` (default `dtype`; float32 keeps the
   accumulator unrounded, as the output logits want)."""
-  x3 = x.reshape((-1,) + x.shape[-2:]) if x.ndim >= 3 else x.reshape((1, -1, x.shape[-1]))
-  y = einsum(DENSE_TRANSPOSED if transpose_kernel else DENSE, x3, kernel, dtype, out_dtype)
+  y = einsum(DENSE_TRANSPOSED if transpose_kernel else DENSE, _as_3d(x), kernel, dtype,
+             out_dtype)
   return y.reshape(x.shape[:-1] + y.shape[-1:])
+
+
+def _as_3d(x: jax.Array) -> jax.Array:
+  """x[..., d] as [batch, length, d] (leading dims folded into two, for the DENSE specs)."""
+  return x.reshape((-1,) + x.shape[-2:]) if x.ndim >= 3 else x.reshape((1, -1, x.shape[-1]))
 
 
 def gated_gelu(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype) -> jax.Array:
@@ -65,8 +70,7 @@ def gated_gelu(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype) -> jax.Array:
   dtype = jnp.dtype(dtype)
   if dtype != _F32 and not mixed_precision_supported():
     return _gelu_gate(dense(x, w0, dtype), dense(x, w1, dtype)).astype(dtype)
-  x3 = x.reshape((-1,) + x.shape[-2:]) if x.ndim >= 3 else x.reshape((1, -1, x.shape[-1]))
-  h = _gated_gelu(x3, w0, w1, dtype.name)
+  h = _gated_gelu(_as_3d(x), w0, w1, dtype.name)
   return h.reshape(x.shape[:-1] + h.shape[-1:])
 
 
