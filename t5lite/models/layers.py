@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from t5lite.models import attention, matmul
+from t5lite.models.kernels import attention, matmul
 
 Dtype = Any
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5lite.models import matmul
+from t5lite.models.kernels import matmul
 
 _F32 = jnp.float32
 # Added to masked scores: finite, so that a fully masked (padding) row stays NaN-free.
