@@ -13,10 +13,15 @@ finished, so a crash mid-save leaves a tmp folder, never a half-written `<step>/
 and falls back to the previous step when reading fails (a truncated file); it raises
 `CheckpointError` rather than start from scratch when checkpoints exist but none can be read.
 Reading uses orbax's standard handlers (tensorstore, JSON) and `json` only: no pickle.
+
+Every job finds checkpoints here: `complete_steps` is the one scan for commit markers (resume,
+`init_from`, eval), `resolve_steps` turns eval's and infer's --checkpoint into steps and paths,
+and `load_params` / `load_params_for_init` read only the params onto any mesh.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -34,9 +39,16 @@ COMMIT_MARKER = 'commit_success.txt'      # orbax writes it last, just before th
 TMP_MARKER = '.orbax-checkpoint-tmp'      # orbax's suffix for a step still being written
 REJECTED_DIR = 'checkpoints_rejected'     # unreadable steps are moved here, next to checkpoints/
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be used; the message says which one, why, and what to do."""
+
+
+class MissingCheckpointError(RuntimeError):
+  """The checkpoint asked for does not exist (exit code 2). Not a CheckpointError, which means
+  one that exists but cannot be read (exit code 1)."""
 
 
 @dataclasses.dataclass
@@ -46,9 +58,24 @@ class Restored:
   data_state: dict    # this process's data-iterator state, for iterator.set_state
 
 
-def _log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
+def _scan(directory: str) -> tuple[list[int], list[int], list[str]]:
+  """(complete steps, step folders without the commit marker, interrupted saves' folder names)
+  in `directory`, each sorted; all empty when it does not exist."""
+  complete, incomplete, interrupted = [], [], []
+  if os.path.isdir(directory):
+    for name in sorted(os.listdir(directory)):
+      if TMP_MARKER in name:
+        interrupted.append(name)
+      elif name.isdigit() and os.path.isdir(os.path.join(directory, name)):
+        marked = os.path.exists(os.path.join(directory, name, COMMIT_MARKER))
+        (complete if marked else incomplete).append(int(name))
+  return sorted(complete), sorted(incomplete), interrupted
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps in a checkpoints directory (WORKDIR/checkpoints) that orbax finished writing (their
+  folder has the commit marker), oldest first; [] when there is no such directory."""
+  return _scan(directory)[0]
 
 
 def _barrier(name: str) -> None:
@@ -138,21 +165,17 @@ class Checkpointer:
 
   def _complete_steps(self) -> tuple[list[int], list[str]]:
     """(steps with orbax's commit marker, descriptions of what was skipped)."""
-    self.manager.reload()
-    skipped, complete = [], []
-    if os.path.isdir(self.directory):
-      for name in sorted(os.listdir(self.directory)):
-        if TMP_MARKER in name:
-          # Orbax deletes these itself; an interrupted save, never a checkpoint. Not an error.
-          _log(f'checkpoints: ignoring {name}: a save that never finished (interrupted)')
-    for step in self.manager.all_steps():
-      if os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER)):
-        complete.append(step)
-      else:
-        skipped.append(f'step {step}: no {COMMIT_MARKER} (incomplete or partially copied)')
-        _log(f'checkpoints: skipping step {step}: it has no {COMMIT_MARKER}, so it is '
-             'incomplete (e.g. a partial copy)')
-    return sorted(complete), skipped
+    self.manager.reload()  # restore() reads through the manager: let it see the same folders
+    complete, incomplete, interrupted = _scan(self.directory)
+    for name in interrupted:
+      # Orbax deletes these itself; an interrupted save, never a checkpoint. Not an error.
+      log.info(f'checkpoints: ignoring {name}: a save that never finished (interrupted)')
+    skipped = []
+    for step in incomplete:
+      skipped.append(f'step {step}: no {COMMIT_MARKER} (incomplete or partially copied)')
+      log.warning(f'checkpoints: skipping step {step}: it has no {COMMIT_MARKER}, so it is '
+                  'incomplete (e.g. a partial copy)')
+    return complete, skipped
 
   def check_compatible(self, step: int, abstract_state, config: dict | None = None) -> None:
     """Raises CheckpointError naming the parameters whose shapes differ from `abstract_state`
@@ -225,13 +248,13 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except  (any read error: try an older step)
         reason = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
         failures.append(f'step {step}: {reason}')
-        _log(f'checkpoints: step {step} cannot be read ({reason}); trying an older one')
+        log.warning(f'checkpoints: step {step} cannot be read ({reason}); trying an older one')
         continue
       newer = [s for s in self.manager.all_steps() if s > step]
       if newer:
         self._set_aside(newer)
       if failures:
-        _log(f'checkpoints: resuming from step {step}, the newest readable checkpoint')
+        log.info(f'checkpoints: resuming from step {step}, the newest readable checkpoint')
       return restored
     if failures:
       raise CheckpointError(
@@ -249,7 +272,7 @@ class Checkpointer:
       for step in steps:
         target = os.path.join(rejected, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
         shutil.move(os.path.join(self.directory, str(step)), target)
-        _log(f'checkpoints: moved unreadable step {step} to {target}')
+        log.warning(f'checkpoints: moved unreadable step {step} to {target}')
     _barrier('t5lite_checkpoints_set_aside')
     self.manager.reload()
 
@@ -303,14 +326,48 @@ def resolve_init_path(path: str) -> str:
   directory = path
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     directory = os.path.join(path, 'checkpoints')
-  steps = []
-  if os.path.isdir(directory):
-    steps = [int(n) for n in os.listdir(directory)
-             if n.isdigit() and os.path.exists(os.path.join(directory, n, COMMIT_MARKER))]
+  steps = complete_steps(directory)
   if not steps:
     raise CheckpointError(f'checkpoint.init_from={path}: no complete t5lite checkpoint there (want '
                           'a step directory, WORKDIR/checkpoints or WORKDIR)')
-  return os.path.join(directory, str(max(steps)))
+  return os.path.join(directory, str(steps[-1]))
+
+
+def resolve_steps(spec: str, workdir: str | None) -> list[tuple[int, str]]:
+  """(step, path) pairs that eval's and infer's --checkpoint names, oldest first:
+
+    latest   the newest complete checkpoint in WORKDIR/checkpoints
+    all      every complete checkpoint there
+    N        step N there
+    PATH     a step directory, a checkpoints directory or a workdir (its newest step), or hf:DIR
+             (a HuggingFace T5, step 0)
+
+  MissingCheckpointError when there is none.
+  """
+  spec = str(spec)
+  if spec in ('latest', 'all') or spec.isdigit():
+    if not workdir:
+      raise MissingCheckpointError(f'--checkpoint {spec} needs --workdir (the run whose '
+                                   'checkpoints to read)')
+    where = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    steps = complete_steps(where)
+    if spec.isdigit():
+      if int(spec) not in steps:
+        have = ', '.join(map(str, steps[-10:])) or 'none'
+        raise MissingCheckpointError(f'no complete checkpoint of step {spec} in {where} '
+                                     f'(complete steps: {have})')
+      steps = [int(spec)]
+    elif not steps:
+      raise MissingCheckpointError(f'no complete checkpoint in {where}')
+    elif spec == 'latest':
+      steps = steps[-1:]
+    return [(s, os.path.join(where, str(s))) for s in steps]
+  try:
+    path = resolve_init_path(spec)
+  except CheckpointError as e:
+    raise MissingCheckpointError(str(e).replace('checkpoint.init_from=', '--checkpoint ')) from None
+  name = os.path.basename(path)
+  return [(int(name) if name.isdigit() else 0, path)]
 
 
 def _path_name(path) -> str:
@@ -426,6 +483,13 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
   loaded = {names_back[old]: x for old, x in values.items()}
   return jax.tree_util.tree_map_with_path(lambda p, s: loaded.get(_path_name(p), s),
                                           abstract_params)
+
+
+def load_params(path: str, abstract_params):
+  """The params of the checkpoint at `path` (a step directory or hf:DIR, as resolve_steps gives)
+  on `abstract_params`' shardings, for evaluation and inference: the names and shapes must match
+  the model exactly (no rename, nothing ignored)."""
+  return load_params_for_init(path, abstract_params)
 
 
 def merge_init_params(fresh, loaded):

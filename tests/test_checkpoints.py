@@ -279,3 +279,46 @@ def test_checkpoint_config_is_validated():
   config.checkpoint.keep = -2
   with pytest.raises(config_lib.ConfigError, match=r'config\.checkpoint\.keep=-2'):
     config_lib.validate(config, 1)
+
+
+def _fake_checkpoints(directory, complete=(), incomplete=(), interrupted=()):
+  """Step folders as orbax leaves them: with the commit marker, without, and tmp folders."""
+  for step in (*complete, *incomplete):
+    os.makedirs(directory / str(step) / 'state')
+  for step in complete:
+    (directory / str(step) / checkpoints.COMMIT_MARKER).write_text('')
+  for name in interrupted:
+    os.makedirs(directory / name)
+
+
+def test_complete_steps_is_the_one_commit_marker_scan(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  assert checkpoints.complete_steps(str(directory)) == []  # no folder yet
+  _fake_checkpoints(directory, complete=(10, 2, 30), incomplete=(40,),
+                    interrupted=('50.orbax-checkpoint-tmp-1',))
+  (directory / '60').write_text('')  # a stray file, not a step
+  assert checkpoints.complete_steps(str(directory)) == [2, 10, 30]
+  # init_from takes the newest complete step of a checkpoints folder or of the workdir above it.
+  for path in (directory, tmp_path):
+    assert checkpoints.resolve_init_path(str(path)) == str(directory / '30')
+
+
+def test_resolve_steps_names_what_eval_and_infer_read(tmp_path):
+  where = tmp_path / 'checkpoints'
+  _fake_checkpoints(where, complete=(2, 4, 6), incomplete=(8,))
+  workdir = str(tmp_path)
+  assert checkpoints.resolve_steps('latest', workdir) == [(6, str(where / '6'))]
+  assert checkpoints.resolve_steps('all', workdir) == [(s, str(where / str(s))) for s in (2, 4, 6)]
+  assert checkpoints.resolve_steps('4', workdir) == [(4, str(where / '4'))]
+  assert checkpoints.resolve_steps(str(where / '2'), None) == [(2, str(where / '2'))]
+  assert checkpoints.resolve_steps(workdir, None) == [(6, str(where / '6'))]
+  missing = [('8', workdir, r'no complete checkpoint of step 8 in .* \(complete steps: 2, 4, 6\)'),
+             ('latest', None, '--checkpoint latest needs --workdir'),
+             ('latest', str(tmp_path / 'empty'), 'no complete checkpoint in '),
+             (str(where / '8'), None, '--checkpoint .*8: it has no commit_success.txt'),
+             (str(tmp_path / 'nowhere'), None, '--checkpoint .*nowhere: no complete t5lite')]
+  for spec, run_dir, message in missing:
+    with pytest.raises(checkpoints.MissingCheckpointError, match=message):
+      checkpoints.resolve_steps(spec, run_dir)
+  # A missing checkpoint (exit code 2) is not an unreadable one (exit code 1).
+  assert not issubclass(checkpoints.MissingCheckpointError, checkpoints.CheckpointError)
