@@ -300,8 +300,9 @@ def rouge(targets: Sequence[str | Sequence[str]], predictions: Sequence[str],
 
 # --- grouped metrics (MultiRC) ------------------------------------------------------------------
 # MultiRC asks several true/false questions about each answer candidate of a question; its
-# postprocessor (t5lite.data.glue.multirc_postprocess) turns each answer into {'value': 0/1/-1}
-# and each target into {'value': ..., 'group': its question}. As T5's metrics of the same names.
+# postprocessor (t5lite.data.catalog.glue.multirc_postprocess) turns each answer into
+# {'value': 0/1/-1} and each target into {'value': ..., 'group': its question}. As T5's metrics
+# of the same names.
 
 def all_match(targets: Sequence, predictions: Sequence) -> dict[str, float]:
   """100 if every prediction equals its target, else 0 (one group's exact match)."""

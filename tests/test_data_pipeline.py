@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from t5lite.data import catalog, converters, embedded, pipeline, preprocessors, vocab
+from t5lite.data.catalog import common, pretraining
 
 # ---------------------------------------------------------------------------
 # Converter (expected arrays written by hand)
@@ -233,7 +234,7 @@ def test_new_shuffle_each_epoch(v):
 
     raw_length, _ = preprocessors.random_spans_helper(LENGTH, 0.15, 3.0)
     train_docs = [t for i, t in enumerate(pipeline._tokenized_corpus(v.path, v.extra_ids))
-                  if catalog._in_split(i, "train")]
+                  if common.in_split(i, "train")]
     chunks = [c.tobytes() for c in preprocessors.split_tokens(train_docs, raw_length)
               if len(c) >= 2]
     n = len(chunks)
@@ -252,7 +253,7 @@ def test_batch_size_not_divisible_by_processes(v):
 
 def test_validation_split_is_held_out(v):
     """The embedded corpus's validation split shares no document with train, and is small."""
-    source = catalog.embedded_source()
+    source = pretraining.embedded_source()
     train_docs = {e["doc"] for e in source.get("train")}
     validation_docs = {e["doc"] for e in source.get("validation")}
     assert not train_docs & validation_docs

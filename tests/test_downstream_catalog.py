@@ -24,7 +24,8 @@ import tensorflow_datasets as tfds
 
 from t5lite import config as config_lib
 from t5lite import partitioning
-from t5lite.data import catalog, glue, pipeline, public_tasks, tasks, vocab as vocab_lib
+from t5lite.data import catalog, pipeline, tasks, vocab as vocab_lib
+from t5lite.data.catalog import common, glue, public
 from t5lite.evaluation import evaluator as evaluator_lib
 
 Text, Label = tfds.features.Text, tfds.features.ClassLabel
@@ -517,16 +518,17 @@ def evaluate(name, wrong=False) -> evaluator_lib.TaskResult:
 def test_every_registered_public_task_has_a_case_and_t5s_vocabulary_declared_lazily():
   registered = {b.task for b in glue.GLUE + glue.SUPER_GLUE}
   registered |= {'squad_v010_allanswers', 'cnn_dailymail_v002'}
-  registered |= {name for name, *_ in public_tasks.WMT_TASKS}
+  registered |= {name for name, *_ in public.WMT_TASKS}
   assert registered == set(CASES)
   for name in CASES:
     feature = tasks.get_task(name).output_features['targets']
     assert feature._vocabulary.args == (catalog.T5_SPM_PATH,)  # not loaded: no network
 
 
-@pytest.mark.parametrize('module', ['public_tasks', 'glue'])
+@pytest.mark.parametrize('module', ['catalog.public', 'catalog.glue', 'catalog.downstream',
+                                    'catalog.pretraining', 'catalog.common'])
 def test_each_module_can_be_imported_first(module):
-  # The catalog, glue.py and public_tasks.py import each other; any of them may come first.
+  # No catalog module needs another to have been imported first; any of them may come first.
   # Compared with a fresh process importing the catalog first (this process's registry may hold
   # tasks that other tests registered).
   def names_after_importing(first):
@@ -580,17 +582,17 @@ def test_record_trains_on_one_example_per_answer():
 
 
 def test_postprocessors_and_formats_by_hand():
-  label = functools.partial(public_tasks.string_label_to_class_id, label_classes=BOOL)
+  label = functools.partial(common.string_label_to_class_id, label_classes=BOOL)
   assert [label(x) for x in ('True', ' False ', 'true', '')] == [1, 0, -1, -1]
-  assert [public_tasks.string_to_float(x) for x in ('3.8', ' 2 ', 'x')] == [3.8, 2.0, -1.0]
+  assert [common.string_to_float(x) for x in ('3.8', ' 2 ', 'x')] == [3.8, 2.0, -1.0]
   assert [glue.stsb_target(x) for x in (0.0, 2.5, 3.8, 4.07, 4.9, 5.0)] == [
       '0.0', '2.4', '3.8', '4.0', '4.8', '5.0']  # 2.5*5 = 12.5 -> 12, 4.9*5 = 24.5 -> 24
-  assert public_tasks.pad_punctuation(' "Hi," she said.  ') == '" Hi , " she said .'
+  assert public.pad_punctuation(' "Hi," she said.  ') == '" Hi , " she said .'
   # WSC with the pronoun before the noun: no shift of the pronoun's index.
   assert glue.wsc_format(SUPER_GLUE_DATA['wsc.fixed'][1]['validation'][2]) == {
       'inputs': 'wsc text: # He # said that * Bob * was tired .', 'targets': 'False'}
   # QA targets without their example: the target's own answer is the one reference.
-  assert public_tasks.squad_postprocess('x', is_target=True) == ['x']
+  assert public.squad_postprocess('x', is_target=True) == ['x']
   assert glue.record_postprocess('x', is_target=True) == ['x']
   assert glue.record_postprocess('x') == 'x'
   with pytest.raises(ValueError, match='need their example'):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from t5lite.evaluation import metrics as M
+from t5lite import metrics as M
 
 
 def test_accuracy_and_sequence_accuracy():

@@ -233,3 +233,16 @@ def test_packing_loses_and_duplicates_nothing(kind):
   assert rebuilt == want
   if kind == 'prefix_lm':  # loss exactly on targets
     assert f['decoder_loss_weights'].sum() == sum(len(e['targets']) for e in exs)
+
+
+def test_feature_lengths_by_hand():
+  # targets 0: T5's span-corruption targets for the inputs length (random_spans_helper).
+  assert C.targets_length(128) == 29 and C.targets_length(512) == 114
+  assert C.targets_length(512, 7) == 7
+  assert C.feature_lengths('encdec', 512, 0) == {'inputs': 512, 'targets': 114}
+  assert C.feature_lengths('prefix_lm', 128, 0) == {'inputs': 128, 'targets': 29}
+  assert C.feature_lengths('encdec', 64, 8) == {'inputs': 64, 'targets': 8}
+  assert C.feature_lengths('decoder', 128, 0) == {'targets': 128 + 29}
+  assert C.feature_lengths('decoder', 64, 8) == {'targets': 72}
+  with pytest.raises(ValueError, match='unknown converter'):
+    C.feature_lengths('encoder', 64, 8)

@@ -1,11 +1,16 @@
 """Task/Mixture registry, mixing rates, the general task pipeline, and bad-input errors."""
 
+import ast
 import functools
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from t5lite.data import catalog  # registers the built-in tasks, as the jobs do
 from t5lite.data import pipeline, preprocessors as P, tasks as T, vocab
 from t5lite.data.sources import InMemorySource, JsonlSource
 
@@ -57,6 +62,79 @@ def test_unknown_name_lists_closest():
   with pytest.raises(T.UnknownNameError, match="no task or mixture named 'zzzz'"):
     T.get('zzzz')
   assert {'embedded_span_corruption', 'embedded_prefix_lm', 'embedded_ul2'} <= set(T.names())
+  assert catalog.get is T.get and 'downstream_mix' in catalog.names()
+
+
+def test_registry_never_loads_the_catalog():
+  # The registry and the pipeline leave the catalog alone; an unknown name then says how to
+  # register the built-in tasks (looked up in sys.modules, never imported).
+  code = ('import sys\n'
+          'from t5lite.data import converters, pipeline, preprocessors, sources, tasks, vocab\n'
+          "assert 't5lite.data.catalog' not in sys.modules, sorted(sys.modules)\n"
+          'try:\n'
+          "  tasks.get('embedded_span_corruption')\n"
+          'except tasks.UnknownNameError as e:\n'
+          '  print(e)\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       check=True).stdout
+  assert 'import t5lite.data.catalog to register the built-in tasks' in out
+  with pytest.raises(T.UnknownNameError) as e:  # here the catalog is imported: no such hint
+    T.get('zzzz')
+  assert 't5lite.data.catalog' not in str(e.value)
+
+
+def _data_imports() -> dict[str, set[str]]:
+  """t5lite.data module -> the t5lite.data modules it imports, at any level (ast)."""
+  root = pathlib.Path(T.__file__).parent
+  modules = {}
+  for path in root.rglob('*.py'):
+    parts = path.relative_to(root.parent.parent).with_suffix('').parts
+    modules['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = path
+  graph = {}
+  for name, path in modules.items():
+    package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ''
+        if node.level:
+          base = '.'.join(package.split('.')[:len(package.split('.')) - node.level + 1] +
+                          ([base] if base else []))
+        targets = [base] + [f'{base}.{a.name}' for a in node.names]
+      else:
+        continue
+      found |= {t for t in targets if t in modules and t != name}
+    graph[name] = found
+  return graph
+
+
+def test_data_package_has_no_import_cycle_and_only_the_catalog_imports_it():
+  graph = _data_imports()
+  assert 't5lite.data.catalog.downstream' in graph and 't5lite.data.tasks' in graph
+  for name, deps in graph.items():
+    if not name.startswith('t5lite.data.catalog') and name not in (
+        't5lite.data.inspect', 't5lite.data.train_vocab', 't5lite.data.downstream'):
+      assert not {d for d in deps if d.startswith('t5lite.data.catalog')}, name
+  state = {}
+
+  def visit(name, path):
+    state[name] = 'open'
+    for dep in sorted(graph[name]):
+      if state.get(dep) == 'open':
+        raise AssertionError(f'import cycle: {" -> ".join(path + [dep])}')
+      if dep not in state:
+        visit(dep, path + [dep])
+    state[name] = 'done'
+  for name in sorted(graph):
+    if name not in state:
+      visit(name, [name])
+
+
+def test_rank_options_are_carried_by_the_task():
+  assert T.get_task('docstring_kind').rank_options == ('reference', 'library')
+  assert T.get_task('docstring_module').rank_options is None
 
 
 def test_duplicate_registration_is_an_error(registry):

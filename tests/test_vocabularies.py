@@ -7,6 +7,7 @@ import pytest
 from t5lite import config as config_lib
 from t5lite import train
 from t5lite.data import catalog, embedded, pipeline, preprocessors, tasks, train_vocab, vocab
+from t5lite.data.catalog import common
 from t5lite.data.sources import InMemorySource
 
 
@@ -34,7 +35,7 @@ def test_span_corruption_over_bytes_re_merges_to_the_text():
   assert batch['encoder_input_tokens'].max() < v.vocab_size
   # The train split's documents as one byte stream: every example is a slice of it.
   stream = b''.join(d.encode('utf-8') for i, d in enumerate(embedded.corpus_documents())
-                    if catalog._in_split(i, 'train'))
+                    if common.in_split(i, 'train'))
   for inputs, targets in zip(batch['encoder_input_tokens'], batch['decoder_target_tokens']):
     merged = preprocessors.merge_span_corruption(inputs, targets, v.vocab_size)
     assert merged.min() >= v.OFFSET and merged.max() < v.sp_vocab_size  # plain bytes again

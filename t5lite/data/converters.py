@@ -25,6 +25,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from t5lite.data.preprocessors import random_spans_helper
+
 ENCDEC_FEATURES = ("encoder_input_tokens", "decoder_target_tokens",
                    "decoder_input_tokens", "decoder_loss_weights")
 PACKING_FEATURES = ("encoder_segment_ids", "decoder_segment_ids",
@@ -290,3 +292,33 @@ def encdec_from_groups(examples, groups, inputs_length: int, targets_length: int
         out.update(encoder_segment_ids=enc_seg, decoder_segment_ids=dec_seg,
                    encoder_positions=enc_pos, decoder_positions=dec_pos)
     return out
+
+
+# --- feature lengths of a run ----------------------------------------------------------------
+
+def _span_corruption_targets(inputs_length: int) -> int:
+    # T5's span corruption: noise density 0.15, mean noise span length 3.
+    return random_spans_helper(inputs_length, 0.15, 3.0)[1]
+
+
+# The parameter `targets_length` is config.data's name; it shadows the function below on purpose.
+# pylint: disable=redefined-outer-name
+def targets_length(inputs_length: int, targets_length: int = 0) -> int:
+    """`targets_length`, or with 0 T5's choice for span corruption: the targets that
+    `inputs_length` tokens of corrupted text produce (noise 0.15, mean span 3), e.g.
+    512 -> 114, 128 -> 29."""
+    return targets_length or _span_corruption_targets(inputs_length)
+
+
+def feature_lengths(converter: str, inputs_length: int,
+                    targets_length: int = 0) -> dict[str, int]:
+    """The pipeline's feature lengths of a run (config.data's converter, inputs_length and
+    targets_length), the same for training, validation and evaluation: 'inputs' and 'targets'
+    for 'encdec' and 'prefix_lm'; for 'decoder' one 'targets' sequence as long as both.
+    targets_length 0 means T5's choice (see `targets_length`)."""
+    if converter not in Converter.KINDS:
+        raise ValueError(f"unknown converter {converter!r}; expected one of {Converter.KINDS}.")
+    targets = targets_length or _span_corruption_targets(inputs_length)
+    if converter == "decoder":
+        return {"targets": inputs_length + targets}
+    return {"inputs": inputs_length, "targets": targets}

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from t5lite.data import catalog  # noqa: F401  pylint: disable=unused-import  (registers tasks)
 from t5lite.data import pipeline, tasks
 from t5lite.data import preprocessors as P
 

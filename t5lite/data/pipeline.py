@@ -33,6 +33,7 @@ import grain
 import numpy as np
 
 from t5lite.data import converters, embedded
+from t5lite.data import tasks as tasks_lib
 from t5lite.data.vocab import ByteVocabulary, SentencePieceVocabulary
 
 
@@ -209,8 +210,6 @@ def make_task_dataset(task_or_mixture_name, *, feature_lengths: Mapping[str, int
                       read_options: grain.ReadOptions | None = None,
                       num_workers: int = 0) -> grain.IterDataset:
     """The IterDataset behind `make_task_iterator` (same arguments)."""
-    from t5lite.data import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
-
     process_index, process_count = _resolve_processes(process_index, process_count)
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size={global_batch_size} must be >= 1 and divisible "

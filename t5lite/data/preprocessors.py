@@ -24,7 +24,8 @@ from typing import Iterable
 
 import numpy as np
 
-EOS_ID = 1
+from t5lite.data.vocab import EOS_ID
+
 NUM_SENTINELS = 100  # T5's extra_ids
 
 

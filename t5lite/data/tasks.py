@@ -1,10 +1,13 @@
 """Task and Mixture registry: named datasets that the pipeline and the evaluator look up.
 
 A Task is a source + a list of preprocessing steps + the output features (vocabulary,
-add_eos, required) + an optional postprocess fn and metric fns (used by evaluation).
+add_eos, required) + an optional postprocess fn, metric fns and rank options (used by
+evaluation).
 A Mixture samples several tasks (or mixtures) with rates. Both are registered by
 name; `get(name)` finds either, and an unknown name is an error listing the
-closest registered names.
+closest registered names. This module is the registry only: the built-in tasks are
+registered by importing `t5lite.data.catalog` (the jobs and data tools do), as a user's own
+task module is.
 
     add_task('my_task', JsonlSource({'train': 'data/*.jsonl'}),
              [partial(rekey, key_map={'inputs': 'question', 'targets': 'answer'}), tokenize],
@@ -29,6 +32,7 @@ from __future__ import annotations
 import collections
 import difflib
 import logging
+import sys
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
@@ -103,7 +107,8 @@ class Task:
 
   def __init__(self, name: str, source: Source, preprocessors: Sequence[Callable],
                output_features: Mapping[str, Feature], postprocess_fn: Callable | None = None,
-               metric_fns: Sequence[Callable] = (), drop_invalid: bool = False):
+               metric_fns: Sequence[Callable] = (), drop_invalid: bool = False,
+               rank_options: Sequence[str] | None = None):
     if not output_features:
       raise ValueError(f'task {name!r}: needs at least one output feature.')
     self.name = name
@@ -113,6 +118,8 @@ class Task:
     self.postprocess_fn = postprocess_fn
     self.metric_fns = list(metric_fns)
     self.drop_invalid = drop_invalid
+    # Score-mode answers: the evaluator ranks them by log-likelihood (rank classification).
+    self.rank_options = tuple(rank_options) if rank_options is not None else None
     last = max((i for i, p in enumerate(self.preprocessors)
                 if getattr(p, 'dataset_level', False)), default=-1)
     self._eager_steps = self.preprocessors[:last + 1]
@@ -263,7 +270,7 @@ class Mixture:
 
 _TASKS: dict[str, Task] = {}
 _MIXTURES: dict[str, Mixture] = {}
-_CATALOG_LOADED = False
+_CATALOG = 't5lite.data.catalog'
 
 
 def _check_new(name: str, overwrite: bool):
@@ -276,7 +283,8 @@ def _check_new(name: str, overwrite: bool):
 def add_task(name: str, source: Source, preprocessors: Sequence[Callable],
              output_features: Mapping[str, Feature], *, overwrite: bool = False,
              **kwargs) -> Task:
-  """Registers and returns a Task (kwargs: postprocess_fn, metric_fns, drop_invalid)."""
+  """Registers and returns a Task (kwargs: postprocess_fn, metric_fns, drop_invalid,
+  rank_options)."""
   _check_new(name, overwrite)
   task = Task(name, source, preprocessors, output_features, **kwargs)
   _TASKS[name] = task
@@ -298,27 +306,23 @@ def remove(name: str) -> None:
   _MIXTURES.pop(name, None)
 
 
-def _load_catalog():
-  global _CATALOG_LOADED
-  if not _CATALOG_LOADED:
-    _CATALOG_LOADED = True
-    from t5lite.data import catalog  # pylint: disable=import-outside-toplevel,unused-import
-
-
 def names() -> list[str]:
-  _load_catalog()
+  """Every registered task and mixture name, sorted."""
   return sorted(set(_TASKS) | set(_MIXTURES))
 
 
 def get(name: str) -> Task | Mixture:
   """The task or mixture called `name`; UnknownNameError lists the closest names."""
-  _load_catalog()
   if name in _TASKS:
     return _TASKS[name]
   if name in _MIXTURES:
     return _MIXTURES[name]
   close = difflib.get_close_matches(name, names(), n=5, cutoff=0.5)
   hint = f' Did you mean: {", ".join(close)}?' if close else ''
+  # Looked up, not imported: the registry never loads the catalog itself.
+  if _CATALOG not in sys.modules:
+    hint += (f' Nothing has imported {_CATALOG} yet: import {_CATALOG} to register the '
+             'built-in tasks.')
   raise UnknownNameError(f'no task or mixture named {name!r}.{hint} '
                          f'({len(names())} registered; see t5lite.data.tasks.names().)')
 

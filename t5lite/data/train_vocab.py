@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Iterator, Sequence
 
+from t5lite.data import catalog  # noqa: F401  pylint: disable=unused-import  (registers tasks)
 from t5lite.data import tasks, vocab
 
 

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 import tempfile
 from typing import Iterable, Sequence
 
@@ -28,6 +29,8 @@ UNK_ID = 2
 DEFAULT_EXTRA_IDS = 100
 # 1948 pieces + 100 sentinels = 2048: a multiple of 128, friendly to TPU/GPU tiles.
 DEFAULT_SP_VOCAB_SIZE = 1948
+# A sentinel written as text, as HuggingFace's T5 tokenizer reads it: '<extra_id_N>'.
+SENTINEL_TEXT = re.compile(r"<extra_id_(\d+)>")
 
 
 def _read_bytes(path: str) -> bytes:
@@ -181,6 +184,17 @@ class ByteVocabulary(_T5Ids):
                 pieces.append("\N{REPLACEMENT CHARACTER}")  # unk or out of range
         pieces.append(run.decode("utf-8", errors="ignore"))
         return "".join(pieces)
+
+
+def encode_with_sentinels(vocabulary, text: str) -> list[int]:
+    """Token ids of `text` with each `<extra_id_N>` written in it as sentinel N's id (as
+    HuggingFace's T5 tokenizer reads them); vocabulary.encode alone would spell them out."""
+    ids, start = [], 0
+    for match in SENTINEL_TEXT.finditer(text):
+        ids += vocabulary.encode(text[start:match.start()])
+        ids.append(vocabulary.sentinel_id(int(match.group(1))))
+        start = match.end()
+    return ids + list(vocabulary.encode(text[start:]))
 
 
 def _training_sentences(texts: Iterable[str], max_chars: int) -> Iterable[str]:

@@ -12,7 +12,7 @@ word are dropped (the corpus repeats a few docstrings).
                     the larger class: the majority-class baseline is 50% accuracy, 33.3 macro F1.
                     Metrics: accuracy and macro F1 over the two labels (an invalid answer counts as
                     wrong) of the decoded answer, and rank accuracy (the more likely of the two
-                    labels under the model; RANK_OPTIONS).
+                    labels under the model; the task's `rank_options`).
   docstring_module  'which module: <24 words of a library docstring>' -> its module's dotted name
                     ('json', 'email.message', 'xml.etree.ElementTree': 105 modules), generated
                     token by token; exact-match accuracy. Baseline: always the most frequent
@@ -29,26 +29,27 @@ word are dropped (the corpus repeats a few docstrings).
 Splits: docstring_kind and docstring_module hold out every KIND_VALIDATION_EVERY-th document
 (the pretraining held-out documents alone give only 66 balanced docstring_kind windows); the
 quickstart saw some of that text unlabelled (span corruption), never the answers. fill_word holds
-out exactly the pretraining validation documents (catalog.VALIDATION_EVERY), so a blanked word
+out exactly the pretraining validation documents (common.VALIDATION_EVERY), so a blanked word
 cannot be recalled from pretraining. `baselines()` computes the trivial baselines.
 
 Windows are consecutive, non-overlapping runs of words of each document (a document's last,
-shorter window is kept when it has at least MIN_WORDS words). Registered by the catalog.
+shorter window is kept when it has at least MIN_WORDS words). Registered when
+`t5lite.data.catalog` is imported.
 """
 from __future__ import annotations
 
 import collections
 import functools
-import re
 from typing import Sequence
 
 import numpy as np
 
+from t5lite import metrics
 from t5lite.data import embedded
+from t5lite.data.catalog.common import VALIDATION_EVERY, embedded_features, held_out
 from t5lite.data.sources import FunctionSource
-from t5lite.data.tasks import Feature, add_mixture, add_task
-from t5lite.data.vocab import embedded_vocabulary
-from t5lite.evaluation import metrics
+from t5lite.data.tasks import add_mixture, add_task
+from t5lite.data.vocab import SENTINEL_TEXT, encode_with_sentinels
 
 KIND_WORDS = 24
 FILL_WORDS = 16
@@ -56,8 +57,9 @@ MIN_WORDS = 8
 FILL_CHOICES = 50
 LABELS = ('reference', 'library')
 BLANK = '<extra_id_0>'  # written as text; tokenize_with_sentinels makes it the sentinel id
-SENTINEL = re.compile(r'<extra_id_(\d+)>')
+SENTINEL = SENTINEL_TEXT
 # Score-mode options per task: the evaluator ranks them by log-likelihood (rank classification).
+# Each task carries its own as `task.rank_options`; this table is what registration passes.
 RANK_OPTIONS = {'docstring_kind': LABELS}
 
 
@@ -66,10 +68,7 @@ KIND_MAX_VALIDATION_PER_CLASS = 250  # keeps one evaluation pass short on a CPU
 
 
 def _held_out(index: int, every: int | None = None) -> bool:
-  if every is None:
-    from t5lite.data.catalog import VALIDATION_EVERY  # pylint: disable=import-outside-toplevel
-    every = VALIDATION_EVERY
-  return index % every == every - 1
+  return held_out(index, VALIDATION_EVERY if every is None else every)
 
 
 @functools.lru_cache(maxsize=1)
@@ -161,17 +160,6 @@ def docstring_module_examples(split: str) -> list[dict]:
           if label == 'library' and module]
 
 
-def encode_with_sentinels(vocabulary, text: str) -> list[int]:
-  """Token ids of `text` with each `<extra_id_N>` written in it as sentinel N's id (as
-  HuggingFace's T5 tokenizer reads them); vocabulary.encode alone would spell them out."""
-  ids, start = [], 0
-  for match in SENTINEL.finditer(text):
-    ids += vocabulary.encode(text[start:match.start()])
-    ids.append(vocabulary.sentinel_id(int(match.group(1))))
-    start = match.end()
-  return ids + list(vocabulary.encode(text[start:]))
-
-
 def tokenize_with_sentinels(example, ctx):
   """`preprocessors.tokenize` that reads `<extra_id_N>` in the text as sentinel ids."""
   out = dict(example)
@@ -226,18 +214,14 @@ def baselines(split: str = 'validation') -> dict[str, dict[str, float]]:
   return out
 
 
-def _features():
-  f = Feature(embedded_vocabulary)
-  return {'inputs': f, 'targets': f}
-
-
 _STEPS = [tokenize_with_sentinels]
 
 add_task('docstring_kind', FunctionSource(docstring_kind_examples, ('train', 'validation')),
-         _STEPS, _features(), postprocess_fn=strip_text,
-         metric_fns=['accuracy', functools.partial(metrics.macro_f1, labels=LABELS), rank_accuracy])
+         _STEPS, embedded_features(), postprocess_fn=strip_text,
+         metric_fns=['accuracy', functools.partial(metrics.macro_f1, labels=LABELS), rank_accuracy],
+         rank_options=RANK_OPTIONS['docstring_kind'])
 add_task('fill_word', FunctionSource(fill_word_examples, ('train', 'validation')), _STEPS,
-         _features(), postprocess_fn=first_span, metric_fns=['accuracy'])
+         embedded_features(), postprocess_fn=first_span, metric_fns=['accuracy'])
 add_task('docstring_module', FunctionSource(docstring_module_examples, ('train', 'validation')),
-         _STEPS, _features(), postprocess_fn=strip_text, metric_fns=['accuracy'])
+         _STEPS, embedded_features(), postprocess_fn=strip_text, metric_fns=['accuracy'])
 add_mixture('downstream_mix', [('docstring_kind', 1.0), ('docstring_module', 1.0)])

@@ -43,12 +43,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from t5lite import metrics
 from t5lite.data import preprocessors as P
-from t5lite.data.public_tasks import (UNKNOWN_LABEL, string_label_to_class_id, string_to_float,
-                                      t5_features, text, texts)
+from t5lite.data.catalog.common import (UNKNOWN_LABEL, string_label_to_class_id, string_to_float,
+                                        t5_features, text, texts)
 from t5lite.data.sources import Source, TfdsSource
 from t5lite.data.tasks import add_mixture, add_task
-from t5lite.evaluation import metrics
 
 GLUE_VERSION = '2.0.0'
 SUPER_GLUE_VERSION = '1.0.2'

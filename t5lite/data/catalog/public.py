@@ -1,8 +1,8 @@
 """Public downstream tasks over TFDS, text-to-text as in T5: SQuAD, CNN/DailyMail and WMT.
 
-GLUE and SuperGLUE are in t5lite/data/glue.py, which shares the helpers defined here (the
-vocabulary, TFDS record decoding, label and number postprocessors). Both are registered by the
-catalog. Task names are T5's (t5/data/tasks.py), so a T5 user's task names carry over:
+GLUE and SuperGLUE are in glue.py; both use the helpers of common.py (T5's vocabulary, TFDS
+record decoding, label and number postprocessors) and are registered when `t5lite.data.catalog`
+is imported. Task names are T5's (t5/data/tasks.py), so a T5 user's task names carry over:
 
   squad_v010_allanswers  squad/v1.1:3.0.0        'question: <q> context: <c>' -> the first answer,
                                                   punctuation padded with spaces as T5 does;
@@ -29,60 +29,13 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Sequence
-
-import numpy as np
 
 from t5lite.data import preprocessors as P
+from t5lite.data.catalog.common import t5_features, text, texts
 from t5lite.data.sources import TfdsSource
-from t5lite.data.tasks import Feature, add_task
-from t5lite.data.vocab import SentencePieceVocabulary
+from t5lite.data.tasks import add_task
 
-UNKNOWN_LABEL = '<unk>'  # T5's target for an unlabelled (test) example
-
-
-# --- shared helpers (also used by glue.py) --------------------------------------------------------
-
-def t5_features() -> dict[str, Feature]:
-  """inputs/targets in T5's vocabulary (32000 pieces + 100 sentinels), loaded lazily."""
-  # Imported here, not at the top: the catalog imports this module (and glue.py, which imports
-  # the helpers above), so whichever of the three is imported first, the others find what they
-  # need already defined.
-  from t5lite.data.catalog import T5_SPM_PATH  # pylint: disable=import-outside-toplevel
-  f = Feature(functools.partial(SentencePieceVocabulary, T5_SPM_PATH))
-  return {'inputs': f, 'targets': f}
-
-
-def text(value: Any) -> str:
-  """A TFDS text value as str. TfdsSource decodes top-level text features only; nested ones (a
-  Sequence of Text, a dict of them) come back as bytes."""
-  if isinstance(value, (bytes, np.bytes_)):
-    return bytes(value).decode('utf-8')
-  return str(value)
-
-
-def texts(values: Any) -> list[str]:
-  return [text(v) for v in (values if values is not None else [])]
-
-
-def string_label_to_class_id(label: str, example=None, is_target: bool = False,
-                             label_classes: Sequence[str] = ()) -> int:
-  """Postprocess for classification (T5's `string_label_to_class_id`): the label's index in
-  `label_classes`, -1 for anything else (the metrics count -1 as wrong)."""
-  del example, is_target
-  label = label.strip()
-  return label_classes.index(label) if label in label_classes else -1
-
-
-def string_to_float(value: str, example=None, is_target: bool = False,
-                    default: float = -1.0) -> float:
-  """Postprocess for STS-B (T5's `string_to_float`): the number, `default` if it is none."""
-  del example, is_target
-  try:
-    return float(value)
-  except ValueError:
-    return default
-
+# --- SQuAD v1.1 ----------------------------------------------------------------------------------
 
 # T5 pads with the regexes `([[:punct:]])` -> ' \1 ' and `\s+` -> ' ' (RE2 classes, ASCII only).
 _PUNCTUATION = re.compile(r'([!-/:-@\[-`{-~])')
@@ -100,8 +53,6 @@ def _join(*parts: str) -> str:
   """T5's `_string_join`: joined with spaces, whitespace runs squashed (and stripped)."""
   return _WHITESPACE.sub(' ', ' '.join(parts)).strip()
 
-
-# --- SQuAD v1.1 ----------------------------------------------------------------------------------
 
 SQUAD_TFDS_NAME = 'squad/v1.1:3.0.0'
 
