@@ -1,196 +1,370 @@
-"""Configs: the defaults, loading `configs/*.py:arg`, command-line overrides, validation.
+"""Configs: every field declared once; loading `configs/*.py:arg`, overrides, checks, resolution.
 
-A config file defines `get_config(arg=None) -> ConfigDict`, usually by editing `base_config()`.
-Overrides come as `--config.section.field=value`. Everything is checked before any compute, and
-every problem raises `ConfigError` whose message names the field and what would be valid.
+Each config section is a frozen dataclass below whose fields carry their default and documentation
+(`t5lite.fields.field`); `RunConfig` lists the sections in order. `base_config()` builds the
+`ml_collections.ConfigDict` that config files edit (`get_config(arg=None) -> ConfigDict`), overrides
+come as `--config.section.field=value`, `validate()` checks everything before any compute (a table
+of per-field checks plus a few cross-field rules; every problem raises `ConfigError`, whose message
+names the field and what would be valid), and `resolve()` turns the checked ConfigDict into a typed
+`RunConfig` once, at start-up. docs/configs.md's field reference is generated from the declarations
+(`python -m t5lite.config --update-docs`).
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import json
 import os
 import re
-from typing import Sequence
+import sys
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from t5lite import fields
+from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
 from t5lite.models import presets
+
+try:  # the mesh axes and default rules live with the rest of sharding (t5lite/partitioning.py)
+  from t5lite.partitioning import DEFAULT_RULES, MESH_AXES
+except ImportError:  # TODO(issue 13): drop once partitioning.py defines them
+  MESH_AXES = ('data', 'fsdp', 'tensor')
+  # Logical axis -> mesh axes. First matching rule whose mesh axes are still free wins (flax).
+  DEFAULT_RULES = (
+      ('batch', ('data', 'fsdp')),
+      ('act_batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('vocab', 'tensor'),
+      ('act_heads', 'tensor'),
+      ('act_mlp', 'tensor'),
+      ('act_vocab', 'tensor'),
+      ('kv', None),
+      ('act_kv', None),
+      ('act_embed', None),
+      ('act_length', None),
+      ('length', None),
+      ('layers', None),
+      ('relpos_buckets', None),
+  )
 
 OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('rsqrt', 'cosine', 'wsd', 'constant')
 CONVERTERS = ('encdec', 'decoder', 'prefix_lm')
-MESH_AXES = ('data', 'fsdp', 'tensor')
 EVAL_VALUES = ('eval/loss', 'eval/accuracy')  # what in-training evaluation logs (t5lite/train.py)
 
-# Logical axis -> mesh axes. First matching rule whose mesh axes are still free wins (flax).
-# Parameters: fsdp shards the embed dimension (ZeRO-3 style), tensor shards heads / mlp / vocab.
-# Activations use act_* names so the batch can take data+fsdp while weights use fsdp for embed.
-DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('act_batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('vocab', 'tensor'),
-    ('act_heads', 'tensor'),
-    ('act_mlp', 'tensor'),
-    ('act_vocab', 'tensor'),
-    ('kv', None),
-    ('act_kv', None),
-    ('act_embed', None),
-    ('act_length', None),
-    ('length', None),
-    ('layers', None),
-    ('relpos_buckets', None),
-)
+# ---------------------------------------------------------------------------------------------
+# The declarations: one frozen dataclass per section, in the order of `RunConfig`.
 
 
-class ConfigError(ValueError):
-  """A config problem, with a message that names the field and the valid choices."""
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What the model reads: the task, lengths, the converter and the vocabulary (docs/data.md)."""
+  task: str = field('embedded_span_corruption', 'A registered task or mixture (t5lite.data.tasks; '
+                    '`python -m t5lite.data.inspect --task NAME` shows it). An unknown name lists '
+                    'the closest registered ones.')
+  inputs_length: int = field(128, 'Encoder (or prefix) length in tokens.')
+  targets_length: int = field(0, "Target length; 0: T5's random_spans_helper at noise 0.15, span 3 "
+                              '(the span-corruption target length for inputs_length: 128 inputs '
+                              '=> 29 targets, 512 => 114).')
+  converter: str = field('encdec', 'How examples become model features '
+                         '(t5lite/data/converters.py): encdec feeds encoder_decoder; decoder and '
+                         'prefix_lm feed decoder_only.',
+                         choices=CONVERTERS)
+  pack: bool = field(True, 'Several examples per row, separated by segment ids.')
+  num_workers: int = field(0, 'Preprocessing worker processes (grain mp_prefetch); 0 runs it in '
+                           'the training process. Same batches either way; workers pay off when '
+                           'preprocessing, not the step, is the bottleneck.')
+  vocabulary: str = field('embedded', "embedded: the embedded corpus's SentencePiece model "
+                          '(data.sp_vocab_size pieces + 100 sentinels) for every feature; task: '
+                          "each task's own vocabularies; byte: ByT5's bytes (259 ids + 125 "
+                          'sentinels = 384); or a path to a SentencePiece .model (+ 100 '
+                          'sentinels).')
+  sp_vocab_size: int = field(1948, 'Embedded SentencePiece size; + 100 sentinels = 2048.')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop. Loss = cross-entropy summed over the target tokens / the number of target
+  tokens in the whole batch."""
+  steps: int = field(1000, 'Training steps.')
+  batch_size: int = field(32, 'Global batch size, over all processes.')
+  microbatches: int = field(1, 'Gradient accumulation: batch_size / microbatches rows per pass, '
+                            'the same update.')
+  seed: int = field(0, 'Parameter init and dropout; the data order follows it too.')
+  log_every: int = field(10, 'Steps between logged metrics.')
+  z_loss: float = field(1e-4, 'PaLM/T5X auxiliary loss on log(Z)^2, keeps the logits bounded.')
+  label_smoothing: float = field(0.0, 'Label smoothing of the cross-entropy.')
+  max_grad_norm: float = field(0.0, 'Global-norm gradient clipping; 0 turns it off (Adafactor '
+                               'clips its updates anyway).')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The optimizer (t5lite/optim.py). Adafactor has T5's defaults: factored second moments,
+  parameter-scaled updates, no momentum."""
+  name: str = field('adafactor', 'adafactor (T5) or adamw.', choices=OPTIMIZERS)
+  learning_rate: float = field(1.0, 'Peak / base value that the schedule multiplies.')
+  weight_decay: float = field(0.0, "Decoupled weight decay: adamw's, and adafactor's "
+                              'weight_decay_rate; 0 turns it off.')
+  b1: float = field(0.9, 'adamw: first-moment decay.')
+  b2: float = field(0.999, 'adamw: second-moment decay.')
+  eps: float = field(1e-8, 'adamw: denominator epsilon.')
+  decay_rate: float = field(0.8, 'adafactor: second-moment decay exponent (T5).')
+  clipping_threshold: float = field(1.0, 'adafactor: update clipping (T5).')
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+  """The learning rate over the steps (t5lite/optim.py make_schedule)."""
+  name: str = field('rsqrt', 'rsqrt: lr / sqrt(max(step, warmup)) (T5); cosine: linear warm-up, '
+                    'cosine decay to lr * end_ratio; wsd: warm-up, constant, linear cool-down over '
+                    'the last decay_fraction of the steps; constant: warm-up, then flat.',
+                    choices=SCHEDULES)
+  warmup_steps: int = field(10_000, 'rsqrt: the constant stretch at the start '
+                            '(lr / sqrt(warmup)); the others: a linear warm-up from 0.')
+  decay_fraction: float = field(0.1, 'wsd: the final fraction of the steps spent cooling down.')
+  end_ratio: float = field(0.0, 'cosine / wsd: the final learning rate as a fraction of the peak.')
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh; data * fsdp * tensor must equal the device count."""
+  data: int = field(-1, 'Data parallelism; -1: whatever the other axes leave of the device count.')
+  fsdp: int = field(1, 'Fully sharded data parallelism: parameters and optimizer state are split '
+                    'along embed (ZeRO-3 style), the batch along data+fsdp.')
+  tensor: int = field(1, 'Tensor parallelism over heads, mlp and vocab.')
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitioningConfig:
+  """Logical axis names -> mesh axes (docs/models.md, partitioning)."""
+  rules: tuple = field(DEFAULT_RULES, 'A tuple of (logical_axis, mesh_axes); the first matching '
+                       'rule whose mesh axes are still free wins (flax). Default: '
+                       't5lite.partitioning.DEFAULT_RULES (fsdp shards embed, tensor shards heads '
+                       '/ mlp / vocab; activations use act_* names so the batch can take data+fsdp '
+                       'while the weights use fsdp for embed).')
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportingConfig:
+  """Logged throughput: MFU = model FLOPs per step / step time / (peak * devices)."""
+  peak_flops_per_device: float = field(0.0, 'Per-device peak FLOP/s for MFU; 0: look up the device '
+                                       'kind, or on CPU measure a matmul at start.')
+  tensorboard: bool = field(True, 'Also write TensorBoard events to WORKDIR/tensorboard.')
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Checkpoints go to WORKDIR/checkpoints (docs/checkpoints.md). Running the same command again
+  resumes from the newest complete one; the last step and a SIGTERM stop are always saved."""
+  every_steps: int = field(500, 'Save period in steps; 0: only at the end and on SIGTERM. Shorter '
+                           'loses less work on a crash but writes more.')
+  keep: int = field(3, 'Newest checkpoints to keep on disk; 0 keeps all.')
+  async_save: bool = field(True, 'Write in a background thread: the loop only waits for the '
+                           'device-to-host copy, then trains on while the files are written. '
+                           'False: every save blocks until it is on disk, simpler to reason about '
+                           'on flaky file systems. (`async` is a Python keyword.)')
+  init_from: str = field('', "Fine-tuning: when WORKDIR has no checkpoint yet, take the params "
+                         "(only: optimizer state and step start fresh) from another run's "
+                         'checkpoint, a step directory or a WORKDIR/checkpoints directory (its '
+                         'newest step); `hf:DIR` for a HuggingFace T5 (docs/hf.md). The '
+                         "workdir's own checkpoints always win, so a preempted fine-tune resumes "
+                         "where it stopped. '': a random init.")
+  init_rename: tuple = field((), "(regex, replacement) pairs applied in order (re.sub) to the "
+                             "checkpoint's '/'-joined param names, e.g. (('^encoder/', 'enc/'),), "
+                             'so that differently named models can share weights.')
+  init_ignore: tuple = field((), 'Regexes (re.search) over param names: matching model params keep '
+                             'their fresh init (a new head), matching (renamed) checkpoint params '
+                             'are dropped. Anything else unmatched is an error.')
+  keep_best_metric: str = field('', 'Also keep the best checkpoint(s) by a value logged at eval '
+                                "steps, whatever `keep` drops, e.g. 'eval/loss'; '' keeps only "
+                                'the newest. Needs eval.every_steps to divide every_steps, so '
+                                'every periodic checkpoint has the metric.')
+  keep_best_mode: str = field('min', 'min (a loss) or max (an accuracy, a BLEU).',
+                              choices=('min', 'max'))
+  keep_best_n: int = field(1, 'How many best checkpoints to keep.')
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """In-training evaluation (docs/evaluation.md): every `every_steps` steps and at the last step,
+  one ordered pass over eval.split of eval.task gives eval/loss (cross-entropy per target token,
+  without z-loss or label smoothing) and eval/accuracy; and metric evaluation of eval.tasks
+  (t5lite/evaluation/evaluator.py), also run by `python -m t5lite.eval`."""
+  every_steps: int = field(0, 'Evaluation period in steps; 0: off. Costs one forward pass per '
+                           'eval batch.')
+  task: str = field('', "The task of eval/loss; '' = data.task.")
+  split: str = field('validation', 'The split evaluated.')
+  batch_size: int = field(0, '0 = train.batch_size; must divide by the data-parallel size like it.')
+  max_batches: int = field(0, '0: the whole split; N: its first N batches.')
+  tasks: tuple = field((), 'Metric evaluation: decode / score every example of eval.split of these '
+                       "tasks, postprocess, apply each task's metric_fns; results in "
+                       'WORKDIR/eval/<task>/step_<N>.json and TensorBoard under WORKDIR/eval. '
+                       "() = none; e.g. ('docstring_kind', 'fill_word').")
+  num_examples_to_save: int = field(5, 'Example predictions kept in each step_<N>.json.')
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """Decoding for metric evaluation and `python -m t5lite.infer` (t5lite/models/decoding.py)."""
+  method: str = field('greedy', 'greedy, sample or beam.', choices=('greedy', 'sample', 'beam'))
+  max_decode_length: int = field(0, 'Generated tokens (EOS included); 0 = the targets length.')
+  temperature: float = field(1.0, 'sample: logits / temperature; 0 = argmax.')
+  top_k: int = field(0, 'sample: keep the k most likely tokens; 0 = off.')
+  top_p: float = field(1.0, 'sample: nucleus probability mass; 1 = off.')
+  num_beams: int = field(4, 'beam: more beams search wider; the cost grows linearly.')
+  length_penalty_alpha: float = field(0.6, 'beam: score = log p / ((5 + len) / 6) ** alpha.')
+  seed: int = field(0, 'sample: PRNG seed (per batch: fold_in(seed, batch)).')
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig:
+  """Batch inference (`python -m t5lite.infer`): JSONL in, JSONL out, resumable."""
+  batch_size: int = field(0, '0 = eval.batch_size, else train.batch_size.')
+  input_key: str = field('inputs', 'The JSONL field holding the input text.')
+  target_key: str = field('targets', 'Copied to the output when present.')
+  on_too_long: str = field('truncate', 'An input longer than data.inputs_length tokens (EOS '
+                           'included): truncate (a counted warning) or error.',
+                           choices=('truncate', 'error'))
+  on_bad_line: str = field('error', 'A line that is not JSON, or has no input_key string: error '
+                           '(names the line) or skip (counted).', choices=('error', 'skip'))
+
+
+def _section(cls):
+  return dataclasses.field(default_factory=cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """The whole config, resolved once at start-up (`resolve`): typed, frozen parts with the same
+  attribute names as the ConfigDict, so `cfg.train.steps` reads the same from either."""
+  model: presets.ModelConfig
+  data: DataConfig = _section(DataConfig)
+  keep_host_memory: bool = field(True, 'CPU backend: keep freed host memory for reuse instead of '
+                                 'returning it to the kernel after every step, one malloc arena '
+                                 'for all threads (glibc settings, applied before JAX starts; '
+                                 't5lite/host_memory.py): no page faults on XLA\'s per-step '
+                                 'buffers, T5.1.1-small steps ~1.3x faster; the process keeps its '
+                                 'peak memory.')
+  train: TrainConfig = _section(TrainConfig)
+  optimizer: OptimizerConfig = _section(OptimizerConfig)
+  schedule: ScheduleConfig = _section(ScheduleConfig)
+  mesh: MeshConfig = _section(MeshConfig)
+  partitioning: PartitioningConfig = _section(PartitioningConfig)
+  reporting: ReportingConfig = _section(ReportingConfig)
+  checkpoint: CheckpointConfig = _section(CheckpointConfig)
+  eval: EvalConfig = _section(EvalConfig)
+  decode: DecodeOptions = _section(DecodeOptions)
+  infer: InferConfig = _section(InferConfig)
+
+  def to_dict(self) -> dict:
+    """Plain nested dicts (JSON-able), equal to the ConfigDict's `to_dict()` after a JSON trip."""
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      out[f.name] = ({g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
+                     if dataclasses.is_dataclass(value) else value)
+    return out
+
+  def as_config_dict(self) -> ml_collections.ConfigDict:
+    """The same values as a ConfigDict, in the declared order (what `base_config` builds)."""
+    return _config_dict(self.to_dict())
+
+
+# Section name -> its dataclass (the model's is ModelConfig, t5lite/models/presets.py).
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)
+            if f.default_factory is not dataclasses.MISSING}
+SECTIONS = {'model': presets.ModelConfig, **SECTIONS}
+
+
+def _config_dict(tree: dict) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  for name, value in tree.items():
+    c[name] = _config_dict(value) if isinstance(value, dict) else value
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field with its default; config files start from this and change what they need."""
   c = ml_collections.ConfigDict()
-  c.model = presets.model_config('tiny')
-
-  c.data = ml_collections.ConfigDict()
-  c.data.task = 'embedded_span_corruption'  # a registered task or mixture (t5lite.data.tasks;
-                                            # python -m t5lite.data.inspect --task NAME shows it)
-  c.data.inputs_length = 128                # encoder (or prefix) length
-  c.data.targets_length = 0                 # 0: T5's random_spans_helper at noise 0.15, span 3
-                                            # (the span-corruption target length for inputs_length)
-  c.data.converter = 'encdec'               # encdec (encoder_decoder) | decoder | prefix_lm
-                                            # (decoder_only); see t5lite/data/converters.py
-  c.data.pack = True                        # several examples per row, separated by segment ids
-  # Preprocessing worker processes (grain mp_prefetch); 0 runs it in the training process. Same
-  # batches either way. Workers pay off when preprocessing, not the step, is the bottleneck.
-  c.data.num_workers = 0
-  # embedded: the embedded corpus's SentencePiece model (data.sp_vocab_size pieces + 100
-  # sentinels) for every feature; task: each task's own vocabularies; byte: ByT5's bytes (259 ids
-  # + 125 sentinels = 384); or a path to a SentencePiece .model (+ 100 sentinels).
-  c.data.vocabulary = 'embedded'
-  c.data.sp_vocab_size = 1948               # embedded SentencePiece size; + 100 sentinels = 2048
-
-  # CPU backend: keep freed host memory for reuse instead of returning it to the kernel after
-  # every step, one malloc arena for all threads (glibc settings; t5lite/host_memory.py): no page
-  # faults on XLA's per-step buffers, T5.1.1-small steps ~1.3x faster; the process keeps its peak.
-  c.keep_host_memory = True
-
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000
-  c.train.batch_size = 32                   # global, over all processes
-  c.train.microbatches = 1                  # gradient accumulation: batch_size / microbatches per pass
-  c.train.seed = 0                          # parameter init and dropout; data.seed defaults to it
-  c.train.log_every = 10
-  c.train.z_loss = 1e-4                     # PaLM/T5X auxiliary loss on log(Z)^2, keeps logits bounded
-  c.train.label_smoothing = 0.0
-  c.train.max_grad_norm = 0.0               # global-norm clipping; 0 turns it off (Adafactor clips updates)
-
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'adafactor'            # adafactor | adamw
-  c.optimizer.learning_rate = 1.0           # peak/base value that the schedule multiplies
-  c.optimizer.weight_decay = 0.0            # decoupled; adamw, and adafactor's weight_decay_rate
-  c.optimizer.b1 = 0.9                      # adamw
-  c.optimizer.b2 = 0.999                    # adamw
-  c.optimizer.eps = 1e-8                    # adamw
-  c.optimizer.decay_rate = 0.8              # adafactor second-moment decay exponent (T5)
-  c.optimizer.clipping_threshold = 1.0      # adafactor update clipping (T5)
-
-  c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = 'rsqrt'                 # rsqrt | cosine | wsd | constant
-  c.schedule.warmup_steps = 10_000          # rsqrt: lr = base / sqrt(max(step, warmup)); others: linear
-  c.schedule.decay_fraction = 0.1           # wsd: final fraction of steps spent cooling down to 0
-  c.schedule.end_ratio = 0.0                # cosine/wsd: final lr as a fraction of the peak
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                          # -1: whatever the other axes leave of the device count
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-
-  c.partitioning = ml_collections.ConfigDict()
-  c.partitioning.rules = DEFAULT_RULES
-
-  c.reporting = ml_collections.ConfigDict()
-  # Per-device peak FLOP/s for MFU. 0: look up the device kind; on CPU, measure a matmul at start.
-  c.reporting.peak_flops_per_device = 0.0
-  c.reporting.tensorboard = True
-
-  # Checkpoints go to WORKDIR/checkpoints (see docs/checkpoints.md). Running the same command again
-  # resumes from the newest complete one; the last step and a SIGTERM stop are always saved.
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 500            # save period in steps; 0: only at the end and on SIGTERM.
-                                            # Shorter loses less work on a crash but writes more.
-  c.checkpoint.keep = 3                     # newest checkpoints to keep on disk; 0 keeps all
-  # Write in a background thread: the loop only waits for the device-to-host copy, then trains on
-  # while the files are written. (`async` is a Python keyword, hence the name.) False: every save
-  # blocks until it is on disk, simpler to reason about on flaky file systems.
-  c.checkpoint.async_save = True
-  # Fine-tuning (docs/checkpoints.md): when WORKDIR has no checkpoint yet, take the params (only:
-  # optimizer state and step start fresh) from another run's checkpoint, a step directory or a
-  # WORKDIR/checkpoints directory (its newest step). '' starts from a random init. The workdir's own
-  # checkpoints always win, so a preempted fine-tune resumes where it stopped.
-  c.checkpoint.init_from = ''
-  # (regex, replacement) pairs applied in order (re.sub) to the checkpoint's '/'-joined param names,
-  # e.g. (('^encoder/', 'enc/'),), so that differently named models can share weights.
-  c.checkpoint.init_rename = ()
-  # Regexes (re.search) over param names: matching model params keep their fresh init (a new head),
-  # matching (renamed) checkpoint params are dropped. Anything else unmatched is an error.
-  c.checkpoint.init_ignore = ()
-  # Also keep the best checkpoint(s) by an evaluation metric, whatever `keep` drops: the name of a
-  # value logged at eval steps, e.g. 'eval/loss'. '' keeps only the newest. Needs eval.every_steps
-  # to divide checkpoint.every_steps, so every periodic checkpoint has the metric.
-  c.checkpoint.keep_best_metric = ''
-  c.checkpoint.keep_best_mode = 'min'       # min (a loss) | max (an accuracy, a BLEU)
-  c.checkpoint.keep_best_n = 1
-
-  # In-training evaluation (docs/evaluation.md): every `every_steps` steps and at the last step,
-  # one ordered pass over eval.split of eval.task gives eval/loss (cross-entropy per target token,
-  # without z-loss or label smoothing) and eval/accuracy, logged with that step's metrics.
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 0                    # 0: off. Costs one forward pass per eval batch.
-  c.eval.task = ''                          # '' = data.task
-  c.eval.split = 'validation'
-  c.eval.batch_size = 0                     # 0 = train.batch_size (must divide like it)
-  c.eval.max_batches = 0                    # 0: the whole split; N: its first N batches
-  # Metric evaluation (t5lite/evaluation/evaluator.py): decode / score every example of eval.split
-  # of these tasks, postprocess, apply each task's metric_fns; results in WORKDIR/eval/<task>/
-  # step_<N>.json and TensorBoard under WORKDIR/eval. Used by `python -m t5lite.eval` and, at
-  # eval.every_steps, by training. () = none. Uses eval.batch_size and eval.max_batches too.
-  c.eval.tasks = ()                         # e.g. ('docstring_kind', 'fill_word')
-  c.eval.num_examples_to_save = 5           # example predictions kept in each step_<N>.json
-
-  # Decoding for metric evaluation and `python -m t5lite.infer` (t5lite/models/decoding.py).
-  c.decode = ml_collections.ConfigDict()
-  c.decode.method = 'greedy'                # greedy | sample | beam
-  c.decode.max_decode_length = 0            # generated tokens (EOS included); 0 = the targets length
-  c.decode.temperature = 1.0                # sample: logits / temperature; 0 = argmax
-  c.decode.top_k = 0                        # sample: keep the k most likely tokens; 0 = off
-  c.decode.top_p = 1.0                      # sample: nucleus probability mass; 1 = off
-  c.decode.num_beams = 4                    # beam: more beams search wider, cost grows linearly
-  c.decode.length_penalty_alpha = 0.6       # beam: score = log p / ((5 + len) / 6) ** alpha
-  c.decode.seed = 0                         # sample: PRNG seed (per batch: fold_in(seed, batch))
-
-  # Batch inference (python -m t5lite.infer): JSONL in, JSONL out, resumable.
-  c.infer = ml_collections.ConfigDict()
-  c.infer.batch_size = 0                    # 0 = eval.batch_size, else train.batch_size
-  c.infer.input_key = 'inputs'              # JSONL field holding the input text
-  c.infer.target_key = 'targets'            # copied to the output when present
-  c.infer.on_too_long = 'truncate'          # truncate (counted warning) | error: an input longer than
-                                            # data.inputs_length tokens (EOS included)
-  c.infer.on_bad_line = 'error'             # error (names the line) | skip (counted): a line that is
-                                            # not JSON, or has no input_key string
+  for f in dataclasses.fields(RunConfig):
+    if f.name == 'model':
+      c.model = presets.model_config('tiny')
+    elif f.name in SECTIONS:
+      c[f.name] = _config_dict({g.name: g.default for g in dataclasses.fields(SECTIONS[f.name])})
+    else:
+      c[f.name] = f.default
   return c
+
+
+def _frozen(value):
+  """Lists (a config file may write them) as tuples, so that the resolved parts are hashable."""
+  return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def resolve(config) -> RunConfig:
+  """The (validated) ConfigDict as a typed, frozen `RunConfig`; done once, at start-up."""
+  if isinstance(config, RunConfig):
+    return config
+  parts = {}
+  for f in dataclasses.fields(RunConfig):
+    value = config[f.name]
+    if f.name == 'model':
+      parts[f.name] = presets.ModelConfig.from_config(value)
+    elif f.name in SECTIONS:
+      parts[f.name] = SECTIONS[f.name](
+          **{g.name: _frozen(value[g.name]) for g in dataclasses.fields(SECTIONS[f.name])})
+    else:
+      parts[f.name] = _frozen(value)
+  return RunConfig(**parts)
+
+
+def _declared() -> dict:
+  """Section -> its field names (None for a top-level field): the keys a config may have."""
+  out = {}
+  for f in dataclasses.fields(RunConfig):
+    if f.name == 'model':  # the preset's keys: the same as ModelConfig's once it declares them all
+      out[f.name] = tuple(presets.model_config('tiny').keys())
+    elif f.name in SECTIONS:
+      out[f.name] = tuple(g.name for g in dataclasses.fields(SECTIONS[f.name]))
+    else:
+      out[f.name] = None
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading and overrides
 
 
+def _unknown_key(parts: Sequence[str], depth: int, siblings: Sequence[str]) -> ConfigError:
+  here = '.'.join(parts[:depth + 1])
+  close = difflib.get_close_matches(parts[depth], siblings, n=1)
+  hint = f" Did you mean '{'.'.join(list(parts[:depth]) + close)}'?" if close else ''
+  parent = '.'.join(parts[:depth]) or 'config'
+  return ConfigError(f"unknown config key '{here}'.{hint} Valid keys under {parent}: "
+                     f"{', '.join(siblings)}")
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a key that no declaration has (a typo in a config file, such as
+  `c.train.stepz = 3`), with the same message as an unknown `--config.train.stepz` override."""
+  declared = _declared()
+  for name in config.keys():
+    if name not in declared:
+      raise _unknown_key([name], 0, sorted(declared))
+    names = declared[name]
+    if names is not None and isinstance(config[name], ml_collections.ConfigDict):
+      for key in config[name].keys():
+        if key not in names:
+          raise _unknown_key([name, key], 1, sorted(names))
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/file.py[:arg]` -> get_config(arg)."""
+  """`path/to/file.py[:arg]` -> get_config(arg), its keys checked against the declarations."""
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ConfigError(f'--config: no config file at {path!r}; pass a path such as '
@@ -200,7 +374,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'--config: {path} defines no get_config(arg=None) function')
-  return module.get_config(arg or None)
+  config = module.get_config(arg or None)
+  check_keys(config)
+  return config
 
 
 def _parse_value(raw: str):
@@ -219,14 +395,9 @@ def set_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> No
   parts = dotted.split('.')
   node = config
   for depth, part in enumerate(parts):
-    here = '.'.join(parts[:depth + 1])
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       siblings = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      close = difflib.get_close_matches(part, siblings, n=1)
-      hint = f" Did you mean '{'.'.join(parts[:depth] + close)}'?" if close else ''
-      parent = '.'.join(parts[:depth]) or 'config'
-      raise ConfigError(f"unknown config key '{here}'.{hint} Valid keys under {parent}: "
-                        f"{', '.join(siblings)}")
+      raise _unknown_key(parts, depth, siblings)
     if depth < len(parts) - 1:
       node = node[part]
   key, old = parts[-1], node[parts[-1]]
@@ -276,79 +447,291 @@ def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, 
   return config, workdir
 
 
+def save_config(config, workdir: str) -> str:
+  """Writes the config (a ConfigDict or a RunConfig) as JSON, and the readable repr, to workdir."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  with open(path, 'w') as f:
+    json.dump(config.to_dict(), f, indent=2, default=str)
+  text = config if isinstance(config, ml_collections.ConfigDict) else config.as_config_dict()
+  with open(os.path.join(workdir, 'config.txt'), 'w') as f:
+    f.write(str(text))
+  return path
+
+
+
 # ---------------------------------------------------------------------------------------------
-# Validation
+# Validation: one table of per-field checks, then the few rules that relate fields.
+
+Check = Callable[[Any, str], None]  # (value, 'section.field'): returns, or raises ConfigError
+
+# Until ModelConfig declares its fields' choices (fields.field(..., choices=...)).
+_MODEL_CHOICES = {'model.variant': presets.VARIANTS, 'model.architecture': presets.ARCHITECTURES,
+                  'model.dtype': presets.DTYPES, 'model.remat_policy': presets.REMAT_POLICIES}
 
 
-def _choice(value, field: str, valid: Sequence[str]) -> None:
+def choices_of(dotted: str) -> tuple:
+  """The values `section.field` may take, from its declaration; () when any value goes."""
+  section, _, name = dotted.partition('.')
+  cls = SECTIONS.get(section)
+  declared = {f.name: f.metadata.get(fields.CHOICES, ()) for f in dataclasses.fields(cls)} if (
+      cls is not None) else {}
+  return tuple(declared.get(name) or _MODEL_CHOICES.get(dotted, ()))
+
+
+def choice(value, field_name: str) -> None:
+  valid = choices_of(field_name)
   if value not in valid:
     close = difflib.get_close_matches(str(value), valid, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ''
-    raise ConfigError(f'config.{field}={value!r} is not valid{hint}; valid: {", ".join(valid)}')
+    raise ConfigError(f'config.{field_name}={value!r} is not valid{hint}; valid: '
+                      f'{", ".join(valid)}')
 
 
-def _positive(value, field: str, allow_zero: bool = False) -> None:
+def _number(value, field_name: str, allow_zero: bool) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
       value == 0 and not allow_zero):
     need = 'a number >= 0' if allow_zero else 'a positive number'
-    raise ConfigError(f'config.{field}={value!r}: must be {need}')
+    raise ConfigError(f'config.{field_name}={value!r}: must be {need}')
 
 
-def _check_task(name: str, field: str = 'data.task') -> None:
+def positive(value, field_name: str) -> None:
+  _number(value, field_name, allow_zero=False)
+
+
+def non_negative(value, field_name: str) -> None:
+  _number(value, field_name, allow_zero=True)
+
+
+def in_range(lo, hi, *, lo_open: bool = False, hi_open: bool = False, note: str = '') -> Check:
+  """A number between lo and hi; an open end excludes its bound."""
+  shown = f'{"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}{note}'
+
+  def check(value, field_name: str) -> None:
+    number = isinstance(value, (int, float))
+    if not (number and (lo < value if lo_open else lo <= value) and (
+        value < hi if hi_open else value <= hi)):
+      raise ConfigError(f'config.{field_name}={value!r}: must be in {shown}')
+  return check
+
+
+def count(what: str) -> Check:
+  """An int >= 0; `what` says what it counts."""
+  def check(value, field_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ConfigError(f'config.{field_name}={value!r}: must be an int >= 0 ({what})')
+  return check
+
+
+def boolean(value, field_name: str) -> None:
+  if not isinstance(value, bool):
+    raise ConfigError(f'config.{field_name}={value!r}: must be True or False')
+
+
+def string(what: str) -> Check:
+  def check(value, field_name: str) -> None:
+    if not isinstance(value, str):
+      raise ConfigError(f'config.{field_name}={value!r}: must be {what}')
+  return check
+
+
+def _compiles(regexes: Sequence[str], field_name: str) -> None:
+  for regex in regexes:
+    try:
+      re.compile(regex)
+    except re.error as e:
+      raise ConfigError(f'config.{field_name}: {regex!r} is not a valid regex ({e})')
+
+
+def regex_pairs(value, field_name: str) -> None:
+  if not isinstance(value, (tuple, list)) or not all(
+      isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)
+      for p in value):
+    raise ConfigError(f'config.{field_name}={value!r}: must be a tuple of (regex, replacement) '
+                      "string pairs, e.g. (('^encoder/', 'enc/'),)")
+  _compiles([p[0] for p in value], field_name)
+
+
+def regexes(value, field_name: str) -> None:
+  if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) for p in value):
+    raise ConfigError(f'config.{field_name}={value!r}: must be a tuple of regex strings, e.g. '
+                      "('^decoder/logits_dense/',)")
+  _compiles(value, field_name)
+
+
+def task(name, field_name: str) -> None:
+  """A registered task or mixture. The registry holds what has been imported: the jobs (and tests)
+  import t5lite.data.catalog for the built-in tasks."""
   from t5lite.data import tasks  # the registry imports the data stack: only when validating
   try:
     tasks.get(name)
   except tasks.UnknownNameError as e:
-    raise ConfigError(f'config.{field}={name!r}: {e.args[0]}') from None
+    raise ConfigError(f'config.{field_name}={name!r}: {e.args[0]}') from None
 
 
-def _check_eval(config) -> None:
-  e, k = config.eval, config.checkpoint
-  for field in ('every_steps', 'batch_size', 'max_batches'):
-    _positive(e[field], f'eval.{field}', allow_zero=True)
-  if e.every_steps and e.task:
-    _check_task(e.task, 'eval.task')
-  _check_metric_eval(config)
-  _choice(k.keep_best_mode, 'checkpoint.keep_best_mode', ('min', 'max'))
-  _positive(k.keep_best_n, 'checkpoint.keep_best_n')
-  if k.keep_best_metric:
-    if not e.every_steps:
-      raise ConfigError(f'config.checkpoint.keep_best_metric={k.keep_best_metric!r} needs '
-                        'evaluation: set eval.every_steps > 0')
-    by_task = k.keep_best_metric.split('/')
-    if not (len(by_task) == 3 and by_task[0] == 'eval' and by_task[1] in e.tasks):
-      # eval/<task>/<metric> of a metric task is named by the task's metric fns: checked when
-      # it is first logged; the validation values are known now.
-      _choice(k.keep_best_metric, 'checkpoint.keep_best_metric', EVAL_VALUES)
-    if k.every_steps % e.every_steps:
-      raise ConfigError(f'config.checkpoint.every_steps={k.every_steps} is not a multiple of '
-                        f'eval.every_steps={e.every_steps}: a checkpoint without '
-                        f'{k.keep_best_metric} cannot be ranked; make it a multiple')
-
-
-def _check_metric_eval(config) -> None:
-  """eval.tasks, decode.* and infer.* (metric evaluation, eval and infer jobs)."""
-  e, d, i = config.eval, config.decode, config.infer
-  if not isinstance(e.tasks, (tuple, list)) or not all(isinstance(t, str) for t in e.tasks):
-    raise ConfigError(f'config.eval.tasks={e.tasks!r}: must be a tuple of task names, e.g. '
+def task_names(value, field_name: str) -> None:
+  if not isinstance(value, (tuple, list)) or not all(isinstance(t, str) for t in value):
+    raise ConfigError(f'config.{field_name}={value!r}: must be a tuple of task names, e.g. '
                       "('docstring_kind',), or () for none")
-  for name in e.tasks:
-    _check_task(name, 'eval.tasks')
-  _positive(e.num_examples_to_save, 'eval.num_examples_to_save', allow_zero=True)
-  _choice(d.method, 'decode.method', ('greedy', 'sample', 'beam'))
-  for field in ('max_decode_length', 'top_k', 'temperature'):
-    _positive(d[field], f'decode.{field}', allow_zero=True)
-  _positive(d.num_beams, 'decode.num_beams')
-  if not 0 < d.top_p <= 1:
-    raise ConfigError(f'config.decode.top_p={d.top_p!r}: must be in (0, 1] (1 = off)')
-  _positive(i.batch_size, 'infer.batch_size', allow_zero=True)
-  _choice(i.on_too_long, 'infer.on_too_long', ('truncate', 'error'))
-  _choice(i.on_bad_line, 'infer.on_bad_line', ('error', 'skip'))
+  for name in value:
+    task(name, field_name)
+
+
+def logical_rules(value, field_name: str) -> None:
+  for rule in value:
+    if len(rule) != 2:
+      raise ConfigError(f'config.{field_name}: each rule is (logical_name, mesh_axes), '
+                        f'got {rule!r}')
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    for axis in axes:
+      if axis is not None and axis not in MESH_AXES:
+        raise ConfigError(f'config.{field_name}: {rule!r} names mesh axis {axis!r}; valid '
+                          f'mesh axes: {", ".join(MESH_AXES)}')
+
+
+# Every field with a check, in the order they run. A declared field with choices and no row here
+# gets `choice` (see _field_checks); fields without a row take any value of their type.
+CHECKS: tuple[tuple[str, Check], ...] = (
+    ('model.variant', choice),
+    ('model.architecture', choice),
+    ('model.dtype', choice),
+    ('model.remat_policy', choice),
+    *((f'model.{name}', positive) for name in (
+        'vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'num_decoder_layers',
+        'relative_attention_num_buckets', 'relative_attention_max_distance')),
+    ('model.dropout_rate', in_range(0, 1, hi_open=True)),
+    ('data.task', task),
+    ('data.inputs_length', positive),
+    ('data.num_workers', non_negative),
+    ('data.targets_length', non_negative),
+    ('data.converter', choice),
+    *((f'train.{name}', positive) for name in ('steps', 'batch_size', 'microbatches', 'log_every')),
+    *((f'train.{name}', non_negative) for name in ('z_loss', 'label_smoothing', 'max_grad_norm')),
+    ('optimizer.name', choice),
+    ('optimizer.learning_rate', positive),
+    ('schedule.name', choice),
+    ('schedule.warmup_steps', non_negative),
+    ('schedule.decay_fraction', in_range(0, 1)),
+    ('checkpoint.every_steps',
+     count('the save period in steps; 0 saves only at the end and on SIGTERM')),
+    ('checkpoint.keep', count('how many checkpoints to keep; 0 keeps all')),
+    ('checkpoint.async_save', boolean),
+    ('checkpoint.init_from', string('a path string (a checkpoint step directory or '
+                                    "WORKDIR/checkpoints; '' for none)")),
+    ('checkpoint.init_rename', regex_pairs),
+    ('checkpoint.init_ignore', regexes),
+    ('eval.every_steps', non_negative),
+    ('eval.batch_size', non_negative),
+    ('eval.max_batches', non_negative),
+    ('eval.tasks', task_names),
+    ('eval.num_examples_to_save', non_negative),
+    ('decode.method', choice),
+    ('decode.max_decode_length', non_negative),
+    ('decode.top_k', non_negative),
+    ('decode.temperature', non_negative),
+    ('decode.num_beams', positive),
+    ('decode.top_p', in_range(0, 1, lo_open=True, note=' (1 = off)')),
+    ('infer.batch_size', non_negative),
+    ('infer.on_too_long', choice),
+    ('infer.on_bad_line', choice),
+    ('checkpoint.keep_best_mode', choice),
+    ('checkpoint.keep_best_n', positive),
+    ('partitioning.rules', logical_rules),
+)
+
+
+def _field_checks() -> list[tuple[str, Check]]:
+  rows = list(CHECKS)
+  listed = {name for name, _ in rows}
+  for section, cls in SECTIONS.items():
+    for f in dataclasses.fields(cls):
+      if f.metadata.get(fields.CHOICES) and f'{section}.{f.name}' not in listed:
+        rows.append((f'{section}.{f.name}', choice))
+  return rows
+
+
+def _value(config, dotted: str):
+  section, _, name = dotted.partition('.')
+  return getattr(getattr(config, section), name)
+
+
+def _encoder_layers(c) -> None:
+  if c.model.architecture == 'encoder_decoder':
+    positive(c.model.num_encoder_layers, 'model.num_encoder_layers')
+
+
+def _attention_dim(c) -> None:
+  m = c.model
+  if m.attention_dim != m.num_heads * m.head_dim:
+    raise ConfigError(
+        f'config.model.attention_dim={m.attention_dim} but model.num_heads * model.head_dim = '
+        f'{m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim}; set model.attention_dim='
+        f'{m.num_heads * m.head_dim} or change num_heads/head_dim so their product is '
+        f'{m.attention_dim}')
+
+
+def _converter_fits_architecture(c) -> None:
+  architecture = c.model.architecture
+  wanted = ('encdec',) if architecture == 'encoder_decoder' else ('decoder', 'prefix_lm')
+  if c.data.converter not in wanted:
+    raise ConfigError(f'config.data.converter={c.data.converter!r} does not feed '
+                      f'model.architecture={architecture!r}; use data.converter in '
+                      f'{", ".join(wanted)}')
+
+
+def _hf_shapes(c) -> None:
+  """init_from=hf:DIR: its config.json must give config.model's shape (read now, before any
+  compute; fields such as relative_attention_max_distance change no param shape)."""
+  init_from = c.checkpoint.init_from
+  if not init_from.startswith('hf:'):
+    return
+  from t5lite import hf  # pylint: disable=import-outside-toplevel  (the optional [hf] extra)
+  try:
+    problems = hf.config_mismatches(init_from[len('hf:'):], c.model)
+  except hf.HFConversionError as e:
+    raise ConfigError(f'config.checkpoint.init_from={init_from}: {e}') from None
+  if problems:
+    raise ConfigError(f'config.checkpoint.init_from={init_from}: config.model does not match '
+                      'the HF model: ' + '; '.join(problems) + ' (python -m t5lite.convert '
+                      'hf-to-t5lite prints the overrides)')
+
+
+def _eval_task(c) -> None:
+  if c.eval.every_steps and c.eval.task:
+    task(c.eval.task, 'eval.task')
+
+
+def _keep_best_needs_eval(c) -> None:
+  e, k = c.eval, c.checkpoint
+  if not k.keep_best_metric:
+    return
+  if not e.every_steps:
+    raise ConfigError(f'config.checkpoint.keep_best_metric={k.keep_best_metric!r} needs '
+                      'evaluation: set eval.every_steps > 0')
+  by_task = k.keep_best_metric.split('/')
+  if not (len(by_task) == 3 and by_task[0] == 'eval' and by_task[1] in e.tasks):
+    # eval/<task>/<metric> of a metric task is named by the task's metric fns: checked when it is
+    # first logged; the validation values are known now.
+    if k.keep_best_metric not in EVAL_VALUES:
+      close = difflib.get_close_matches(k.keep_best_metric, EVAL_VALUES, n=1)
+      hint = f" (did you mean '{close[0]}'?)" if close else ''
+      raise ConfigError(f'config.checkpoint.keep_best_metric={k.keep_best_metric!r} is not '
+                        f'valid{hint}; valid: {", ".join(EVAL_VALUES)}')
+  if k.every_steps % e.every_steps:
+    raise ConfigError(f'config.checkpoint.every_steps={k.every_steps} is not a multiple of '
+                      f'eval.every_steps={e.every_steps}: a checkpoint without '
+                      f'{k.keep_best_metric} cannot be ranked; make it a multiple')
+
+
+# Rules that relate fields, run after the per-field checks.
+RULES: tuple[Callable[[Any], None], ...] = (
+    _encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes, _eval_task,
+    _keep_best_needs_eval)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor) with at most one -1 filled so that the product is `num_devices`."""
-  dims = [mesh_cfg[a] for a in MESH_AXES]
+  dims = [getattr(mesh_cfg, a) for a in MESH_AXES]
   for axis, dim in zip(MESH_AXES, dims):
     if not isinstance(dim, int) or (dim < 1 and dim != -1):
       raise ConfigError(f'config.mesh.{axis}={dim!r}: must be a positive int or -1')
@@ -371,129 +754,113 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(dims)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Checks everything that can be checked without compute; returns the resolved mesh shape."""
-  m = config.model
-  _choice(m.variant, 'model.variant', presets.VARIANTS)
-  _choice(m.architecture, 'model.architecture', presets.ARCHITECTURES)
-  _choice(m.dtype, 'model.dtype', presets.DTYPES)
-  _choice(m.remat_policy, 'model.remat_policy', presets.REMAT_POLICIES)
-  for field in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'num_decoder_layers',
-                'relative_attention_num_buckets', 'relative_attention_max_distance'):
-    _positive(m[field], f'model.{field}')
-  if m.architecture == 'encoder_decoder':
-    _positive(m.num_encoder_layers, 'model.num_encoder_layers')
-  if m.attention_dim != m.num_heads * m.head_dim:
-    raise ConfigError(
-        f'config.model.attention_dim={m.attention_dim} but model.num_heads * model.head_dim = '
-        f'{m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim}; set model.attention_dim='
-        f'{m.num_heads * m.head_dim} or change num_heads/head_dim so their product is '
-        f'{m.attention_dim}')
-  if not 0 <= m.dropout_rate < 1:
-    raise ConfigError(f'config.model.dropout_rate={m.dropout_rate}: must be in [0, 1)')
-
-  _check_task(config.data.task)
-  _positive(config.data.inputs_length, 'data.inputs_length')
-  _positive(config.data.num_workers, 'data.num_workers', allow_zero=True)
-  _positive(config.data.targets_length, 'data.targets_length', allow_zero=True)
-  _choice(config.data.converter, 'data.converter', CONVERTERS)
-  wanted = ('encdec',) if m.architecture == 'encoder_decoder' else ('decoder', 'prefix_lm')
-  if config.data.converter not in wanted:
-    raise ConfigError(f'config.data.converter={config.data.converter!r} does not feed '
-                      f'model.architecture={m.architecture!r}; use data.converter in '
-                      f'{", ".join(wanted)}')
-
-  t = config.train
-  for field in ('steps', 'batch_size', 'microbatches', 'log_every'):
-    _positive(t[field], f'train.{field}')
-  for field in ('z_loss', 'label_smoothing', 'max_grad_norm'):
-    _positive(t[field], f'train.{field}', allow_zero=True)
-
-  _choice(config.optimizer.name, 'optimizer.name', OPTIMIZERS)
-  _positive(config.optimizer.learning_rate, 'optimizer.learning_rate')
-  _choice(config.schedule.name, 'schedule.name', SCHEDULES)
-  _positive(config.schedule.warmup_steps, 'schedule.warmup_steps', allow_zero=True)
-  if not 0 <= config.schedule.decay_fraction <= 1:
-    raise ConfigError(f'config.schedule.decay_fraction={config.schedule.decay_fraction}: must be '
-                      'in [0, 1]')
-
-  k = config.checkpoint
-  for field in ('every_steps', 'keep'):
-    if isinstance(k[field], bool) or not isinstance(k[field], int) or k[field] < 0:
-      what = ('the save period in steps; 0 saves only at the end and on SIGTERM'
-              if field == 'every_steps' else 'how many checkpoints to keep; 0 keeps all')
-      raise ConfigError(f'config.checkpoint.{field}={k[field]!r}: must be an int >= 0 ({what})')
-  if not isinstance(k.async_save, bool):
-    raise ConfigError(f'config.checkpoint.async_save={k.async_save!r}: must be True or False')
-  if not isinstance(k.init_from, str):
-    raise ConfigError(f'config.checkpoint.init_from={k.init_from!r}: must be a path string '
-                      "(a checkpoint step directory or WORKDIR/checkpoints; '' for none)")
-  if k.init_from.startswith('hf:'):
-    # A HuggingFace T5: its config.json must give config.model's shape (read now, before any
-    # compute; fields such as relative_attention_max_distance change no param shape).
-    from t5lite import hf  # pylint: disable=import-outside-toplevel  (the optional [hf] extra)
-    try:
-      problems = hf.config_mismatches(k.init_from[len('hf:'):], config.model)
-    except hf.HFConversionError as e:
-      raise ConfigError(f'config.checkpoint.init_from={k.init_from}: {e}') from None
-    if problems:
-      raise ConfigError(f'config.checkpoint.init_from={k.init_from}: config.model does not match '
-                        'the HF model: ' + '; '.join(problems) + ' (python -m t5lite.convert '
-                        'hf-to-t5lite prints the overrides)')
-  pairs = k.init_rename
-  if not isinstance(pairs, (tuple, list)) or not all(
-      isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)
-      for p in pairs):
-    raise ConfigError(f'config.checkpoint.init_rename={pairs!r}: must be a tuple of '
-                      "(regex, replacement) string pairs, e.g. (('^encoder/', 'enc/'),)")
-  patterns = k.init_ignore
-  if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
-    raise ConfigError(f'config.checkpoint.init_ignore={patterns!r}: must be a tuple of regex '
-                      "strings, e.g. ('^decoder/logits_dense/',)")
-  for field, regexes in (('init_rename', [p[0] for p in pairs]), ('init_ignore', patterns)):
-    for regex in regexes:
-      try:
-        re.compile(regex)
-      except re.error as e:
-        raise ConfigError(f'config.checkpoint.{field}: {regex!r} is not a valid regex ({e})')
-
-  _check_eval(config)
-
-  shape = mesh_shape(config.mesh, num_devices)
+def _batches_divide(c, shape: tuple[int, int, int]) -> None:
+  """The train batch (per microbatch) and the eval batch split evenly over data * fsdp."""
+  t = c.train
   data_parallel = shape[0] * shape[1]
-  per_pass = t.batch_size // t.microbatches if t.batch_size % t.microbatches == 0 else None
-  if per_pass is None:
+  if t.batch_size % t.microbatches:
     raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
                       f'train.microbatches={t.microbatches}')
+  per_pass = t.batch_size // t.microbatches
   if per_pass % data_parallel:
     raise ConfigError(
         f'config.train.batch_size={t.batch_size} (per microbatch {per_pass}) is not divisible by '
         f'the data-parallel size mesh.data*mesh.fsdp = {shape[0]}*{shape[1]} = {data_parallel}; '
         f'use a batch size that is a multiple of {data_parallel * t.microbatches}')
-  eval_batch = config.eval.batch_size or t.batch_size
-  if (config.eval.every_steps or config.eval.tasks) and eval_batch % data_parallel:
+  eval_batch = c.eval.batch_size or t.batch_size
+  if (c.eval.every_steps or c.eval.tasks) and eval_batch % data_parallel:
     raise ConfigError(f'config.eval.batch_size={eval_batch} is not divisible by the data-parallel '
                       f'size mesh.data*mesh.fsdp = {data_parallel}; use a multiple of '
                       f'{data_parallel}')
-  rules = config.partitioning.rules
-  for rule in rules:
-    if len(rule) != 2:
-      raise ConfigError(f'config.partitioning.rules: each rule is (logical_name, mesh_axes), '
-                        f'got {rule!r}')
-    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
-    for axis in axes:
-      if axis is not None and axis not in MESH_AXES:
-        raise ConfigError(f'config.partitioning.rules: {rule!r} names mesh axis {axis!r}; valid '
-                          f'mesh axes: {", ".join(MESH_AXES)}')
+
+
+def validate(config, num_devices: int) -> tuple[int, int, int]:
+  """Checks everything that can be checked without compute (a ConfigDict's keys, each field, the
+  rules between fields, the mesh and the batch sizes); returns the resolved mesh shape."""
+  if isinstance(config, ml_collections.ConfigDict):
+    check_keys(config)
+  for dotted, check in _field_checks():
+    check(_value(config, dotted), dotted)
+  for rule in RULES:
+    rule(config)
+  shape = mesh_shape(config.mesh, num_devices)
+  _batches_divide(config, shape)
   return shape
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the resolved config as JSON (and the readable repr) to the workdir."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  with open(path, 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
-  with open(os.path.join(workdir, 'config.txt'), 'w') as f:
-    f.write(str(config))
-  return path
+# ---------------------------------------------------------------------------------------------
+# docs/configs.md's field reference, generated from the declarations
+
+
+DOCS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs',
+                         'configs.md')
+DOCS_BEGIN = ('<!-- BEGIN GENERATED by `python -m t5lite.config --update-docs` from the '
+              'declarations in t5lite/config.py and t5lite/models/presets.py; do not edit -->')
+DOCS_END = '<!-- END GENERATED -->'
+
+
+def _one_paragraph(text: str) -> str:
+  return ' '.join(line.strip() for line in (text or '').split('\n') if line.strip())
+
+
+def _cell(text: str) -> str:
+  return text.replace('|', '\\|')
+
+
+HEADER = '| field | default | what it does |'
+
+
+def reference_markdown() -> str:
+  """The per-section field reference of docs/configs.md: section, field, default, documentation."""
+  model_defaults = presets.model_config('tiny')
+  out = []
+  top_level = []
+  for f in dataclasses.fields(RunConfig):
+    if f.name not in SECTIONS:
+      top_level.append(f)
+      continue
+    cls = SECTIONS[f.name]
+    out += [f'### `{f.name}`', '', _one_paragraph(cls.__doc__), '', HEADER, '|---|---|---|']
+    for doc in fields.describe(cls):
+      default = model_defaults[doc.name] if f.name == 'model' and doc.name in model_defaults else (
+          doc.default)
+      shown = 'DEFAULT_RULES' if default is DEFAULT_RULES else repr(default)
+      text = _one_paragraph(doc.doc)
+      if doc.choices:
+        text += (' ' if text else '') + 'One of: ' + ', '.join(f'`{c}`' for c in doc.choices) + '.'
+      out.append(f'| `{doc.name}` | `{_cell(shown)}` | {_cell(text)} |')
+    out.append('')
+  out += ['### top level', '', HEADER, '|---|---|---|']
+  for f in top_level:
+    text = _one_paragraph(f.metadata[fields.DOC])
+    out.append(f'| `{f.name}` | `{f.default!r}` | {_cell(text)} |')
+  return '\n'.join(out) + '\n'
+
+
+def docs_with_reference(text: str) -> str:
+  """`text` (docs/configs.md) with the part between the markers replaced by the reference."""
+  head, begin, rest = text.partition(DOCS_BEGIN)
+  _, end, tail = rest.partition(DOCS_END)
+  if not begin or not end:
+    raise ValueError(f'docs/configs.md has no {DOCS_BEGIN!r} ... {DOCS_END!r} markers')
+  return f'{head}{DOCS_BEGIN}\n\n{reference_markdown()}\n{DOCS_END}{tail}'
+
+
+def _main(argv: Sequence[str]) -> int:
+  if argv == ['--markdown']:
+    sys.stdout.write(reference_markdown())
+  elif argv == ['--update-docs']:
+    with open(DOCS_PATH) as f:
+      text = f.read()
+    with open(DOCS_PATH, 'w') as f:
+      f.write(docs_with_reference(text))
+  else:
+    sys.stderr.write('usage: python -m t5lite.config --markdown | --update-docs\n'
+                     '  --markdown     print the field reference of docs/configs.md\n'
+                     '  --update-docs  rewrite it in docs/configs.md between its markers\n')
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(_main(sys.argv[1:]))

@@ -42,9 +42,19 @@ def make_schedule(schedule_cfg, base_lr: float, total_steps: int) -> optax.Sched
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optax transformation for `config.optimizer`, with global-norm clipping if asked."""
-  opt = config.optimizer
-  schedule = make_schedule(config.schedule, opt.learning_rate, config.train.steps)
+  """The optax transformation for `config.optimizer`, with global-norm clipping if asked.
+
+  `config` is the ConfigDict or the resolved `t5lite.config.RunConfig`: only its optimizer,
+  schedule and train parts are read (`optimizer_from_parts`).
+  """
+  return optimizer_from_parts(config.optimizer, config.schedule, config.train)
+
+
+def optimizer_from_parts(opt, schedule_cfg, train_cfg
+                         ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`make_optimizer` from the parts it reads: the optimizer and schedule sections, and of the
+  train section only `steps` (the schedule's length) and `max_grad_norm`."""
+  schedule = make_schedule(schedule_cfg, opt.learning_rate, train_cfg.steps)
   if opt.name == 'adafactor':
     # T5 defaults: factored second moments, decay exponent 0.8, update clipping 1.0, updates
     # scaled by the parameter's RMS, no momentum (Shazeer & Stern 2018; Raffel et al. 2020).
@@ -56,6 +66,6 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
   else:
     raise ValueError(f'unknown optimizer.name {opt.name!r}; valid: adafactor, adamw')
-  if config.train.max_grad_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(config.train.max_grad_norm), tx)
+  if train_cfg.max_grad_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(train_cfg.max_grad_norm), tx)
   return tx, schedule
