@@ -13,12 +13,13 @@ import flax.linen as nn
 import pytest
 
 from t5lite import config as config_lib
-from t5lite import partitioning, trainer
-from t5lite.data import downstream, tasks, vocab as vocab_lib
+from t5lite import metrics, partitioning, trainer
+from t5lite.data import tasks, vocab as vocab_lib
 from t5lite.data import preprocessors as P
+from t5lite.data.catalog import downstream
 from t5lite.data.sources import InMemorySource
 from t5lite.evaluation import evaluator as evaluator_lib
-from t5lite.evaluation import metrics, scoring
+from t5lite.evaluation import scoring
 from t5lite.models import decoding
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
