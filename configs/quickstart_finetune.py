@@ -8,7 +8,7 @@
 The first command is the quickstart (README). This config reads its newest checkpoint from
 /tmp/t5lite_quickstart, or from the run given as the config argument
 (`configs/quickstart_finetune.py:/path/to/run`) or by `--config.checkpoint.init_from=...`.
-Training mixes two tasks of t5lite/data/downstream.py at equal rates (downstream_mix):
+Training mixes two tasks of t5lite/data/catalog/downstream.py at equal rates (downstream_mix):
 
   docstring_kind    'docstring kind: <24 words>' -> reference | library: from the language
                     reference or a stdlib docstring? Accuracy, macro F1, rank accuracy.
@@ -33,7 +33,7 @@ metrics digit for digit):
    500        91.9 / 91.9 / 91.9                         46.2
    750        92.8 / 92.8 / 92.8                         49.5
   1000        93.4 / 93.4 / 93.4                         49.7
-  trivial baseline (t5lite.data.downstream.baselines()):
+  trivial baseline (t5lite.data.catalog.downstream.baselines()):
               50.0 / 33.3 (majority; the split is balanced)  3.5 (always 'logging')
   the quickstart checkpoint itself (no fine-tuning): 0.0 / 0.0 / 50.0, and 0.0
 
