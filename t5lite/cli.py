@@ -1,26 +1,167 @@
-"""What the command-line jobs (train, eval, infer) share: known errors become one clear line on
-stderr and an exit code, instead of a traceback.
+"""What the jobs (train, eval, infer, convert) share: the command line, the multi-process start,
+the build of config -> mesh -> model, and known errors -> one line on stderr and an exit code.
 
-Exit code 2: the command or its input is wrong (fix it and run again); 1: the run itself failed.
+The command line is absl flags with an ml_collections config file flag:
+
+  python -m t5lite.JOB --config configs/x.py[:arg] --config.section.field=value --workdir DIR
+                       [job flags] [--coordinator_address=H:P --num_processes=N --process_id=I]
+                       [--local_device_count=K] [--flagfile=FILE] [--help | -h]
+
+Exit code 0: done (or --help); 2: the command or its input is wrong (fix it and run again); 1: the run
+itself failed.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from t5lite import checkpoints
+from absl import flags as absl_flags
+from ml_collections import config_flags
+
+from t5lite import checkpoints, distributed, host_memory, partitioning
 from t5lite import config as config_lib
+from t5lite.models.t5 import make_model
 
 ErrorKind = tuple[type, str, int]  # (exception class, message prefix, exit code)
 COMMON_ERRORS: tuple[ErrorKind, ...] = (
     (config_lib.ConfigError, 'config error', 2),
     (checkpoints.CheckpointError, 'checkpoint error', 1),
 )
+HELP_FLAGS = ('-h', '--help', '-help', '--helpfull', '-?')
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+  """A job's own flag: its name, default (whose type is the flag's type) and help line."""
+  name: str
+  default: Any
+  help: str
+  kind: type | None = None  # for a None default: str, int, float or bool
+
+  def define(self, flag_values: absl_flags.FlagValues) -> None:
+    kind = self.kind or type(self.default)
+    define = {bool: absl_flags.DEFINE_bool, int: absl_flags.DEFINE_integer,
+              float: absl_flags.DEFINE_float, str: absl_flags.DEFINE_string}[kind]
+    define(self.name, self.default, self.help, flag_values=flag_values)
+
+
+# Multi-process settings (t5lite/distributed.py); each may also come from its environment variable.
+DISTRIBUTED_FLAGS = (
+    Flag('coordinator_address', None, f'HOST:PORT of process 0 ({distributed.ENV["coordinator_address"]})', str),
+    Flag('num_processes', None, f'processes in the run ({distributed.ENV["num_processes"]})', int),
+    Flag('process_id', None, f'this process, 0..N-1 ({distributed.ENV["process_id"]})', int),
+    Flag('local_device_count', None,
+         f'CPU devices for this process ({distributed.ENV["local_device_count"]})', int),
+)
+
+
+@dataclasses.dataclass
+class Invocation:
+  """A parsed command line: the (unvalidated) config, --workdir, and the job's own flags."""
+  config: Any
+  workdir: str | None
+  options: dict[str, Any]
+
+
+def _flag_values(job_flags: Sequence[Flag], workdir_help: str, argv: Sequence[str]):
+  flag_values = absl_flags.FlagValues()
+  # config_flags finds the --config.x=y overrides in the argv it is given (else sys.argv).
+  config_flag = config_flags.DEFINE_config_file(
+      'config', None, 'the config file, configs/x.py[:arg] (its get_config(arg)); override any field '
+      'with --config.section.field=value', flag_values=flag_values, lock_config=True,
+      sys_argv=['t5lite', *argv])
+  absl_flags.DEFINE_string('workdir', None, workdir_help, flag_values=flag_values)
+  for flag in (*job_flags, *DISTRIBUTED_FLAGS):
+    flag.define(flag_values)
+  return flag_values, config_flag
+
+
+def _check_overrides(argv: Sequence[str]) -> None:
+  """Loads --config and applies every --config.x=y to it with config.set_override first, so a
+  wrong key or type gets t5lite's message (with "did you mean") rather than absl's."""
+  spec, overrides, i = None, [], 0
+  while i < len(argv):
+    name, has_value, value = argv[i][2:].partition('=') if argv[i].startswith('--') else ('', '', '')
+    if name == 'config' or name.startswith('config.'):
+      if not has_value:
+        if i + 1 >= len(argv):
+          raise config_lib.ConfigError(f'--{name} needs a value')
+        i, value = i + 1, argv[i + 1]
+      if name == 'config':
+        spec = value
+      else:
+        overrides.append((name[len('config.'):], value))
+    i += 1
+  if spec is None:
+    raise config_lib.ConfigError('--config is required, e.g. --config configs/quickstart.py')
+  config = config_lib.load_config_file(spec)
+  for dotted, value in overrides:
+    config_lib.set_override(config, dotted, value)
+
+
+def parse(argv: Sequence[str], job_flags: Sequence[Flag] = (), usage: str = '',
+          workdir_help: str = 'the run folder') -> Invocation | None:
+  """Parses argv (without the program name) and starts the multi-process run when asked to.
+
+  Returns None after printing the help for -h / --help. Raises ConfigError for a bad command line.
+  """
+  if any(arg in HELP_FLAGS for arg in argv):
+    flag_values, _ = _flag_values(job_flags, workdir_help, [])
+    print(f'{usage.strip()}\n\nflags:\n{flag_values.get_help()}')
+    return None
+  try:
+    expanded = absl_flags.FLAGS.read_flags_from_files(['t5lite', *argv], force_gnu=False)[1:]
+  except absl_flags.Error as e:  # --flagfile
+    raise config_lib.ConfigError(str(e)) from None
+  _check_overrides(expanded)
+  flag_values, config_flag = _flag_values(job_flags, workdir_help, expanded)
+  try:
+    rest = flag_values(['t5lite', *expanded], known_only=False)[1:]
+  except (absl_flags.Error, AttributeError, KeyError) as e:
+    raise config_lib.ConfigError(f'{e}; see --help for the flags') from None
+  if rest:
+    raise config_lib.ConfigError(f'unexpected argument(s) {" ".join(rest)}; see --help')
+  # Before any other JAX call: JAX fixes the process count and devices when a backend starts.
+  distributed.maybe_initialize({f.name: str(flag_values[f.name].value) for f in DISTRIBUTED_FLAGS
+                                if flag_values[f.name].value is not None})
+  options = {f.name: flag_values[f.name].value for f in job_flags}
+  return Invocation(config_flag.value, flag_values['workdir'].value, options)
+
+
+def require_workdir(invocation: Invocation, what: str) -> str:
+  if not invocation.workdir:
+    raise config_lib.ConfigError(f'--workdir is required: {what}')
+  return invocation.workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """A validated config, resolved into typed parts, and what it describes on these devices."""
+  cfg: config_lib.RunConfig
+  mesh: Any
+  rules: tuple
+  model: Any
+  devices: tuple
+
+
+def build(config, devices=None) -> Built:
+  """Validates `config` (before anything is computed), resolves it once into typed parts, and
+  makes the mesh over `devices` (default: all) and the model."""
+  # Before JAX starts its CPU client, if it has not yet (host_memory's arena limit).
+  host_memory.keep_freed_memory(config.keep_host_memory, devices[0].platform if devices else None)
+  import jax  # pylint: disable=import-outside-toplevel  (after the allocator settings)
+  devices = tuple(devices if devices is not None else jax.devices())
+  shape = config_lib.validate(config, len(devices))
+  cfg = config_lib.resolve(config)
+  mesh = partitioning.make_mesh(shape, devices)
+  rules = partitioning.rules_tuple(cfg.partitioning.rules)
+  return Built(cfg=cfg, mesh=mesh, rules=rules, model=make_model(cfg.model), devices=devices)
 
 
 def run_main(body: Callable[[], object], errors: Sequence[ErrorKind] = ()) -> int:
   """Runs `body()`; returns 0, or the exit code of the first matching error kind (the job's own
-  `errors` first, then COMMON_ERRORS) after printing `prefix: message`."""
+  `errors` first, then COMMON_ERRORS) after printing `prefix: message` on stderr."""
   kinds = tuple(errors) + COMMON_ERRORS
   try:
     body()
@@ -29,3 +170,14 @@ def run_main(body: Callable[[], object], errors: Sequence[ErrorKind] = ()) -> in
     print(f'{prefix}: {e}', file=sys.stderr)
     return code
   return 0
+
+
+def main(argv: Sequence[str], run: Callable[[Invocation], object], *, usage: str,
+         job_flags: Sequence[Flag] = (), errors: Sequence[ErrorKind] = (),
+         workdir_help: str = 'the run folder') -> int:
+  """parse -> run(invocation), with errors mapped to exit codes; what every job's main() does."""
+  def body():
+    invocation = parse(argv, job_flags, usage, workdir_help)
+    if invocation is not None:
+      run(invocation)
+  return run_main(body, errors)

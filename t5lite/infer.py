@@ -26,6 +26,7 @@ error. Several processes: every process reads all inputs and decodes its share; 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Sequence
@@ -34,21 +35,19 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from t5lite import cli, distributed, partitioning
+from t5lite import checkpoints, cli, partitioning
 from t5lite import config as config_lib
-from t5lite import eval as eval_lib
-from t5lite.data import downstream, tasks as tasks_lib
+from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
+from t5lite.data import tasks as tasks_lib
+from t5lite.data import vocab as vocab_lib
 from t5lite.evaluation import evaluator as evaluator_lib
 from t5lite.models import decoding
+
+log = logging.getLogger('t5lite.infer')  # not __name__: '__main__' under python -m
 
 
 class InferError(ValueError):
   """Bad input or output file; the message names the file and line (exit code 2)."""
-
-
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
 
 
 def read_jsonl(path: str, input_key: str, target_key: str, on_bad_line: str):
@@ -78,7 +77,7 @@ def read_jsonl(path: str, input_key: str, target_key: str, on_bad_line: str):
                            'infer.on_bad_line=skip to skip and count such lines')
         bad += 1
         if bad & (bad - 1) == 0:
-          _say(f'warning: {path}: line {number}: {problem}; skipped ({bad} so far)')
+          log.info(f'warning: {path}: line {number}: {problem}; skipped ({bad} so far)')
         continue
       record = {'line': number, 'input': value[input_key]}
       if target_key in value:
@@ -115,7 +114,7 @@ def fit_inputs(records, vocabulary, length: int, on_too_long: str, where: str) -
   for i, r in enumerate(records):
     ids = r.get('ids')
     if ids is None:
-      ids = downstream.encode_with_sentinels(vocabulary, r['input']) + [vocabulary.eos_id]
+      ids = vocab_lib.encode_with_sentinels(vocabulary, r['input']) + [vocabulary.eos_id]
     if len(ids) > length:
       at = f'line {r["line"]}' if 'line' in r else f'example {i}'
       if on_too_long == 'error':
@@ -124,7 +123,7 @@ def fit_inputs(records, vocabulary, length: int, on_too_long: str, where: str) -
                          'infer.on_too_long=truncate')
       cut += 1
       if cut & (cut - 1) == 0:
-        _say(f'warning: {where}: {at}: {len(ids)} tokens, truncated to data.inputs_length='
+        log.info(f'warning: {where}: {at}: {len(ids)} tokens, truncated to data.inputs_length='
              f'{length} ({cut} truncated so far)')
       ids = ids[:length - 1] + [vocabulary.eos_id]
     r['ids'] = ids
@@ -167,15 +166,16 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   # pylint: disable=redefined-builtin
   if (input is None) == (task is None):
     raise config_lib.ConfigError('give exactly one of --input FILE.jsonl and --task NAME')
-  i_cfg = config.infer
-  model, mesh, rules = eval_lib.build(config, devices)
-  inputs_length, targets_length = evaluator_lib.lengths(config)
-  vocabulary = evaluator_lib.config_vocabulary(config)
+  built = cli.build(config, devices)
+  cfg, model, mesh, rules = built.cfg, built.model, built.mesh, built.rules
+  i_cfg = cfg.infer
+  inputs_length, targets_length = evaluator_lib.lengths(cfg)
+  vocabulary = evaluator_lib.config_vocabulary(cfg)
   if input is not None:
     records, skipped = read_jsonl(input, i_cfg.input_key, i_cfg.target_key, i_cfg.on_bad_line)
     where = input
   else:
-    records, skipped, where = read_task(task, split, vocabulary, config.train.seed), 0, task
+    records, skipped, where = read_task(task, split, vocabulary, cfg.train.seed), 0, task
   if vocabulary is None:
     vocabulary = tasks_lib.get_task(task).output_features['inputs'].vocabulary if task else None
   if vocabulary is None:
@@ -184,25 +184,26 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   truncated = fit_inputs(records, vocabulary, inputs_length, i_cfg.on_too_long, where)
   done = resume(output, records)
   counts = {'written': 0, 'resumed': done, 'truncated': truncated, 'skipped': skipped}
-  batch_size = i_cfg.batch_size or config.eval.batch_size or config.train.batch_size
+  batch_size = i_cfg.batch_size or cfg.eval.batch_size or cfg.train.batch_size
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
   if batch_size % data_parallel:
     raise config_lib.ConfigError(f'config.infer.batch_size={batch_size} is not divisible by the '
                                  f'data-parallel size {data_parallel}')
   if done >= len(records):
-    _say(f'nothing to do: {output} already has all {len(records)} predictions')
+    log.info(f'nothing to do: {output} already has all {len(records)} predictions')
     return counts
-  target = eval_lib.resolve_checkpoints(checkpoint, workdir)
+  target = checkpoints.resolve_steps(checkpoint, workdir)
   if len(target) != 1:
     raise config_lib.ConfigError('--checkpoint all is for t5lite.eval; give latest, N or a path')
-  params = eval_lib.load_params(target[0][1], eval_lib.abstract_params(model, mesh, rules))
-  cfg = evaluator_lib.decode_config(config, targets_length)
+  params = checkpoints.load_params(target[0][1],
+                                   partitioning.abstract_params(model, mesh, rules)[0])
+  decode_cfg = evaluator_lib.decode_config(cfg, targets_length)
   key = ('encoder_input_tokens' if model.cfg.architecture == 'encoder_decoder'
          else 'decoder_prompt_tokens')
   sharding = partitioning.batch_sharding(mesh, rules)
   start = done // batch_size * batch_size
   if done:
-    _say(f'resuming: {done} of {len(records)} predictions already in {output}')
+    log.info(f'resuming: {done} of {len(records)} predictions already in {output}')
   out = open(output, 'a', encoding='utf-8') if jax.process_index() == 0 else None
   try:
     for begin in range(start, len(records), batch_size):
@@ -210,9 +211,9 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
       rows = np.zeros((batch_size, inputs_length), np.int32)
       for r, record in enumerate(chunk):
         rows[r, :len(record['ids'])] = record['ids']
-      rng = jax.random.fold_in(jax.random.PRNGKey(config.decode.seed), begin // batch_size)
-      tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)}, cfg,
-                               rng, prefix_lm=config.data.converter == 'prefix_lm', mesh=mesh,
+      rng = jax.random.fold_in(jax.random.PRNGKey(cfg.decode.seed), begin // batch_size)
+      tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)}, decode_cfg,
+                               rng, prefix_lm=cfg.data.converter == 'prefix_lm', mesh=mesh,
                                rules=rules).tokens
       tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1
                 else np.asarray(multihost_utils.process_allgather(tokens, tiled=True)))
@@ -234,22 +235,30 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   finally:
     if out is not None:
       out.close()
-  _say(f'wrote {counts["written"]} predictions to {output} ({done} were already there); '
+  log.info(f'wrote {counts["written"]} predictions to {output} ({done} were already there); '
        f'{truncated} input(s) truncated to {inputs_length} tokens, {skipped} bad line(s) skipped')
   return counts
 
 
-FLAGS = {'checkpoint': str, 'input': str, 'task': str, 'split': str, 'output': str}
+FLAGS = (
+    cli.Flag('checkpoint', 'latest', 'latest | N | a path | hf:DIR, as for t5lite.eval'),
+    cli.Flag('input', None, 'JSON lines to decode (or --task)', str),
+    cli.Flag('task', None, 'a registered task whose split to decode (or --input)', str),
+    cli.Flag('split', 'validation', '--task: the split to read'),
+    cli.Flag('output', None, 'where the predictions go, one JSON line per input', str),
+)
 
 
 def main(argv: Sequence[str]) -> int:
-  def job():
-    options, rest = eval_lib.split_flags(distributed.setup(argv), FLAGS)
-    config, workdir = config_lib.parse_command_line(rest)
-    if 'output' not in options:
+  def job(invocation: cli.Invocation):
+    options = dict(invocation.options)
+    if options['output'] is None:
       raise config_lib.ConfigError('--output FILE.jsonl is required')
-    run(config, workdir=workdir, **options)
-  return cli.run_main(job, [(eval_lib.MissingCheckpointError, 'infer', 2), (InferError, 'infer', 2)])
+    run(invocation.config, workdir=invocation.workdir, **options)
+  return cli.main(argv, job, usage=__doc__, job_flags=FLAGS,
+                  errors=[(checkpoints.MissingCheckpointError, 'infer', 2), (InferError, 'infer', 2)],
+                  workdir_help='the run whose checkpoints --checkpoint latest / N read')
+
 
 if __name__ == '__main__':
   sys.exit(main(sys.argv[1:]))

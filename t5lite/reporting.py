@@ -7,8 +7,8 @@ convention of Kaplan et al. 2020 / PaLM's MFU): a training step costs 3x the for
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 
 import jax
@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 # Dense bf16 peak FLOP/s per device from vendor data sheets, looked up by jax device_kind.
+log = logging.getLogger(__name__)
+
 KNOWN_PEAK_FLOPS = {
     'TPU v4': 275e12,
     'TPU v5 lite': 197e12,
@@ -125,13 +127,53 @@ class MetricWriter:
       for key, value in metrics.items():
         self._tb.add_scalar(f'train/{key}', float(value), int(step))
       self._tb.flush()
-    print(format_line(step, metrics), flush=True, file=sys.stdout)
+    log.info(format_line(step, metrics))
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+class Throughput:
+  """Steps/s, tokens/s, MFU and ETA over the steps since the last log line.
+
+  The first step of a run includes compilation, so timing starts when it has finished
+  (`start`); time spent evaluating is taken out with `pause` so it does not count as training.
+  """
+
+  def __init__(self, flops_per_step: float, total_peak_flops: float, total_steps: int):
+    self.flops_per_step, self.total_peak, self.total_steps = (flops_per_step, total_peak_flops,
+                                                              total_steps)
+    self.since, self.steps, self.tokens = None, 0, 0
+
+  def start(self) -> None:
+    self.since, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+  def count(self, tokens: int) -> None:
+    """One more timed step of `tokens` (this process's rows) tokens."""
+    self.steps += 1
+    self.tokens += tokens
+
+  def pause(self, seconds: float) -> None:
+    if self.since is not None:
+      self.since += seconds
+
+  def values(self, step: int, process_count: int) -> dict[str, float]:
+    """The rates since the last call (none before the first timed step); restarts the interval."""
+    now, out = time.perf_counter(), {}
+    if self.steps > 0:
+      elapsed = now - self.since
+      step_time = elapsed / self.steps
+      out['steps_per_sec'] = 1.0 / step_time
+      # Every process counted its own rows: scale to the global batch.
+      out['tokens_per_sec'] = self.tokens * process_count / elapsed
+      if self.total_peak > 0:
+        out['mfu'] = self.flops_per_step / step_time / self.total_peak
+      out['eta_seconds'] = step_time * (self.total_steps - step)
+    self.since, self.steps, self.tokens = now, 0, 0
+    return out
 
 
 def _duration(seconds: float) -> str:

@@ -1,37 +1,35 @@
 """Training entry point: `python -m t5lite.train --config configs/x.py[:arg] --workdir DIR`.
 
-Top to bottom: parse and validate the config (before any compute) -> mesh -> data -> model and
-sharded train state, restored from WORKDIR/checkpoints when there is one -> jitted train step ->
-loop with logging to stdout, TensorBoard and WORKDIR/metrics.jsonl, periodic asynchronous
-checkpoints, and a checkpoint-and-exit-0 at the step boundary after a SIGTERM
-(docs/checkpoints.md).
+Top to bottom: the config is validated and resolved (before any compute) -> mesh and model ->
+data -> the train state (resumed from WORKDIR/checkpoints, else initialised, from
+checkpoint.init_from when set) -> the jitted train step -> the loop: log to stdout, TensorBoard and
+WORKDIR/metrics.jsonl, validate, evaluate tasks, save asynchronously; a SIGTERM saves and exits 0
+at the step boundary (docs/checkpoints.md).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-import signal
 import sys
 import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from t5lite import checkpoints, cli, distributed, host_memory
+from t5lite import checkpoints, cli, multihost, optim, partitioning, reporting, trainer
 from t5lite import config as config_lib
-from t5lite import optim, partitioning, reporting, trainer
-from t5lite.data import pipeline, vocab
-from t5lite.data.preprocessors import random_spans_helper
+from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
+from t5lite.data import converters, pipeline, vocab
 from t5lite.evaluation import evaluator as evaluator_lib
-from t5lite.models.presets import ModelConfig
-from t5lite.models.t5 import make_model
+from t5lite.evaluation import validation
+
+log = logging.getLogger('t5lite.train')  # not __name__: '__main__' under python -m
 
 
 def build_data(config, process_index: int | None = None, process_count: int | None = None):
-  """The training iterator and the vocabulary; the vocabulary size is checked against the model."""
+  """(the training iterator, the vocabulary); the vocabulary size is checked against the model."""
   d = config.data
   try:
     vocabulary = vocab.get_vocabulary(d.vocabulary, d.sp_vocab_size)
@@ -42,108 +40,21 @@ def build_data(config, process_index: int | None = None, process_count: int | No
         f'config.model.vocab_size={config.model.vocab_size} is smaller than the vocabulary '
         f'({vocabulary.vocab_size} ids including {vocabulary.extra_ids} sentinels); set '
         f'model.vocab_size >= {vocabulary.vocab_size} or use a smaller vocabulary')
-  # T5's choice for span corruption: the targets that inputs_length of corrupted text produces.
-  targets_length = d.targets_length or random_spans_helper(d.inputs_length, 0.15, 3.0)[1]
-  lengths = {'inputs': d.inputs_length, 'targets': targets_length}
-  if d.converter == 'decoder':
-    lengths = {'targets': d.inputs_length + targets_length}
   iterator = pipeline.make_task_iterator(
-      d.task, feature_lengths=lengths, global_batch_size=config.train.batch_size,
+      d.task, feature_lengths=feature_lengths(config), global_batch_size=config.train.batch_size,
       seed=config.train.seed, pack=d.pack, converter=d.converter, vocabulary=vocabulary,
       process_index=process_index, process_count=process_count, num_workers=d.num_workers)
   return iterator, vocabulary
 
 
-def build_validation(config, model, param_shardings, mesh, rules):
-  """A function params -> {'eval/loss', 'eval/accuracy', 'eval/target_tokens'}: one ordered
-  pass over eval.split of eval.task (data.task by default), the same lengths as training.
-
-  The last batch is zero-padded by the pipeline and padding carries no loss weight, so every
-  example counts once. With several processes each reads its slice; they may run out of batches
-  at different times, so each pass agrees (one tiny all-gather per batch) on whether anyone still
-  has data, and a process that has none feeds an all-padding batch to the collective step.
-  """
-  e, d = config.eval, config.data
-  task = e.task or d.task
-  batch_size = e.batch_size or config.train.batch_size
-  targets_length = d.targets_length or random_spans_helper(d.inputs_length, 0.15, 3.0)[1]
-  lengths = {'inputs': d.inputs_length, 'targets': targets_length}
-  if d.converter == 'decoder':
-    lengths = {'targets': d.inputs_length + targets_length}
-  vocabulary = vocab.get_vocabulary(d.vocabulary, d.sp_vocab_size)
-  eval_step = trainer.make_eval_step(model, param_shardings, mesh, rules)
-  batch_sharding = partitioning.batch_sharding(mesh, rules)
-
-  def evaluate(params) -> dict[str, float]:
-    iterator = pipeline.make_task_iterator(
-        task, feature_lengths=lengths, global_batch_size=batch_size, seed=config.train.seed,
-        pack=d.pack, converter=d.converter, vocabulary=vocabulary, split=e.split,
-        shuffle=False, repeat=False)
-    totals, template, batches = None, None, 0
-    while not e.max_batches or batches < e.max_batches:
-      batch = next(iterator, None)
-      if jax.process_count() > 1:
-        anyone = multihost_utils.process_allgather(np.array([batch is not None], np.int32))
-        if not np.any(anyone):
-          break
-      elif batch is None:
-        break
-      if batch is None:
-        batch = {k: np.zeros_like(v) for k, v in template.items()}
-      template = batch
-      sums = eval_step(params, partitioning.host_to_global(batch, batch_sharding))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-      batches += 1
-    iterator.close()
-    if totals is None:
-      raise ValueError(f'eval: task {task!r} split {e.split!r} gave no batches')
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    weight = max(totals['weight_sum'], 1.0)
-    return {'eval/loss': totals['loss_sum'] / weight,
-            'eval/accuracy': totals['correct_sum'] / weight,
-            'eval/target_tokens': totals['weight_sum']}
-
-  return evaluate
+def feature_lengths(config) -> dict[str, int]:
+  d = config.data
+  return converters.feature_lengths(d.converter, d.inputs_length, d.targets_length)
 
 
-class PreemptionWatcher:
-  """SIGTERM (what TPU and cluster schedulers send before killing a job) -> stop at a step boundary.
-
-  The handler only sets a flag; the loop reads it between steps, where the state is consistent.
-  With several processes one may get the signal before the others, so every step they all-gather
-  their flags (a few bytes; the only per-step cross-process sync this adds) and stop together
-  at the same step. A single process just reads its flag.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. run() called from a worker thread): no handler
-      pass
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def should_stop(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-    return bool(np.any(flags))
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-@jax.jit
-def all_finite(tree) -> jax.Array:
-  """True when every floating-point leaf is free of inf and nan."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def every(step: int, period: int, last: int) -> bool:
+  """Periodic work is due at multiples of `period` (0: never) and at the last step."""
+  return step == last or (period > 0 and step % period == 0)
 
 
 def trim_metrics(workdir: str, step: int) -> None:
@@ -166,198 +77,167 @@ def trim_metrics(workdir: str, step: int) -> None:
       f.writelines(kept)
 
 
+def check_finite(values: dict[str, float], step: int, log_every: int, workdir: str,
+                 ckpt: checkpoints.Checkpointer) -> None:
+  """Stops the run on a non-finite loss or gradient norm, naming the last good checkpoint."""
+  bad = {k: values[k] for k in ('loss', 'grad_norm') if not np.isfinite(values[k])}
+  if not bad:
+    return
+  ckpt.wait()  # never checkpoint this state; let the save in flight (an earlier, good state) end
+  last = ckpt.latest_step()
+  where = (f'the last good checkpoint is step {last} in {ckpt.directory}' if last is not None
+           else 'no checkpoint was written')
+  raise FloatingPointError(
+      f'{" and ".join(f"{k} is {v}" for k, v in bad.items())} at step {step} (metrics up to step '
+      f'{step - log_every} are in {workdir}/metrics.jsonl; {where}); lower '
+      'optimizer.learning_rate, raise schedule.warmup_steps, or use model.dtype=float32 to find '
+      'the source')
+
+
+def save(ckpt, step: int, state, data_state, config_dict, values: dict[str, float]) -> None:
+  """Saves asynchronously, after checking that the update left the state finite: the loss was
+  computed before this step's update (one cheap reduction per save)."""
+  if not bool(trainer.all_finite(state)):
+    ckpt.wait()
+    raise FloatingPointError(
+        f'the update of step {step} made parameters or optimizer state non-finite (loss '
+        f'{values["loss"]}); not saved, the last good checkpoint is step {ckpt.latest_step()} in '
+        f'{ckpt.directory}; lower optimizer.learning_rate or raise schedule.warmup_steps')
+  ckpt.save(step, state, data_state, config_dict,
+            metrics={k: v for k, v in values.items() if k.startswith('eval/')} or None)
+
+
+def build_evaluation(cfg, built, vocabulary, param_shardings, workdir: str):
+  """(validate(params) -> eval/loss and eval/accuracy, evaluate_tasks(params, step) ->
+  eval/<task>/<metric> or None); both None when eval.every_steps is 0."""
+  e, t = cfg.eval, cfg.train
+  if not e.every_steps:
+    return None, None
+  validate = validation.build_validation(
+      cfg.data, e, e.batch_size or t.batch_size, t.seed, feature_lengths(cfg), vocabulary,
+      built.model, param_shardings, built.mesh, built.rules)
+  # Downstream metrics (decode / score eval.tasks) at the same steps: None without eval.tasks.
+  evaluate_tasks = evaluator_lib.build_metric_evaluation(cfg, built.model, built.mesh,
+                                                         built.rules, workdir)
+  return validate, evaluate_tasks
+
+
+def start_reporting(cfg, built, batch, state, workdir: str, start_step: int):
+  """(throughput tracker, metric writer), after printing the run's headline."""
+  inputs = batch.get('encoder_input_tokens')  # none for decoder-only models
+  flops = reporting.train_flops_per_step(cfg.model, cfg.train.batch_size,
+                                         0 if inputs is None else inputs.shape[1],
+                                         batch['decoder_target_tokens'].shape[1])
+  peak, peak_source = reporting.peak_flops_per_device(cfg.reporting.peak_flops_per_device,
+                                                      cfg.model.dtype)
+  throughput = reporting.Throughput(flops, peak * len(built.devices), cfg.train.steps)
+  writer = reporting.MetricWriter(workdir, cfg.reporting.tensorboard,
+                                  purge_step=start_step + 1 if start_step else None)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  log.info(f'model {cfg.model.size}/{cfg.model.variant} {n_params:,} params | mesh '
+           f'{dict(built.mesh.shape)} | {flops / 1e9:.2f} GFLOP/step | peak {peak / 1e9:.1f} '
+           f'GFLOP/s/device ({peak_source})')
+  return throughput, writer
+
+
 def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> list[dict]:
   """Trains to config.train.steps, resuming from WORKDIR/checkpoints if there is one; returns
   the metrics logged by this invocation (also appended to WORKDIR/metrics.jsonl)."""
-  # --- config, mesh, model, data
-  # Before JAX starts its CPU client, if it has not yet (host_memory's arena limit).
-  host_memory.keep_freed_memory(config.keep_host_memory,
-                                devices[0].platform if devices else None)
-  devices = list(devices if devices is not None else jax.devices())
-  shape = config_lib.validate(config, len(devices))  # before anything is built
+  # --- config, mesh, model, data (the config is checked before anything is built)
+  built = cli.build(config, devices)
+  cfg, mesh, rules, model = built.cfg, built.mesh, built.rules, built.model
   config_lib.save_config(config, workdir)
   config_dict = json.loads(json.dumps(config.to_dict(), default=str))
-  mesh = partitioning.make_mesh(shape, devices)
-  rules = config.partitioning.rules
-  model_cfg = ModelConfig.from_config(config.model)
-  model = make_model(model_cfg)
-  tx, schedule = optim.make_optimizer(config)
-  iterator, _ = build_data(config)
+  tx, schedule = optim.make_optimizer(cfg)
+  iterator, vocabulary = build_data(cfg)
   batch = next(iterator)  # shapes for the state; the batch of step 1 on a fresh start
-
-  k = config.checkpoint
+  k, t, e = cfg.checkpoint, cfg.train, cfg.eval
   ckpt = checkpoints.Checkpointer(workdir, keep=k.keep, async_save=k.async_save,
                                   best_metric=k.keep_best_metric, best_mode=k.keep_best_mode,
                                   best_n=k.keep_best_n)
-  watcher = PreemptionWatcher()
-  writer = evaluate_metrics = None
+  watcher = multihost.PreemptionWatcher()
+  writer = evaluate_tasks = None  # closed in `finally`
   try:
-    # --- train state: the newest readable checkpoint, else a fresh initialisation
-    abstract, shardings = trainer.abstract_train_state(model, tx, mesh, rules, batch,
-                                                           config.train.seed)
-    restored = ckpt.restore_latest(abstract, config_dict)
-    if restored is None:
-      state, _ = trainer.init_train_state(model, tx, mesh, rules, batch, config.train.seed,
-                                          shardings)
-      start_step = 0
-      if config.checkpoint.init_from:
-        # Fine-tuning: params from another run; optimizer state and step stay fresh. Only here,
-        # with nothing to resume: once this run has saved, resuming takes precedence.
-        k = config.checkpoint
-        source = checkpoints.resolve_init_path(k.init_from)
-        loaded = checkpoints.load_params_for_init(source, abstract.params, k.init_rename,
-                                                  k.init_ignore)
-        state = state.replace(params=checkpoints.merge_init_params(state.params, loaded))
-        fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
-        if jax.process_index() == 0:
-          print(f'initialised params from {source} ({fresh} kept fresh by init_ignore); '
-                'optimizer state and step start fresh', flush=True)
-    else:
-      state, start_step = restored.state, restored.step
-      iterator.set_state(restored.data_state)
+    # --- train state: resume | init_from | fresh
+    init = trainer.initial_state(model, tx, mesh, rules, batch, t.seed, ckpt, config_dict,
+                                 k.init_from, k.init_rename, k.init_ignore)
+    state, start_step = init.state, init.step
+    if init.data_state is not None:
+      iterator.set_state(init.data_state)
       batch = next(iterator)
     trim_metrics(workdir, start_step)
-
     step_fn = trainer.jit_train_step(
-        trainer.make_train_step(model, tx, schedule, config.train,
-                                dropout=config.model.dropout_rate > 0),
-        shardings, mesh, rules)
+        trainer.make_train_step(model, tx, schedule, t, dropout=cfg.model.dropout_rate > 0),
+        init.shardings, mesh, rules)
     batch_sharding = partitioning.batch_sharding(mesh, rules)
-    eval_every = config.eval.every_steps
-    evaluate = (build_validation(config, model, shardings.params, mesh, rules) if eval_every
-                else None)
-    # Downstream metrics (decode / score eval.tasks) at the same steps: eval/<task>/<metric>.
-    evaluate_metrics = (evaluator_lib.build_metric_evaluation(config, model, mesh, rules, workdir)
-                        if eval_every else None)
-
-    # --- reporting
-    inputs_length = (batch['encoder_input_tokens'].shape[1] if 'encoder_input_tokens' in batch
-                     else 0)
-    targets_length = batch['decoder_target_tokens'].shape[1]
-    flops_per_step = reporting.train_flops_per_step(model_cfg, config.train.batch_size,
-                                                    inputs_length, targets_length)
-    peak, peak_source = reporting.peak_flops_per_device(config.reporting.peak_flops_per_device,
-                                                        config.model.dtype)
-    total_peak = peak * len(devices)
-    writer = reporting.MetricWriter(workdir, config.reporting.tensorboard,
-                                    purge_step=start_step + 1 if start_step else None)
-    total_steps, log_every = config.train.steps, config.train.log_every
-    every = config.checkpoint.every_steps
-    if writer.active:
-      n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-      print(f'model {config.model.size}/{config.model.variant} {n_params:,} params | mesh '
-            f'{dict(zip(config_lib.MESH_AXES, shape))} | {flops_per_step / 1e9:.2f} GFLOP/step | '
-            f'peak {peak / 1e9:.1f} GFLOP/s/device ({peak_source})', flush=True)
-      if start_step:
-        print(f'resumed from the checkpoint of step {start_step} in {ckpt.directory}', flush=True)
-    if start_step >= total_steps:
-      if writer.active:
-        print(f'nothing to do: the checkpoint is at step {start_step} and train.steps is '
-              f'{total_steps}', flush=True)
+    validate, evaluate_tasks = build_evaluation(cfg, built, vocabulary, init.shardings.params,
+                                                workdir)
+    throughput, writer = start_reporting(cfg, built, batch, state, workdir, start_step)
+    log.info(init.source)
+    if start_step >= t.steps:
+      log.info(f'nothing to do: the checkpoint is at step {start_step} and train.steps is '
+               f'{t.steps}')
       return []
 
     # --- the loop
-    history = []
-    interval_start, interval_steps, interval_tokens = None, 0, 0
-    run_start = time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
+    history, run_start = [], time.perf_counter()
+    for step in range(start_step + 1, t.steps + 1):
       tokens = int(np.sum(batch.get('encoder_input_tokens', 0) > 0)
                    + np.sum(batch['decoder_loss_weights'] > 0))
       state, metrics = step_fn(state, partitioning.host_to_global(batch, batch_sharding))
       # Where the data stands after this step's batch: a checkpoint of `step` resumes with the
       # batch of step + 1. Read before the next() below, which already fetches that batch.
       data_state = iterator.get_state()
-      if step == start_step + 1:
-        # The first step includes compilation: time the run from its end.
+      if step == start_step + 1:  # the first step includes compilation: time from its end
         jax.block_until_ready(metrics)
-        interval_start = time.perf_counter()
-        if writer.active:
-          print(f'compiled and ran step {step} in {interval_start - run_start:.1f}s', flush=True)
+        throughput.start()
+        log.info(f'compiled and ran step {step} in {time.perf_counter() - run_start:.1f}s')
       else:
-        interval_steps += 1
-        interval_tokens += tokens
-      if step < total_steps:
+        throughput.count(tokens)
+      if step < t.steps:
         batch = next(iterator)  # prepared on the host while the device runs the step
       stop = watcher.should_stop()
-      save = step == total_steps or stop or (every > 0 and step % every == 0)
-      do_eval = eval_every > 0 and (step % eval_every == 0 or step == total_steps)
-      log = step % log_every == 0 or step == total_steps or do_eval
-      if not (log or save):
+      do_save = stop or every(step, k.every_steps, t.steps)
+      do_eval = e.every_steps > 0 and every(step, e.every_steps, t.steps)
+      do_log = do_eval or every(step, t.log_every, t.steps)
+      if not (do_log or do_save):
         continue
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      bad = {k: values[k] for k in ('loss', 'grad_norm') if not np.isfinite(values[k])}
-      if bad:
-        # Never checkpoint this state. Let the save in flight (an earlier, good state) finish.
-        ckpt.wait()
-        last = ckpt.latest_step()
-        where = (f'the last good checkpoint is step {last} in {ckpt.directory}'
-                 if last is not None else 'no checkpoint was written')
-        raise FloatingPointError(
-            f'{" and ".join(f"{k} is {v}" for k, v in bad.items())} at step {step} (metrics up '
-            f'to step {step - log_every} are in {workdir}/metrics.jsonl; {where}); lower '
-            'optimizer.learning_rate, raise schedule.warmup_steps, or use model.dtype=float32 '
-            'to find the source')
+      values = {key: float(v) for key, v in jax.device_get(metrics).items()}
+      check_finite(values, step, t.log_every, workdir, ckpt)
       if do_eval:
         eval_start = time.perf_counter()
-        values.update(evaluate(state.params))
-        if evaluate_metrics is not None:
-          values.update(evaluate_metrics(state.params, step))
-        # Evaluation time is not training time: keep it out of steps/s and the ETA.
-        if interval_start is not None:
-          interval_start += time.perf_counter() - eval_start
-      if log:
-        now = time.perf_counter()
-        if interval_steps > 0:
-          elapsed = now - interval_start
-          step_time = elapsed / interval_steps
-          values['steps_per_sec'] = 1.0 / step_time
-          # Every process counted its own rows: scale to the global batch.
-          values['tokens_per_sec'] = interval_tokens * jax.process_count() / elapsed
-          if total_peak > 0:
-            values['mfu'] = flops_per_step / step_time / total_peak
-          values['eta_seconds'] = step_time * (total_steps - step)
-        interval_start, interval_steps, interval_tokens = now, 0, 0
+        values.update(validate(state.params))
+        if evaluate_tasks is not None:
+          values.update(evaluate_tasks(state.params, step))
+        throughput.pause(time.perf_counter() - eval_start)  # not training time
+      if do_log:
+        values.update(throughput.values(step, jax.process_count()))
         writer.write(step, values)
         history.append({'step': step, **values})
-      if save:
-        # The loss above was computed before this step's update: check the updated state too,
-        # so a checkpoint never holds inf/nan (one cheap reduction per save).
-        if not bool(all_finite(state)):
-          ckpt.wait()
-          raise FloatingPointError(
-              f'the update of step {step} made parameters or optimizer state non-finite (loss '
-              f'{values["loss"]}); not saved, the last good checkpoint is step '
-              f'{ckpt.latest_step()} in {ckpt.directory}; lower optimizer.learning_rate or raise '
-              'schedule.warmup_steps')
-        ckpt.save(step, state, data_state, config_dict,  # async: returns after the host copy
-                  metrics={k: v for k, v in values.items() if k.startswith('eval/')} or None)
+      if do_save:
+        save(ckpt, step, state, data_state, config_dict, values)
       if stop:
         ckpt.wait()
-        if writer.active:
-          print(f'preempted (SIGTERM): saved the checkpoint of step {step} in {ckpt.directory}; '
-                f'run the same command to continue from step {step}', flush=True)
+        log.info(f'preempted (SIGTERM): saved the checkpoint of step {step} in '
+                 f'{ckpt.directory}; run the same command to continue from step {step}')
         return history
     return history
   finally:
     watcher.close()
-    if writer is not None:
-      writer.close()
-    if evaluate_metrics is not None:
-      evaluate_metrics.close()
+    for closable in (writer, evaluate_tasks):
+      if closable is not None:
+        closable.close()
     ckpt.close()  # waits for a save in flight: on any exit the last checkpoint is complete
     iterator.close()  # stops data worker processes, if any
 
 
 def main(argv: Sequence[str]) -> int:
-  def job():
-    # Takes --coordinator_address/--num_processes/--process_id out of argv and initialises JAX for
-    # a multi-process run; must come before any other JAX call.
-    config, workdir = config_lib.parse_command_line(distributed.setup(argv))
-    if not workdir:
-      raise config_lib.ConfigError('--workdir is required: the folder for checkpoints, metrics '
-                                   'and the resolved config')
-    run(config, workdir)
-  return cli.run_main(job, [(FloatingPointError, 'training stopped', 1)])
+  def job(invocation: cli.Invocation):
+    run(invocation.config, cli.require_workdir(
+        invocation, 'the folder for checkpoints, metrics and the resolved config'))
+  return cli.main(argv, job, usage=__doc__, errors=[(FloatingPointError, 'training stopped', 1)],
+                  workdir_help='the run folder: checkpoints, metrics, the resolved config')
+
 
 if __name__ == '__main__':
   sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Metric evaluation: decode or score a task's whole split, postprocess, apply its metric fns.
 
-    ev = Evaluator(config, model, mesh, rules, workdir=W)      # tasks: config.eval.tasks
+    ev = Evaluator(cfg, model, mesh, rules, workdir=W)         # tasks: cfg.eval.tasks
     results = ev.evaluate(params, step)                        # {task: TaskResult}
     # -> W/eval/<task>/step_<step>.json, TensorBoard scalars in W/eval, a printed table
 
@@ -9,24 +9,27 @@ unpacked encoder-decoder converter, so each row is one example: inputs and targe
 data.inputs_length / data.targets_length with EOS, as in training. The pipeline zero-pads the last
 batch; padding rows are recognised by their all-zero targets (a real target always holds EOS) and
 never reach a metric, so every example counts exactly once. A task's metric fns (names or
-functions, `t5lite.evaluation.metrics`) come in two kinds, as in seqio:
+functions, `t5lite.metrics`) come in two kinds, as in seqio:
 
 - predict metrics `fn(targets, predictions)`: the inputs are decoded (`t5lite.models.decoding`,
   config.decode), predictions and targets are detokenized and passed through the task's
   postprocess_fn (`fn(text, example=..., is_target=...)`, example the row's element of
   `task.examples(split)`, see `split_examples`; a one-argument function works too);
-- score metrics `fn(targets, scores)` (`metrics.takes_scores`): with rank options (a task
-  attribute `rank_options`, or downstream.RANK_OPTIONS) every (example, option) pair is scored
+- score metrics `fn(targets, scores)` (`metrics.takes_scores`): with rank options (the task's
+  `rank_options`) every (example, option) pair is scored
   and `scores[i]` holds example i's per-option log-likelihoods, `targets[i]` the index of its
   postprocessed target among the options (rank classification); without options `scores[i]` is the
   log-likelihood of the example's own target.
 
 Several processes: each reads its slice of the split. They may run out at different batches, so
-every batch they all-gather whether anyone still has data (a few bytes) and a process with none
-feeds an all-padding batch to the collective computations (as train.build_validation does).
+`multihost.lockstep` keeps them taking the same steps (a process with no data left feeds an
+all-padding batch to the collective computations, as in-training validation does).
 Decoded tokens and per-row data are gathered with `multihost_utils.process_allgather`; every
 process computes the metrics (cheap) and only process 0 writes. Params stay on the training mesh
-and everything runs under `trainer.activate(mesh, rules)`.
+and every jitted function runs under the mesh and rules (`partitioning.jit`).
+
+`cfg` is the resolved config (`config.resolve`; a ConfigDict works too): it reads the data, eval,
+decode, train (batch size, seed) and reporting parts.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import logging
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -43,12 +47,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from t5lite import partitioning, trainer
+from t5lite import metrics as metrics_lib
+from t5lite import multihost, partitioning
 from t5lite.data import converters, pipeline, tasks as tasks_lib, vocab as vocab_lib
-from t5lite.data.preprocessors import random_spans_helper
-from t5lite.evaluation import metrics as metrics_lib
 from t5lite.evaluation import scoring
 from t5lite.models import decoding
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -71,15 +76,14 @@ class TaskResult:
 def lengths(config) -> tuple[int, int]:
   """(inputs_length, targets_length) as training uses them (targets 0: T5's span helper)."""
   d = config.data
-  return d.inputs_length, d.targets_length or random_spans_helper(d.inputs_length, 0.15, 3.0)[1]
+  encdec = converters.feature_lengths('encdec', d.inputs_length, d.targets_length)
+  return encdec['inputs'], encdec['targets']
 
 
 def config_vocabulary(config):
   """The vocabulary config.data names, or None for each task's own (data.vocabulary='task')."""
   d = config.data
-  if hasattr(vocab_lib, 'get_vocabulary'):
-    return vocab_lib.get_vocabulary(d.get('vocabulary', 'embedded'), d.sp_vocab_size)
-  return vocab_lib.embedded_vocabulary(d.sp_vocab_size)
+  return vocab_lib.get_vocabulary(d.vocabulary, d.sp_vocab_size)
 
 
 def decode_config(config, targets_length: int) -> decoding.DecodeConfig:
@@ -139,20 +143,13 @@ def postprocess_all(task, texts: Sequence[str], examples: Sequence | None,
           for t, e in zip(texts, examples)]
 
 
-def rank_options(task) -> Sequence[str] | None:
-  options = getattr(task, 'rank_options', None)
-  if options is None:
-    from t5lite.data import downstream  # pylint: disable=import-outside-toplevel
-    options = downstream.RANK_OPTIONS.get(task.name)
-  return options
-
-
 @functools.lru_cache(maxsize=16)
-def _log_likelihood_fn(model, mesh):
+def _log_likelihood_fn(model, mesh, rules):
   """jit of (params, batch) -> each row's summed target log-likelihood, replicated so every
-  process reads all rows; one per (model, mesh), as flax modules and meshes compare by value."""
-  return jax.jit(lambda params, batch: scoring.token_log_likelihoods(model, params, batch).sum(-1),
-                 out_shardings=NamedSharding(mesh, PartitionSpec()))
+  process reads all rows; one per (model, mesh, rules), as modules and meshes compare by value."""
+  return partitioning.jit(
+      lambda params, batch: scoring.token_log_likelihoods(model, params, batch).sum(-1), mesh,
+      rules, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def _strip(row: np.ndarray) -> np.ndarray:
@@ -178,7 +175,7 @@ class Evaluator:
     self.prefix_lm = config.data.converter == 'prefix_lm'
     self.vocabulary = config_vocabulary(config)
     self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
-    self._log_likelihood = _log_likelihood_fn(model, mesh)
+    self._log_likelihood = _log_likelihood_fn(model, mesh, self.rules)
     self._tb = None
 
   # --- per-batch pieces ---------------------------------------------------------------------
@@ -222,8 +219,7 @@ class Evaluator:
   def score_rows(self, params, pairs, targets_length: int) -> np.ndarray:
     """Log-likelihood of each row's target ([global rows], replicated to every process)."""
     features = self._features(pairs, targets_length)
-    with trainer.activate(self.mesh, self.rules):
-      scores = self._log_likelihood(params, self._global(features))
+    scores = self._log_likelihood(params, self._global(features))
     return np.asarray(jax.device_get(scores))
 
   # --- one task -------------------------------------------------------------------------------
@@ -233,7 +229,7 @@ class Evaluator:
     fns = metrics_lib.resolve(task.metric_fns)
     predict_fns = [f for f in fns if not metrics_lib.takes_scores(f)]
     score_fns = [f for f in fns if metrics_lib.takes_scores(f)]
-    options = rank_options(task) if score_fns else None
+    options = task.rank_options if score_fns else None
     vocabulary = self.vocabulary or task.output_features['targets'].vocabulary
     option_ids = [np.asarray(list(vocabulary.encode(o)) + [vocabulary.eos_id], np.int32)
                   for o in options] if options else []
@@ -249,16 +245,8 @@ class Evaluator:
              'decoder_target_tokens': np.zeros((rows, self.targets_length), np.int32)}
     kept: dict[str, list[np.ndarray]] = {'index': [], 'inputs': [], 'targets': [], 'tokens': [],
                                          'scores': []}
-    seen, batches, max_batches = 0, 0, self.config.eval.max_batches
-    while not max_batches or batches < max_batches:
-      batch = next(iterator, None)
-      if count > 1:
-        anyone = multihost_utils.process_allgather(np.array([batch is not None], np.int32))
-        if not np.any(anyone):
-          break
-      elif batch is None:
-        break
-      batch = zeros if batch is None else batch
+    seen, batches = 0, 0
+    for batch in multihost.lockstep(iterator, limit=self.config.eval.max_batches, padding=zeros):
       inputs, targets = batch['encoder_input_tokens'], batch['decoder_target_tokens']
       real = targets[:, 0] != 0
       # Global order: element k of process p is element k * count + p of the split.
@@ -325,7 +313,7 @@ class Evaluator:
       if self.workdir:
         self.write(step, results)
       if self.verbose:
-        print(format_table(step, results), flush=True)
+        log.info(format_table(step, results))
     return results
 
   def write(self, step: int, results: dict[str, TaskResult]) -> None:
