@@ -24,7 +24,7 @@ import dataclasses
 import os
 from typing import Mapping, Sequence
 
-from t5lite.config import ConfigError
+from t5lite.fields import ConfigError
 
 ENV = {
     'coordinator_address': 'T5LITE_COORDINATOR_ADDRESS',
