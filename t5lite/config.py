@@ -106,7 +106,8 @@ class TrainConfig:
 class OptimizerConfig:
   """The optimizer (t5lite/optim.py). Adafactor has T5's defaults: factored second moments,
   parameter-scaled updates, no momentum."""
-  name: str = field('adafactor', 'adafactor (T5) or adamw.', choices=OPTIMIZERS)
+  name: str = field('adafactor', "The optimizer; adafactor with T5's settings.",
+                    choices=OPTIMIZERS)
   learning_rate: float = field(1.0, 'Peak / base value that the schedule multiplies.')
   weight_decay: float = field(0.0, "Decoupled weight decay: adamw's, and adafactor's "
                               'weight_decay_rate; 0 turns it off.')
@@ -184,7 +185,7 @@ class CheckpointConfig:
                                 "steps, whatever `keep` drops, e.g. 'eval/loss'; '' keeps only "
                                 'the newest. Needs eval.every_steps to divide every_steps, so '
                                 'every periodic checkpoint has the metric.')
-  keep_best_mode: str = field('min', 'min (a loss) or max (an accuracy, a BLEU).',
+  keep_best_mode: str = field('min', 'min for a loss, max for an accuracy or a BLEU.',
                               choices=('min', 'max'))
   keep_best_n: int = field(1, 'How many best checkpoints to keep.')
 
@@ -211,7 +212,7 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
   """Decoding for metric evaluation and `python -m t5lite.infer` (t5lite/models/decoding.py)."""
-  method: str = field('greedy', 'greedy, sample or beam.', choices=('greedy', 'sample', 'beam'))
+  method: str = field('greedy', 'The decoding method.', choices=('greedy', 'sample', 'beam'))
   max_decode_length: int = field(0, 'Generated tokens (EOS included); 0 = the targets length.')
   temperature: float = field(1.0, 'sample: logits / temperature; 0 = argmax.')
   top_k: int = field(0, 'sample: keep the k most likely tokens; 0 = off.')
