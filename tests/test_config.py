@@ -15,8 +15,10 @@ QUICKSTART = os.path.join(REPO, 'configs', 'quickstart.py')
 
 
 def load(*overrides):
-  argv = ['--config', QUICKSTART] + [f'--config.{o}' for o in overrides]
-  config, _ = config_lib.parse_command_line(argv)
+  """The quickstart config with `section.field=value` overrides, as the command line applies them."""
+  config = config_lib.load_config_file(QUICKSTART)
+  for override in overrides:
+    config_lib.set_override(config, *override.split('=', 1))
   return config
 
 
