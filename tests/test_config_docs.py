@@ -37,3 +37,11 @@ def test_reference_lists_every_field():
       continue  # the preset's keys; ModelConfig's own list is what the reference shows
     for name in names:
       assert f'| `{name}` |' in text, f'{section}.{name}'
+
+
+def test_the_command_prints_the_reference():
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  out = subprocess.run([sys.executable, '-m', 't5lite.config', '--markdown'], capture_output=True,
+                       text=True, timeout=120, check=False)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout == config_lib.reference_markdown()
