@@ -1,11 +1,11 @@
-"""The attention core (t5lite/models/attention.py): its hand-written backward pass and batch
+"""The attention core (t5lite/models/kernels/attention.py): its hand-written backward pass and batch
 chunking against autodiff of the plain formulation, numpy, and the unchunked, unsharded run."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5lite.models import attention
+from t5lite.models.kernels import attention
 from test_training import small_config, train_losses
 
 

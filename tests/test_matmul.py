@@ -1,11 +1,11 @@
-"""Mixed-precision matmuls (t5lite/models/matmul.py): bf16 operands, f32 accumulation, forward and
-backward, checked against float32 autodiff (the reference) and plain bf16 autodiff."""
+"""Mixed-precision matmuls (t5lite/models/kernels/matmul.py): bf16 operands, f32 accumulation,
+forward and backward, checked against float32 autodiff (the reference) and plain bf16 autodiff."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5lite.models import matmul
+from t5lite.models.kernels import matmul
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 

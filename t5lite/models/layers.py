@@ -6,10 +6,13 @@ to mesh axes. Activations are constrained with the `act_*` names (kept separate 
 names so that, e.g., `embed` can be sharded over `fsdp` in weights while batch uses `fsdp` too).
 Parameters are float32; computation runs in `dtype` (bfloat16 by default); norms and softmax in
 float32.
+
+The compute (matmuls, the attention core, the norm) is in t5lite/models/kernels/; every module
+that computes has a `kernels` attribute, 'auto' or 'xla', set from the ModelConfig's `kernels`
+by t5lite/models/t5.py, which selects the kernels' tuned custom VJPs or their plain formulations.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from t5lite.models.kernels import attention, matmul
+from t5lite.models.kernels import attention, matmul, norm
 
 Dtype = Any
 
@@ -36,47 +39,13 @@ class RMSNorm(nn.Module):
   """T5 layer norm: scale only, no mean subtraction, no bias; computed in float32."""
   epsilon: float = 1e-6
   dtype: Dtype = jnp.bfloat16
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
                        (x.shape[-1],), jnp.float32)
-    return rms_norm(x, scale, self.epsilon, jnp.dtype(self.dtype).name)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def rms_norm(x: jax.Array, scale: jax.Array, epsilon: float, dtype_name: str) -> jax.Array:
-  """x / rms(x) * scale over the last axis, in float32; the result in `dtype_name`.
-
-  The backward pass is written out and saves only x and the per-row 1 / rms: autodiff saved
-  float32 [tokens, d_model] products and materialised the broadcast 1 / rms (about 7 ms per
-  T5.1.1-small encoder norm on this project's CPU). bf16 step 2.58 -> 2.37 s, f32 4.21 -> 4.01 s
-  (interleaved A/B in one process)."""
-  return _rms_norm_fwd(x, scale, epsilon, dtype_name)[0]
-
-
-def _rms_norm_fwd(x, scale, epsilon, dtype_name):
-  x32 = x.astype(jnp.float32)
-  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
-  return (x32 * rstd * scale).astype(dtype_name), (x, rstd, scale)
-
-
-def _rms_norm_bwd(epsilon, dtype_name, residuals, d_y):
-  del epsilon, dtype_name
-  x, rstd, scale = residuals
-  x = x.astype(jnp.float32)
-  d_y = d_y.astype(jnp.float32)
-  # y = scale * x * r, r = (mean(x^2) + eps)^-1/2, dr/dx_j = -r^3 x_j / n, so with
-  # g = d_y * scale: dx_j = r * (g_j - x_j * r^2 * mean_i(g_i * x_i)).
-  # The row sum is a matrix-vector product with scale: as a reduction, XLA:CPU's reduce kernels
-  # would take scale broadcast to the whole [tokens, d_model] (materialised; 2.39 -> 2.28 s).
-  row_mean = jnp.einsum('...d,d->...', d_y * x, scale)[..., None] / x.shape[-1]
-  d_x = rstd * (d_y * scale - x * (rstd * rstd * row_mean))
-  d_scale = jnp.sum(d_y * x * rstd, axis=tuple(range(x.ndim - 1)))
-  return d_x.astype(residuals[0].dtype), d_scale.astype(scale.dtype)
-
-
-rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+    return norm.normalize(x, scale, self.epsilon, self.dtype, self.kernels)
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
@@ -174,13 +143,15 @@ class Projection(nn.Module):
   in_dims: int
   stddev: float
   dtype: Dtype
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', param_init(self.stddev, self.axes), self.shape, jnp.float32)
     fan_in = int(np.prod(self.shape[:self.in_dims]))
     lead = x.shape[:x.ndim - self.in_dims]
-    y = matmul.dense(x.reshape(lead + (fan_in,)), kernel.reshape(fan_in, -1), self.dtype)
+    y = matmul.dense(x.reshape(lead + (fan_in,)), kernel.reshape(fan_in, -1), self.dtype,
+                     kernels=self.kernels)
     return y.reshape(lead + self.shape[self.in_dims:])
 
 
@@ -192,12 +163,13 @@ class Dense(nn.Module):
   stddev: float
   dtype: Dtype
   out_dtype: Dtype | None = None
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', param_init(self.stddev, self.axes),
                         (x.shape[-1], self.features), jnp.float32)
-    return matmul.dense(x, kernel, self.dtype, out_dtype=self.out_dtype)
+    return matmul.dense(x, kernel, self.dtype, out_dtype=self.out_dtype, kernels=self.kernels)
 
 
 class Kernel(nn.Module):
@@ -234,6 +206,7 @@ class MultiHeadAttention(nn.Module):
   prefill: bool = False
   cross: bool = False        # cross-attention: cached keys/values never change during decoding
   cache_length: int = 0      # self-attention cache slots (prefill)
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None, bias: AttentionBias,
@@ -241,7 +214,8 @@ class MultiHeadAttention(nn.Module):
     d_model = inputs_q.shape[-1]
     inner = self.num_heads * self.head_dim
     shape, axes = (d_model, self.num_heads, self.head_dim), ('embed', 'heads', 'kv')
-    proj = lambda stddev, name: Projection(shape, axes, 1, stddev, self.dtype, name=name)
+    proj = lambda stddev, name: Projection(shape, axes, 1, stddev, self.dtype, self.kernels,
+                                           name=name)
     act = ('act_batch', 'act_length', 'act_heads', 'act_kv')
     # Initialisation as in mesh-tensorflow T5: query carries the extra head_dim**-0.5.
     q = proj((d_model * self.head_dim) ** -0.5, 'query')(inputs_q)
@@ -261,10 +235,11 @@ class MultiHeadAttention(nn.Module):
       shape = (q.shape[0], self.num_heads, q.shape[1], k.shape[1])
       keep = (jax.random.bernoulli(self.make_rng('dropout'), keep_rate, shape)
               .astype(self.dtype) / keep_rate)
-    out = attention.dot_product_attention(q, k, v, bias.bias, bias.mask, self.dtype, keep)
+    out = attention.dot_product_attention(q, k, v, bias.bias, bias.mask, self.dtype, keep,
+                                          self.kernels)
     out = constrain(out, act)
     return Projection((self.num_heads, self.head_dim, d_model), ('heads', 'kv', 'embed'), 2,
-                      inner ** -0.5, self.dtype, name='out')(out)
+                      inner ** -0.5, self.dtype, self.kernels, name='out')(out)
 
   def _cache(self, k, v, cache_index, act):
     """Stores (prefill) or extends (decode) the cache; returns the keys/values to attend to."""
@@ -297,6 +272,7 @@ class MlpBlock(nn.Module):
   dtype: Dtype
   dropout_rate: float
   deterministic: bool
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -306,13 +282,15 @@ class MlpBlock(nn.Module):
       # gate in one custom VJP (matmul.gated_gelu).
       kernel = lambda name: Kernel((d_model, self.d_ff), ('embed', 'mlp'), d_model ** -0.5,
                                    name=name)()
-      h = matmul.gated_gelu(x, kernel('wi_0'), kernel('wi_1'), self.dtype)
+      h = matmul.gated_gelu(x, kernel('wi_0'), kernel('wi_1'), self.dtype, self.kernels)
     else:
-      h = nn.relu(Dense(self.d_ff, ('embed', 'mlp'), d_model ** -0.5, self.dtype, name='wi')(x))
+      h = nn.relu(Dense(self.d_ff, ('embed', 'mlp'), d_model ** -0.5, self.dtype,
+                        kernels=self.kernels, name='wi')(x))
     h = constrain(h, ('act_batch', 'act_length', 'act_mlp'))
     if self.dropout_rate > 0 and not self.deterministic:
       h = nn.Dropout(self.dropout_rate)(h, deterministic=False)
-    return Dense(d_model, ('mlp', 'embed'), self.d_ff ** -0.5, self.dtype, name='wo')(h)
+    return Dense(d_model, ('mlp', 'embed'), self.d_ff ** -0.5, self.dtype, kernels=self.kernels,
+                 name='wo')(h)
 
 
 class Embed(nn.Module):
@@ -320,6 +298,7 @@ class Embed(nn.Module):
   num_embeddings: int
   features: int
   dtype: Dtype
+  kernels: str = 'auto'
 
   def setup(self):
     self.embedding = self.param('embedding', param_init(1.0, ('vocab', 'embed')),
@@ -330,4 +309,4 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     return matmul.dense(x, self.embedding, self.dtype, transpose_kernel=True,
-                        out_dtype=jnp.float32)
+                        out_dtype=jnp.float32, kernels=self.kernels)

@@ -1,4 +1,10 @@
-"""Model hyper-parameters: the `ModelConfig` the modules read, and the published size presets.
+"""Model hyper-parameters: `ModelConfig`, the one declaration of the `config.model` fields, and
+the published size presets.
+
+Every field is declared once, in `ModelConfig`, with its default and its documentation (and its
+choices where it has them; `t5lite.fields.field`). `model_config` builds the `config.model`
+ConfigDict from it, so the config holds exactly ModelConfig's fields, and the flax modules carry
+the frozen, hashable ModelConfig itself (`ModelConfig.from_config(config.model)`).
 
 Sizes are those of the T5 paper (v1.0, Raffel et al. 2020, Table 14 / released checkpoints) and
 of the T5.1.1 release notes (google-research/text-to-text-transfer-transformer,
@@ -10,10 +16,14 @@ import dataclasses
 
 import ml_collections
 
+from t5lite.fields import field
+from t5lite.models.kernels import KERNELS
+
 VARIANTS = ('v1_0', 'v1_1')
 ARCHITECTURES = ('encoder_decoder', 'decoder_only')
 REMAT_POLICIES = ('none', 'minimal', 'full')
 DTYPES = ('bfloat16', 'float32')
+# KERNELS = ('auto', 'xla'), from t5lite.models.kernels (where the switch is read).
 
 # name: (d_model, d_ff, num_heads, head_dim, num_encoder_layers, num_decoder_layers)
 V1_1_SIZES = {
@@ -35,58 +45,58 @@ V1_0_SIZES = {
 SIZES = tuple(V1_1_SIZES)
 
 
-def model_config(size: str = 'tiny', variant: str = 'v1_1', vocab_size: int = 32128,
-                 architecture: str = 'encoder_decoder') -> ml_collections.ConfigDict:
-  """The `config.model` block for a preset; every field is documented here, where it is declared."""
-  table = V1_1_SIZES if variant == 'v1_1' else V1_0_SIZES
-  if size not in table:
-    raise ValueError(f'unknown model size {size!r}; valid sizes: {", ".join(SIZES)}')
-  d_model, d_ff, num_heads, head_dim, n_enc, n_dec = table[size]
-  c = ml_collections.ConfigDict()
-  c.size = size                      # informational: the preset these numbers came from
-  c.variant = variant                # v1_0: ReLU MLP, tied logits * d_model**-0.5; v1_1: gated GELU, untied
-  c.architecture = architecture      # encoder_decoder | decoder_only (causal; prefix LM when the batch
-                                     # carries decoder_causal_attention)
-  c.vocab_size = vocab_size          # rows of the embedding; >= the vocabulary's size (pad to x128 for speed)
-  c.d_model = d_model
-  c.d_ff = d_ff
-  c.num_heads = num_heads
-  c.head_dim = head_dim
-  # Width of the attention projection; must equal num_heads * head_dim (checked). T5 lets it differ
-  # from d_model (v1.0 "3B"/"11B").
-  c.attention_dim = num_heads * head_dim
-  c.num_encoder_layers = n_enc       # ignored by decoder_only
-  c.num_decoder_layers = n_dec
-  c.relative_attention_num_buckets = 32
-  c.relative_attention_max_distance = 128
-  c.dropout_rate = 0.0               # T5 used 0.1 for fine-tuning, 0.0 for pre-training
-  c.dtype = 'bfloat16'               # activation dtype; parameters are always float32
-  c.scan_layers = False              # nn.scan over layers: faster compiles for deep models
-  c.remat_policy = 'none'            # none | minimal (keep weight matmuls) | full (keep nothing)
-  return c
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Hashable, typed copy of `config.model` that the flax modules carry."""
-  vocab_size: int
-  d_model: int
-  d_ff: int
-  num_heads: int
-  head_dim: int
-  num_encoder_layers: int
-  num_decoder_layers: int
-  variant: str = 'v1_1'
-  architecture: str = 'encoder_decoder'
-  relative_attention_num_buckets: int = 32
-  relative_attention_max_distance: int = 128
-  dropout_rate: float = 0.0
-  dtype: str = 'bfloat16'
-  scan_layers: bool = False
-  remat_policy: str = 'none'
+  """The model's hyper-parameters: `config.model`, typed, frozen and hashable (the flax modules
+  carry it as a module attribute). The defaults are the `tiny` T5.1.1 preset."""
+  # Declaration order is the order of the config.model keys.
+  size: str = field('tiny', 'Informational: the preset these numbers came from.')
+  variant: str = field(
+      'v1_1', 'v1_0: ReLU MLP, logits tied to the embedding and scaled by d_model**-0.5; v1_1: '
+      'gated-GELU MLP, untied logits.', choices=VARIANTS)
+  architecture: str = field(
+      'encoder_decoder', 'encoder_decoder, or decoder_only: causal (a prefix LM when the batch '
+      'carries decoder_causal_attention).', choices=ARCHITECTURES)
+  vocab_size: int = field(
+      32128, 'Rows of the embedding: at least the vocabulary\'s size (padded to a multiple of 128 '
+      'for speed).')
+  d_model: int = field(128, 'Width of the embeddings and of every layer\'s input and output.')
+  d_ff: int = field(256, 'Width of the MLP\'s hidden layer.')
+  num_heads: int = field(4, 'Attention heads per attention layer.')
+  head_dim: int = field(32, 'Width of one head\'s queries, keys and values.')
+  attention_dim: int | None = field(
+      None, 'Width of the attention projection; must equal num_heads * head_dim (checked; None: '
+      'filled in with it). T5 lets it differ from d_model (v1.0 "3B"/"11B").')
+  num_encoder_layers: int = field(2, 'Encoder layers; ignored by decoder_only.')
+  num_decoder_layers: int = field(2, 'Decoder layers.')
+  relative_attention_num_buckets: int = field(
+      32, 'Relative position buckets per direction pair (half exact distances, half log-spaced).')
+  relative_attention_max_distance: int = field(
+      128, 'Distance beyond which relative positions share the last bucket.')
+  dropout_rate: float = field(
+      0.0, 'Dropout on embeddings, attention weights, MLP activations and residual branches: T5 '
+      'used 0.1 for fine-tuning, 0.0 for pre-training.')
+  dtype: str = field(
+      'bfloat16', 'Activation dtype; parameters are always float32 (norms, softmax and logits '
+      'are computed in float32).', choices=DTYPES)
+  scan_layers: bool = field(
+      False, 'nn.scan over layers: faster compiles for deep models, at some step time on CPU '
+      '(docs/performance.md).')
+  remat_policy: str = field(
+      'none', 'Recompute in the backward pass to save memory: none; minimal (keep the weight '
+      'matmuls\' results); full (keep nothing, the most compute).', choices=REMAT_POLICIES)
+  kernels: str = field(
+      'auto', 'auto: the hand-written custom VJPs tuned on XLA:CPU (t5lite/models/kernels/, the '
+      'fastest step on CPU); xla: the plain jnp formulations differentiated by JAX autodiff '
+      '(easier to read and change; numerically equal up to rounding).', choices=KERNELS)
+
+  def __post_init__(self):
+    if self.attention_dim is None:  # frozen: set through object, as dataclasses do themselves
+      object.__setattr__(self, 'attention_dim', self.num_heads * self.head_dim)
 
   @classmethod
   def from_config(cls, cfg) -> 'ModelConfig':
+    """The ModelConfig of a `config.model` ConfigDict (or a dict); other keys are ignored."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in dict(cfg).items() if k in names})
 
@@ -97,3 +107,25 @@ class ModelConfig:
   @property
   def tie_logits(self) -> bool:
     return self.variant == 'v1_0'
+
+
+def preset(size: str = 'tiny', variant: str = 'v1_1', vocab_size: int = 32128,
+           architecture: str = 'encoder_decoder') -> ModelConfig:
+  """The ModelConfig of a published size (the other fields at their defaults)."""
+  table = V1_1_SIZES if variant == 'v1_1' else V1_0_SIZES
+  if size not in table:
+    raise ValueError(f'unknown model size {size!r}; valid sizes: {", ".join(SIZES)}')
+  d_model, d_ff, num_heads, head_dim, n_enc, n_dec = table[size]
+  return ModelConfig(size=size, variant=variant, architecture=architecture,
+                     vocab_size=vocab_size, d_model=d_model, d_ff=d_ff, num_heads=num_heads,
+                     head_dim=head_dim, num_encoder_layers=n_enc, num_decoder_layers=n_dec)
+
+
+def model_config(size: str = 'tiny', variant: str = 'v1_1', vocab_size: int = 32128,
+                 architecture: str = 'encoder_decoder') -> ml_collections.ConfigDict:
+  """The `config.model` block for a preset: ModelConfig's fields, in their declared order."""
+  cfg = preset(size, variant, vocab_size, architecture)
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(ModelConfig):
+    c[f.name] = getattr(cfg, f.name)
+  return c

@@ -39,13 +39,14 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, bias):
     c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     dropout = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
-    h = layers.RMSNorm(dtype=dtype, name='pre_attention_norm')(x)
+    h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_attention_norm')(x)
     h = layers.MultiHeadAttention(c.num_heads, c.head_dim, dtype, c.dropout_rate,
-                                  self.deterministic, name='attention')(h, h, bias)
+                                  self.deterministic, kernels=c.kernels,
+                                  name='attention')(h, h, bias)
     x = x + dropout(h)
-    h = layers.RMSNorm(dtype=dtype, name='pre_mlp_norm')(x)
+    h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_mlp_norm')(x)
     h = layers.MlpBlock(c.d_ff, c.gated_gelu, dtype, c.dropout_rate, self.deterministic,
-                        name='mlp')(h)
+                        kernels=c.kernels, name='mlp')(h)
     x = layers.constrain(x + dropout(h), ('act_batch', 'act_length', 'act_embed'))
     return x, None
 
@@ -68,15 +69,16 @@ class DecoderLayer(nn.Module):
     dropout = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
     attention = lambda name, cross: layers.MultiHeadAttention(
         c.num_heads, c.head_dim, dtype, c.dropout_rate, self.deterministic, decode=self.decode,
-        prefill=self.prefill, cross=cross, cache_length=self.cache_length, name=name)
-    h = layers.RMSNorm(dtype=dtype, name='pre_self_attention_norm')(x)
+        prefill=self.prefill, cross=cross, cache_length=self.cache_length, kernels=c.kernels,
+        name=name)
+    h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_self_attention_norm')(x)
     x = x + dropout(attention('self_attention', False)(h, h, self_bias, cache_index))
     if cross_bias is not None:
-      h = layers.RMSNorm(dtype=dtype, name='pre_cross_attention_norm')(x)
+      h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_cross_attention_norm')(x)
       x = x + dropout(attention('encoder_decoder_attention', True)(h, encoded, cross_bias))
-    h = layers.RMSNorm(dtype=dtype, name='pre_mlp_norm')(x)
+    h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_mlp_norm')(x)
     h = layers.MlpBlock(c.d_ff, c.gated_gelu, dtype, c.dropout_rate, self.deterministic,
-                        name='mlp')(h)
+                        kernels=c.kernels, name='mlp')(h)
     x = layers.constrain(x + dropout(h), ('act_batch', 'act_length', 'act_embed'))
     return x, None
 
@@ -124,7 +126,7 @@ class Encoder(nn.Module):
     bias = layers.AttentionBias(relpos, layers.attention_mask(segments, segments))
     x = nn.Dropout(c.dropout_rate, deterministic=deterministic)(embedded)
     x = _run_layers(self, EncoderLayer, c.num_encoder_layers, c, deterministic, x, bias)
-    x = layers.RMSNorm(dtype=jnp.dtype(c.dtype), name='final_norm')(x)
+    x = layers.RMSNorm(dtype=jnp.dtype(c.dtype), kernels=c.kernels, name='final_norm')(x)
     return nn.Dropout(c.dropout_rate, deterministic=deterministic)(x)
 
 
@@ -171,19 +173,20 @@ class Decoder(nn.Module):
     x = nn.Dropout(c.dropout_rate, deterministic=deterministic)(embedded)
     x = _run_layers(self, DecoderLayer, c.num_decoder_layers, c, deterministic, x, self_bias,
                     encoded, cross_bias, *extra, **cache_kwargs)
-    x = layers.RMSNorm(dtype=jnp.dtype(c.dtype), name='final_norm')(x)
+    x = layers.RMSNorm(dtype=jnp.dtype(c.dtype), kernels=c.kernels, name='final_norm')(x)
     return nn.Dropout(c.dropout_rate, deterministic=deterministic)(x)
 
 
 def _make_embedder_and_head(module: nn.Module):
   """Shared token embedding and, for v1.1, the untied output layer (created in `setup`)."""
   c = module.cfg
-  module.embedder = layers.Embed(c.vocab_size, c.d_model, jnp.dtype(c.dtype), name='token_embedder')
+  module.embedder = layers.Embed(c.vocab_size, c.d_model, jnp.dtype(c.dtype), c.kernels,
+                                 name='token_embedder')
   if not c.tie_logits:
     # float32 logits straight from the matmul's accumulator (the loss wants them unrounded).
     module.logits_dense = layers.Dense(c.vocab_size, ('embed', 'vocab'), c.d_model ** -0.5,
                                        jnp.dtype(c.dtype), out_dtype=jnp.float32,
-                                       name='logits_dense')
+                                       kernels=c.kernels, name='logits_dense')
 
 
 def _logits(module: nn.Module, x):

@@ -23,6 +23,9 @@ stacking a scan's outputs). (Chunking the forward pass too measured no faster.)
 
 In bfloat16 every dot takes bfloat16 operands and accumulates in float32 (the operand orders of
 `matmul.ATTENTION_*`, which XLA:CPU's bf16 kernels take); scores, softmax and sums are float32.
+
+With `kernels='xla'` (t5lite/models/kernels/__init__.py) `dot_product_attention` is
+`reference_attention` on plain einsums: the same forward numbers, autodiff's backward.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5lite.models import kernels as kernels_lib
 from t5lite.models.kernels import matmul
 
 _F32 = jnp.float32
@@ -42,14 +46,17 @@ CHUNK_BYTES = 8 * 2**20
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
                           mask: jax.Array | None, dtype,
-                          dropout_keep: jax.Array | None = None) -> jax.Array:
+                          dropout_keep: jax.Array | None = None,
+                          kernels: str = 'auto') -> jax.Array:
   """softmax over keys of (q k^T + bias, -inf where not mask) times v.
 
   q [b, q, h, d]; k, v [b, k, h, d]; bias (float, differentiable) broadcastable to [b, h, q, k]
   with batch 1 or b; mask (bool) broadcastable to [b, h, q, k]; `dropout_keep` [b, h, q, k]
   multiplies the weights (0 where dropped, 1 / keep_rate elsewhere). Returns [b, q, h, d] in
-  `dtype`.
+  `dtype`. `kernels` selects this module's custom VJP ('auto') or `reference_attention` ('xla').
   """
+  if kernels_lib.plain(kernels):
+    return reference_attention(q, k, v, bias, mask, dtype, dropout_keep, kernels)
   dtype = jnp.dtype(dtype)
   if dtype != _F32 and not matmul.mixed_precision_supported():
     return reference_attention(q, k, v, bias, mask, dtype, dropout_keep)
@@ -61,10 +68,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
   return _attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), bias, mask, keep, chunks)
 
 
-def reference_attention(q, k, v, bias, mask, dtype, dropout_keep=None):
-  """The plain formulation (autodiff backward): the tests' reference, and the path for CPUs
-  without bfloat16 dots."""
-  logits = matmul.einsum(matmul.ATTENTION_LOGITS, q, k, dtype, _F32)
+def reference_attention(q, k, v, bias, mask, dtype, dropout_keep=None, kernels: str = 'auto'):
+  """The plain formulation (autodiff backward of the softmax): the tests' reference, the path for
+  CPUs without bfloat16 dots, and with `kernels='xla'` (its einsums plain too) the 'xla' path."""
+  logits = matmul.einsum(matmul.ATTENTION_LOGITS, q, k, dtype, _F32, kernels)
   if bias is not None:
     logits = logits + bias
   if mask is not None:
@@ -72,7 +79,7 @@ def reference_attention(q, k, v, bias, mask, dtype, dropout_keep=None):
   weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
   if dropout_keep is not None:
     weights = weights * dropout_keep.astype(dtype)
-  return matmul.einsum(matmul.ATTENTION_OUTPUT, weights, v, dtype)
+  return matmul.einsum(matmul.ATTENTION_OUTPUT, weights, v, dtype, kernels=kernels)
 
 
 def num_chunks(batch: int, heads: int, q_len: int, k_len: int) -> int:

@@ -18,6 +18,10 @@ The backward dots use operand orders and layouts the CPU's fast kernels take (se
 below). `einsum` does the same for attention's activation x activation einsums. Measured with
 benchmarks/train_throughput.py (docs/performance.md). On GPU and TPU the same formulation is what
 the hardware does anyway.
+
+Each function takes `kernels` (t5lite/models/kernels/__init__.py): 'auto' is the above; 'xla' is
+the same einsum, operands in `dtype` and a float32 result (`plain_einsum`), differentiated by
+JAX's autodiff, with no probe.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ import logging
 
 import jax
 import jax.numpy as jnp
+
+from t5lite.models import kernels as kernels_lib
 
 _F32 = jnp.float32
 
@@ -44,12 +50,12 @@ ATTENTION_OUTPUT = ('bhqk,bkhd->bqhd', ('bqhd,bkhd->bhqk', 'gb'), ('bhqk,bqhd->b
 
 
 def dense(x: jax.Array, kernel: jax.Array, dtype, transpose_kernel: bool = False,
-          out_dtype=None) -> jax.Array:
+          out_dtype=None, kernels: str = 'auto') -> jax.Array:
   """x[..., d] @ kernel[d, f] -> [..., f] computed in `dtype` (kernel[f, d] with
   `transpose_kernel`); the result in `out_dtype` (default `dtype`; float32 keeps the
   accumulator unrounded, as the output logits want)."""
   y = einsum(DENSE_TRANSPOSED if transpose_kernel else DENSE, _as_3d(x), kernel, dtype,
-             out_dtype)
+             out_dtype, kernels)
   return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
@@ -58,7 +64,8 @@ def _as_3d(x: jax.Array) -> jax.Array:
   return x.reshape((-1,) + x.shape[-2:]) if x.ndim >= 3 else x.reshape((1, -1, x.shape[-1]))
 
 
-def gated_gelu(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype) -> jax.Array:
+def gated_gelu(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype,
+               kernels: str = 'auto') -> jax.Array:
   """T5.1.1's gated GELU, gelu(x @ w0) * (x @ w1) (tanh approximation), x[..., d], w [d, f]:
   both matmuls in `dtype` with float32 accumulation, the gate applied to the float32 results,
   the result in `dtype`.
@@ -66,8 +73,15 @@ def gated_gelu(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype) -> jax.Array:
   One custom VJP for the pair: the forward pass saves both pre-activations rounded to `dtype`
   (as two `dense` calls would) but gates the unrounded ones, and the backward pass computes both
   pre-activation gradients in one elementwise pass. Against two `dense` calls and autodiff of the
-  gate: T5.1.1-small bf16 step 2.38 -> 2.26 s (interleaved A/B in one process)."""
+  gate: T5.1.1-small bf16 step 2.38 -> 2.26 s (interleaved A/B in one process).
+
+  'xla' gates the two float32 results of `plain_einsum`: the same forward numbers."""
   dtype = jnp.dtype(dtype)
+  if kernels_lib.plain(kernels):
+    x3 = _as_3d(x)
+    h = _gelu_gate(plain_einsum(DENSE, x3, w0, dtype, _F32),
+                   plain_einsum(DENSE, x3, w1, dtype, _F32)).astype(dtype)
+    return h.reshape(x.shape[:-1] + h.shape[-1:])
   if dtype != _F32 and not mixed_precision_supported():
     return _gelu_gate(dense(x, w0, dtype), dense(x, w1, dtype)).astype(dtype)
   h = _gated_gelu(_as_3d(x), w0, w1, dtype.name)
@@ -107,7 +121,8 @@ def _gated_gelu_bwd(dtype_name, residuals, d_h):
 _gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
 
 
-def einsum(spec, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array:
+def einsum(spec, a: jax.Array, b: jax.Array, dtype, out_dtype=None,
+           kernels: str = 'auto') -> jax.Array:
   """The einsum `spec[0]` of a and b in `dtype`: its forward and both backward einsums take
   `dtype` operands and accumulate in float32, and the gradients come back in a's and b's own
   dtypes. The result in `out_dtype` (default `dtype`).
@@ -115,12 +130,24 @@ def einsum(spec, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array
   Float32 goes through the same custom VJP for its backward layouts: autodiff's own backward of
   these einsums made XLA:CPU write transposed float32 gradients (e.g. the gated-GELU gradient as
   [d_ff, tokens], 71 ms per T5.1.1-small encoder layer); T5.1.1-small float32 step 7.29 -> 5.50 s
-  (interleaved A/B in one process)."""
+  (interleaved A/B in one process). 'xla': `plain_einsum`."""
+  if kernels_lib.plain(kernels):
+    return plain_einsum(spec, a, b, dtype, out_dtype)
   dtype = jnp.dtype(dtype)
   out_dtype = jnp.dtype(out_dtype or dtype)
   if dtype != _F32 and not mixed_precision_supported():
     return jnp.einsum(spec[0], a.astype(dtype), b.astype(dtype)).astype(out_dtype)
   return _mixed_einsum(a, b, spec, dtype.name, out_dtype.name)
+
+
+def plain_einsum(spec, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array:
+  """The einsum `spec[0]` of a and b cast to `dtype`, accumulated and returned in float32, then
+  cast to `out_dtype` (default `dtype`): `einsum`'s forward numbers, with autodiff's backward.
+
+  On a CPU without bf16 x bf16 -> f32 dots, bfloat16 fails here at run time ('auto' probes)."""
+  dtype = jnp.dtype(dtype)
+  return jnp.einsum(spec[0], a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=_F32).astype(out_dtype or dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
