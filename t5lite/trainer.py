@@ -1,14 +1,19 @@
-"""Train state, loss, and the jit-sharded train / eval steps.
+"""Train state, the train / eval steps, and the run's initial state (resume | init_from | fresh).
 
-`make_train_step` returns a pure function `(state, batch) -> (state, metrics)`, jitted with
-in/out shardings derived from the logical rules and with the state donated. Gradients are
-accumulated over `train.microbatches` slices of the batch; the loss is a sum over target tokens
-divided by the number of target tokens of the whole batch, so k microbatches give the same
-update as one full batch.
+`make_train_step` returns a pure function `(state, batch) -> (state, metrics)`, jitted by
+`jit_train_step` with in/out shardings derived from the logical rules and with the state donated
+(`partitioning.jit`: the call enters mesh and rules itself). Gradients are accumulated over
+`train.microbatches` slices of the batch; the loss is a sum over target tokens divided by the
+number of target tokens of the whole batch, so k microbatches give the same update as one full
+batch. The loss arithmetic is `t5lite.losses`.
+
+`initial_state` decides where a run starts: the newest readable checkpoint of the run's own
+workdir, else a fresh initialisation, with its params then taken from `init_from` if given
+(fine-tuning: optimizer state and step stay fresh; the workdir's own checkpoints always win).
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -18,7 +23,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from t5lite import partitioning
+from t5lite import checkpoints, losses, partitioning
+
+# TODO(issue 13): callers switch to partitioning.activate / losses.cross_entropy_sums.
+activate = partitioning.activate
+cross_entropy_sums = losses.cross_entropy_sums
 
 
 @flax.struct.dataclass
@@ -28,60 +37,18 @@ class TrainState:
   opt_state: Any
 
 
-def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                       z_loss: float = 0.0, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
-  """Weighted sums of cross-entropy, z-loss and correct predictions over the target tokens.
-
-  Label smoothing puts 1 - s on the target and s / (V - 1) on every other class; the constant
-  entropy of that distribution is subtracted so a perfect prediction scores 0 (as in T5X).
-  z-loss adds z * log(Z)^2 per token to keep the softmax normaliser near 1 (PaLM, Chowdhery et al.
-  2022). Computed without materialising one-hot targets.
-  """
-  logits = logits.astype(jnp.float32)
-  vocab = logits.shape[-1]
-  # logsumexp by hand so that its max also gives the accuracy: a token is right when its logit is
-  # the largest. A separate argmax pass over [batch, length, vocab] cost ~4% of a T5.1.1-small
-  # step (docs/performance.md). Unlike argmax, an exact tie with the target counts as right; float
-  # logits tie only in degenerate cases (e.g. all zero).
-  max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  log_z = max_logit[..., 0] + jnp.log(jnp.sum(jnp.exp(logits - max_logit), axis=-1))
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  if label_smoothing > 0:
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / (vocab - 1)
-    normaliser = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-    cross_entropy = (log_z - (confidence - low) * target_logit - low * jnp.sum(logits, -1)
-                     - normaliser)
-  else:
-    cross_entropy = log_z - target_logit
-  weights = weights.astype(jnp.float32)
-  correct = (target_logit >= max_logit[..., 0]).astype(jnp.float32)
-  return {
-      'loss_sum': jnp.sum(cross_entropy * weights),
-      'z_loss_sum': jnp.sum(z_loss * jnp.square(log_z) * weights),
-      'correct_sum': jnp.sum(correct * weights),
-      'weight_sum': jnp.sum(weights),
-  }
-
-
-def _model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  return {k: v for k, v in batch.items() if k != 'decoder_loss_weights'}
-
-
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
                          example_batch: dict[str, Any], seed: int):
   """(ShapeDtypeStructs carrying this mesh's shardings, shardings) of the train state.
 
   Traced with jax.eval_shape, so nothing is allocated: the shardings for `init_train_state`, and
   restore targets that put every checkpointed array straight into this mesh's layout.
-  `example_batch` only lends shapes (arrays or ShapeDtypeStructs).
+  `example_batch` only lends shapes (arrays or ShapeDtypeStructs); `seed` changes no shape.
   """
-  inputs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-            for k, v in _model_inputs(example_batch).items()}
-  with activate(mesh, rules):
-    boxed = jax.eval_shape(lambda key, x: model.init(key, **x), jax.random.PRNGKey(seed), inputs)
-    param_shardings = partitioning.logical_shardings(boxed['params'], mesh, rules)
-  params = nn.meta.unbox(boxed)['params']
+  del seed
+  params, param_shardings = partitioning.abstract_params(
+      model, mesh, rules, losses.model_inputs(example_batch))
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), params)
   opt_state = jax.eval_shape(tx.init, params)
   opt_shardings = partitioning.optimizer_state_shardings(tx, opt_state, param_shardings, mesh)
   shardings = TrainState(step=NamedSharding(mesh, P()), params=param_shardings,
@@ -100,21 +67,54 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: M
   """
   if shardings is None:
     _, shardings = abstract_train_state(model, tx, mesh, rules, example_batch, seed)
-  inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in _model_inputs(example_batch).items()}
-  with activate(mesh, rules):
-    params = jax.jit(lambda key: nn.meta.unbox(model.init(key, **inputs))['params'],
-                     out_shardings=shardings.params)(jax.random.PRNGKey(seed))
-    # jit(tx.init) alone would not carry the parameter shardings over: give out_shardings.
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in losses.model_inputs(example_batch).items()}
+  init_params = partitioning.jit(
+      lambda key: nn.meta.unbox(model.init(key, **inputs))['params'], mesh, rules,
+      out_shardings=shardings.params)
+  params = init_params(jax.random.PRNGKey(seed))
+  # jit(tx.init) alone would not carry the parameter shardings over: give out_shardings.
+  opt_state = partitioning.jit(tx.init, mesh, rules, out_shardings=shardings.opt_state)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
   return TrainState(step=step, params=params, opt_state=opt_state), shardings
 
 
-@contextlib.contextmanager
-def activate(mesh: Mesh, rules):
-  """Mesh and logical rules in scope, so the model's activation constraints take effect."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.rules_tuple(rules)):
-    yield
+@dataclasses.dataclass
+class InitialState:
+  """Where a run starts. `step`: the step of `state` (0 unless resumed); `data_state`: this
+  process's data-iterator state to `set_state` (None unless resumed); `source`: one line for
+  the log saying which of resume / init_from / fresh it was."""
+  state: TrainState
+  shardings: TrainState
+  step: int
+  data_state: Any
+  source: str
+
+
+def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
+                  example_batch: dict[str, Any], seed: int, checkpointer, config_dict: dict,
+                  init_from: str = '', init_rename=(), init_ignore=()) -> InitialState:
+  """The newest readable checkpoint of `checkpointer` (a checkpoints.Checkpointer, or None for
+  none), else a fresh initialisation from `seed` whose params come from `init_from` when given.
+
+  init_from is read only when nothing was resumed: once a fine-tune has saved, resuming takes
+  precedence. `config_dict` is checked against the checkpoint's config (restore_latest).
+  """
+  abstract, shardings = abstract_train_state(model, tx, mesh, rules, example_batch, seed)
+  restored = checkpointer.restore_latest(abstract, config_dict) if checkpointer else None
+  if restored is not None:
+    return InitialState(restored.state, shardings, restored.step, restored.data_state,
+                        f'resumed from the checkpoint of step {restored.step} in '
+                        f'{checkpointer.directory}')
+  state, _ = init_train_state(model, tx, mesh, rules, example_batch, seed, shardings)
+  if not init_from:
+    return InitialState(state, shardings, 0, None, 'fresh initialisation')
+  source = checkpoints.resolve_init_path(init_from)
+  loaded = checkpoints.load_params_for_init(source, abstract.params, init_rename, init_ignore)
+  state = state.replace(params=checkpoints.merge_init_params(state.params, loaded))
+  fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
+  return InitialState(state, shardings, 0, None,
+                      f'initialised params from {source} ({fresh} kept fresh by init_ignore); '
+                      'optimizer state and step start fresh')
 
 
 def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -128,16 +128,17 @@ def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, train_cfg, dropout: bool) -> Callable:
-  """The pure train step (unjitted): (state, batch) -> (state, metrics)."""
+  """The pure train step (unjitted): (state, batch) -> (state, metrics). Reads only
+  train_cfg.microbatches, z_loss, label_smoothing and seed."""
   k = int(train_cfg.microbatches)
   z_loss, smoothing = float(train_cfg.z_loss), float(train_cfg.label_smoothing)
   dropout_key = jax.random.PRNGKey(int(train_cfg.seed) + 1)
 
   def loss_fn(params, batch, rng):
-    logits = model.apply({'params': params}, **_model_inputs(batch), deterministic=not dropout,
-                         rngs={'dropout': rng})
-    sums = cross_entropy_sums(logits, batch['decoder_target_tokens'],
-                              batch['decoder_loss_weights'], z_loss, smoothing)
+    logits = model.apply({'params': params}, **losses.model_inputs(batch),
+                         deterministic=not dropout, rngs={'dropout': rng})
+    sums = losses.cross_entropy_sums(logits, batch['decoder_target_tokens'],
+                                     batch['decoder_loss_weights'], z_loss, smoothing)
     return sums['loss_sum'] + sums['z_loss_sum'], sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -176,33 +177,35 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(model: nn.Module, param_shardings, mesh: Mesh, rules) -> Callable:
+def make_eval_step(model: nn.Module, param_shardings, mesh: Mesh,
+                   rules) -> partitioning.Partitioned:
   """jitted (params, batch) -> summed loss / correct / weight over the batch's target tokens, with
   the params in their training shardings; dropout off, no z-loss or label smoothing (so the
   validation loss is the plain cross-entropy per target token, comparable across configs)."""
   def eval_step(params, batch):
-    logits = model.apply({'params': params}, **_model_inputs(batch), deterministic=True)
-    return cross_entropy_sums(logits, batch['decoder_target_tokens'],
-                              batch['decoder_loss_weights'])
+    logits = model.apply({'params': params}, **losses.model_inputs(batch), deterministic=True)
+    return losses.cross_entropy_sums(logits, batch['decoder_target_tokens'],
+                                     batch['decoder_loss_weights'])
 
-  jitted = jax.jit(eval_step, in_shardings=(param_shardings, partitioning.batch_sharding(mesh, rules)),
-                   out_shardings=NamedSharding(mesh, P()))
-
-  def call(params, batch):
-    with activate(mesh, rules):
-      return jitted(params, batch)
-  return call
+  return partitioning.jit(
+      eval_step, mesh, rules,
+      in_shardings=(param_shardings, partitioning.batch_sharding(mesh, rules)),
+      out_shardings=NamedSharding(mesh, P()))
 
 
-def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh, rules):
-  """jax.jit with shardings (this is pjit); the input state is donated."""
-  batch_sharding = partitioning.batch_sharding(mesh, rules)
-  jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, NamedSharding(mesh, P())),
-                   donate_argnums=(0,))
+def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh,
+                   rules) -> partitioning.Partitioned:
+  """The train step jitted with shardings (this is pjit), entering mesh and rules on each call;
+  the input state is donated. `.lower(state, batch)` compiles ahead of time."""
+  return partitioning.jit(
+      train_step, mesh, rules,
+      in_shardings=(state_shardings, partitioning.batch_sharding(mesh, rules)),
+      out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
-  def call(state, batch):
-    with activate(mesh, rules):
-      return jitted(state, batch)
-  call.jitted = jitted
-  return call
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf is free of inf and nan."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

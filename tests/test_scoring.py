@@ -12,8 +12,8 @@ import flax.linen as nn
 import optax
 import pytest
 
-from t5lite import partitioning, trainer
-from t5lite.config import DEFAULT_RULES
+from t5lite import losses, partitioning
+from t5lite.partitioning import DEFAULT_RULES
 from t5lite.data import converters
 from t5lite.evaluation import scoring
 from t5lite.models.presets import ModelConfig, model_config
@@ -109,7 +109,7 @@ def test_score_batch_under_a_mesh_matches_single_device():
   model, params, examples = built('encoder_decoder')
   batch = features('encoder_decoder', examples, 8, 6)
   mesh = partitioning.make_mesh((2, 2, 2), jax.devices()[:8])
-  with trainer.activate(mesh, DEFAULT_RULES):  # shapes and logical names only
+  with partitioning.activate(mesh, DEFAULT_RULES):  # shapes and logical names only
     boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), **x), model_inputs(batch))
   shardings = partitioning.logical_shardings(boxed['params'], mesh, DEFAULT_RULES)
   assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings))  # really split
@@ -218,8 +218,8 @@ def test_rank_classification_picks_the_trained_answer():
   def step(params, opt_state):
     def loss(p):
       logits = model.apply({'params': p}, **model_inputs(train))
-      sums = trainer.cross_entropy_sums(logits, train['decoder_target_tokens'],
-                                        train['decoder_loss_weights'])
+      sums = losses.cross_entropy_sums(logits, train['decoder_target_tokens'],
+                                       train['decoder_loss_weights'])
       return sums['loss_sum'] / sums['weight_sum']
     value, grads = jax.value_and_grad(loss)(params)
     updates, opt_state = tx.update(grads, opt_state, params)

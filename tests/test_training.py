@@ -1,12 +1,17 @@
 """Training invariants: sharded == unsharded, microbatches == full batch, the loss vs numpy,
-schedules against hand values."""
+schedules against hand values; the initial state's three sources (fresh, resume, init_from)."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import t5lite.data.catalog  # noqa: F401  (registers the built-in tasks the configs name)
+from t5lite import checkpoints
 from t5lite import config as config_lib
 from t5lite import optim, partitioning, trainer
+from t5lite.losses import cross_entropy_sums
 from t5lite.models.presets import ModelConfig, model_config
 from t5lite.models.t5 import make_model
 
@@ -123,8 +128,8 @@ def test_cross_entropy_matches_numpy(smoothing):
   targets = rng.randint(0, 11, (2, 5))
   targets[0] = logits[0].argmax(-1)  # half the tokens right, so the accuracy count means something
   weights = (rng.rand(2, 5) > 0.3).astype(np.float32)
-  sums = trainer.cross_entropy_sums(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
-                                    jnp.asarray(weights), 1e-4, smoothing)
+  sums = cross_entropy_sums(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                            jnp.asarray(weights), 1e-4, smoothing)
   ce, z = numpy_cross_entropy(logits, targets, weights, 1e-4, smoothing)
   np.testing.assert_allclose(sums['loss_sum'], ce, rtol=1e-5)
   np.testing.assert_allclose(sums['z_loss_sum'], z, rtol=1e-5)
@@ -135,9 +140,9 @@ def test_cross_entropy_matches_numpy(smoothing):
   # Shift invariance in float32 (the max is subtracted before exp), and the gradient of the
   # hand-written logsumexp equals jax.nn.logsumexp's.
   args = (jnp.asarray(targets), jnp.asarray(weights), 1e-4, smoothing)
-  shifted = trainer.cross_entropy_sums(jnp.asarray(logits + 1000.0, jnp.float32), *args)
+  shifted = cross_entropy_sums(jnp.asarray(logits + 1000.0, jnp.float32), *args)
   np.testing.assert_allclose(shifted['loss_sum'], ce, rtol=1e-4)
-  loss = lambda x: trainer.cross_entropy_sums(x, *args)['loss_sum']
+  loss = lambda x: cross_entropy_sums(x, *args)['loss_sum']
   reference = lambda x: jnp.sum((jax.nn.logsumexp(x, -1) - jnp.take_along_axis(
       x, args[0][..., None], -1)[..., 0]) * args[1])
   if smoothing == 0:
@@ -209,3 +214,65 @@ def test_learns_a_task_that_needs_cross_attention():
   for _ in range(120):
     state, metrics = step(state, partitioning.host_to_global(batch(), sharding))
   assert float(metrics['accuracy']) == 1.0 and float(metrics['loss']) < 0.1
+
+
+# --- initial_state: fresh | resume | init_from ----------------------------------------------------
+
+def _initial(config, workdir, **init):
+  """trainer.initial_state on 8 devices as (2, 2, 2) with `workdir`'s checkpointer."""
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  mesh = partitioning.make_mesh(config_lib.validate(config, 8), jax.devices()[:8])
+  model = make_model(ModelConfig.from_config(config.model))
+  tx, schedule = optim.make_optimizer(config)
+  example = next(synthetic_batches(1, config.train.batch_size))
+  config_dict = json.loads(json.dumps(config.to_dict(), default=str))
+  ckpt = checkpoints.Checkpointer(str(workdir), async_save=False)
+  try:
+    init = trainer.initial_state(model, tx, mesh, config.partitioning.rules, example,
+                                 config.train.seed, ckpt, config_dict, **init)
+  finally:
+    ckpt.close()
+  return init, (model, tx, schedule, mesh, example, config_dict)
+
+
+def _assert_equal(a, b):
+  a, b = jax.device_get(a), jax.device_get(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_initial_state_fresh_resume_and_init_from(tmp_path):
+  config = small_config()
+  # Fresh: what init_train_state makes, at step 0, nothing to resume.
+  fresh, (model, tx, schedule, mesh, example, config_dict) = _initial(config, tmp_path / 'a')
+  rules = config.partitioning.rules
+  assert fresh.source == 'fresh initialisation'
+  assert fresh.step == 0 and fresh.data_state is None and int(fresh.state.step) == 0
+  reference, shardings = trainer.init_train_state(model, tx, mesh, rules, example, 0)
+  _assert_equal(fresh.state, reference)
+  assert jax.tree.leaves(fresh.shardings) == jax.tree.leaves(shardings)
+
+  # Train two steps and save: a resume gives back exactly that state, step and data state.
+  step = trainer.jit_train_step(trainer.make_train_step(model, tx, schedule, config.train, False),
+                                fresh.shardings, mesh, rules)
+  state = fresh.state
+  for batch in synthetic_batches(2, config.train.batch_size):
+    state, _ = step(state, partitioning.host_to_global(batch, partitioning.batch_sharding(
+        mesh, rules)))
+  saved = jax.device_get(state)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'a'), async_save=False)
+  ckpt.save(2, state, {'next_index': 2}, config_dict)
+  ckpt.close()
+  resumed, _ = _initial(small_config(), tmp_path / 'a', init_from=str(tmp_path / 'elsewhere'))
+  assert resumed.step == 2 and resumed.data_state == {'next_index': 2}
+  assert resumed.source.startswith('resumed from the checkpoint of step 2 in ')
+  _assert_equal(resumed.state, saved)  # init_from is not even looked at when resuming
+
+  # init_from on an empty workdir: the saved params, a fresh optimizer state and step 0.
+  tuned, _ = _initial(small_config(), tmp_path / 'b', init_from=str(tmp_path / 'a'))
+  assert tuned.step == 0 and tuned.data_state is None and int(tuned.state.step) == 0
+  assert tuned.source.startswith('initialised params from ')
+  assert '(0 kept fresh by init_ignore)' in tuned.source
+  _assert_equal(tuned.state.params, saved.params)
+  _assert_equal(tuned.state.opt_state, reference.opt_state)

@@ -35,27 +35,20 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5lite import partitioning, trainer
+from t5lite import losses, partitioning
 from t5lite.data import converters
-
-EOS_ID = 1
+from t5lite.data.vocab import EOS_ID
 
 
 def token_log_likelihoods(model: nn.Module, params, batch: Mapping[str, jax.Array]) -> jax.Array:
   """[B, L] float32: log p(decoder_target_tokens) at every position times decoder_loss_weights.
 
-  The log-softmax is taken in float32 (`_logits` already casts) as logsumexp - target logit, the
-  same arithmetic as `trainer.cross_entropy_sums`, so scores and training loss agree.
+  `losses.token_log_likelihoods` of the model's logits: the same float32 arithmetic as the
+  training loss (`losses.cross_entropy_sums`), so scores and training loss agree.
   """
-  inputs = {k: v for k, v in batch.items() if k != 'decoder_loss_weights'}
-  logits = model.apply({'params': params}, **inputs, deterministic=True).astype(jnp.float32)
-  targets = batch['decoder_target_tokens']
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  log_p = target_logit - jax.nn.logsumexp(logits, axis=-1)
-  # where(), not a product: a padding row of a fully masked sequence may hold NaN/inf logits,
-  # and 0 * NaN would leak them into the sums.
-  weights = batch['decoder_loss_weights']
-  return jnp.where(weights > 0, log_p * weights.astype(jnp.float32), 0.0)
+  logits = model.apply({'params': params}, **losses.model_inputs(batch), deterministic=True)
+  return losses.token_log_likelihoods(logits, batch['decoder_target_tokens'],
+                                      batch['decoder_loss_weights'])
 
 
 def _sums(model, params, batch):
@@ -64,12 +57,15 @@ def _sums(model, params, batch):
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted(model: nn.Module, out_sharding) -> Any:
-  # One compiled function per (model, output sharding); jit then caches per batch shape. Keyed on
+def _jitted(model: nn.Module, mesh, rules) -> partitioning.Partitioned:
+  # One compiled function per (model, mesh, rules); jit then caches per batch shape. Keyed on
   # the module object (flax modules hash by identity), so a new model gets a new function.
-  if out_sharding is None:
-    return jax.jit(functools.partial(_sums, model))
-  return jax.jit(functools.partial(_sums, model), out_shardings=(out_sharding, out_sharding))
+  if mesh is None:
+    return partitioning.jit(functools.partial(_sums, model), None, None)
+  # Replicated outputs: every process can read all the scores back to the host.
+  replicated = NamedSharding(mesh, P())
+  return partitioning.jit(functools.partial(_sums, model), mesh, rules,
+                          out_shardings=(replicated, replicated))
 
 
 def _place(batch: Mapping[str, Any], mesh, rules) -> dict[str, jax.Array]:
@@ -90,12 +86,11 @@ def _place(batch: Mapping[str, Any], mesh, rules) -> dict[str, jax.Array]:
 def _score(model, params, batch, mesh, rules):
   batch = {k: np.asarray(v) for k, v in batch.items()}
   if mesh is None:
-    return _jitted(model, None)(params, batch)
+    return _jitted(model, None, None)(params, batch)
   if rules is None:
     raise ValueError('score_batch: pass the logical axis `rules` together with `mesh`.')
-  with trainer.activate(mesh, rules):
-    # Replicated outputs: every process can read all the scores back to the host.
-    return _jitted(model, NamedSharding(mesh, P()))(params, _place(batch, mesh, rules))
+  rules = partitioning.rules_tuple(rules)
+  return _jitted(model, mesh, rules)(params, _place(batch, mesh, rules))
 
 
 def score_batch(model: nn.Module, params, batch: Mapping[str, Any], mesh=None,
@@ -105,7 +100,7 @@ def score_batch(model: nn.Module, params, batch: Mapping[str, Any], mesh=None,
   `params` is the parameter tree (TrainState.params, not {'params': ...}); `batch` a converter
   batch with at least decoder_input_tokens, decoder_target_tokens, decoder_loss_weights, plus
   encoder_input_tokens for an encoder-decoder model (and segment ids / decoder_causal_attention
-  when present). With `mesh` and `rules` the step runs under `trainer.activate(mesh, rules)` with
+  when present). With `mesh` and `rules` the step runs under those logical axis rules with
   the batch split over the data axes, so B must divide by their size and `params` should already
   be laid out on that mesh (e.g. the train state's). A packed batch scores each row, not each
   segment: split packed rows yourself if you need per-example scores.

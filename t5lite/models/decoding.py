@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5lite import config as config_lib
-from t5lite import partitioning, trainer
+from t5lite import partitioning
 
 METHODS = ('greedy', 'sample', 'beam')
 # Finite "minus infinity" for beam scores (as T5X): sums and divisions of it stay finite, so no
@@ -358,8 +357,8 @@ def _beam_loop(start, step, params, batch, cfg: DecodeConfig):
 @functools.lru_cache(maxsize=64)
 def _compiled(model, cfg: DecodeConfig, use_cache: bool, prefix_lm: bool, mesh, rules):
   """One jitted decode per (model, config, mode, mesh, rules). The mesh and rules are part of
-  the key because the sharding constraints they resolve to are fixed at trace time."""
-  del mesh, rules
+  the key because the sharding constraints they resolve to are fixed at trace time; the jitted
+  function enters them itself (partitioning.jit)."""
   if model.cfg.architecture == 'encoder_decoder':
     start, step = _encdec_fns(model, cfg.max_decode_length, use_cache)
   else:
@@ -369,18 +368,13 @@ def _compiled(model, cfg: DecodeConfig, use_cache: bool, prefix_lm: bool, mesh, 
     if cfg.method == 'beam':
       return _beam_loop(start, step, params, batch, cfg)
     return _sample_loop(start, step, params, batch, cfg, rng)
-  return jax.jit(run)
+  return partitioning.jit(run, mesh, rules)
 
 
 @functools.lru_cache(maxsize=16)
 def _param_shardings(model, mesh, rules):
   """From the logical axis names the parameters carry (traced abstractly, nothing allocated)."""
-  example = {'decoder_input_tokens': jnp.ones((1, 1), jnp.int32)}
-  if model.cfg.architecture == 'encoder_decoder':
-    example['encoder_input_tokens'] = jnp.ones((1, 1), jnp.int32)
-  with trainer.activate(mesh, rules):
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example))['params']
-    return partitioning.logical_shardings(boxed, mesh, rules)
+  return partitioning.abstract_params(model, mesh, rules)[1]
 
 
 def decode(model: nn.Module, params: Any, batch: dict[str, Any], cfg: DecodeConfig,
@@ -388,7 +382,7 @@ def decode(model: nn.Module, params: Any, batch: dict[str, Any], cfg: DecodeConf
            mesh=None, rules=None) -> DecodeOutput:
   """Decodes a batch (module docstring for the batch layout). `rng` seeds sampling (default
   PRNGKey(0)); `prefix_lm` makes a decoder-only prompt bidirectional; `mesh` and `rules`
-  (default: t5lite.config.DEFAULT_RULES) run it sharded under those logical axis rules."""
+  (default: partitioning.DEFAULT_RULES) run it sharded under those logical axis rules."""
   key = 'encoder_input_tokens' if model.cfg.architecture == 'encoder_decoder' else (
       'decoder_prompt_tokens')
   if key not in batch:
@@ -398,10 +392,9 @@ def decode(model: nn.Module, params: Any, batch: dict[str, Any], cfg: DecodeConf
   rng = jax.random.PRNGKey(0) if rng is None else rng
   if mesh is None:
     return _compiled(model, cfg, use_cache, prefix_lm, None, None)(params, batch, rng)
-  rules = partitioning.rules_tuple(rules if rules is not None else config_lib.DEFAULT_RULES)
+  rules = partitioning.rules_tuple(rules if rules is not None else partitioning.DEFAULT_RULES)
   # Parameters by their logical axis names, rows over the `batch` rule's mesh axes (no-ops
   # for arrays already placed so, e.g. a train state's parameters).
   params = jax.device_put(params, _param_shardings(model, mesh, rules))
   batch = jax.device_put(batch, partitioning.batch_sharding(mesh, rules))
-  with trainer.activate(mesh, rules):
-    return _compiled(model, cfg, use_cache, prefix_lm, mesh, rules)(params, batch, rng)
+  return _compiled(model, cfg, use_cache, prefix_lm, mesh, rules)(params, batch, rng)

@@ -1,0 +1,76 @@
+"""Per-token log-likelihoods and cross-entropy sums: one arithmetic for training, eval and scoring.
+
+Everything is computed from float32 logits as logsumexp - target logit, with the logsumexp written
+out by hand (`log_softmax_parts`) so that training (`cross_entropy_sums`) and scoring
+(`token_log_likelihoods`) run the very same operations. A leaf module: jax only.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Batch features that are not model inputs (what the loss reads besides the logits).
+_LOSS_ONLY = ('decoder_loss_weights',)
+
+
+def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The features of a converter batch that `model.apply` takes (all but the loss weights)."""
+  return {k: v for k, v in batch.items() if k not in _LOSS_ONLY}
+
+
+def log_softmax_parts(logits: jax.Array, targets: jax.Array):
+  """(max logit [..., 1], log Z [...], target logit [...]) of float32 logits [..., V].
+
+  log p(target) = target logit - log Z. The max is returned because it also gives the accuracy:
+  a token is right when its logit is the largest. A separate argmax pass over [batch, length,
+  vocab] cost ~4% of a T5.1.1-small step (docs/performance.md). The max carries no gradient (it
+  cancels out of log Z), as in jax.nn.logsumexp.
+  """
+  max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  log_z = max_logit[..., 0] + jnp.log(jnp.sum(jnp.exp(logits - max_logit), axis=-1))
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return max_logit, log_z, target_logit
+
+
+def token_log_likelihoods(logits: jax.Array, targets: jax.Array,
+                          weights: jax.Array) -> jax.Array:
+  """[...] float32: log p(target) at every position times its weight (0 where the weight is 0).
+
+  where(), not a product: a padding row of a fully masked sequence may hold NaN/inf logits, and
+  0 * NaN would leak them into any sum over the row.
+  """
+  _, log_z, target_logit = log_softmax_parts(logits.astype(jnp.float32), targets)
+  log_p = target_logit - log_z
+  return jnp.where(weights > 0, log_p * weights.astype(jnp.float32), 0.0)
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                       z_loss: float = 0.0, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+  """Weighted sums of cross-entropy, z-loss and correct predictions over the target tokens.
+
+  Label smoothing puts 1 - s on the target and s / (V - 1) on every other class; the constant
+  entropy of that distribution is subtracted so a perfect prediction scores 0 (as in T5X).
+  z-loss adds z * log(Z)^2 per token to keep the softmax normaliser near 1 (PaLM, Chowdhery et al.
+  2022). Computed without materialising one-hot targets.
+  """
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  # Unlike argmax, an exact tie with the target counts as right; float logits tie only in
+  # degenerate cases (e.g. all zero).
+  max_logit, log_z, target_logit = log_softmax_parts(logits, targets)
+  if label_smoothing > 0:
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    normaliser = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
+    cross_entropy = (log_z - (confidence - low) * target_logit - low * jnp.sum(logits, -1)
+                     - normaliser)
+  else:
+    cross_entropy = log_z - target_logit
+  weights = weights.astype(jnp.float32)
+  correct = (target_logit >= max_logit[..., 0]).astype(jnp.float32)
+  return {
+      'loss_sum': jnp.sum(cross_entropy * weights),
+      'z_loss_sum': jnp.sum(z_loss * jnp.square(log_z) * weights),
+      'correct_sum': jnp.sum(correct * weights),
+      'weight_sum': jnp.sum(weights),
+  }
