@@ -27,29 +27,8 @@ from t5lite import fields
 from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
 from t5lite.models import presets
 
-try:  # the mesh axes and default rules live with the rest of sharding (t5lite/partitioning.py)
-  from t5lite.partitioning import DEFAULT_RULES, MESH_AXES
-except ImportError:  # TODO(issue 13): drop once partitioning.py defines them
-  MESH_AXES = ('data', 'fsdp', 'tensor')
-  # Logical axis -> mesh axes. First matching rule whose mesh axes are still free wins (flax).
-  DEFAULT_RULES = (
-      ('batch', ('data', 'fsdp')),
-      ('act_batch', ('data', 'fsdp')),
-      ('embed', 'fsdp'),
-      ('heads', 'tensor'),
-      ('mlp', 'tensor'),
-      ('vocab', 'tensor'),
-      ('act_heads', 'tensor'),
-      ('act_mlp', 'tensor'),
-      ('act_vocab', 'tensor'),
-      ('kv', None),
-      ('act_kv', None),
-      ('act_embed', None),
-      ('act_length', None),
-      ('length', None),
-      ('layers', None),
-      ('relpos_buckets', None),
-  )
+# Re-exported: the mesh axes and the default rules live with the rest of sharding.
+from t5lite.partitioning import DEFAULT_RULES, MESH_AXES  # pylint: disable=unused-import
 
 OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('rsqrt', 'cosine', 'wsd', 'constant')
@@ -243,7 +222,7 @@ def _section(cls):
 class RunConfig:
   """The whole config, resolved once at start-up (`resolve`): typed, frozen parts with the same
   attribute names as the ConfigDict, so `cfg.train.steps` reads the same from either."""
-  model: presets.ModelConfig
+  model: presets.ModelConfig = _section(presets.ModelConfig)  # t5lite/models/presets.py
   data: DataConfig = _section(DataConfig)
   keep_host_memory: bool = field(True, 'CPU backend: keep freed host memory for reuse instead of '
                                  'returning it to the kernel after every step, one malloc arena '
@@ -276,10 +255,9 @@ class RunConfig:
     return _config_dict(self.to_dict())
 
 
-# Section name -> its dataclass (the model's is ModelConfig, t5lite/models/presets.py).
+# Section name -> its dataclass, in order; the other RunConfig fields are top-level values.
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)
             if f.default_factory is not dataclasses.MISSING}
-SECTIONS = {'model': presets.ModelConfig, **SECTIONS}
 
 
 def _config_dict(tree: dict) -> ml_collections.ConfigDict:
@@ -294,7 +272,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   for f in dataclasses.fields(RunConfig):
     if f.name == 'model':
-      c.model = presets.model_config('tiny')
+      c.model = presets.model_config('tiny')  # the same as ModelConfig's defaults
     elif f.name in SECTIONS:
       c[f.name] = _config_dict({g.name: g.default for g in dataclasses.fields(SECTIONS[f.name])})
     else:
@@ -314,11 +292,10 @@ def resolve(config) -> RunConfig:
   parts = {}
   for f in dataclasses.fields(RunConfig):
     value = config[f.name]
-    if f.name == 'model':
-      parts[f.name] = presets.ModelConfig.from_config(value)
-    elif f.name in SECTIONS:
-      parts[f.name] = SECTIONS[f.name](
-          **{g.name: _frozen(value[g.name]) for g in dataclasses.fields(SECTIONS[f.name])})
+    if f.name in SECTIONS:  # a key the config lacks (an older config.json) takes its default
+      parts[f.name] = SECTIONS[f.name](**{g.name: _frozen(value[g.name])
+                                          for g in dataclasses.fields(SECTIONS[f.name])
+                                          if g.name in value})
     else:
       parts[f.name] = _frozen(value)
   return RunConfig(**parts)
@@ -328,9 +305,7 @@ def _declared() -> dict:
   """Section -> its field names (None for a top-level field): the keys a config may have."""
   out = {}
   for f in dataclasses.fields(RunConfig):
-    if f.name == 'model':  # the preset's keys: the same as ModelConfig's once it declares them all
-      out[f.name] = tuple(presets.model_config('tiny').keys())
-    elif f.name in SECTIONS:
+    if f.name in SECTIONS:
       out[f.name] = tuple(g.name for g in dataclasses.fields(SECTIONS[f.name]))
     else:
       out[f.name] = None
@@ -466,18 +441,13 @@ def save_config(config, workdir: str) -> str:
 
 Check = Callable[[Any, str], None]  # (value, 'section.field'): returns, or raises ConfigError
 
-# Until ModelConfig declares its fields' choices (fields.field(..., choices=...)).
-_MODEL_CHOICES = {'model.variant': presets.VARIANTS, 'model.architecture': presets.ARCHITECTURES,
-                  'model.dtype': presets.DTYPES, 'model.remat_policy': presets.REMAT_POLICIES}
-
-
 def choices_of(dotted: str) -> tuple:
   """The values `section.field` may take, from its declaration; () when any value goes."""
   section, _, name = dotted.partition('.')
   cls = SECTIONS.get(section)
   declared = {f.name: f.metadata.get(fields.CHOICES, ()) for f in dataclasses.fields(cls)} if (
       cls is not None) else {}
-  return tuple(declared.get(name) or _MODEL_CHOICES.get(dotted, ()))
+  return tuple(declared.get(name, ()))
 
 
 def choice(value, field_name: str) -> None:
