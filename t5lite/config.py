@@ -391,38 +391,6 @@ def set_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> No
   node[key] = value
 
 
-def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str | None]:
-  """`--config FILE[:arg] --config.a.b=v ... --workdir DIR` -> (config, workdir)."""
-  spec, workdir, overrides = None, None, []
-  args = list(argv)
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    if not arg.startswith('--'):
-      raise ConfigError(f'unexpected argument {arg!r}; use --config FILE[:arg], '
-                        '--config.section.field=value and --workdir DIR')
-    name, has_value, value = arg[2:].partition('=')
-    if not has_value:
-      if i + 1 >= len(args):
-        raise ConfigError(f'--{name} needs a value')
-      value, i = args[i + 1], i + 1
-    if name == 'config':
-      spec = value
-    elif name == 'workdir':
-      workdir = value
-    elif name.startswith('config.'):
-      overrides.append((name[len('config.'):], value))
-    else:
-      raise ConfigError(f'unknown flag --{name}; valid: --config, --config.<field>, --workdir')
-    i += 1
-  if spec is None:
-    raise ConfigError('--config is required, e.g. --config configs/quickstart.py')
-  config = load_config_file(spec)
-  for dotted, value in overrides:
-    set_override(config, dotted, value)
-  return config, workdir
-
-
 def save_config(config, workdir: str) -> str:
   """Writes the config (a ConfigDict or a RunConfig) as JSON, and the readable repr, to workdir."""
   os.makedirs(workdir, exist_ok=True)

@@ -25,11 +25,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5lite import checkpoints, losses, partitioning
 
-# TODO(issue 13): callers switch to partitioning.activate / losses.cross_entropy_sums.
-activate = partitioning.activate
-cross_entropy_sums = losses.cross_entropy_sums
-
-
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array

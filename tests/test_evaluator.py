@@ -75,7 +75,7 @@ def setup():
              'decoder_input_tokens': np.ones((BATCH, TARGETS), np.int32)}
   params = nn.meta.unbox(jax.jit(lambda k: model.init(k, **example))(jax.random.PRNGKey(3)))
   params = params['params']
-  with trainer.activate(mesh, c.partitioning.rules):
+  with partitioning.activate(mesh, c.partitioning.rules):
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example))['params']
     shardings = partitioning.logical_shardings(boxed, mesh, c.partitioning.rules)
   sharded = jax.device_put(params, shardings)  # on the mesh, as the train state's are

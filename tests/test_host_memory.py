@@ -6,8 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from t5lite import eval as eval_lib
-from t5lite import host_memory, train
+from t5lite import cli, host_memory, train
 from test_init_from import tiny_config
 
 # In a fresh interpreter: count glibc's mmapped blocks (mallinfo2().hblks) around a 64 MiB malloc,
@@ -129,8 +128,8 @@ def test_train_and_eval_jobs_apply_the_config(monkeypatch, tmp_path):
   monkeypatch.setattr(train.jax, 'devices', lambda *a: calls.append('devices') or devices(*a))
   config = tiny_config(1)
   config.keep_host_memory = False
-  eval_lib.build(config)  # the eval and infer jobs' set-up
+  cli.build(config)  # the eval and infer jobs' set-up
   train.run(config, str(tmp_path))
   # No devices given: called before JAX is asked for any, the platform left to be judged.
-  assert calls[:2] == [(False, None), 'devices'], calls  # eval.build
+  assert calls[:2] == [(False, None), 'devices'], calls  # cli.build (eval, infer)
   assert calls[2:4] == [(False, None), 'devices'], calls  # train.run
