@@ -15,7 +15,7 @@ QUICKSTART = os.path.join(REPO, 'configs', 'quickstart.py')
 
 
 def load(*overrides):
-  """The quickstart config with `section.field=value` overrides, as the command line applies them."""
+  """The quickstart config with `section.field=value` overrides, applied like the command line."""
   config = config_lib.load_config_file(QUICKSTART)
   for override in overrides:
     config_lib.set_override(config, *override.split('=', 1))
