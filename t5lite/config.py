@@ -625,8 +625,9 @@ def _hf_shapes(c) -> None:
   if not init_from.startswith('hf:'):
     return
   from t5lite import hf  # pylint: disable=import-outside-toplevel  (the optional [hf] extra)
+  model = dataclasses.asdict(c.model) if dataclasses.is_dataclass(c.model) else c.model
   try:
-    problems = hf.config_mismatches(init_from[len('hf:'):], c.model)
+    problems = hf.config_mismatches(init_from[len('hf:'):], model)
   except hf.HFConversionError as e:
     raise ConfigError(f'config.checkpoint.init_from={init_from}: {e}') from None
   if problems:

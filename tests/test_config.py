@@ -271,3 +271,19 @@ def test_every_declared_choice_is_checked():
         c[section][f.name] = 'no_such_choice'
         with pytest.raises(config_lib.ConfigError, match=rf'config\.{section}\.{f.name}='):
           config_lib.validate(c, 1)
+
+
+def test_init_from_hf_shape_check_reads_either_form(tmp_path):
+  from t5lite import hf
+  c = load()
+  hf_cfg = hf.hf_config_from_model_config(c.model)
+  hf_cfg['d_model'] = c.model.d_model * 2
+  (tmp_path / 'config.json').write_text(json.dumps(hf_cfg))
+  config_lib.set_override(c, 'checkpoint.init_from', f'hf:{tmp_path}')
+  messages = []
+  for cfg in (c, config_lib.resolve(c)):
+    with pytest.raises(config_lib.ConfigError) as info:
+      config_lib.validate(cfg, 1)
+    messages.append(str(info.value))
+  assert messages[0] == messages[1]
+  assert f'model.d_model={c.model.d_model} but' in messages[0]
