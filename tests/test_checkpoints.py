@@ -56,7 +56,7 @@ def start_and_wait_for_step(workdir, steps, every, wait_for_step, also_wait_for=
   lines = []
   for line in proc.stdout:
     lines.append(line)
-    match = re.match(r'step (\d+) \|', line)
+    match = re.search(r'(?:^|\s)step (\d+) \|', line)  # after the log line's timestamp
     if match and int(match.group(1)) >= wait_for_step and (
         also_wait_for is None or os.path.isdir(also_wait_for)):
       return proc, lines
