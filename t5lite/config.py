@@ -17,13 +17,13 @@ import difflib
 import importlib.util
 import json
 import os
-import re
-import sys
 from typing import Any, Callable, Sequence
 
 import ml_collections
 
 from t5lite import fields
+from t5lite.checks import (Check, boolean, count, in_range, logical_rules, non_negative, positive,
+                           regex_pairs, regexes, string, task, task_names)
 from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
 from t5lite.models import presets
 
@@ -407,7 +407,6 @@ def save_config(config, workdir: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Validation: one table of per-field checks, then the few rules that relate fields.
 
-Check = Callable[[Any, str], None]  # (value, 'section.field'): returns, or raises ConfigError
 
 def choices_of(dotted: str) -> tuple:
   """The values `section.field` may take, from its declaration; () when any value goes."""
@@ -425,107 +424,6 @@ def choice(value, field_name: str) -> None:
     hint = f" (did you mean '{close[0]}'?)" if close else ''
     raise ConfigError(f'config.{field_name}={value!r} is not valid{hint}; valid: '
                       f'{", ".join(valid)}')
-
-
-def _number(value, field_name: str, allow_zero: bool) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-      value == 0 and not allow_zero):
-    need = 'a number >= 0' if allow_zero else 'a positive number'
-    raise ConfigError(f'config.{field_name}={value!r}: must be {need}')
-
-
-def positive(value, field_name: str) -> None:
-  _number(value, field_name, allow_zero=False)
-
-
-def non_negative(value, field_name: str) -> None:
-  _number(value, field_name, allow_zero=True)
-
-
-def in_range(lo, hi, *, lo_open: bool = False, hi_open: bool = False, note: str = '') -> Check:
-  """A number between lo and hi; an open end excludes its bound."""
-  shown = f'{"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}{note}'
-
-  def check(value, field_name: str) -> None:
-    number = isinstance(value, (int, float))
-    if not (number and (lo < value if lo_open else lo <= value) and (
-        value < hi if hi_open else value <= hi)):
-      raise ConfigError(f'config.{field_name}={value!r}: must be in {shown}')
-  return check
-
-
-def count(what: str) -> Check:
-  """An int >= 0; `what` says what it counts."""
-  def check(value, field_name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-      raise ConfigError(f'config.{field_name}={value!r}: must be an int >= 0 ({what})')
-  return check
-
-
-def boolean(value, field_name: str) -> None:
-  if not isinstance(value, bool):
-    raise ConfigError(f'config.{field_name}={value!r}: must be True or False')
-
-
-def string(what: str) -> Check:
-  def check(value, field_name: str) -> None:
-    if not isinstance(value, str):
-      raise ConfigError(f'config.{field_name}={value!r}: must be {what}')
-  return check
-
-
-def _compiles(regexes: Sequence[str], field_name: str) -> None:
-  for regex in regexes:
-    try:
-      re.compile(regex)
-    except re.error as e:
-      raise ConfigError(f'config.{field_name}: {regex!r} is not a valid regex ({e})')
-
-
-def regex_pairs(value, field_name: str) -> None:
-  if not isinstance(value, (tuple, list)) or not all(
-      isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)
-      for p in value):
-    raise ConfigError(f'config.{field_name}={value!r}: must be a tuple of (regex, replacement) '
-                      "string pairs, e.g. (('^encoder/', 'enc/'),)")
-  _compiles([p[0] for p in value], field_name)
-
-
-def regexes(value, field_name: str) -> None:
-  if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) for p in value):
-    raise ConfigError(f'config.{field_name}={value!r}: must be a tuple of regex strings, e.g. '
-                      "('^decoder/logits_dense/',)")
-  _compiles(value, field_name)
-
-
-def task(name, field_name: str) -> None:
-  """A registered task or mixture. The registry holds what has been imported: the jobs (and tests)
-  import t5lite.data.catalog for the built-in tasks."""
-  from t5lite.data import tasks  # the registry imports the data stack: only when validating
-  try:
-    tasks.get(name)
-  except tasks.UnknownNameError as e:
-    raise ConfigError(f'config.{field_name}={name!r}: {e.args[0]}') from None
-
-
-def task_names(value, field_name: str) -> None:
-  if not isinstance(value, (tuple, list)) or not all(isinstance(t, str) for t in value):
-    raise ConfigError(f'config.{field_name}={value!r}: must be a tuple of task names, e.g. '
-                      "('docstring_kind',), or () for none")
-  for name in value:
-    task(name, field_name)
-
-
-def logical_rules(value, field_name: str) -> None:
-  for rule in value:
-    if len(rule) != 2:
-      raise ConfigError(f'config.{field_name}: each rule is (logical_name, mesh_axes), '
-                        f'got {rule!r}')
-    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
-    for axis in axes:
-      if axis is not None and axis not in MESH_AXES:
-        raise ConfigError(f'config.{field_name}: {rule!r} names mesh axis {axis!r}; valid '
-                          f'mesh axes: {", ".join(MESH_AXES)}')
 
 
 # Every field with a check, in the order they run. A declared field with choices and no row here
@@ -726,81 +624,3 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
   shape = mesh_shape(config.mesh, num_devices)
   _batches_divide(config, shape)
   return shape
-
-
-# ---------------------------------------------------------------------------------------------
-# docs/configs.md's field reference, generated from the declarations
-
-
-DOCS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs',
-                         'configs.md')
-DOCS_BEGIN = ('<!-- BEGIN GENERATED by `python -m t5lite.config --update-docs` from the '
-              'declarations in t5lite/config.py and t5lite/models/presets.py; do not edit -->')
-DOCS_END = '<!-- END GENERATED -->'
-
-
-def _one_paragraph(text: str) -> str:
-  return ' '.join(line.strip() for line in (text or '').split('\n') if line.strip())
-
-
-def _cell(text: str) -> str:
-  return text.replace('|', '\\|')
-
-
-HEADER = '| field | default | what it does |'
-
-
-def reference_markdown() -> str:
-  """The per-section field reference of docs/configs.md: section, field, default, documentation."""
-  model_defaults = presets.model_config('tiny')
-  out = []
-  top_level = []
-  for f in dataclasses.fields(RunConfig):
-    if f.name not in SECTIONS:
-      top_level.append(f)
-      continue
-    cls = SECTIONS[f.name]
-    out += [f'### `{f.name}`', '', _one_paragraph(cls.__doc__), '', HEADER, '|---|---|---|']
-    for doc in fields.describe(cls):
-      default = model_defaults[doc.name] if f.name == 'model' and doc.name in model_defaults else (
-          doc.default)
-      shown = 'DEFAULT_RULES' if default is DEFAULT_RULES else repr(default)
-      text = _one_paragraph(doc.doc)
-      if doc.choices:
-        text += (' ' if text else '') + 'One of: ' + ', '.join(f'`{c}`' for c in doc.choices) + '.'
-      out.append(f'| `{doc.name}` | `{_cell(shown)}` | {_cell(text)} |')
-    out.append('')
-  out += ['### top level', '', HEADER, '|---|---|---|']
-  for f in top_level:
-    text = _one_paragraph(f.metadata[fields.DOC])
-    out.append(f'| `{f.name}` | `{f.default!r}` | {_cell(text)} |')
-  return '\n'.join(out) + '\n'
-
-
-def docs_with_reference(text: str) -> str:
-  """`text` (docs/configs.md) with the part between the markers replaced by the reference."""
-  head, begin, rest = text.partition(DOCS_BEGIN)
-  _, end, tail = rest.partition(DOCS_END)
-  if not begin or not end:
-    raise ValueError(f'docs/configs.md has no {DOCS_BEGIN!r} ... {DOCS_END!r} markers')
-  return f'{head}{DOCS_BEGIN}\n\n{reference_markdown()}\n{DOCS_END}{tail}'
-
-
-def _main(argv: Sequence[str]) -> int:
-  if argv == ['--markdown']:
-    sys.stdout.write(reference_markdown())
-  elif argv == ['--update-docs']:
-    with open(DOCS_PATH) as f:
-      text = f.read()
-    with open(DOCS_PATH, 'w') as f:
-      f.write(docs_with_reference(text))
-  else:
-    sys.stderr.write('usage: python -m t5lite.config --markdown | --update-docs\n'
-                     '  --markdown     print the field reference of docs/configs.md\n'
-                     '  --update-docs  rewrite it in docs/configs.md between its markers\n')
-    return 2
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(_main(sys.argv[1:]))

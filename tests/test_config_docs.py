@@ -2,15 +2,15 @@
 import dataclasses
 
 from t5lite import config as config_lib
-from t5lite import fields
+from t5lite import config_docs, fields
 
-REGENERATE = 'python -m t5lite.config --update-docs'
+REGENERATE = 'python -m t5lite.config_docs --update-docs'
 
 
 def test_configs_md_matches_the_declarations():
-  with open(config_lib.DOCS_PATH) as f:
+  with open(config_docs.DOCS_PATH) as f:
     text = f.read()
-  assert config_lib.docs_with_reference(text) == text, (
+  assert config_docs.docs_with_reference(text) == text, (
       'docs/configs.md differs from the config declarations (t5lite/config.py, '
       f't5lite/models/presets.py): run `{REGENERATE}` and commit the result')
 
@@ -27,7 +27,7 @@ def test_every_section_field_is_documented_where_it_is_declared():
 
 
 def test_reference_lists_every_field():
-  text = config_lib.reference_markdown()
+  text = config_docs.reference_markdown()
   for section, names in config_lib._declared().items():  # pylint: disable=protected-access
     if names is None:
       assert f'| `{section}` |' in text
@@ -41,7 +41,7 @@ def test_reference_lists_every_field():
 
 def test_the_command_prints_the_reference():
   import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
-  out = subprocess.run([sys.executable, '-m', 't5lite.config', '--markdown'], capture_output=True,
+  out = subprocess.run([sys.executable, '-m', 't5lite.config_docs', '--markdown'], capture_output=True,
                        text=True, timeout=120, check=False)
   assert out.returncode == 0, out.stderr
-  assert out.stdout == config_lib.reference_markdown()
+  assert out.stdout == config_docs.reference_markdown()
