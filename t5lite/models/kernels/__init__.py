@@ -2,7 +2,7 @@
 
 `matmul` (weight matmuls in a low-precision dtype with float32 accumulation, the gated-GELU pair,
 attention's activation einsums), `attention` (the attention core) and `norm` (the RMS norm) each
-hold two formulations of the same numbers:
+hold two formulations of the same computation:
 
 - 'auto' (the default): hand-written custom VJPs tuned on XLA:CPU (backward operand orders its
   bf16 kernels take, FlashAttention's rowsum, batch chunking with uint16 bitcasts, a probe for
