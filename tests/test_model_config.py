@@ -19,7 +19,8 @@ def test_model_config_holds_exactly_model_configs_fields_in_order():
   for variant in presets.VARIANTS:
     for size in presets.SIZES:
       c = model_config(size, variant, vocab_size=2048, architecture='decoder_only')
-      assert list(c._fields) == [f.name for f in dataclasses.fields(ModelConfig)]  # pylint: disable=protected-access
+      names = list(c._fields)  # pylint: disable=protected-access
+      assert names == [f.name for f in dataclasses.fields(ModelConfig)]
       cfg = ModelConfig.from_config(c)
       assert dataclasses.asdict(cfg) == c.to_dict()
       assert cfg == presets.preset(size, variant, 2048, 'decoder_only')
