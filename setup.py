@@ -29,7 +29,9 @@ setup(
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'transformers>=4.40', 'safetensors>=0.4',
                  'sacrebleu>=2.4', 'rouge-score>=0.1.2', 'scipy>=1.10',
                  # executing docs/notebooks/quickstart.ipynb headlessly
-                 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.29', 'matplotlib>=3.8'],
+                 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.29', 'matplotlib>=3.8',
+                 # the tree's one formatter (pyproject.toml; tests/test_format.py)
+                 'yapf>=0.40'],
         'tf': ['tensorflow>=2.16'],                      # TFDS catalog builders, tfds mock data
         'hf': ['torch>=2.2', 'transformers>=4.40', 'safetensors>=0.4'],  # HuggingFace interop
         'metrics': ['sacrebleu>=2.4', 'rouge-score>=0.1.2', 'scipy>=1.10'],

@@ -13,7 +13,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # Dense bf16 peak FLOP/s per device from vendor data sheets, looked up by jax device_kind.
 log = logging.getLogger(__name__)

@@ -30,7 +30,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from t5lite import partitioning
 
