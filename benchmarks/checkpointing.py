@@ -34,9 +34,8 @@ from t5lite.models.t5 import make_model
 
 
 def example_batch(batch=8, inputs=512, targets=114):
-  return dict(encoder_input_tokens=np.ones((batch, inputs), np.int32),
-              decoder_input_tokens=np.ones((batch, targets), np.int32),
-              decoder_target_tokens=np.ones((batch, targets), np.int32),
+  return dict(encoder_input_tokens=np.ones((batch, inputs), np.int32), decoder_input_tokens=np.ones(
+      (batch, targets), np.int32), decoder_target_tokens=np.ones((batch, targets), np.int32),
               decoder_loss_weights=np.ones((batch, targets), np.float32))
 
 
@@ -59,8 +58,7 @@ def main():
   batch = example_batch()
   state, _ = trainer.init_train_state(model, tx, mesh, config.partitioning.rules, batch, 0)
   jax.block_until_ready(state)
-  abstract, _ = trainer.abstract_train_state(model, tx, mesh, config.partitioning.rules,
-                                                 batch, 0)
+  abstract, _ = trainer.abstract_train_state(model, tx, mesh, config.partitioning.rules, batch, 0)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
@@ -89,8 +87,9 @@ def main():
     rows['restore'].append(time.perf_counter() - start)
     ckpt.close()
     del restored
-  size_on_disk = sum(os.path.getsize(os.path.join(d, f))
-                     for d, _, files in os.walk(os.path.join(root, 'sync0')) for f in files)
+  size_on_disk = sum(
+      os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(root, 'sync0'))
+      for f in files)
   if not args.dir:
     shutil.rmtree(root, ignore_errors=True)
 

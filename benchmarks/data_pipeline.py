@@ -27,12 +27,13 @@ from t5lite.models.t5 import make_model  # pylint: disable=wrong-import-position
 
 
 def count_tokens(batch):
-  return int((batch['encoder_input_tokens'] != 0).sum() + (batch['decoder_target_tokens'] != 0).sum())
+  return int((batch['encoder_input_tokens'] != 0).sum()
+             + (batch['decoder_target_tokens'] != 0).sum())
 
 
 def measure_pipeline(task, lengths, batch, batches):
-  it = pipeline.make_task_iterator(task, feature_lengths=lengths, global_batch_size=batch,
-                                   seed=0, process_index=0, process_count=1)
+  it = pipeline.make_task_iterator(task, feature_lengths=lengths, global_batch_size=batch, seed=0,
+                                   process_index=0, process_count=1)
   first = next(it)  # warm-up: vocabulary, tokenized corpus, threads
   t0 = time.perf_counter()
   tokens = 0
@@ -55,8 +56,8 @@ def measure_train_step(size, batch, steps):
   state, shardings = trainer.init_train_state(model, tx, mesh, c.partitioning.rules, batch, 0)
   step = trainer.jit_train_step(trainer.make_train_step(model, tx, schedule, c.train, False),
                                 shardings, mesh, c.partitioning.rules)
-  placed = partitioning.host_to_global(batch, partitioning.batch_sharding(mesh,
-                                                                           c.partitioning.rules))
+  placed = partitioning.host_to_global(batch,
+                                       partitioning.batch_sharding(mesh, c.partitioning.rules))
   state, metrics = step(state, placed)  # compile
   jax.block_until_ready(metrics)
   times = []
@@ -91,8 +92,9 @@ def main():
     step = step_rates.get(key)
     shown = f'{step:,.0f} ({size})' if step else 'skipped'
     ratio = f'{rate / step:.0f}x' if step else '-'
-    print(f'| {task} | {lengths["inputs"]}/{lengths["targets"]} | {batch} | {rate:,.0f} | '
-          f'{shown} | {ratio} |', flush=True)
+    print(
+        f'| {task} | {lengths["inputs"]}/{lengths["targets"]} | {batch} | {rate:,.0f} | '
+        f'{shown} | {ratio} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -37,8 +37,10 @@ METHODS = [('greedy', dict(method='greedy')), ('beam4', dict(method='beam', num_
 def random_params(model, seed=0):
   """Random parameters drawn in numpy from the abstract shapes (fast even for 77M
   parameters); N(0, 1/fan_in) like the model's initialiser, embeddings N(0, 1)."""
-  example = {'encoder_input_tokens': jnp.ones((1, 1), jnp.int32),
-             'decoder_input_tokens': jnp.ones((1, 1), jnp.int32)}
+  example = {
+      'encoder_input_tokens': jnp.ones((1, 1), jnp.int32), 'decoder_input_tokens': jnp.ones(
+          (1, 1), jnp.int32)
+  }
   abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), **example)))
   rng = np.random.default_rng(seed)
 
@@ -46,8 +48,9 @@ def random_params(model, seed=0):
     name = path[-1].key
     if name == 'scale':
       return np.ones(leaf.shape, np.float32)
-    std = 1.0 if name in ('embedding', 'rel_embedding') else leaf.shape[0] ** -0.5
+    std = 1.0 if name in ('embedding', 'rel_embedding') else leaf.shape[0]**-0.5
     return (std * rng.standard_normal(leaf.shape, np.float32)).astype(np.float32)
+
   return jax.tree_util.tree_map_with_path(draw, abstract['params'])
 
 
@@ -93,10 +96,10 @@ def main():
         start = time.perf_counter()
         out = decoding.decode(model, params, data, cfg, use_cache=use_cache)
         jax.block_until_ready(out)
-        rows.append(dict(shape=shape, method=method, cache=use_cache, batch=batch,
-                         lengths=f'{inputs}->{length}', compile=time.perf_counter() - start,
-                         times=[], run=(model, params, data, cfg, use_cache),
-                         tokens=np.asarray(out.tokens)))
+        rows.append(
+            dict(shape=shape, method=method, cache=use_cache, batch=batch,
+                 lengths=f'{inputs}->{length}', compile=time.perf_counter() - start, times=[],
+                 run=(model, params, data, cfg, use_cache), tokens=np.asarray(out.tokens)))
   for _ in range(args.rounds):
     for row in rows:
       model, params, data, cfg, use_cache = row['run']
@@ -106,21 +109,21 @@ def main():
 
   print(f'machine: {machine()}')
   print(f'dtype {args.dtype}, random parameters, EOS disabled, median of {args.rounds} rounds\n')
-  header = ('shape', 'method', 'cache', 'batch', 'in->out', 'compile+1st s', 'decode s',
-            'tokens/s', 'cache speed-up', 'same tokens')
+  header = ('shape', 'method', 'cache', 'batch', 'in->out', 'compile+1st s', 'decode s', 'tokens/s',
+            'cache speed-up', 'same tokens')
   print('| ' + ' | '.join(header) + ' |')
   print('|' + '---|' * len(header))
   for row in rows:
     seconds = float(np.median(row['times']))
     row['seconds'] = seconds
-    cached = next(r for r in rows if r['shape'] == row['shape'] and r['method'] == row['method']
-                  and r['cache'])
+    cached = next(r for r in rows
+                  if r['shape'] == row['shape'] and r['method'] == row['method'] and r['cache'])
     speedup = f"{seconds / cached['seconds']:.1f}x" if not row['cache'] else ''
     same = 'yes' if np.array_equal(row['tokens'], cached['tokens']) else 'NO'
     tokens_per_s = row['batch'] * int(row['lengths'].split('->')[1]) / seconds
     print(f"| {row['shape']} | {row['method']} | {'yes' if row['cache'] else 'no'} | "
           f"{row['batch']} | {row['lengths']} | {row['compile']:.1f} | {seconds:.3f} | "
-          f"{tokens_per_s:.0f} | {speedup} | {same} |")
+          f'{tokens_per_s:.0f} | {speedup} | {same} |')
 
 
 if __name__ == '__main__':

@@ -53,8 +53,8 @@ def build(args, variant):
   state, shardings = trainer.init_train_state(model, tx, mesh, c.partitioning.rules, batch, 0)
   step = trainer.jit_train_step(trainer.make_train_step(model, tx, schedule, c.train, False),
                                 shardings, mesh, c.partitioning.rules)
-  global_batch = partitioning.host_to_global(batch, partitioning.batch_sharding(
-      mesh, c.partitioning.rules))
+  global_batch = partitioning.host_to_global(
+      batch, partitioning.batch_sharding(mesh, c.partitioning.rules))
   state, metrics = step(state, global_batch)  # compile
   jax.block_until_ready(metrics)
   flops = reporting.train_flops_per_step(model_cfg, args.batch, args.inputs, args.targets)

@@ -58,9 +58,9 @@ WARMUP = 1  # warm-up steps after the first call, excluded from the median
 # ends even when other jobs starve it (torch's OpenMP threads slow down 10x and more then).
 WORKER_TIMEOUT_S = 420
 
-
 # ---------------------------------------------------------------------------------------------
 # What to measure
+
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -68,27 +68,35 @@ class Shape:
   batch: int
   inputs: int
   targets: int
-  size: str = 'tiny'          # preset; 'quickstart' keeps configs/quickstart.py's model
+  size: str = 'tiny'  # preset; 'quickstart' keeps configs/quickstart.py's model
   vocab: int = 32128
-  layers: int | None = None   # overrides the preset's encoder and decoder layers
+  layers: int | None = None  # overrides the preset's encoder and decoder layers
 
 
 def shapes(quick: bool) -> list[Shape]:
   if quick:
-    return [Shape('quickstart', batch=8, inputs=128, targets=32, size='quickstart'),
-            Shape('small-1L', batch=2, inputs=32, targets=8, size='small', layers=1)]
-  return [Shape('quickstart', batch=32, inputs=128, targets=32, size='quickstart'),
-          Shape('small', batch=8, inputs=512, targets=114, size='small')]
+    return [
+        Shape('quickstart', batch=8, inputs=128, targets=32, size='quickstart'),
+        Shape('small-1L', batch=2, inputs=32, targets=8, size='small', layers=1)
+    ]
+  return [
+      Shape('quickstart', batch=32, inputs=128, targets=32, size='quickstart'),
+      Shape('small', batch=8, inputs=512, targets=114, size='small')
+  ]
 
 
 def compile_shapes(quick: bool) -> list[Shape]:
   """Compile-time rows: T5.1.1-small width (quick: tiny width, 1 and 2 layers), short
   sequences."""
   if quick:
-    return [Shape(f'tiny-{n}L', batch=2, inputs=32, targets=8, size='tiny', vocab=2048, layers=n)
-            for n in (1, 2)]
-  return [Shape(f'small-{n}L', batch=2, inputs=64, targets=16, size='small', layers=n)
-          for n in (2, 8, 24)]
+    return [
+        Shape(f'tiny-{n}L', batch=2, inputs=32, targets=8, size='tiny', vocab=2048, layers=n)
+        for n in (1, 2)
+    ]
+  return [
+      Shape(f'small-{n}L', batch=2, inputs=64, targets=16, size='small', layers=n)
+      for n in (2, 8, 24)
+  ]
 
 
 def build_config(shape: Shape, dtype: str, scan: bool = False):
@@ -156,6 +164,7 @@ def core_count() -> int:
 # ---------------------------------------------------------------------------------------------
 # Workers: each runs in its own subprocess and prints one `RESULT {json}` line
 
+
 def t5lite_step_worker(spec: dict) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   # A persistent compilation cache would turn the first step into a cache read.
@@ -181,8 +190,8 @@ def t5lite_step_worker(spec: dict) -> dict:
   init_s = time.perf_counter() - start
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   step = trainer.jit_train_step(
-      trainer.make_train_step(model, tx, schedule, config.train, dropout=False),
-      shardings, mesh, rules)
+      trainer.make_train_step(model, tx, schedule, config.train, dropout=False), shardings, mesh,
+      rules)
   global_batch = partitioning.host_to_global(batch, partitioning.batch_sharding(mesh, rules))
 
   times, cpu = [], []
@@ -195,13 +204,17 @@ def t5lite_step_worker(spec: dict) -> dict:
   rss = peak_rss_mib()  # before the peak measurement below allocates its operands
   loss = float(metrics['loss'])
 
-  peaks = [reporting.measure_matmul_peak(spec['dtype'], m, k, n)
-           for m, k, n in model_matmul_shapes(shape, model_cfg)]
-  return {'first_s': times[0], 'init_s': init_s, 'times': times[1 + WARMUP:],
-          'cpu_times': cpu[1 + WARMUP:], 'params': params,
-          'loss': loss, 'peak_flops': max(peaks), 'peak_rss_mib': rss,
-          'peak_how': ('XLA jnp.matmul, ' + ('bf16 operands, f32 accumulation'
-                                              if spec['dtype'] == 'bfloat16' else 'f32'))}
+  peaks = [
+      reporting.measure_matmul_peak(spec['dtype'], m, k, n)
+      for m, k, n in model_matmul_shapes(shape, model_cfg)
+  ]
+  return {
+      'first_s': times[0], 'init_s': init_s, 'times': times[1 + WARMUP:],
+      'cpu_times': cpu[1 + WARMUP:], 'params': params, 'loss': loss, 'peak_flops': max(peaks),
+      'peak_rss_mib': rss, 'peak_how':
+          ('XLA jnp.matmul, ' +
+           ('bf16 operands, f32 accumulation' if spec['dtype'] == 'bfloat16' else 'f32'))
+  }
 
 
 def t5lite_compile_worker(spec: dict) -> dict:
@@ -222,19 +235,22 @@ def t5lite_compile_worker(spec: dict) -> dict:
   abstract, shardings = trainer.abstract_train_state(model, tx, mesh, rules, batch,
                                                      config.train.seed)
   batch_sharding = partitioning.batch_sharding(mesh, rules)
-  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-                for k, v in batch.items()}
+  batch_spec = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()
+  }
   step = trainer.jit_train_step(
-      trainer.make_train_step(model, tx, schedule, config.train, dropout=False),
-      shardings, mesh, rules)
+      trainer.make_train_step(model, tx, schedule, config.train, dropout=False), shardings, mesh,
+      rules)
   start = time.perf_counter()
   lowered = step.lower(abstract, batch_spec)  # under the mesh and rules, as a call is
   lowered_at = time.perf_counter()
   lowered.compile()
   done = time.perf_counter()
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-  return {'lower_s': lowered_at - start, 'compile_s': done - lowered_at, 'first_s': done - start,
-          'params': params, 'peak_rss_mib': peak_rss_mib()}
+  return {
+      'lower_s': lowered_at - start, 'compile_s': done - lowered_at, 'first_s': done - start,
+      'params': params, 'peak_rss_mib': peak_rss_mib()
+  }
 
 
 def hf_step_worker(spec: dict) -> dict:
@@ -256,7 +272,7 @@ def hf_step_worker(spec: dict) -> dict:
     # transformers 5.x ties lm_head to the embedding whatever tie_word_embeddings says
     # (DESIGN.md): give T5.1.1 its own output layer, as t5lite has.
     model.lm_head = torch.nn.Linear(m.d_model, m.vocab_size, bias=False)
-    torch.nn.init.normal_(model.lm_head.weight, 0.0, m.d_model ** -0.5)
+    torch.nn.init.normal_(model.lm_head.weight, 0.0, m.d_model**-0.5)
   params = sum(p.numel() for p in model.parameters())  # parameters() counts a tied tensor once
   model.train()
   # fused=True: the kernel HF's Trainer uses by default with torch >= 2.8 (optim
@@ -265,10 +281,12 @@ def hf_step_worker(spec: dict) -> dict:
                                 eps=opt.eps, weight_decay=opt.weight_decay, fused=True)
   init_s = time.perf_counter() - start
   batch = {k: torch.from_numpy(v) for k, v in random_batch(shape, m.vocab_size).items()}
-  inputs = {'input_ids': batch['encoder_input_tokens'].long(),
-            'attention_mask': torch.ones_like(batch['encoder_input_tokens']).long(),
-            'decoder_input_ids': batch['decoder_input_tokens'].long(),
-            'labels': batch['decoder_target_tokens'].long()}
+  inputs = {
+      'input_ids': batch['encoder_input_tokens'].long(),
+      'attention_mask': torch.ones_like(batch['encoder_input_tokens']).long(),
+      'decoder_input_ids': batch['decoder_input_tokens'].long(),
+      'labels': batch['decoder_target_tokens'].long()
+  }
   bf16 = spec['dtype'] == 'bfloat16'
 
   def train_step():
@@ -304,20 +322,32 @@ def hf_step_worker(spec: dict) -> dict:
         torch.matmul(a, b, out=out)
         runs.append(time.perf_counter() - t)
       peaks.append(2.0 * mm * k * n / min(runs))  # the best run, as reporting's peak
-  return {'first_s': times[0], 'init_s': init_s, 'times': times[1 + WARMUP:],
-          'cpu_times': cpu[1 + WARMUP:], 'params': params,
-          'loss': loss, 'peak_flops': max(peaks), 'peak_rss_mib': rss,
-          'attention': hf_config._attn_implementation,  # pylint: disable=protected-access
-          'peak_how': 'torch.matmul, ' + ('bf16 (as autocast runs nn.Linear)' if bf16 else 'f32')}
+  return {
+      'first_s': times[0],
+      'init_s': init_s,
+      'times': times[1 + WARMUP:],
+      'cpu_times': cpu[1 + WARMUP:],
+      'params': params,
+      'loss': loss,
+      'peak_flops': max(peaks),
+      'peak_rss_mib': rss,
+      'attention': hf_config._attn_implementation,  # pylint: disable=protected-access
+      'peak_how': 'torch.matmul, ' + ('bf16 (as autocast runs nn.Linear)' if bf16 else 'f32')
+  }
 
 
-WORKERS = {'t5lite': t5lite_step_worker, 'hf': hf_step_worker, 'hf_kept': hf_step_worker,
-           'compile': t5lite_compile_worker}
+WORKERS = {
+    't5lite': t5lite_step_worker, 'hf': hf_step_worker, 'hf_kept': hf_step_worker,
+    'compile': t5lite_compile_worker
+}
 # glibc's environment form of t5lite.host_memory's mallopt calls, for the 'hf_kept' rows.
-KEPT_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**64 - 1),
-                   'MALLOC_ARENA_MAX': '1'}
-FRAMEWORKS = {'t5lite': 't5lite', 'compile': 't5lite', 'hf': 'HF torch',
-              'hf_kept': 'HF torch, kept host memory'}
+KEPT_MEMORY_ENV = {
+    'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**64 - 1), 'MALLOC_ARENA_MAX': '1'
+}
+FRAMEWORKS = {
+    't5lite': 't5lite', 'compile': 't5lite', 'hf': 'HF torch',
+    'hf_kept': 'HF torch, kept host memory'
+}
 
 
 def run_worker(spec: dict, timeout: float, env: dict | None = None) -> dict:
@@ -338,6 +368,7 @@ def run_worker(spec: dict, timeout: float, env: dict | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The table
 
+
 def machine_lines(args) -> list[str]:
   cpu = 'unknown CPU'
   try:
@@ -352,10 +383,10 @@ def machine_lines(args) -> list[str]:
     except importlib.metadata.PackageNotFoundError:
       return 'not installed'
 
-  versions = ', '.join(f'{n} {version(n)}' for n in ('jax', 'jaxlib', 'flax', 'optax', 'torch',
-                                                       'transformers'))
-  omp = ('PASSIVE (--hf-omp-passive)' if args.hf_omp_passive
-         else os.environ.get('OMP_WAIT_POLICY', 'default'))
+  versions = ', '.join(
+      f'{n} {version(n)}' for n in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'transformers'))
+  omp = ('PASSIVE (--hf-omp-passive)' if args.hf_omp_passive else os.environ.get(
+      'OMP_WAIT_POLICY', 'default'))
   return [
       f'machine: {cpu}, {core_count()} cores (os.cpu_count {os.cpu_count()}), '
       f'load average at start {" ".join(f"{x:.2f}" for x in os.getloadavg())}',
@@ -367,32 +398,44 @@ def machine_lines(args) -> list[str]:
   ]
 
 
-COLUMNS = ['kind', 'shape', 'framework', 'dtype', 'layers', 'scan', 'params',
-           'first step / compile s', 'step s (median)', 'CPU s/step', 'tokens/s', 'GFLOP/step',
-           'matmul peak GFLOP/s', 'MFU', 't5lite/HF', 't5lite/HF kept mem', 'vs fewest layers', 'peak RSS MiB', 'load']
+COLUMNS = [
+    'kind', 'shape', 'framework', 'dtype', 'layers', 'scan', 'params', 'first step / compile s',
+    'step s (median)', 'CPU s/step', 'tokens/s', 'GFLOP/step', 'matmul peak GFLOP/s', 'MFU',
+    't5lite/HF', 't5lite/HF kept mem', 'vs fewest layers', 'peak RSS MiB', 'load'
+]
 
 
 def table(rows: list[dict]) -> list[str]:
+
   def fmt(v, spec):
     return '-' if v is None else format(v, spec)
 
   lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
   for r in rows:
     if r.get('error'):
-      cells = [r['kind'], r['shape'], r['framework'], r['dtype'], str(r['layers']),
-               {True: 'yes', False: 'no'}.get(r.get('scan'), '-'), f'ERROR: {r["error"]}']
+      cells = [
+          r['kind'], r['shape'], r['framework'], r['dtype'],
+          str(r['layers']), {True: 'yes', False: 'no'}.get(r.get('scan'), '-'),
+          f'ERROR: {r["error"]}'
+      ]
       cells += ['-'] * (len(COLUMNS) - len(cells) - 1) + [fmt(r.get('load'), '.1f')]
     else:
-      cells = [r['kind'], r['shape'], r['framework'], r['dtype'], str(r['layers']),
-               {True: 'yes', False: 'no'}.get(r.get('scan'), '-'), f'{r["params"]:,}',
-               fmt(r.get('first_s'), '.1f'), fmt(r.get('step_s'), '.3f'),
-               fmt(r.get('cpu_s'), '.2f'), fmt(r.get('tokens_per_s'), ',.0f'),
-               fmt(r.get('flops_per_step') and r['flops_per_step'] / 1e9, '.1f'),
-               fmt(r.get('peak_flops') and r['peak_flops'] / 1e9, '.0f'),
-               fmt(r.get('mfu') and 100 * r['mfu'], '.1f') + ('%' if r.get('mfu') else ''),
-               fmt(r.get('ratio_vs_hf'), '.2f'), fmt(r.get('ratio_vs_hf_kept'), '.2f'),
-               fmt(r.get('vs_fewest_layers'), '.2f'),
-               fmt(r.get('peak_rss_mib'), ',.0f'), fmt(r.get('load'), '.1f')]
+      cells = [
+          r['kind'], r['shape'], r['framework'], r['dtype'],
+          str(r['layers']), {True: 'yes', False: 'no'}.get(r.get('scan'), '-'), f'{r["params"]:,}',
+          fmt(r.get('first_s'), '.1f'),
+          fmt(r.get('step_s'), '.3f'),
+          fmt(r.get('cpu_s'), '.2f'),
+          fmt(r.get('tokens_per_s'), ',.0f'),
+          fmt(r.get('flops_per_step') and r['flops_per_step'] / 1e9, '.1f'),
+          fmt(r.get('peak_flops') and r['peak_flops'] / 1e9, '.0f'),
+          fmt(r.get('mfu') and 100 * r['mfu'], '.1f') + ('%' if r.get('mfu') else ''),
+          fmt(r.get('ratio_vs_hf'), '.2f'),
+          fmt(r.get('ratio_vs_hf_kept'), '.2f'),
+          fmt(r.get('vs_fewest_layers'), '.2f'),
+          fmt(r.get('peak_rss_mib'), ',.0f'),
+          fmt(r.get('load'), '.1f')
+      ]
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return lines
 
@@ -427,21 +470,22 @@ def finish_rows(results: list[tuple[dict, dict]], expected_params: dict) -> list
   for spec, result in results:
     shape = Shape(**spec['shape'])
     config = build_config(shape, spec['dtype'])
-    row = {'kind': 'compile' if spec['worker'] == 'compile' else 'step', 'shape': shape.name,
-           'framework': FRAMEWORKS[spec['worker']],
-           'dtype': spec['dtype'] if spec['worker'] not in ('hf', 'hf_kept')
-                    or spec['dtype'] == 'float32'
-                    else 'bfloat16 autocast',
-           'layers': f'{config.model.num_encoder_layers}+{config.model.num_decoder_layers}',
-           'scan': spec.get('scan') if spec['worker'] == 'compile' else None,
-           'batch': shape.batch, 'inputs': shape.inputs, 'targets': shape.targets,
-           'vocab': config.model.vocab_size, **result}
+    row = {
+        'kind': 'compile' if spec['worker'] == 'compile' else 'step', 'shape': shape.name,
+        'framework': FRAMEWORKS[spec['worker']
+                               ], 'dtype': spec['dtype'] if spec['worker'] not in ('hf', 'hf_kept')
+                                           or spec['dtype'] == 'float32' else 'bfloat16 autocast',
+        'layers': f'{config.model.num_encoder_layers}+{config.model.num_decoder_layers}',
+        'scan': spec.get('scan') if spec['worker'] == 'compile' else None, 'batch': shape.batch,
+        'inputs': shape.inputs, 'targets': shape.targets, 'vocab': config.model.vocab_size, **result
+    }
     if 'error' not in result and spec['worker'] != 'compile':
       row['step_s'] = float(np.median(result['times']))
       row['cpu_s'] = float(np.median(result['cpu_times']))
       row['tokens_per_s'] = shape.batch * (shape.inputs + shape.targets) / row['step_s']
-      row['flops_per_step'] = reporting.train_flops_per_step(
-          ModelConfig.from_config(config.model), shape.batch, shape.inputs, shape.targets)
+      row['flops_per_step'] = reporting.train_flops_per_step(ModelConfig.from_config(config.model),
+                                                             shape.batch, shape.inputs,
+                                                             shape.targets)
       row['mfu'] = row['flops_per_step'] / row['step_s'] / result['peak_flops']
       want = expected_params[shape.name]
       if result['params'] != want:
@@ -451,16 +495,19 @@ def finish_rows(results: list[tuple[dict, dict]], expected_params: dict) -> list
   # Ratios between rows.
   for row in rows:
     if row['kind'] == 'step' and row['framework'] == 't5lite' and 'step_s' in row:
-      for framework, key in (('HF torch', 'ratio_vs_hf'),
-                             ('HF torch, kept host memory', 'ratio_vs_hf_kept')):
-        twin = [r for r in rows if r['kind'] == 'step' and r['framework'] == framework
-                and r['shape'] == row['shape'] and r['dtype'].split()[0] == row['dtype']
-                and 'step_s' in r and not r.get('error')]
+      for framework, key in (('HF torch', 'ratio_vs_hf'), ('HF torch, kept host memory',
+                                                           'ratio_vs_hf_kept')):
+        twin = [
+            r for r in rows
+            if r['kind'] == 'step' and r['framework'] == framework and r['shape'] == row['shape']
+            and r['dtype'].split()[0] == row['dtype'] and 'step_s' in r and not r.get('error')
+        ]
         if twin:
           row[key] = twin[0]['step_s'] / row['step_s']
     if row['kind'] == 'compile' and 'first_s' in row:
-      same = [r for r in rows if r['kind'] == 'compile' and r['scan'] == row['scan']
-              and 'first_s' in r]
+      same = [
+          r for r in rows if r['kind'] == 'compile' and r['scan'] == row['scan'] and 'first_s' in r
+      ]
       fewest = min(same, key=lambda r: int(r['layers'].split('+')[0]))
       row['vs_fewest_layers'] = row['first_s'] / fewest['first_s']
   return rows
@@ -477,11 +524,11 @@ def expected_param_counts(shape_list: list[Shape]) -> dict[str, int]:
   for shape in shape_list:
     model = make_model(ModelConfig.from_config(build_config(shape, 'float32').model))
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda key, x: model.init(key, encoder_input_tokens=x,
-                                                     decoder_input_tokens=x),
-                           jax.ShapeDtypeStruct((2,), jnp.uint32), tokens)
-    counts[shape.name] = sum(int(np.prod(x.shape))
-                             for x in jax.tree.leaves(nn.meta.unbox(boxed)['params']))
+    boxed = jax.eval_shape(
+        lambda key, x: model.init(key, encoder_input_tokens=x, decoder_input_tokens=x),
+        jax.ShapeDtypeStruct((2,), jnp.uint32), tokens)
+    counts[shape.name] = sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(boxed)['params']))
   return counts
 
 
@@ -494,10 +541,11 @@ def main(argv=None) -> int:
   parser.add_argument('--steps', type=int, default=None,
                       help='timed steps per step row, median reported (default 5; --quick 2)')
   parser.add_argument('--json', metavar='OUT', help='also write the rows as JSON to OUT')
-  parser.add_argument('--hf-omp-passive', action='store_true',
-                      help='run HF rows with OMP_WAIT_POLICY=PASSIVE: on a machine shared with '
-                           'other jobs, torch\'s spin-waiting OpenMP threads otherwise slow its '
-                           'steps down 5-20x; off by default (torch\'s defaults, what users run)')
+  parser.add_argument(
+      '--hf-omp-passive', action='store_true',
+      help='run HF rows with OMP_WAIT_POLICY=PASSIVE: on a machine shared with '
+      'other jobs, torch\'s spin-waiting OpenMP threads otherwise slow its '
+      'steps down 5-20x; off by default (torch\'s defaults, what users run)')
   parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: run one measurement
   args = parser.parse_args(argv)
   if args.worker:
@@ -520,13 +568,17 @@ def main(argv=None) -> int:
       # t5lite then HF, back to back: their ratio sees the same load on a shared machine.
       for worker in ('t5lite', 'hf', 'hf_kept'):
         if args.only in (None, worker.split('_')[0]):
-          specs.append({'worker': worker, 'shape': dataclasses.asdict(shape), 'dtype': dtype,
-                        'steps': args.steps})
+          specs.append({
+              'worker': worker, 'shape': dataclasses.asdict(shape), 'dtype': dtype,
+              'steps': args.steps
+          })
   if args.only in (None, 't5lite'):
     for scan in (False, True):
       for shape in compile_shapes(args.quick):
-        specs.append({'worker': 'compile', 'shape': dataclasses.asdict(shape),
-                      'dtype': 'bfloat16', 'scan': scan})
+        specs.append({
+            'worker': 'compile', 'shape': dataclasses.asdict(shape), 'dtype': 'bfloat16',
+            'scan': scan
+        })
   expected = expected_param_counts(shapes(args.quick))
 
   start = time.perf_counter()
@@ -542,8 +594,8 @@ def main(argv=None) -> int:
     result = run_worker(spec, timeout, env)
     result['load'] = load
     results.append((spec, result))
-    what = (f'{spec["worker"]} {spec["shape"]["name"]} {spec["dtype"]}'
-            + (f' scan={spec["scan"]}' if 'scan' in spec else ''))
+    what = (f'{spec["worker"]} {spec["shape"]["name"]} {spec["dtype"]}' +
+            (f' scan={spec["scan"]}' if 'scan' in spec else ''))
     if 'error' in result:
       outcome = result['error']
     elif 'times' in result:

@@ -22,18 +22,18 @@ def get_config(arg=None):
   c = base_config()
   c.model = model_config(arg or 'tiny', variant='v1_1', vocab_size=2048)
   c.model.dtype = 'bfloat16'
-  c.data.inputs_length = 128        # -> raw chunks of 142 tokens, targets of 32 (T5's helper)
+  c.data.inputs_length = 128  # -> raw chunks of 142 tokens, targets of 32 (T5's helper)
   c.train.steps = 1500
   c.train.batch_size = 32
   c.train.log_every = 10
-  c.train.max_grad_norm = 1.0       # global-norm clipping: AdamW at 5e-3 spikes without it
+  c.train.max_grad_norm = 1.0  # global-norm clipping: AdamW at 5e-3 spikes without it
   c.schedule.name = 'cosine'
-  c.schedule.warmup_steps = 100     # linear warm-up to the peak, cosine decay to 0 at the last step
+  c.schedule.warmup_steps = 100  # linear warm-up to the peak, cosine decay to 0 at the last step
   # T5's optimizer: Adafactor scales each update by the parameter's RMS, so the N(0, 1) token
   # embeddings move as fast, relative to their size, as the small projection matrices. AdamW's
   # absolute steps leave them ~10x slower (measured: AdamW 5e-3 ends at loss 4.2, Adafactor at
   # 3.3, same steps). Peak 0.03 beat 0.01 (3.68 at the end).
   c.optimizer.name = 'adafactor'
   c.optimizer.learning_rate = 0.03
-  c.eval.every_steps = 500          # validation loss on held-out documents (~2 s each)
+  c.eval.every_steps = 500  # validation loss on held-out documents (~2 s each)
   return c

@@ -57,22 +57,22 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'
   c.checkpoint.init_from = arg or DEFAULT_INIT
   c.checkpoint.every_steps = 250
-  c.checkpoint.keep = 0                 # keep all: `eval --checkpoint all` scores each of them
+  c.checkpoint.keep = 0  # keep all: `eval --checkpoint all` scores each of them
 
   c.data.task = 'downstream_mix'
-  c.data.inputs_length = 96             # 99% of the inputs fit (longer ones are trimmed)
-  c.data.targets_length = 8             # answers: 2 to 8 tokens with EOS (mean 2.9)
+  c.data.inputs_length = 96  # 99% of the inputs fit (longer ones are trimmed)
+  c.data.targets_length = 8  # answers: 2 to 8 tokens with EOS (mean 2.9)
   c.train.steps = 1000
   c.train.batch_size = 32
   c.train.log_every = 20
   c.train.max_grad_norm = 1.0
   c.optimizer.name = 'adamw'
-  c.optimizer.learning_rate = 2e-3      # 0.4x the pretraining peak: a short run on new tasks
+  c.optimizer.learning_rate = 2e-3  # 0.4x the pretraining peak: a short run on new tasks
   c.optimizer.b2 = 0.98
   c.schedule.name = 'cosine'
   c.schedule.warmup_steps = 50
 
-  c.eval.every_steps = 250              # validation loss of the mixture, and eval.tasks' metrics
+  c.eval.every_steps = 250  # validation loss of the mixture, and eval.tasks' metrics
   c.eval.tasks = ('docstring_kind', 'docstring_module')
   c.eval.batch_size = 64
   c.decode.method = 'greedy'

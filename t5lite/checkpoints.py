@@ -34,10 +34,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import options as ocp_options
 
-
-COMMIT_MARKER = 'commit_success.txt'      # orbax writes it last, just before the final rename
-TMP_MARKER = '.orbax-checkpoint-tmp'      # orbax's suffix for a step still being written
-REJECTED_DIR = 'checkpoints_rejected'     # unreadable steps are moved here, next to checkpoints/
+COMMIT_MARKER = 'commit_success.txt'  # orbax writes it last, just before the final rename
+TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax's suffix for a step still being written
+REJECTED_DIR = 'checkpoints_rejected'  # unreadable steps are moved here, next to checkpoints/
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,8 @@ class MissingCheckpointError(RuntimeError):
 @dataclasses.dataclass
 class Restored:
   step: int
-  state: Any          # TrainState on the target shardings
-  data_state: dict    # this process's data-iterator state, for iterator.set_state
+  state: Any  # TrainState on the target shardings
+  data_state: dict  # this process's data-iterator state, for iterator.set_state
 
 
 def _scan(directory: str) -> tuple[list[int], list[int], list[str]]:
@@ -113,14 +112,14 @@ class Checkpointer:
       # Also keep the best_n by `best_metric` (a value passed to save(metrics=...)); orbax keeps
       # each step's metrics in its metadata, so the ranking survives restarts. BestN sorts
       # ascending and keeps the tail, so a loss to minimise sorts in reverse.
-      best = ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == 'min',
-          n=best_n, keep_checkpoints_without_metrics=False)
+      best = ocp.checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[best_metric],
+                                           reverse=best_mode == 'min', n=best_n,
+                                           keep_checkpoints_without_metrics=False)
       policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, best])
     # best_fn only makes orbax write each step's metrics (a `metrics` JSON item) and read them
     # back when it starts; retention is the preservation policy above.
-    track = {'best_fn': (lambda metrics: metrics[best_metric]),
-             'best_mode': best_mode} if best_metric and keep else {}
+    track = {'best_fn': (lambda metrics: metrics[best_metric]), 'best_mode': best_mode
+            } if best_metric and keep else {}
     every_process = ocp_options.MultiprocessingOptions(primary_host=None)
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -145,10 +144,11 @@ class Checkpointer:
     `metrics` (e.g. {'eval/loss': 2.3}) rank checkpoints for keep-best."""
     if step in self.manager.all_steps():
       return False
-    return self.manager.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)))
+    return self.manager.save(
+        step, force=True, metrics=metrics,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                data=ocp.args.JsonSave(data_state),
+                                config=ocp.args.JsonSave(config)))
 
   def wait(self) -> None:
     """Blocks until the in-flight save, if any, is finalised on disk."""
@@ -197,8 +197,10 @@ class Checkpointer:
     if config is not None:
       try:
         saved_model = self._read_config(step).get('model', {})
-        diffs = [f'{k}={saved_model[k]!r} (now {v!r})' for k, v in config.get('model', {}).items()
-                 if k in saved_model and saved_model[k] != v]
+        diffs = [
+            f'{k}={saved_model[k]!r} (now {v!r})' for k, v in config.get('model', {}).items()
+            if k in saved_model and saved_model[k] != v
+        ]
         if diffs:
           hint = '\nIt was written with config.model ' + ', '.join(diffs) + '.'
       except Exception:  # pylint: disable=broad-except  (the hint is optional)
@@ -211,8 +213,8 @@ class Checkpointer:
         'Use the config it was written with, or another --workdir to start a new run.')
 
   def _read_config(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))['config']
+    return self.manager.restore(step,
+                                args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
   def restore(self, step: int, abstract_state) -> Restored:
     """Reads step `step` into the shardings that `abstract_state`'s structs carry."""
@@ -225,9 +227,9 @@ class Checkpointer:
           f'none for this process ({data_state_filename()}): the data position is per process, '
           'so resume with the process count that wrote it (the model state itself restores on '
           'any mesh).')
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore()))
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      data=ocp.args.JsonRestore()))
     return Restored(step=step, state=restored['state'], data_state=restored['data'])
 
   def restore_latest(self, abstract_state, config: dict | None = None) -> Restored | None:
@@ -257,10 +259,10 @@ class Checkpointer:
         log.info(f'checkpoints: resuming from step {step}, the newest readable checkpoint')
       return restored
     if failures:
-      raise CheckpointError(
-          f'checkpoints exist in {self.directory} but none can be read:\n  ' +
-          '\n  '.join(failures) + '\nRefusing to start from scratch over them: move the folder '
-          'away (or use another --workdir) to start a new run.')
+      raise CheckpointError(f'checkpoints exist in {self.directory} but none can be read:\n  '
+                            + '\n  '.join(failures)
+                            + '\nRefusing to start from scratch over them: move the folder '
+                            'away (or use another --workdir) to start a new run.')
     return None
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -293,8 +295,8 @@ def restore_as_numpy(workdir: str, step: int | None = None) -> tuple[int, dict]:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           metadata.tree, is_leaf=lambda x: hasattr(x, 'shape'))
-    state = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))['state']
+    state = ckpt.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
     return step, jax.tree.map(np.asarray, state)
   finally:
     ckpt.close()
@@ -423,8 +425,9 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
     checkpointer = ocp.PyTreeCheckpointer()
     metadata = checkpointer.metadata(state_dir)
     metadata = getattr(metadata, 'item_metadata', metadata)  # orbax 0.12 wraps it in StepMetadata
-    saved = {k[len('params/'):]: v for k, v in _flat_shapes(metadata).items()
-             if k.startswith('params/')}
+    saved = {
+        k[len('params/'):]: v for k, v in _flat_shapes(metadata).items() if k.startswith('params/')
+    }
 
   renamed = {}  # new name -> checkpoint name
   collisions = []
@@ -474,10 +477,11 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
       for part in parents:
         node = node.setdefault(part, {})
       node[leaf] = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=struct.sharding)
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={'params': target},
-        restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
-        partial_restore=True))['params']
+    restored = checkpointer.restore(
+        state_dir, args=ocp.args.PyTreeRestore(
+            item={'params': target},
+            restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
+            partial_restore=True))['params']
     values = {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored)}
   names_back = {old: new for new, old in renamed.items()}
   loaded = {names_back[old]: x for old, x in values.items()}
@@ -494,5 +498,4 @@ def load_params(path: str, abstract_params):
 
 def merge_init_params(fresh, loaded):
   """`loaded` (from load_params_for_init) with its ignored leaves taken from `fresh`."""
-  return jax.tree.map(lambda f, x: f if isinstance(x, jax.ShapeDtypeStruct) else x,
-                      fresh, loaded)
+  return jax.tree.map(lambda f, x: f if isinstance(x, jax.ShapeDtypeStruct) else x, fresh, loaded)

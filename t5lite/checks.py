@@ -13,8 +13,9 @@ Check = Callable[[Any, str], None]  # (value, 'section.field'): returns, or rais
 
 
 def _number(value, field_name: str, allow_zero: bool) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-      value == 0 and not allow_zero):
+  if isinstance(value, bool) or not isinstance(value,
+                                               (int, float)) or value < 0 or (value == 0
+                                                                              and not allow_zero):
     need = 'a number >= 0' if allow_zero else 'a positive number'
     raise ConfigError(f'config.{field_name}={value!r}: must be {need}')
 
@@ -33,17 +34,20 @@ def in_range(lo, hi, *, lo_open: bool = False, hi_open: bool = False, note: str 
 
   def check(value, field_name: str) -> None:
     number = isinstance(value, (int, float))
-    if not (number and (lo < value if lo_open else lo <= value) and (
-        value < hi if hi_open else value <= hi)):
+    if not (number and (lo < value if lo_open else lo <= value) and
+            (value < hi if hi_open else value <= hi)):
       raise ConfigError(f'config.{field_name}={value!r}: must be in {shown}')
+
   return check
 
 
 def count(what: str) -> Check:
   """An int >= 0; `what` says what it counts."""
+
   def check(value, field_name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ConfigError(f'config.{field_name}={value!r}: must be an int >= 0 ({what})')
+
   return check
 
 
@@ -53,9 +57,11 @@ def boolean(value, field_name: str) -> None:
 
 
 def string(what: str) -> Check:
+
   def check(value, field_name: str) -> None:
     if not isinstance(value, str):
       raise ConfigError(f'config.{field_name}={value!r}: must be {what}')
+
   return check
 
 

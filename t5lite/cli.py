@@ -41,14 +41,17 @@ class Flag:
 
   def define(self, flag_values: absl_flags.FlagValues) -> None:
     kind = self.kind or type(self.default)
-    define = {bool: absl_flags.DEFINE_bool, int: absl_flags.DEFINE_integer,
-              float: absl_flags.DEFINE_float, str: absl_flags.DEFINE_string}[kind]
+    define = {
+        bool: absl_flags.DEFINE_bool, int: absl_flags.DEFINE_integer,
+        float: absl_flags.DEFINE_float, str: absl_flags.DEFINE_string
+    }[kind]
     define(self.name, self.default, self.help, flag_values=flag_values)
 
 
 # Multi-process settings (t5lite/distributed.py); each may also come from its environment variable.
 DISTRIBUTED_FLAGS = (
-    Flag('coordinator_address', None, f'HOST:PORT of process 0 ({distributed.ENV["coordinator_address"]})', str),
+    Flag('coordinator_address', None,
+         f'HOST:PORT of process 0 ({distributed.ENV["coordinator_address"]})', str),
     Flag('num_processes', None, f'processes in the run ({distributed.ENV["num_processes"]})', int),
     Flag('process_id', None, f'this process, 0..N-1 ({distributed.ENV["process_id"]})', int),
     Flag('local_device_count', None,
@@ -68,7 +71,8 @@ def _flag_values(job_flags: Sequence[Flag], workdir_help: str, argv: Sequence[st
   flag_values = absl_flags.FlagValues()
   # config_flags finds the --config.x=y overrides in the argv it is given (else sys.argv).
   config_flag = config_flags.DEFINE_config_file(
-      'config', None, 'the config file, configs/x.py[:arg] (its get_config(arg)); override any field '
+      'config', None,
+      'the config file, configs/x.py[:arg] (its get_config(arg)); override any field '
       'with --config.section.field=value', flag_values=flag_values, lock_config=True,
       sys_argv=['t5lite', *argv])
   absl_flags.DEFINE_string('workdir', None, workdir_help, flag_values=flag_values)
@@ -82,7 +86,8 @@ def _check_overrides(argv: Sequence[str]) -> None:
   wrong key or type gets t5lite's message (with "did you mean") rather than absl's."""
   spec, overrides, i = None, [], 0
   while i < len(argv):
-    name, has_value, value = argv[i][2:].partition('=') if argv[i].startswith('--') else ('', '', '')
+    name, has_value, value = argv[i][2:].partition('=') if argv[i].startswith('--') else ('', '',
+                                                                                          '')
     if name == 'config' or name.startswith('config.'):
       if not has_value:
         if i + 1 >= len(argv):
@@ -123,8 +128,10 @@ def parse(argv: Sequence[str], job_flags: Sequence[Flag] = (), usage: str = '',
   if rest:
     raise config_lib.ConfigError(f'unexpected argument(s) {" ".join(rest)}; see --help')
   # Before any other JAX call: JAX fixes the process count and devices when a backend starts.
-  distributed.maybe_initialize({f.name: str(flag_values[f.name].value) for f in DISTRIBUTED_FLAGS
-                                if flag_values[f.name].value is not None})
+  distributed.maybe_initialize({
+      f.name: str(flag_values[f.name].value) for f in DISTRIBUTED_FLAGS
+      if flag_values[f.name].value is not None
+  })
   options = {f.name: flag_values[f.name].value for f in job_flags}
   return Invocation(config_flag.value, flag_values['workdir'].value, options)
 
@@ -172,12 +179,14 @@ def run_main(body: Callable[[], object], errors: Sequence[ErrorKind] = ()) -> in
   return 0
 
 
-def main(argv: Sequence[str], run: Callable[[Invocation], object], *, usage: str,
-         job_flags: Sequence[Flag] = (), errors: Sequence[ErrorKind] = (),
-         workdir_help: str = 'the run folder') -> int:
+def main(argv: Sequence[str], run: Callable[[Invocation],
+                                            object], *, usage: str, job_flags: Sequence[Flag] = (),
+         errors: Sequence[ErrorKind] = (), workdir_help: str = 'the run folder') -> int:
   """parse -> run(invocation), with errors mapped to exit codes; what every job's main() does."""
+
   def body():
     invocation = parse(argv, job_flags, usage, workdir_help)
     if invocation is not None:
       run(invocation)
+
   return run_main(body, errors)

@@ -42,26 +42,30 @@ EVAL_VALUES = ('eval/loss', 'eval/accuracy')  # what in-training evaluation logs
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """What the model reads: the task, lengths, the converter and the vocabulary (docs/data.md)."""
-  task: str = field('embedded_span_corruption', 'A registered task or mixture (t5lite.data.tasks; '
-                    '`python -m t5lite.data.inspect --task NAME` shows it). An unknown name lists '
-                    'the closest registered ones.')
+  task: str = field(
+      'embedded_span_corruption', 'A registered task or mixture (t5lite.data.tasks; '
+      '`python -m t5lite.data.inspect --task NAME` shows it). An unknown name lists '
+      'the closest registered ones.')
   inputs_length: int = field(128, 'Encoder (or prefix) length in tokens.')
-  targets_length: int = field(0, "Target length; 0: T5's random_spans_helper at noise 0.15, span 3 "
-                              '(the span-corruption target length for inputs_length: 128 inputs '
-                              '=> 29 targets, 512 => 114).')
-  converter: str = field('encdec', 'How examples become model features '
-                         '(t5lite/data/converters.py): encdec feeds encoder_decoder; decoder and '
-                         'prefix_lm feed decoder_only.',
-                         choices=CONVERTERS)
+  targets_length: int = field(
+      0, "Target length; 0: T5's random_spans_helper at noise 0.15, span 3 "
+      '(the span-corruption target length for inputs_length: 128 inputs '
+      '=> 29 targets, 512 => 114).')
+  converter: str = field(
+      'encdec', 'How examples become model features '
+      '(t5lite/data/converters.py): encdec feeds encoder_decoder; decoder and '
+      'prefix_lm feed decoder_only.', choices=CONVERTERS)
   pack: bool = field(True, 'Several examples per row, separated by segment ids.')
-  num_workers: int = field(0, 'Preprocessing worker processes (grain mp_prefetch); 0 runs it in '
-                           'the training process. Same batches either way; workers pay off when '
-                           'preprocessing, not the step, is the bottleneck.')
-  vocabulary: str = field('embedded', "embedded: the embedded corpus's SentencePiece model "
-                          '(data.sp_vocab_size pieces + 100 sentinels) for every feature; task: '
-                          "each task's own vocabularies; byte: ByT5's bytes (259 ids + 125 "
-                          'sentinels = 384); or a path to a SentencePiece .model (+ 100 '
-                          'sentinels).')
+  num_workers: int = field(
+      0, 'Preprocessing worker processes (grain mp_prefetch); 0 runs it in '
+      'the training process. Same batches either way; workers pay off when '
+      'preprocessing, not the step, is the bottleneck.')
+  vocabulary: str = field(
+      'embedded', "embedded: the embedded corpus's SentencePiece model "
+      '(data.sp_vocab_size pieces + 100 sentinels) for every feature; task: '
+      "each task's own vocabularies; byte: ByT5's bytes (259 ids + 125 "
+      'sentinels = 384); or a path to a SentencePiece .model (+ 100 '
+      'sentinels).')
   sp_vocab_size: int = field(1948, 'Embedded SentencePiece size; + 100 sentinels = 2048.')
 
 
@@ -71,25 +75,27 @@ class TrainConfig:
   tokens in the whole batch."""
   steps: int = field(1000, 'Training steps.')
   batch_size: int = field(32, 'Global batch size, over all processes.')
-  microbatches: int = field(1, 'Gradient accumulation: batch_size / microbatches rows per pass, '
-                            'the same update.')
+  microbatches: int = field(
+      1, 'Gradient accumulation: batch_size / microbatches rows per pass, '
+      'the same update.')
   seed: int = field(0, 'Parameter init and dropout; the data order follows it too.')
   log_every: int = field(10, 'Steps between logged metrics.')
   z_loss: float = field(1e-4, 'PaLM/T5X auxiliary loss on log(Z)^2, keeps the logits bounded.')
   label_smoothing: float = field(0.0, 'Label smoothing of the cross-entropy.')
-  max_grad_norm: float = field(0.0, 'Global-norm gradient clipping; 0 turns it off (Adafactor '
-                               'clips its updates anyway).')
+  max_grad_norm: float = field(
+      0.0, 'Global-norm gradient clipping; 0 turns it off (Adafactor '
+      'clips its updates anyway).')
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """The optimizer (t5lite/optim.py). Adafactor has T5's defaults: factored second moments,
   parameter-scaled updates, no momentum."""
-  name: str = field('adafactor', "The optimizer; adafactor with T5's settings.",
-                    choices=OPTIMIZERS)
+  name: str = field('adafactor', "The optimizer; adafactor with T5's settings.", choices=OPTIMIZERS)
   learning_rate: float = field(1.0, 'Peak / base value that the schedule multiplies.')
-  weight_decay: float = field(0.0, "Decoupled weight decay: adamw's, and adafactor's "
-                              'weight_decay_rate; 0 turns it off.')
+  weight_decay: float = field(
+      0.0, "Decoupled weight decay: adamw's, and adafactor's "
+      'weight_decay_rate; 0 turns it off.')
   b1: float = field(0.9, 'adamw: first-moment decay.')
   b2: float = field(0.999, 'adamw: second-moment decay.')
   eps: float = field(1e-8, 'adamw: denominator epsilon.')
@@ -100,12 +106,13 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
   """The learning rate over the steps (t5lite/optim.py make_schedule)."""
-  name: str = field('rsqrt', 'rsqrt: lr / sqrt(max(step, warmup)) (T5); cosine: linear warm-up, '
-                    'cosine decay to lr * end_ratio; wsd: warm-up, constant, linear cool-down over '
-                    'the last decay_fraction of the steps; constant: warm-up, then flat.',
-                    choices=SCHEDULES)
-  warmup_steps: int = field(10_000, 'rsqrt: the constant stretch at the start '
-                            '(lr / sqrt(warmup)); the others: a linear warm-up from 0.')
+  name: str = field(
+      'rsqrt', 'rsqrt: lr / sqrt(max(step, warmup)) (T5); cosine: linear warm-up, '
+      'cosine decay to lr * end_ratio; wsd: warm-up, constant, linear cool-down over '
+      'the last decay_fraction of the steps; constant: warm-up, then flat.', choices=SCHEDULES)
+  warmup_steps: int = field(
+      10_000, 'rsqrt: the constant stretch at the start '
+      '(lr / sqrt(warmup)); the others: a linear warm-up from 0.')
   decay_fraction: float = field(0.1, 'wsd: the final fraction of the steps spent cooling down.')
   end_ratio: float = field(0.0, 'cosine / wsd: the final learning rate as a fraction of the peak.')
 
@@ -114,26 +121,29 @@ class ScheduleConfig:
 class MeshConfig:
   """The device mesh; data * fsdp * tensor must equal the device count."""
   data: int = field(-1, 'Data parallelism; -1: whatever the other axes leave of the device count.')
-  fsdp: int = field(1, 'Fully sharded data parallelism: parameters and optimizer state are split '
-                    'along embed (ZeRO-3 style), the batch along data+fsdp.')
+  fsdp: int = field(
+      1, 'Fully sharded data parallelism: parameters and optimizer state are split '
+      'along embed (ZeRO-3 style), the batch along data+fsdp.')
   tensor: int = field(1, 'Tensor parallelism over heads, mlp and vocab.')
 
 
 @dataclasses.dataclass(frozen=True)
 class PartitioningConfig:
   """Logical axis names -> mesh axes (docs/models.md, partitioning)."""
-  rules: tuple = field(DEFAULT_RULES, 'A tuple of (logical_axis, mesh_axes); the first matching '
-                       'rule whose mesh axes are still free wins (flax). Default: '
-                       't5lite.partitioning.DEFAULT_RULES (fsdp shards embed, tensor shards heads '
-                       '/ mlp / vocab; activations use act_* names so the batch can take data+fsdp '
-                       'while the weights use fsdp for embed).')
+  rules: tuple = field(
+      DEFAULT_RULES, 'A tuple of (logical_axis, mesh_axes); the first matching '
+      'rule whose mesh axes are still free wins (flax). Default: '
+      't5lite.partitioning.DEFAULT_RULES (fsdp shards embed, tensor shards heads '
+      '/ mlp / vocab; activations use act_* names so the batch can take data+fsdp '
+      'while the weights use fsdp for embed).')
 
 
 @dataclasses.dataclass(frozen=True)
 class ReportingConfig:
   """Logged throughput: MFU = model FLOPs per step / step time / (peak * devices)."""
-  peak_flops_per_device: float = field(0.0, 'Per-device peak FLOP/s for MFU; 0: look up the device '
-                                       'kind, or on CPU measure a matmul at start.')
+  peak_flops_per_device: float = field(
+      0.0, 'Per-device peak FLOP/s for MFU; 0: look up the device '
+      'kind, or on CPU measure a matmul at start.')
   tensorboard: bool = field(True, 'Also write TensorBoard events to WORKDIR/tensorboard.')
 
 
@@ -141,29 +151,33 @@ class ReportingConfig:
 class CheckpointConfig:
   """Checkpoints go to WORKDIR/checkpoints (docs/checkpoints.md). Running the same command again
   resumes from the newest complete one; the last step and a SIGTERM stop are always saved."""
-  every_steps: int = field(500, 'Save period in steps; 0: only at the end and on SIGTERM. Shorter '
-                           'loses less work on a crash but writes more.')
+  every_steps: int = field(
+      500, 'Save period in steps; 0: only at the end and on SIGTERM. Shorter '
+      'loses less work on a crash but writes more.')
   keep: int = field(3, 'Newest checkpoints to keep on disk; 0 keeps all.')
-  async_save: bool = field(True, 'Write in a background thread: the loop only waits for the '
-                           'device-to-host copy, then trains on while the files are written. '
-                           'False: every save blocks until it is on disk, simpler to reason about '
-                           'on flaky file systems. (`async` is a Python keyword.)')
-  init_from: str = field('', "Fine-tuning: when WORKDIR has no checkpoint yet, take the params "
-                         "(only: optimizer state and step start fresh) from another run's "
-                         'checkpoint, a step directory or a WORKDIR/checkpoints directory (its '
-                         'newest step); `hf:DIR` for a HuggingFace T5 (docs/hf.md). The '
-                         "workdir's own checkpoints always win, so a preempted fine-tune resumes "
-                         "where it stopped. '': a random init.")
-  init_rename: tuple = field((), "(regex, replacement) pairs applied in order (re.sub) to the "
+  async_save: bool = field(
+      True, 'Write in a background thread: the loop only waits for the '
+      'device-to-host copy, then trains on while the files are written. '
+      'False: every save blocks until it is on disk, simpler to reason about '
+      'on flaky file systems. (`async` is a Python keyword.)')
+  init_from: str = field(
+      '', 'Fine-tuning: when WORKDIR has no checkpoint yet, take the params '
+      "(only: optimizer state and step start fresh) from another run's "
+      'checkpoint, a step directory or a WORKDIR/checkpoints directory (its '
+      'newest step); `hf:DIR` for a HuggingFace T5 (docs/hf.md). The '
+      "workdir's own checkpoints always win, so a preempted fine-tune resumes "
+      "where it stopped. '': a random init.")
+  init_rename: tuple = field((), '(regex, replacement) pairs applied in order (re.sub) to the '
                              "checkpoint's '/'-joined param names, e.g. (('^encoder/', 'enc/'),), "
                              'so that differently named models can share weights.')
   init_ignore: tuple = field((), 'Regexes (re.search) over param names: matching model params keep '
                              'their fresh init (a new head), matching (renamed) checkpoint params '
                              'are dropped. Anything else unmatched is an error.')
-  keep_best_metric: str = field('', 'Also keep the best checkpoint(s) by a value logged at eval '
-                                "steps, whatever `keep` drops, e.g. 'eval/loss'; '' keeps only "
-                                'the newest. Needs eval.every_steps to divide every_steps, so '
-                                'every periodic checkpoint has the metric.')
+  keep_best_metric: str = field(
+      '', 'Also keep the best checkpoint(s) by a value logged at eval '
+      "steps, whatever `keep` drops, e.g. 'eval/loss'; '' keeps only "
+      'the newest. Needs eval.every_steps to divide every_steps, so '
+      'every periodic checkpoint has the metric.')
   keep_best_mode: str = field('min', 'min for a loss, max for an accuracy or a BLEU.',
                               choices=('min', 'max'))
   keep_best_n: int = field(1, 'How many best checkpoints to keep.')
@@ -175,8 +189,9 @@ class EvalConfig:
   one ordered pass over eval.split of eval.task gives eval/loss (cross-entropy per target token,
   without z-loss or label smoothing) and eval/accuracy; and metric evaluation of eval.tasks
   (t5lite/evaluation/evaluator.py), also run by `python -m t5lite.eval`."""
-  every_steps: int = field(0, 'Evaluation period in steps; 0: off. Costs one forward pass per '
-                           'eval batch.')
+  every_steps: int = field(
+      0, 'Evaluation period in steps; 0: off. Costs one forward pass per '
+      'eval batch.')
   task: str = field('', "The task of eval/loss; '' = data.task.")
   split: str = field('validation', 'The split evaluated.')
   batch_size: int = field(0, '0 = train.batch_size; must divide by the data-parallel size like it.')
@@ -207,11 +222,12 @@ class InferConfig:
   batch_size: int = field(0, '0 = eval.batch_size, else train.batch_size.')
   input_key: str = field('inputs', 'The JSONL field holding the input text.')
   target_key: str = field('targets', 'Copied to the output when present.')
-  on_too_long: str = field('truncate', 'An input longer than data.inputs_length tokens (EOS '
-                           'included): truncate (a counted warning) or error.',
-                           choices=('truncate', 'error'))
-  on_bad_line: str = field('error', 'A line that is not JSON, or has no input_key string: error '
-                           '(names the line) or skip (counted).', choices=('error', 'skip'))
+  on_too_long: str = field(
+      'truncate', 'An input longer than data.inputs_length tokens (EOS '
+      'included): truncate (a counted warning) or error.', choices=('truncate', 'error'))
+  on_bad_line: str = field(
+      'error', 'A line that is not JSON, or has no input_key string: error '
+      '(names the line) or skip (counted).', choices=('error', 'skip'))
 
 
 def _section(cls):
@@ -224,12 +240,13 @@ class RunConfig:
   attribute names as the ConfigDict, so `cfg.train.steps` reads the same from either."""
   model: presets.ModelConfig = _section(presets.ModelConfig)  # t5lite/models/presets.py
   data: DataConfig = _section(DataConfig)
-  keep_host_memory: bool = field(True, 'CPU backend: keep freed host memory for reuse instead of '
-                                 'returning it to the kernel after every step, one malloc arena '
-                                 'for all threads (glibc settings, applied before JAX starts; '
-                                 't5lite/host_memory.py): no page faults on XLA\'s per-step '
-                                 'buffers, T5.1.1-small steps ~1.3x faster; the process keeps its '
-                                 'peak memory.')
+  keep_host_memory: bool = field(
+      True, 'CPU backend: keep freed host memory for reuse instead of '
+      'returning it to the kernel after every step, one malloc arena '
+      'for all threads (glibc settings, applied before JAX starts; '
+      't5lite/host_memory.py): no page faults on XLA\'s per-step '
+      'buffers, T5.1.1-small steps ~1.3x faster; the process keeps its '
+      'peak memory.')
   train: TrainConfig = _section(TrainConfig)
   optimizer: OptimizerConfig = _section(OptimizerConfig)
   schedule: ScheduleConfig = _section(ScheduleConfig)
@@ -256,8 +273,10 @@ class RunConfig:
 
 
 # Section name -> its dataclass, in order; the other RunConfig fields are top-level values.
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)
-            if f.default_factory is not dataclasses.MISSING}
+SECTIONS = {
+    f.name: f.default_factory for f in dataclasses.fields(RunConfig)
+    if f.default_factory is not dataclasses.MISSING
+}
 
 
 def _config_dict(tree: dict) -> ml_collections.ConfigDict:
@@ -293,9 +312,10 @@ def resolve(config) -> RunConfig:
   for f in dataclasses.fields(RunConfig):
     value = config[f.name]
     if f.name in SECTIONS:  # a key the config lacks (an older config.json) takes its default
-      parts[f.name] = SECTIONS[f.name](**{g.name: _frozen(value[g.name])
-                                          for g in dataclasses.fields(SECTIONS[f.name])
-                                          if g.name in value})
+      parts[f.name] = SECTIONS[f.name](**{
+          g.name: _frozen(value[g.name]) for g in dataclasses.fields(SECTIONS[f.name])
+          if g.name in value
+      })
     else:
       parts[f.name] = _frozen(value)
   return RunConfig(**parts)
@@ -386,8 +406,8 @@ def set_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> No
     value = raw  # --config.model.size=11 should still be the string '11'
   type_ok = old is None or type(value) is type(old)
   if not type_ok or isinstance(old, ml_collections.ConfigDict):
-    raise ConfigError(f"config.{dotted}: expected {_type_name(old)} (like {old!r}), got "
-                      f"{_type_name(value)} {raw!r}")
+    raise ConfigError(f'config.{dotted}: expected {_type_name(old)} (like {old!r}), got '
+                      f'{_type_name(value)} {raw!r}')
   node[key] = value
 
 
@@ -403,7 +423,6 @@ def save_config(config, workdir: str) -> str:
   return path
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Validation: one table of per-field checks, then the few rules that relate fields.
 
@@ -412,8 +431,8 @@ def choices_of(dotted: str) -> tuple:
   """The values `section.field` may take, from its declaration; () when any value goes."""
   section, _, name = dotted.partition('.')
   cls = SECTIONS.get(section)
-  declared = {f.name: f.metadata.get(fields.CHOICES, ()) for f in dataclasses.fields(cls)} if (
-      cls is not None) else {}
+  declared = {f.name: f.metadata.get(fields.CHOICES, ()) for f in dataclasses.fields(cls)
+             } if (cls is not None) else {}
   return tuple(declared.get(name, ()))
 
 
@@ -433,9 +452,9 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('model.architecture', choice),
     ('model.dtype', choice),
     ('model.remat_policy', choice),
-    *((f'model.{name}', positive) for name in (
-        'vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'num_decoder_layers',
-        'relative_attention_num_buckets', 'relative_attention_max_distance')),
+    *((f'model.{name}', positive)
+      for name in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'num_decoder_layers',
+                   'relative_attention_num_buckets', 'relative_attention_max_distance')),
     ('model.dropout_rate', in_range(0, 1, hi_open=True)),
     ('data.task', task),
     ('data.inputs_length', positive),
@@ -453,8 +472,9 @@ CHECKS: tuple[tuple[str, Check], ...] = (
      count('the save period in steps; 0 saves only at the end and on SIGTERM')),
     ('checkpoint.keep', count('how many checkpoints to keep; 0 keeps all')),
     ('checkpoint.async_save', boolean),
-    ('checkpoint.init_from', string('a path string (a checkpoint step directory or '
-                                    "WORKDIR/checkpoints; '' for none)")),
+    ('checkpoint.init_from',
+     string('a path string (a checkpoint step directory or '
+            "WORKDIR/checkpoints; '' for none)")),
     ('checkpoint.init_rename', regex_pairs),
     ('checkpoint.init_ignore', regexes),
     ('eval.every_steps', non_negative),
@@ -562,9 +582,9 @@ def _keep_best_needs_eval(c) -> None:
 
 
 # Rules that relate fields, run after the per-field checks.
-RULES: tuple[Callable[[Any], None], ...] = (
-    _encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes, _eval_task,
-    _keep_best_needs_eval)
+RULES: tuple[Callable[[Any], None],
+             ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
+                     _eval_task, _keep_best_needs_eval)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:

@@ -43,8 +43,8 @@ def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
   if not os.path.isdir(model_path):
     raise ConvertError(f'--model {model_path}: no such directory')
   out = os.path.abspath(out)
-  if os.path.isdir(os.path.join(out, 'checkpoints')) and os.listdir(os.path.join(out,
-                                                                                 'checkpoints')):
+  if os.path.isdir(os.path.join(out, 'checkpoints')) and os.listdir(os.path.join(
+      out, 'checkpoints')):
     raise ConvertError(f'--out {out}: it already holds checkpoints; choose an empty directory')
   fields, params = hf.load_hf(model_path, scan_layers)  # all checks before anything is written
 
@@ -55,8 +55,10 @@ def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
   model.update(fields)
   model.update(size='custom', scan_layers=bool(scan_layers))
   hf_config = hf.read_config(model_path)
-  source = {'hf_model': os.path.abspath(model_path), 'model_type': hf_config.get('model_type'),
-            'architectures': hf_config.get('architectures')}
+  source = {
+      'hf_model': os.path.abspath(model_path), 'model_type': hf_config.get('model_type'),
+      'architectures': hf_config.get('architectures')
+  }
   ckpt = checkpoints.Checkpointer(out, async_save=False)
   try:
     ckpt.save(0, {'params': params}, {}, {'model': model, 'converted_from': source})
@@ -91,10 +93,11 @@ def _read_step(step_dir: str) -> tuple[dict, dict]:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         tree['params'], is_leaf=lambda x: hasattr(x, 'shape'))
-  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item={'params': target},
-      restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
-      partial_restore=True))['params']
+  restored = checkpointer.restore(
+      state_dir, args=ocp.args.PyTreeRestore(
+          item={'params': target},
+          restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
+          partial_restore=True))['params']
   return config, jax.tree.map(np.asarray, restored)
 
 
@@ -117,8 +120,9 @@ def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32') -> tuple[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m t5lite.convert', description=__doc__.split(
-      '\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(prog='python -m t5lite.convert',
+                                   description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
   a = sub.add_parser('hf-to-t5lite', help='HF T5 directory -> t5lite checkpoint (a workdir)')
   a.add_argument('--model', required=True, help='HF model directory (config.json + weights)')

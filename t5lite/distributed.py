@@ -50,8 +50,8 @@ class Settings:
   num_processes: int | None = None
   process_id: int | None = None
   local_device_count: int | None = None
-  mode: str | None = None          # from T5LITE_DISTRIBUTED: 'auto', 'off' or None
-  cluster: str | None = None       # a detected cluster ('slurm', 'tpu'), when no explicit settings
+  mode: str | None = None  # from T5LITE_DISTRIBUTED: 'auto', 'off' or None
+  cluster: str | None = None  # a detected cluster ('slurm', 'tpu'), when no explicit settings
 
   @property
   def explicit(self) -> bool:
@@ -84,8 +84,8 @@ def pop_distributed_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str
     if name in ENV:
       if not eq:  # --flag value
         if i + 1 >= len(args) or args[i + 1].startswith('--'):
-          raise DistributedError(f'--{name} needs a value, e.g. --{name}=' +
-                                 ('127.0.0.1:12345' if name == 'coordinator_address' else '2'))
+          raise DistributedError(f'--{name} needs a value, e.g. --{name}='
+                                 + ('127.0.0.1:12345' if name == 'coordinator_address' else '2'))
         i += 1
         value = args[i]
       flags[name] = value
@@ -121,7 +121,8 @@ def resolve(flags: Mapping[str, str] | None = None,
   environ = os.environ if environ is None else environ
   unknown = set(flags) - set(ENV)
   if unknown:
-    raise DistributedError(f'unknown distributed setting(s) {sorted(unknown)}; known: {sorted(ENV)}')
+    raise DistributedError(
+        f'unknown distributed setting(s) {sorted(unknown)}; known: {sorted(ENV)}')
   raw = {}
   for field, var in ENV.items():
     value = flags.get(field, environ.get(var))
@@ -181,8 +182,7 @@ def maybe_initialize(flags: Mapping[str, str] | Settings | None = None,
     if settings.num_processes == 1:
       return False
     jax.distributed.initialize(coordinator_address=settings.coordinator_address,
-                               num_processes=settings.num_processes,
-                               process_id=settings.process_id)
+                               num_processes=settings.num_processes, process_id=settings.process_id)
     return True
   if settings.cluster is not None:
     jax.distributed.initialize()  # JAX detects SLURM / TPU settings itself

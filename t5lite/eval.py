@@ -47,7 +47,7 @@ def run(config, workdir: str, checkpoint: str = 'latest', watch: bool = False,
         poll_seconds: float = 30.0, timeout: float = 3600.0, devices=None) -> dict:
   """Evaluates what `checkpoint` names (see the module docstring); returns {step: results}."""
   if not config.eval.tasks:
-    raise config_lib.ConfigError("config.eval.tasks is empty: name the tasks to evaluate, e.g. "
+    raise config_lib.ConfigError('config.eval.tasks is empty: name the tasks to evaluate, e.g. '
                                  "--config.eval.tasks=\"('fill_word',)\"")
   for name in config.eval.tasks:
     if config.eval.split not in tasks_lib.get_task(name).splits:
@@ -79,8 +79,10 @@ def run(config, workdir: str, checkpoint: str = 'latest', watch: bool = False,
 
   try:
     if not watch:
-      todo = [step for step, _ in targets
-              if not (checkpoint == 'all' and is_evaluated(workdir, tasks, step))]
+      todo = [
+          step for step, _ in targets
+          if not (checkpoint == 'all' and is_evaluated(workdir, tasks, step))
+      ]
       for step in sorted({s for s, _ in targets} - set(todo)):
         where = evaluator_lib.result_path(workdir, tasks[0], step)
         log.info(f'step {step}: already evaluated ({where} exists); skipping')
@@ -89,11 +91,14 @@ def run(config, workdir: str, checkpoint: str = 'latest', watch: bool = False,
         evaluate(step, paths.get(step, os.path.join(workdir, 'checkpoints', str(step))))
       return done
     final, seen, last_new = cfg.train.steps, set(), time.monotonic()
-    log.info(f'watching {os.path.join(os.path.abspath(workdir), "checkpoints")} (every '
-         f'{poll_seconds:g}s; stops after step {final} or {timeout:g}s without a new checkpoint)')
+    log.info(
+        f'watching {os.path.join(os.path.abspath(workdir), "checkpoints")} (every '
+        f'{poll_seconds:g}s; stops after step {final} or {timeout:g}s without a new checkpoint)')
     while True:
-      new = [s for s in checkpoints.complete_steps(os.path.join(workdir, 'checkpoints'))
-             if s not in seen]
+      new = [
+          s for s in checkpoints.complete_steps(os.path.join(workdir, 'checkpoints'))
+          if s not in seen
+      ]
       todo = multihost.agree([s for s in new if not is_evaluated(workdir, tasks, s)])
       new = multihost.agree(new)
       if new:
@@ -121,10 +126,13 @@ FLAGS = (
 
 
 def main(argv: Sequence[str]) -> int:
+
   def job(invocation: cli.Invocation):
-    workdir = cli.require_workdir(invocation, 'the run whose checkpoints to evaluate; results go '
-                                  'to WORKDIR/eval')
+    workdir = cli.require_workdir(
+        invocation, 'the run whose checkpoints to evaluate; results go '
+        'to WORKDIR/eval')
     run(invocation.config, workdir, **invocation.options)
+
   return cli.main(argv, job, usage=__doc__, job_flags=FLAGS,
                   errors=[(checkpoints.MissingCheckpointError, 'eval', 2)],
                   workdir_help='the run whose checkpoints to evaluate; results go to WORKDIR/eval')

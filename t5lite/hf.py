@@ -58,6 +58,7 @@ class HFConversionError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Reading HF files
 
+
 def _require_dir(path: str) -> str:
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
@@ -126,6 +127,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------
 # Config: HF config.json <-> t5lite config.model fields
+
 
 def _int_field(config: dict, name: str, default: Any = None) -> int:
   value = config.get(name, default)
@@ -209,8 +211,8 @@ def model_config_from_hf(config: dict, tensors: Mapping[str, np.ndarray] | None 
         'ties lm_head to the embedding and rescales by d_model**-0.5; not convertible')
   if tensors is not None and 'shared.weight' in tensors:
     head = tensors.get('lm_head.weight')
-    untied = head is not None and not (head.shape == tensors['shared.weight'].shape and
-                                       np.array_equal(head, tensors['shared.weight']))
+    untied = head is not None and not (head.shape == tensors['shared.weight'].shape
+                                       and np.array_equal(head, tensors['shared.weight']))
     if variant == 'v1_1' and head is None:
       raise HFConversionError(
           f'tensor lm_head.weight is missing with {_scale_field(config)}: that is tied embeddings '
@@ -241,6 +243,7 @@ def model_config_from_hf(config: dict, tensors: Mapping[str, np.ndarray] | None 
 
 def _fields(model_cfg) -> dict:
   """MODEL_FIELDS of a ModelConfig, a ConfigDict or a dict."""
+
   def get(key):
     return model_cfg[key] if hasattr(model_cfg, 'keys') else getattr(model_cfg, key)
 
@@ -299,12 +302,15 @@ def config_mismatches(path: str, model_config) -> list[str]:
   architecture = model_config['architecture'] if 'architecture' in model_config else None
   if architecture not in (None, 'encoder_decoder'):
     return [f'model.architecture={architecture!r} but a HF T5 is an encoder_decoder']
-  return [f'model.{k}={have[k]!r} but {path}/config.json gives {want[k]!r}'
-          for k in MODEL_FIELDS if have[k] != want[k]]
+  return [
+      f'model.{k}={have[k]!r} but {path}/config.json gives {want[k]!r}' for k in MODEL_FIELDS
+      if have[k] != want[k]
+  ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Weights
+
 
 def weight_map(model_cfg) -> list[tuple[str, str, str, tuple, tuple]]:
   """(HF name, t5lite name with layers_<i>, kind, HF shape, t5lite shape) for every tensor.
@@ -314,8 +320,10 @@ def weight_map(model_cfg) -> list[tuple[str, str, str, tuple, tuple]]:
   """
   c = _fields(model_cfg)
   d, f, h, k = c['d_model'], c['d_ff'], c['num_heads'], c['head_dim']
-  shapes = {'qkv': ((h * k, d), (d, h, k)), 'out': ((d, h * k), (h, k, d)),
-            'wi': ((f, d), (d, f)), 'wo': ((d, f), (f, d)), 'norm': ((d,), (d,))}
+  shapes = {
+      'qkv': ((h * k, d), (d, h, k)), 'out': ((d, h * k), (h, k, d)), 'wi': ((f, d), (d, f)),
+      'wo': ((d, f), (f, d)), 'norm': ((d,), (d,))
+  }
   entries = []
 
   def add(hf_name, name, kind, shape_key):
@@ -395,8 +403,9 @@ def hf_to_t5lite_flat(tensors: Mapping[str, np.ndarray], model_cfg, scan_layers:
     if name in EMBEDDING_COPIES + ('lm_head.weight',) and shared is not None and np.array_equal(
         tensors[name], shared):
       continue  # a stored copy of the tied embedding (v1_0 lm_head, old embed_tokens copies)
-    if re.fullmatch(r'(en|de)coder\.block\.[1-9]\d*\.layer\.0\.SelfAttention\.'
-                    r'relative_attention_bias\.weight', name):
+    if re.fullmatch(
+        r'(en|de)coder\.block\.[1-9]\d*\.layer\.0\.SelfAttention\.'
+        r'relative_attention_bias\.weight', name):
       extra.append(f'{name}: a per-layer relative attention bias (as in UMT5); t5lite shares '
                    'block 0\'s table across a stack')
     elif name in EMBEDDING_COPIES:
@@ -412,8 +421,11 @@ def hf_to_t5lite_flat(tensors: Mapping[str, np.ndarray], model_cfg, scan_layers:
     if extra:
       message += _listing('tensors t5lite has no place for', extra)
     raise HFConversionError(message)
-  flat = {name: _to_t5lite(kind, np.asarray(tensors[hf_name]).astype(np.float32), shape)
-          for hf_name, name, kind, _, shape in entries}
+  flat = {
+      name: _to_t5lite(kind,
+                       np.asarray(tensors[hf_name]).astype(np.float32),
+                       shape) for hf_name, name, kind, _, shape in entries
+  }
   return stack_layers(flat) if scan_layers else flat
 
 
@@ -486,12 +498,15 @@ def t5lite_to_hf(params: Mapping, model_cfg, dtype=np.float32) -> dict[str, np.n
     if extra:
       message += _listing('params HF T5 has no place for', extra)
     raise HFConversionError(message)
-  return {hf_name: _to_hf(kind, np.asarray(flat[name]), hf_shape).astype(dtype)
-          for hf_name, name, kind, hf_shape, _ in entries}
+  return {
+      hf_name: _to_hf(kind, np.asarray(flat[name]), hf_shape).astype(dtype)
+      for hf_name, name, kind, hf_shape, _ in entries
+  }
 
 
 # ---------------------------------------------------------------------------------------------
 # Directory-level entry points
+
 
 def load_hf(path: str, scan_layers: bool = False) -> tuple[dict, dict]:
   """(t5lite config.model fields, nested float32 numpy params) of a HF model directory."""

@@ -100,8 +100,10 @@ def read_task(name: str, split: str, vocabulary, seed: int):
     example = task.process(example, ctx)
     if example is None:
       continue
-    record = {'ids': [int(t) for t in example['inputs']],
-              'input': features['inputs'].vocabulary.decode(example['inputs'])}
+    record = {
+        'ids': [int(t) for t in example['inputs']],
+        'input': features['inputs'].vocabulary.decode(example['inputs'])
+    }
     if 'targets' in example:
       record['target'] = features['targets'].vocabulary.decode(example['targets'])
     records.append(record)
@@ -124,7 +126,7 @@ def fit_inputs(records, vocabulary, length: int, on_too_long: str, where: str) -
       cut += 1
       if cut & (cut - 1) == 0:
         log.info(f'warning: {where}: {at}: {len(ids)} tokens, truncated to data.inputs_length='
-             f'{length} ({cut} truncated so far)')
+                 f'{length} ({cut} truncated so far)')
       ids = ids[:length - 1] + [vocabulary.eos_id]
     r['ids'] = ids
   return cut
@@ -198,8 +200,8 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   params = checkpoints.load_params(target[0][1],
                                    partitioning.abstract_params(model, mesh, rules)[0])
   decode_cfg = evaluator_lib.decode_config(cfg, targets_length)
-  key = ('encoder_input_tokens' if model.cfg.architecture == 'encoder_decoder'
-         else 'decoder_prompt_tokens')
+  key = ('encoder_input_tokens'
+         if model.cfg.architecture == 'encoder_decoder' else 'decoder_prompt_tokens')
   sharding = partitioning.batch_sharding(mesh, rules)
   start = done // batch_size * batch_size
   if done:
@@ -212,18 +214,20 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
       for r, record in enumerate(chunk):
         rows[r, :len(record['ids'])] = record['ids']
       rng = jax.random.fold_in(jax.random.PRNGKey(cfg.decode.seed), begin // batch_size)
-      tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)}, decode_cfg,
-                               rng, prefix_lm=cfg.data.converter == 'prefix_lm', mesh=mesh,
-                               rules=rules).tokens
-      tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1
-                else np.asarray(multihost_utils.process_allgather(tokens, tiled=True)))
+      tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)},
+                               decode_cfg, rng, prefix_lm=cfg.data.converter == 'prefix_lm',
+                               mesh=mesh, rules=rules).tokens
+      tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1 else np.asarray(
+          multihost_utils.process_allgather(tokens, tiled=True)))
       lines = []
       for r, record in enumerate(chunk):
         index = begin + r
         if index < done:
           continue
-        entry = {'index': index, **({'line': record['line']} if 'line' in record else {}),
-                 'input': record['input'], 'prediction': vocabulary.decode(tokens[r])}
+        entry = {
+            'index': index, **({'line': record['line']} if 'line' in record else {}),
+            'input': record['input'], 'prediction': vocabulary.decode(tokens[r])
+        }
         if 'target' in record:
           entry['target'] = record['target']
         lines.append(json.dumps(entry, ensure_ascii=False) + '\n')
@@ -235,8 +239,9 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   finally:
     if out is not None:
       out.close()
-  log.info(f'wrote {counts["written"]} predictions to {output} ({done} were already there); '
-       f'{truncated} input(s) truncated to {inputs_length} tokens, {skipped} bad line(s) skipped')
+  log.info(
+      f'wrote {counts["written"]} predictions to {output} ({done} were already there); '
+      f'{truncated} input(s) truncated to {inputs_length} tokens, {skipped} bad line(s) skipped')
   return counts
 
 
@@ -250,14 +255,17 @@ FLAGS = (
 
 
 def main(argv: Sequence[str]) -> int:
+
   def job(invocation: cli.Invocation):
     options = dict(invocation.options)
     if options['output'] is None:
       raise config_lib.ConfigError('--output FILE.jsonl is required')
     run(invocation.config, workdir=invocation.workdir, **options)
-  return cli.main(argv, job, usage=__doc__, job_flags=FLAGS,
-                  errors=[(checkpoints.MissingCheckpointError, 'infer', 2), (InferError, 'infer', 2)],
-                  workdir_help='the run whose checkpoints --checkpoint latest / N read')
+
+  return cli.main(
+      argv, job, usage=__doc__, job_flags=FLAGS,
+      errors=[(checkpoints.MissingCheckpointError, 'infer', 2), (InferError, 'infer', 2)],
+      workdir_help='the run whose checkpoints --checkpoint latest / N read')
 
 
 if __name__ == '__main__':

@@ -32,8 +32,7 @@ def log_softmax_parts(logits: jax.Array, targets: jax.Array):
   return max_logit, log_z, target_logit
 
 
-def token_log_likelihoods(logits: jax.Array, targets: jax.Array,
-                          weights: jax.Array) -> jax.Array:
+def token_log_likelihoods(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
   """[...] float32: log p(target) at every position times its weight (0 where the weight is 0).
 
   where(), not a product: a padding row of a fully masked sequence may hold NaN/inf logits, and
@@ -62,8 +61,8 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
     confidence = 1.0 - label_smoothing
     low = label_smoothing / (vocab - 1)
     normaliser = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-    cross_entropy = (log_z - (confidence - low) * target_logit - low * jnp.sum(logits, -1)
-                     - normaliser)
+    cross_entropy = (log_z -
+                     (confidence - low) * target_logit - low * jnp.sum(logits, -1) - normaliser)
   else:
     cross_entropy = log_z - target_logit
   weights = weights.astype(jnp.float32)

@@ -50,6 +50,7 @@ def _check(targets: Sequence, predictions: Sequence) -> None:
 
 # --- classification ------------------------------------------------------------------------------
 
+
 def accuracy(targets: Sequence, predictions: Sequence) -> dict[str, float]:
   """Percent (0-100) of examples whose prediction equals the target (labels: str, int, ...)."""
   _check(targets, predictions)
@@ -69,8 +70,10 @@ def sequence_accuracy(targets: Sequence, predictions: Sequence) -> dict[str, flo
       return t == p
     return bool(np.array_equal(np.asarray(t), np.asarray(p)))
 
-  return {'sequence_accuracy': 100.0 * float(np.mean([same(t, p)
-                                                      for t, p in zip(targets, predictions)]))}
+  return {
+      'sequence_accuracy': 100.0
+                           * float(np.mean([same(t, p) for t, p in zip(targets, predictions)]))
+  }
 
 
 def _confusion(targets: Sequence, predictions: Sequence) -> np.ndarray:
@@ -168,6 +171,7 @@ def rank_accuracy(targets: Sequence, scores: Sequence[Sequence[float]]) -> dict[
 
 # --- regression (STS-B) --------------------------------------------------------------------------
 
+
 def pearson_corrcoef(targets: Sequence[float], predictions: Sequence[float]) -> dict[str, float]:
   """Pearson correlation x 100 (-100..100), via scipy.stats.pearsonr. NaN if either side is
   constant (the correlation is undefined; scipy warns)."""
@@ -237,6 +241,7 @@ def squad(targets: Sequence[str | Sequence[str]], predictions: Sequence[str]) ->
 
 # --- generation (translation, summarisation) -----------------------------------------------------
 
+
 def bleu(targets: Sequence[str | Sequence[str]], predictions: Sequence[str],
          tokenize: str = 'intl') -> dict[str, float]:
   """Corpus BLEU (0-100) from sacrebleu with T5's settings.
@@ -253,9 +258,9 @@ def bleu(targets: Sequence[str | Sequence[str]], predictions: Sequence[str],
   n = max(len(r) for r in refs)
   # sacrebleu wants reference *streams*: streams[j][i] is example i's j-th reference.
   streams = [[r[j] if j < len(r) else None for r in refs] for j in range(n)]
-  result = sacrebleu.corpus_bleu(list(predictions), streams, smooth_method='exp',
-                                 smooth_value=0.0, force=False, lowercase=False,
-                                 tokenize=tokenize, use_effective_order=False)
+  result = sacrebleu.corpus_bleu(list(predictions), streams, smooth_method='exp', smooth_value=0.0,
+                                 force=False, lowercase=False, tokenize=tokenize,
+                                 use_effective_order=False)
   return {'bleu': float(result.score)}
 
 
@@ -304,6 +309,7 @@ def rouge(targets: Sequence[str | Sequence[str]], predictions: Sequence[str],
 # {'value': 0/1/-1} and each target into {'value': ..., 'group': its question}. As T5's metrics
 # of the same names.
 
+
 def all_match(targets: Sequence, predictions: Sequence) -> dict[str, float]:
   """100 if every prediction equals its target, else 0 (one group's exact match)."""
   _check(targets, predictions)
@@ -318,6 +324,7 @@ def mean_group_metric(metric_fn: MetricFn, group_key: str = 'group',
   holding the value. MultiRC's question-level exact match is mean_group_metric(all_match): the
   percent of questions whose answers are all classified right.
   """
+
   def grouped(targets: Sequence[Mapping], predictions: Sequence[Mapping]) -> dict[str, float]:
     _check(targets, predictions)
     groups: dict[Any, tuple[list, list]] = {}
@@ -330,6 +337,7 @@ def mean_group_metric(metric_fn: MetricFn, group_key: str = 'group',
       for name, value in metric_fn(group_targets, group_predictions).items():
         scores[name].append(value)
     return {name: float(np.mean(values)) for name, values in scores.items()}
+
   return grouped
 
 
@@ -368,13 +376,17 @@ SUPERGLUE_GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
 
 def _benchmark_average(name: str, results: Mapping[str, Mapping[str, float]],
                        groups: Mapping[str, tuple[tuple[str, str], ...]]) -> dict[str, float]:
-  missing = [f'{task}/{key}' for pairs in groups.values() for task, key in pairs
-             if key not in results.get(task, {})]
+  missing = [
+      f'{task}/{key}' for pairs in groups.values() for task, key in pairs
+      if key not in results.get(task, {})
+  ]
   if missing:
     raise ValueError(f'{name}: results lack {", ".join(missing)} (need every task of the '
                      f'benchmark; have tasks {sorted(results)}).')
-  out = {group: float(np.mean([results[task][key] for task, key in pairs]))
-         for group, pairs in groups.items()}
+  out = {
+      group: float(np.mean([results[task][key] for task, key in pairs]))
+      for group, pairs in groups.items()
+  }
   out[name] = float(np.mean(list(out.values())))
   return out
 
@@ -410,6 +422,7 @@ def superglue_average(results: Mapping[str, Mapping[str, float]]) -> dict[str, f
 
 
 # --- registry ------------------------------------------------------------------------------------
+
 
 class UnknownMetricError(KeyError):
   """No metric of that name; the message lists the closest registered names."""

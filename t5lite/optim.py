@@ -27,14 +27,15 @@ def make_schedule(schedule_cfg, base_lr: float, total_steps: int) -> optax.Sched
     return optax.join_schedules([warm, rest], [warmup]) if warm is not None else rest
 
   if name == 'cosine':
-    return with_warmup(optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1),
-                                                   alpha=schedule_cfg.end_ratio))
+    return with_warmup(
+        optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1),
+                                    alpha=schedule_cfg.end_ratio))
   if name == 'wsd':
     decay_steps = int(round(total_steps * schedule_cfg.decay_fraction))
     stable_steps = max(total_steps - warmup - decay_steps, 0)
     stable_then_decay = optax.join_schedules(
-        [optax.constant_schedule(base_lr), optax.linear_schedule(base_lr, end_value, decay_steps)],
-        [stable_steps])
+        [optax.constant_schedule(base_lr),
+         optax.linear_schedule(base_lr, end_value, decay_steps)], [stable_steps])
     return with_warmup(stable_then_decay)
   if name == 'constant':
     return with_warmup(optax.constant_schedule(base_lr))
@@ -50,8 +51,8 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   return optimizer_from_parts(config.optimizer, config.schedule, config.train)
 
 
-def optimizer_from_parts(opt, schedule_cfg, train_cfg
-                         ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def optimizer_from_parts(opt, schedule_cfg,
+                         train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`make_optimizer` from the parts it reads: the optimizer and schedule sections, and of the
   train section only `steps` (the schedule's length) and `max_grad_norm`."""
   schedule = make_schedule(schedule_cfg, opt.learning_rate, train_cfg.steps)

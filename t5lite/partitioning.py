@@ -152,8 +152,8 @@ def abstract_params(model: nn.Module, mesh: Mesh, rules: Rules, inputs=None):
   return abstract, shardings
 
 
-def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_opt_state,
-                              param_shardings, mesh: Mesh):
+def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_shardings,
+                              mesh: Mesh):
   """Shardings for the optimizer state: a leaf shaped like its parameter shares its sharding;
   anything else (step counts, Adafactor's factored row/column statistics) is replicated, since
   those are vectors or scalars and cheap to keep whole on every device."""
@@ -191,5 +191,6 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def host_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Each process passes its own rows; the result is one global array per feature."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }

@@ -40,10 +40,11 @@ def build_data(config, process_index: int | None = None, process_count: int | No
         f'config.model.vocab_size={config.model.vocab_size} is smaller than the vocabulary '
         f'({vocabulary.vocab_size} ids including {vocabulary.extra_ids} sentinels); set '
         f'model.vocab_size >= {vocabulary.vocab_size} or use a smaller vocabulary')
-  iterator = pipeline.make_task_iterator(
-      d.task, feature_lengths=feature_lengths(config), global_batch_size=config.train.batch_size,
-      seed=config.train.seed, pack=d.pack, converter=d.converter, vocabulary=vocabulary,
-      process_index=process_index, process_count=process_count, num_workers=d.num_workers)
+  iterator = pipeline.make_task_iterator(d.task, feature_lengths=feature_lengths(config),
+                                         global_batch_size=config.train.batch_size,
+                                         seed=config.train.seed, pack=d.pack, converter=d.converter,
+                                         vocabulary=vocabulary, process_index=process_index,
+                                         process_count=process_count, num_workers=d.num_workers)
   return iterator, vocabulary
 
 
@@ -85,8 +86,8 @@ def check_finite(values: dict[str, float], step: int, log_every: int, workdir: s
     return
   ckpt.wait()  # never checkpoint this state; let the save in flight (an earlier, good state) end
   last = ckpt.latest_step()
-  where = (f'the last good checkpoint is step {last} in {ckpt.directory}' if last is not None
-           else 'no checkpoint was written')
+  where = (f'the last good checkpoint is step {last} in {ckpt.directory}'
+           if last is not None else 'no checkpoint was written')
   raise FloatingPointError(
       f'{" and ".join(f"{k} is {v}" for k, v in bad.items())} at step {step} (metrics up to step '
       f'{step - log_every} are in {workdir}/metrics.jsonl; {where}); lower '
@@ -113,12 +114,12 @@ def build_evaluation(cfg, built, vocabulary, param_shardings, workdir: str):
   e, t = cfg.eval, cfg.train
   if not e.every_steps:
     return None, None
-  validate = validation.build_validation(
-      cfg.data, e, e.batch_size or t.batch_size, t.seed, feature_lengths(cfg), vocabulary,
-      built.model, param_shardings, built.mesh, built.rules)
+  validate = validation.build_validation(cfg.data, e, e.batch_size or t.batch_size, t.seed,
+                                         feature_lengths(cfg), vocabulary, built.model,
+                                         param_shardings, built.mesh, built.rules)
   # Downstream metrics (decode / score eval.tasks) at the same steps: None without eval.tasks.
-  evaluate_tasks = evaluator_lib.build_metric_evaluation(cfg, built.model, built.mesh,
-                                                         built.rules, workdir)
+  evaluate_tasks = evaluator_lib.build_metric_evaluation(cfg, built.model, built.mesh, built.rules,
+                                                         workdir)
   return validate, evaluate_tasks
 
 
@@ -182,8 +183,9 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
     # --- the loop
     history, run_start = [], time.perf_counter()
     for step in range(start_step + 1, t.steps + 1):
-      tokens = int(np.sum(batch.get('encoder_input_tokens', 0) > 0)
-                   + np.sum(batch['decoder_loss_weights'] > 0))
+      tokens = int(
+          np.sum(batch.get('encoder_input_tokens', 0) > 0)
+          + np.sum(batch['decoder_loss_weights'] > 0))
       state, metrics = step_fn(state, partitioning.host_to_global(batch, batch_sharding))
       # Where the data stands after this step's batch: a checkpoint of `step` resumes with the
       # batch of step + 1. Read before the next() below, which already fetches that batch.
@@ -232,9 +234,13 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
 
 
 def main(argv: Sequence[str]) -> int:
+
   def job(invocation: cli.Invocation):
-    run(invocation.config, cli.require_workdir(
-        invocation, 'the folder for checkpoints, metrics and the resolved config'))
+    run(
+        invocation.config,
+        cli.require_workdir(invocation,
+                            'the folder for checkpoints, metrics and the resolved config'))
+
   return cli.main(argv, job, usage=__doc__, errors=[(FloatingPointError, 'training stopped', 1)],
                   workdir_help='the run folder: checkpoints, metrics, the resolved config')
 

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5lite import checkpoints, losses, partitioning
 
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -41,17 +42,16 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, mes
   `example_batch` only lends shapes (arrays or ShapeDtypeStructs); `seed` changes no shape.
   """
   del seed
-  params, param_shardings = partitioning.abstract_params(
-      model, mesh, rules, losses.model_inputs(example_batch))
+  params, param_shardings = partitioning.abstract_params(model, mesh, rules,
+                                                         losses.model_inputs(example_batch))
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), params)
   opt_state = jax.eval_shape(tx.init, params)
   opt_shardings = partitioning.optimizer_state_shardings(tx, opt_state, param_shardings, mesh)
   shardings = TrainState(step=NamedSharding(mesh, P()), params=param_shardings,
                          opt_state=opt_shardings)
-  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                      opt_state=opt_state)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                          shardings)
   return abstract, shardings
 
 
@@ -63,9 +63,8 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: M
   if shardings is None:
     _, shardings = abstract_train_state(model, tx, mesh, rules, example_batch, seed)
   inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in losses.model_inputs(example_batch).items()}
-  init_params = partitioning.jit(
-      lambda key: nn.meta.unbox(model.init(key, **inputs))['params'], mesh, rules,
-      out_shardings=shardings.params)
+  init_params = partitioning.jit(lambda key: nn.meta.unbox(model.init(key, **inputs))['params'],
+                                 mesh, rules, out_shardings=shardings.params)
   params = init_params(jax.random.PRNGKey(seed))
   # jit(tx.init) alone would not carry the parameter shardings over: give out_shardings.
   opt_state = partitioning.jit(tx.init, mesh, rules, out_shardings=shardings.opt_state)(params)
@@ -97,9 +96,10 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   abstract, shardings = abstract_train_state(model, tx, mesh, rules, example_batch, seed)
   restored = checkpointer.restore_latest(abstract, config_dict) if checkpointer else None
   if restored is not None:
-    return InitialState(restored.state, shardings, restored.step, restored.data_state,
-                        f'resumed from the checkpoint of step {restored.step} in '
-                        f'{checkpointer.directory}')
+    return InitialState(
+        restored.state, shardings, restored.step, restored.data_state,
+        f'resumed from the checkpoint of step {restored.step} in '
+        f'{checkpointer.directory}')
   state, _ = init_train_state(model, tx, mesh, rules, example_batch, seed, shardings)
   if not init_from:
     return InitialState(state, shardings, 0, None, 'fresh initialisation')
@@ -107,22 +107,25 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   loaded = checkpoints.load_params_for_init(source, abstract.params, init_rename, init_ignore)
   state = state.replace(params=checkpoints.merge_init_params(state.params, loaded))
   fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
-  return InitialState(state, shardings, 0, None,
-                      f'initialised params from {source} ({fresh} kept fresh by init_ignore); '
-                      'optimizer state and step start fresh')
+  return InitialState(
+      state, shardings, 0, None,
+      f'initialised params from {source} ({fresh} kept fresh by init_ignore); '
+      'optimizer state and step start fresh')
 
 
 def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
   """[B, ...] -> [k, B/k, ...] taking every k-th row, so each microbatch stays spread over all
   data-parallel devices (rows i, i+k, ... rather than a contiguous block held by few devices)."""
+
   def split(x):
     x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
+
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, train_cfg, dropout: bool) -> Callable:
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    train_cfg, dropout: bool) -> Callable:
   """The pure train step (unjitted): (state, batch) -> (state, metrics). Reads only
   train_cfg.microbatches, z_loss, label_smoothing and seed."""
   k = int(train_cfg.microbatches)
@@ -152,7 +155,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
       zeros = jax.tree.map(jnp.zeros_like, (state.params, {
-          'loss_sum': 0.0, 'z_loss_sum': 0.0, 'correct_sum': 0.0, 'weight_sum': 0.0}))
+          'loss_sum': 0.0, 'z_loss_sum': 0.0, 'correct_sum': 0.0, 'weight_sum': 0.0
+      }))
       zeros = jax.tree.map(lambda z: z.astype(jnp.float32), zeros)
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
     denominator = jnp.maximum(sums['weight_sum'], 1.0)
@@ -177,30 +181,32 @@ def make_eval_step(model: nn.Module, param_shardings, mesh: Mesh,
   """jitted (params, batch) -> summed loss / correct / weight over the batch's target tokens, with
   the params in their training shardings; dropout off, no z-loss or label smoothing (so the
   validation loss is the plain cross-entropy per target token, comparable across configs)."""
+
   def eval_step(params, batch):
     logits = model.apply({'params': params}, **losses.model_inputs(batch), deterministic=True)
     return losses.cross_entropy_sums(logits, batch['decoder_target_tokens'],
                                      batch['decoder_loss_weights'])
 
-  return partitioning.jit(
-      eval_step, mesh, rules,
-      in_shardings=(param_shardings, partitioning.batch_sharding(mesh, rules)),
-      out_shardings=NamedSharding(mesh, P()))
+  return partitioning.jit(eval_step, mesh, rules,
+                          in_shardings=(param_shardings, partitioning.batch_sharding(mesh, rules)),
+                          out_shardings=NamedSharding(mesh, P()))
 
 
 def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh,
                    rules) -> partitioning.Partitioned:
   """The train step jitted with shardings (this is pjit), entering mesh and rules on each call;
   the input state is donated. `.lower(state, batch)` compiles ahead of time."""
-  return partitioning.jit(
-      train_step, mesh, rules,
-      in_shardings=(state_shardings, partitioning.batch_sharding(mesh, rules)),
-      out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+  return partitioning.jit(train_step, mesh, rules,
+                          in_shardings=(state_shardings, partitioning.batch_sharding(mesh, rules)),
+                          out_shardings=(state_shardings, NamedSharding(mesh,
+                                                                        P())), donate_argnums=(0,))
 
 
 @jax.jit
 def all_finite(tree) -> jax.Array:
   """True when every floating-point leaf is free of inf and nan."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
+  leaves = [
+      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

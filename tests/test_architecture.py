@@ -14,18 +14,21 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 't5lite'
 LAYERS = (
     ('jobs', ('t5lite.train', 't5lite.eval', 't5lite.infer', 't5lite.convert', 't5lite.aot',
               't5lite.launch.*', 't5lite.data.inspect', 't5lite.data.train_vocab')),
-    ('foundation', ('t5lite', 't5lite.fields', 't5lite.logs', 't5lite.metrics', 't5lite.losses',
-                    't5lite.data.*', 't5lite.partitioning', 't5lite.multihost', 't5lite.workdir',
-                    't5lite.reporting', 't5lite.optim', 't5lite.host_memory', 't5lite.checks',
-                    't5lite.distributed')),
-    ('models and checkpoints', ('t5lite.models.*', 't5lite.checkpoints', 't5lite.hf', 't5lite.t5x')),
+    ('foundation',
+     ('t5lite', 't5lite.fields', 't5lite.logs', 't5lite.metrics', 't5lite.losses', 't5lite.data.*',
+      't5lite.partitioning', 't5lite.multihost', 't5lite.workdir', 't5lite.reporting',
+      't5lite.optim', 't5lite.host_memory', 't5lite.checks', 't5lite.distributed')),
+    ('models and checkpoints', ('t5lite.models.*', 't5lite.checkpoints', 't5lite.hf',
+                                't5lite.t5x')),
     ('training and evaluation', ('t5lite.trainer', 't5lite.evaluation.*')),
     ('configuration and command line', ('t5lite.config', 't5lite.config_docs', 't5lite.cli')),
 )
 # Rank of each layer name: 'jobs' is listed first only so that the data tools match before
 # 't5lite.data.*'; it is the top layer.
-RANK = {'foundation': 1, 'models and checkpoints': 2, 'training and evaluation': 3,
-        'configuration and command line': 4, 'jobs': 5}
+RANK = {
+    'foundation': 1, 'models and checkpoints': 2, 'training and evaluation': 3,
+    'configuration and command line': 4, 'jobs': 5
+}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -123,11 +126,14 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_checker_finds_cycles_and_upward_imports():
-  graph = {'t5lite.metrics': {'t5lite.config'}, 't5lite.config': {'t5lite.cli'},
-           't5lite.cli': {'t5lite.config'}}
+  graph = {
+      't5lite.metrics': {'t5lite.config'}, 't5lite.config': {'t5lite.cli'},
+      't5lite.cli': {'t5lite.config'}
+  }
   assert cycles(graph) == [['t5lite.cli', 't5lite.config']]
   assert upward_imports(graph) == [
-      't5lite.metrics (foundation) imports t5lite.config (configuration and command line)']
+      't5lite.metrics (foundation) imports t5lite.config (configuration and command line)'
+  ]
   assert cycles({'a': {'b'}, 'b': set()}) == []
 
 
@@ -136,10 +142,13 @@ def test_the_import_reader_sees_every_kind_of_import(tmp_path):
             'def f():\n  from t5lite.data import catalog\n  from . import pipeline\n')
   path = tmp_path / 'mod.py'
   path.write_text(source)
-  known = {'t5lite', 't5lite.data', 't5lite.data.tasks', 't5lite.config', 't5lite.data.catalog',
-           't5lite.data.pipeline', 't5lite.data.mod'}
+  known = {
+      't5lite', 't5lite.data', 't5lite.data.tasks', 't5lite.config', 't5lite.data.catalog',
+      't5lite.data.pipeline', 't5lite.data.mod'
+  }
   assert imports_of('t5lite.data.mod', path, known) == {
-      't5lite.data.tasks', 't5lite.config', 't5lite.data.catalog', 't5lite.data.pipeline'}
+      't5lite.data.tasks', 't5lite.config', 't5lite.data.catalog', 't5lite.data.pipeline'
+  }
 
 
 def test_every_module_has_a_layer():
@@ -159,9 +168,11 @@ def test_no_import_points_to_a_higher_layer():
 
 def test_the_task_registry_never_loads_the_catalog():
   graph = import_graph()
-  offenders = [f'{m} imports {t}' for m, targets in graph.items() for t in targets
-               if t.startswith('t5lite.data.catalog') and m.startswith('t5lite.data')
-               and not m.startswith('t5lite.data.catalog') and layer_of(m) != 'jobs']
+  offenders = [
+      f'{m} imports {t}' for m, targets in graph.items() for t in targets
+      if t.startswith('t5lite.data.catalog') and m.startswith('t5lite.data')
+      and not m.startswith('t5lite.data.catalog') and layer_of(m) != 'jobs'
+  ]
   assert not offenders, '\n'.join(offenders)
 
 
@@ -169,14 +180,18 @@ def test_the_task_registry_never_loads_the_catalog():
 def test_lower_rooms_know_nothing_of_config_or_jobs(module):
   graph = import_graph()
   bad = {'t5lite.config', 't5lite.cli'} | {m for m in graph if layer_of(m) == 'jobs'}
-  offenders = [f'{m} imports {t}' for m, targets in graph.items()
-               if m == module or m.startswith(module + '.') for t in targets & bad]
+  offenders = [
+      f'{m} imports {t}' for m, targets in graph.items()
+      if m == module or m.startswith(module + '.') for t in targets & bad
+  ]
   assert not offenders, '\n'.join(offenders)
 
 
 def test_no_job_imports_another():
   graph = import_graph()
   jobs = {m for m in graph if layer_of(m) == 'jobs'}
-  offenders = [f'{m} imports {t}' for m in jobs for t in graph[m] & jobs
-               if not (m.startswith('t5lite.launch') and t.startswith('t5lite.launch'))]
+  offenders = [
+      f'{m} imports {t}' for m in jobs for t in graph[m] & jobs
+      if not (m.startswith('t5lite.launch') and t.startswith('t5lite.launch'))
+  ]
   assert not offenders, '\n'.join(offenders)

@@ -50,8 +50,7 @@ def test_float32_matches_numpy_and_autodiff(monkeypatch, chunk_bytes, bias_batch
   plain = lambda *a: attention.reference_attention(*a, mask, jnp.float32, keep)
   out, grads = vjp(fast, q, k, v, bias, d_out)
   want_out, want_grads = vjp(plain, q, k, v, bias, d_out)
-  np.testing.assert_allclose(out, numpy_attention(q, k, v, bias, mask, keep), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(out, numpy_attention(q, k, v, bias, mask, keep), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
   for got, want in zip(grads, want_grads):
     assert got.shape == want.shape
@@ -67,8 +66,7 @@ def test_bfloat16_is_as_accurate_as_the_plain_formulation(monkeypatch, chunk_byt
     monkeypatch.setattr(attention, 'CHUNK_BYTES', chunk_bytes)
   assert attention.num_chunks(4, 2, 64, 64) == (4 if chunk_bytes else 1)
   q, k, v, bias, mask, d_out = inputs(batch=4, q_len=64, k_len=64, heads=2, dim=16)
-  truth = vjp(lambda *a: attention.reference_attention(*a, mask, jnp.float32), q, k, v, bias,
-              d_out)
+  truth = vjp(lambda *a: attention.reference_attention(*a, mask, jnp.float32), q, k, v, bias, d_out)
   fast = vjp(lambda *a: attention.dot_product_attention(*a, mask, jnp.bfloat16), q, k, v, bias,
              d_out)
   plain = vjp(lambda *a: attention.reference_attention(*a, mask, jnp.bfloat16), q, k, v, bias,
@@ -76,8 +74,11 @@ def test_bfloat16_is_as_accurate_as_the_plain_formulation(monkeypatch, chunk_byt
 
   def errors(result):
     flat = [result[0]] + list(result[1])
-    return [float(jnp.linalg.norm(x.astype(jnp.float32) - t) / jnp.linalg.norm(t))
-            for x, t in zip(flat, [truth[0]] + list(truth[1]))]
+    return [
+        float(jnp.linalg.norm(x.astype(jnp.float32) - t) / jnp.linalg.norm(t))
+        for x, t in zip(flat, [truth[0]] + list(truth[1]))
+    ]
+
   fast_errors, plain_errors = errors(fast), errors(plain)
   assert fast[0].dtype == jnp.bfloat16 and fast[1][3].dtype == jnp.float32
   for name, fast_error, plain_error in zip(['out', 'q', 'k', 'v', 'bias'], fast_errors,
@@ -111,9 +112,9 @@ def test_attention_layer_dropout_drops_and_rescales():
   make = lambda deterministic: layers.MultiHeadAttention(2, 8, jnp.float32, 0.5, deterministic)
   params = nn.meta.unbox(make(True).init(jax.random.PRNGKey(0), x, x, bias))['params']
   plain = make(True).apply({'params': params}, x, x, bias)
-  dropped = jax.vmap(lambda key: make(False).apply({'params': params}, x, x, bias,
-                                                   rngs={'dropout': key}))(
-      jax.random.split(jax.random.PRNGKey(1), 4000))
+  dropped = jax.vmap(
+      lambda key: make(False).apply({'params': params}, x, x, bias, rngs={'dropout': key}))(
+          jax.random.split(jax.random.PRNGKey(1), 4000))
   assert float(jnp.abs(dropped[0] - plain).max()) > 1e-2  # something was dropped
   # Standard error of the mean over 4000 draws is ~1.6% of a draw's spread.
   spread = float(jnp.std(dropped, axis=0).max())

@@ -24,13 +24,16 @@ class C4(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name='en')]
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-        {'text': tfds.features.Text(), 'url': tfds.features.Text()}))
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict(
+            {'text': tfds.features.Text(), 'url': tfds.features.Text()}))
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {'train': self._generate_examples(range(30)),
-            'validation': self._generate_examples(range(100, 107))}
+    return {
+        'train': self._generate_examples(range(30)),
+        'validation': self._generate_examples(range(100, 107))
+    }
 
   def _generate_examples(self, ids):
     for i in ids:
@@ -49,9 +52,9 @@ def test_c4_span_corruption_reads_documents_and_corrupts_chunks(c4_dir, monkeypa
   v = vocab.embedded_vocabulary()  # T5's own vocabulary lives on gs://: not fetched in tests
   docs = {i: np.asarray(v.encode(document(i)), np.int32) for i in range(30)}
   it = pipeline.make_task_iterator('c4_span_corruption',
-                                   feature_lengths={'inputs': 128, 'targets': 29},
-                                   global_batch_size=8, seed=0, pack=False, vocabulary=v,
-                                   process_index=0, process_count=1)
+                                   feature_lengths={'inputs': 128,
+                                                    'targets': 29}, global_batch_size=8, seed=0,
+                                   pack=False, vocabulary=v, process_index=0, process_count=1)
   raw_length = preprocessors.span_corruption_raw_length({'inputs': 128})
   seen = set()
   for _ in range(3):
@@ -70,15 +73,14 @@ def test_c4_validation_split_and_ul2(c4_dir, monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', c4_dir)
   v = vocab.embedded_vocabulary()
   lengths = {'inputs': 128, 'targets': 64}
-  it = pipeline.make_task_iterator('c4_ul2', feature_lengths=lengths, global_batch_size=4,
-                                   seed=0, split='validation', shuffle=False, repeat=False,
-                                   vocabulary=v, process_index=0, process_count=1)
+  it = pipeline.make_task_iterator('c4_ul2', feature_lengths=lengths, global_batch_size=4, seed=0,
+                                   split='validation', shuffle=False, repeat=False, vocabulary=v,
+                                   process_index=0, process_count=1)
   rows = sum(int((b['encoder_input_tokens'] != 0).any(axis=1).sum()) for b in it)
   assert rows >= 2  # the 7 validation documents, packed
   modes = {preprocessors.mode_token_id(v.vocab_size, m) for m in ('[NLU]', '[NLG]', '[S2S]')}
-  it = pipeline.make_task_iterator('c4_ul2', feature_lengths=lengths, global_batch_size=8,
-                                   seed=1, pack=False, vocabulary=v, process_index=0,
-                                   process_count=1)
+  it = pipeline.make_task_iterator('c4_ul2', feature_lengths=lengths, global_batch_size=8, seed=1,
+                                   pack=False, vocabulary=v, process_index=0, process_count=1)
   firsts = {int(x) for b in (next(it), next(it)) for x in b['encoder_input_tokens'][:, 0]}
   assert firsts <= modes and len(firsts) >= 2  # every example starts with its mode token
 

@@ -25,14 +25,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, 'configs', 'quickstart.py')
 ENV = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one device, as a newcomer's machine
 # Small and fast: batch 8, no TensorBoard, a fixed peak so that no matmul is timed at start.
-FAST = ['--config.train.batch_size=8', '--config.reporting.tensorboard=False',
-        '--config.reporting.peak_flops_per_device=1e11', '--config.train.log_every=1']
+FAST = [
+    '--config.train.batch_size=8', '--config.reporting.tensorboard=False',
+    '--config.reporting.peak_flops_per_device=1e11', '--config.train.log_every=1'
+]
 
 
 def train_command(workdir, steps, every, *extra):
-  return [sys.executable, '-m', 't5lite.train', '--config', QUICKSTART, '--workdir', str(workdir),
-          f'--config.train.steps={steps}', f'--config.checkpoint.every_steps={every}', *FAST,
-          *extra]
+  return [
+      sys.executable, '-m', 't5lite.train', '--config', QUICKSTART, '--workdir',
+      str(workdir), f'--config.train.steps={steps}', f'--config.checkpoint.every_steps={every}',
+      *FAST, *extra
+  ]
 
 
 def run_train(workdir, steps, every, *extra, timeout=240):
@@ -57,8 +61,8 @@ def start_and_wait_for_step(workdir, steps, every, wait_for_step, also_wait_for=
   for line in proc.stdout:
     lines.append(line)
     match = re.search(r'(?:^|\s)step (\d+) \|', line)  # after the log line's timestamp
-    if match and int(match.group(1)) >= wait_for_step and (
-        also_wait_for is None or os.path.isdir(also_wait_for)):
+    if match and int(match.group(1)) >= wait_for_step and (also_wait_for is None
+                                                           or os.path.isdir(also_wait_for)):
       return proc, lines
     if time.time() > deadline:
       break
@@ -120,8 +124,8 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_0(tmp_path, uninterrupted):
   assert match, ''.join(lines) + out
   stopped = int(match.group(1))
   assert match.group(2) == str(workdir / 'checkpoints')
-  assert stopped < 12 and os.path.exists(workdir / 'checkpoints' / str(stopped) /
-                                         checkpoints.COMMIT_MARKER)
+  assert stopped < 12 and os.path.exists(
+      workdir / 'checkpoints' / str(stopped) / checkpoints.COMMIT_MARKER)
   assert sorted(os.listdir(workdir / 'checkpoints')) == [str(stopped)]
 
   result = run_train(workdir, 12, 100)
@@ -130,8 +134,9 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_0(tmp_path, uninterrupted):
   steps, losses = logged_losses(workdir)
   _, reference = logged_losses(uninterrupted)
   assert steps == list(range(1, 13)) and losses == reference
-  assert_trees_equal(checkpoints.restore_as_numpy(str(workdir))[1],
-                     checkpoints.restore_as_numpy(str(uninterrupted))[1])
+  assert_trees_equal(
+      checkpoints.restore_as_numpy(str(workdir))[1],
+      checkpoints.restore_as_numpy(str(uninterrupted))[1])
 
 
 def _setup(config, devices):
@@ -150,15 +155,14 @@ def _trained_state(config, devices, steps=2):
   step = trainer.jit_train_step(trainer.make_train_step(model, tx, schedule, config.train, False),
                                 shardings, mesh, rules)
   for batch in synthetic_batches(steps, config.train.batch_size):
-    state, _ = step(state, partitioning.host_to_global(batch, partitioning.batch_sharding(
-        mesh, rules)))
+    state, _ = step(state,
+                    partitioning.host_to_global(batch, partitioning.batch_sharding(mesh, rules)))
   return state
 
 
 def _restore(workdir, config, devices):
   model, tx, _, mesh, example = _setup(config, devices)
-  abstract, _ = trainer.abstract_train_state(model, tx, mesh, config.partitioning.rules,
-                                                 example, 0)
+  abstract, _ = trainer.abstract_train_state(model, tx, mesh, config.partitioning.rules, example, 0)
   ckpt = checkpoints.Checkpointer(str(workdir))
   try:
     return ckpt.restore_latest(abstract, json.loads(json.dumps(config.to_dict(), default=str)))
@@ -185,6 +189,7 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path, monkeypatch):
 
   def no_pickle(*args, **kwargs):
     raise AssertionError('a checkpoint read used pickle')
+
   for name in ('load', 'loads', 'Unpickler'):
     monkeypatch.setattr(pickle, name, no_pickle)
   for devices, mesh in ((jax.devices()[:4], (4, 1, 1)), (jax.devices()[:1], (1, 1, 1))):
@@ -199,8 +204,10 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path, monkeypatch):
 
 def _corrupt(step_dir):
   """Truncates the largest array file of a checkpoint's state."""
-  files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(step_dir, 'state'))
-           for f in names]
+  files = [
+      os.path.join(root, f) for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+      for f in names
+  ]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, 'r+b') as f:
     f.truncate(os.path.getsize(biggest) // 2)
@@ -251,8 +258,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   assert f'the last good checkpoint is step {max(steps)}' in result.stderr
   step, state = checkpoints.restore_as_numpy(str(workdir))
   assert step == max(steps)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
-             if np.issubdtype(x.dtype, np.floating))
+  assert all(
+      np.all(np.isfinite(x)) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating))
 
 
 def test_incompatible_model_config_names_the_parameters(tmp_path):

@@ -6,8 +6,10 @@ from t5lite import config as config_lib
 
 
 def raising(error):
+
   def job():
     raise error
+
   return job
 
 
@@ -28,8 +30,10 @@ def test_success_is_zero_and_unknown_errors_propagate(capsys):
 
 
 def test_the_jobs_own_kinds_come_first(capsys):
+
   class MissingRun(config_lib.ConfigError):
     pass
+
   assert cli.run_main(raising(MissingRun('no run')), [(MissingRun, 'eval', 3)]) == 3
   assert capsys.readouterr().err == 'eval: no run\n'
 
@@ -55,8 +59,10 @@ def test_help_lists_the_flags_and_exits_0(job, flag):
 
 
 def test_config_file_arg_overrides_and_workdir():
-  inv = cli.parse(['--config', f'{QUICKSTART}:small', '--config.train.steps=7',
-                   '--config.optimizer.name', 'adamw', '--workdir=/tmp/w'])
+  inv = cli.parse([
+      '--config', f'{QUICKSTART}:small', '--config.train.steps=7', '--config.optimizer.name',
+      'adamw', '--workdir=/tmp/w'
+  ])
   assert inv.workdir == '/tmp/w'
   assert (inv.config.train.steps, inv.config.optimizer.name) == (7, 'adamw')
   assert inv.config.model.d_model == 512  # the :small preset
@@ -77,10 +83,9 @@ def test_job_flags_are_typed():
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--config', QUICKSTART, '--config.train.stepz=3'],
-     "unknown config key 'train.stepz'. Did you mean 'train.steps'?"),
-    (['--config', QUICKSTART, '--config.train.steps=ten'],
-     "config.train.steps: expected int"),
+    (['--config', QUICKSTART, '--config.train.stepz=3'
+     ], "unknown config key 'train.stepz'. Did you mean 'train.steps'?"),
+    (['--config', QUICKSTART, '--config.train.steps=ten'], 'config.train.steps: expected int'),
     ([], '--config is required'),
     (['--config', 'configs/nope.py'], "no config file at 'configs/nope.py'"),
     (['--config', QUICKSTART, '--bogus=1'], "Unknown command line flag 'bogus'"),

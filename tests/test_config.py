@@ -29,7 +29,7 @@ def error_of(*overrides, devices=1):
 
 
 def test_unknown_key_names_the_field_and_the_closest_key():
-  with pytest.raises(config_lib.ConfigError, match=r"train\.stepz.*train\.steps"):
+  with pytest.raises(config_lib.ConfigError, match=r'train\.stepz.*train\.steps'):
     load('train.stepz=3')
   with pytest.raises(config_lib.ConfigError, match=r"'modle'.*model"):
     load('modle.d_model=3')
@@ -38,7 +38,7 @@ def test_unknown_key_names_the_field_and_the_closest_key():
 def test_wrong_type_names_field_and_expected_type():
   with pytest.raises(config_lib.ConfigError, match=r"train\.steps: expected int.*'ten'"):
     load('train.steps=ten')
-  with pytest.raises(config_lib.ConfigError, match=r"model\.scan_layers: expected bool"):
+  with pytest.raises(config_lib.ConfigError, match=r'model\.scan_layers: expected bool'):
     load('model.scan_layers=3')
 
 
@@ -81,9 +81,10 @@ def test_unknown_names_list_valid_choices(override, field, valid):
 
 def test_cli_rejects_unknown_key_before_any_compute(tmp_path):
   workdir = tmp_path / 'w'
-  result = subprocess.run(
-      [sys.executable, '-m', 't5lite.train', '--config', QUICKSTART, '--workdir', str(workdir),
-       '--config.train.stepz=3'], capture_output=True, text=True, cwd=REPO, timeout=120)
+  result = subprocess.run([
+      sys.executable, '-m', 't5lite.train', '--config', QUICKSTART, '--workdir',
+      str(workdir), '--config.train.stepz=3'
+  ], capture_output=True, text=True, cwd=REPO, timeout=120)
   assert result.returncode != 0
   assert 'train.stepz' in result.stderr and 'Traceback' not in result.stderr
   assert not workdir.exists()  # nothing was started
@@ -92,10 +93,10 @@ def test_cli_rejects_unknown_key_before_any_compute(tmp_path):
 def test_quickstart_smoke_run_through_the_command_line(tmp_path):
   workdir = tmp_path / 'w'
   env = dict(os.environ, XLA_FLAGS='')  # one device, as a newcomer's machine
-  result = subprocess.run(
-      [sys.executable, '-m', 't5lite.train', '--config', QUICKSTART, '--workdir', str(workdir),
-       '--config.train.steps=4', '--config.train.log_every=2'],
-      capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+  result = subprocess.run([
+      sys.executable, '-m', 't5lite.train', '--config', QUICKSTART, '--workdir',
+      str(workdir), '--config.train.steps=4', '--config.train.log_every=2'
+  ], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   assert [r['step'] for r in records] == [2, 4]
@@ -112,12 +113,12 @@ def test_quickstart_smoke_run_through_the_command_line(tmp_path):
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
   workdir = tmp_path / 'w'
   env = dict(os.environ, XLA_FLAGS='')
-  result = subprocess.run(
-      [sys.executable, '-m', 't5lite.train', '--config', QUICKSTART, '--workdir', str(workdir),
-       '--config.train.steps=6', '--config.train.log_every=1', '--config.optimizer.name=adamw',
-       '--config.optimizer.learning_rate=1e30', '--config.schedule.name=constant',
-       '--config.schedule.warmup_steps=0'],
-      capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+  result = subprocess.run([
+      sys.executable, '-m', 't5lite.train', '--config', QUICKSTART, '--workdir',
+      str(workdir), '--config.train.steps=6', '--config.train.log_every=1',
+      '--config.optimizer.name=adamw', '--config.optimizer.learning_rate=1e30',
+      '--config.schedule.name=constant', '--config.schedule.warmup_steps=0'
+  ], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'training stopped: loss is nan' in result.stderr and 'learning_rate' in result.stderr
   assert 'Traceback' not in result.stderr
@@ -142,8 +143,8 @@ def test_base_config_is_built_from_the_declarations():
     if names is not None:
       assert sorted(c[section].keys()) == sorted(names), section
   assert c.partitioning.rules == config_lib.DEFAULT_RULES
-  assert (c.train.steps, c.optimizer.name, c.data.task, c.keep_host_memory) == (
-      1000, 'adafactor', 'embedded_span_corruption', True)
+  assert (c.train.steps, c.optimizer.name, c.data.task,
+          c.keep_host_memory) == (1000, 'adafactor', 'embedded_span_corruption', True)
   assert isinstance(c.eval.tasks, tuple) and isinstance(c.checkpoint.init_rename, tuple)
 
 
@@ -154,12 +155,11 @@ def test_config_error_is_the_one_from_fields():
 
 def test_unknown_key_in_a_config_file_is_an_error_like_an_override(tmp_path):
   path = tmp_path / 'typo.py'
-  path.write_text(
-      'from t5lite.config import base_config\n\n'
-      'def get_config(arg=None):\n'
-      '  c = base_config()\n'
-      '  c.train.stepz = 3\n'
-      '  return c\n')
+  path.write_text('from t5lite.config import base_config\n\n'
+                  'def get_config(arg=None):\n'
+                  '  c = base_config()\n'
+                  '  c.train.stepz = 3\n'
+                  '  return c\n')
   with pytest.raises(config_lib.ConfigError) as from_file:
     config_lib.load_config_file(str(path))
   with pytest.raises(config_lib.ConfigError) as from_flag:
@@ -200,8 +200,8 @@ def test_resolve_gives_typed_frozen_parts_with_the_same_names():
 
 
 @pytest.mark.skipif(
-    not {'size', 'attention_dim'} <= {f.name for f in dataclasses.fields(
-        config_lib.presets.ModelConfig)},
+    not {'size', 'attention_dim'
+        } <= {f.name for f in dataclasses.fields(config_lib.presets.ModelConfig)},
     reason='ModelConfig does not declare every config.model field yet (issue 13, models part)')
 def test_resolved_config_round_trips_to_the_config_dict():
   c = load('train.steps=7')

@@ -41,7 +41,7 @@ def test_reference_lists_every_field():
 
 def test_the_command_prints_the_reference():
   import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
-  out = subprocess.run([sys.executable, '-m', 't5lite.config_docs', '--markdown'], capture_output=True,
-                       text=True, timeout=120, check=False)
+  out = subprocess.run([sys.executable, '-m', 't5lite.config_docs', '--markdown'],
+                       capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode == 0, out.stderr
   assert out.stdout == config_docs.reference_markdown()

@@ -45,8 +45,9 @@ def random_params(model, seed):
     std = {'embedding': 0.3, 'rel_embedding': 1.0}.get(names[-1])
     if std is None:
       fan_in = {'out': shape[0] * shape[1], 'query': shape[0] * shape[-1]}.get(names[-2], shape[0])
-      std = fan_in ** -0.5 * (4.0 if names[-2] in ('out', 'wo') else 1.0)
+      std = fan_in**-0.5 * (4.0 if names[-2] in ('out', 'wo') else 1.0)
     return (std * rng.randn(*shape)).astype(np.float32)
+
   return jax.tree_util.tree_map_with_path(draw, abstract['params'])
 
 
@@ -86,8 +87,8 @@ def reference_greedy(model, params, batch, eos, prefix_lm=False):
     buffer[:, 1:width + 1] = prompts
     causal = (np.arange(buffer.shape[1])[None] < lengths[:, None]).astype(np.int32)
     position = lengths - 1
-    inputs = lambda: dict(decoder_input_tokens=buffer,
-                          decoder_causal_attention=causal if prefix_lm else None)
+    inputs = lambda: dict(decoder_input_tokens=buffer, decoder_causal_attention=causal
+                          if prefix_lm else None)
   tokens = np.zeros((rows, STEPS), np.int32)
   scores = np.zeros(rows, np.float32)
   done = np.zeros(rows, bool)
@@ -184,8 +185,8 @@ def test_prefix_lm_and_causal_lm_cases_differ():
 def test_beam_search_with_one_beam_is_greedy():
   # Alpha 0: with a length bonus, one beam may rightly prefer a longer hypothesis to greedy's.
   s = setup('prefix_lm')
-  cfg = DecodeConfig(method='beam', num_beams=1, length_penalty_alpha=0.0,
-                     max_decode_length=STEPS, eos_id=s['eos'])
+  cfg = DecodeConfig(method='beam', num_beams=1, length_penalty_alpha=0.0, max_decode_length=STEPS,
+                     eos_id=s['eos'])
   tokens, scores = run(s, cfg)
   np.testing.assert_array_equal(tokens, s['ref_tokens'])
   np.testing.assert_allclose(scores, s['ref_scores'], rtol=1e-5, atol=1e-4)
@@ -212,8 +213,9 @@ def test_top_p_and_top_k_keep_exactly_the_expected_tokens():
     out = np.zeros_like(probs)
     out[ids] = probs[ids] / probs[ids].sum()
     return out
+
   # Nucleus: a token stays while the mass before it is < p.
-  np.testing.assert_allclose(kept(top_p=0.6), renormalised([1, 3]), atol=1e-6)   # .4 < .6, .65
+  np.testing.assert_allclose(kept(top_p=0.6), renormalised([1, 3]), atol=1e-6)  # .4 < .6, .65
   np.testing.assert_allclose(kept(top_p=0.7), renormalised([1, 3, 4]), atol=1e-6)
   np.testing.assert_allclose(kept(top_p=0.3), renormalised([1]), atol=1e-6)
   np.testing.assert_allclose(kept(top_p=1.0), probs, atol=1e-6)
@@ -233,8 +235,10 @@ def test_temperature_sampling_frequencies_match_softmax():
   s = setup('encdec_v1_1')
   draws, temperature = 4000, 1.5
   row = s['batch']['encoder_input_tokens'][:1]
-  logits = np.asarray(forward(s['unrolled'])(s['params'], dict(
-      encoder_input_tokens=row, decoder_input_tokens=np.zeros((1, 1), np.int32))))[0, 0]
+  logits = np.asarray(
+      forward(s['unrolled'])(s['params'],
+                             dict(encoder_input_tokens=row, decoder_input_tokens=np.zeros(
+                                 (1, 1), np.int32))))[0, 0]
   expected = np.asarray(jax.nn.softmax(logits / temperature))
   cfg = DecodeConfig(method='sample', temperature=temperature, max_decode_length=1, eos_id=-1)
   out = decoding.decode(s['unrolled'], s['params'],
@@ -261,8 +265,9 @@ def test_sharded_greedy_matches_one_device():
 
 # Seeds picked so that greedy search misses the optimum in some row (checked below). The
 # encoder-decoder case runs sharded on 8 devices (the one-device beam search is the prefix LM's).
-@pytest.mark.parametrize('architecture,vocab,length,scan,seed,mesh', [
-    ('encoder_decoder', 6, 3, True, 5, (2, 2, 2)), ('prefix_lm', 5, 4, False, 3, None)])
+@pytest.mark.parametrize('architecture,vocab,length,scan,seed,mesh',
+                         [('encoder_decoder', 6, 3, True, 5, (2, 2, 2)),
+                          ('prefix_lm', 5, 4, False, 3, None)])
 def test_beam_search_finds_the_exhaustive_optimum(architecture, vocab, length, scan, seed, mesh):
   """Every hypothesis (ends at its first EOS, or at max length) scored by the full model with
   the same length penalty; a beam wide enough to hold every candidate must find the best."""
@@ -274,7 +279,7 @@ def test_beam_search_finds_the_exhaustive_optimum(architecture, vocab, length, s
   params = stack_layers(params) if scan else params
   alpha, eos = 0.6, 1
   # Candidates at the last step: (vocab - 1) ** (length - 1) alive prefixes times vocab tokens.
-  beams = (vocab - 1) ** (length - 1) * vocab
+  beams = (vocab - 1)**(length - 1) * vocab
   cfg = DecodeConfig(method='beam', num_beams=beams, length_penalty_alpha=alpha,
                      max_decode_length=length, eos_id=eos)
   seqs = np.array(list(itertools.product(range(vocab), repeat=length)), np.int32)  # [N, length]
@@ -283,8 +288,10 @@ def test_beam_search_finds_the_exhaustive_optimum(architecture, vocab, length, s
     prompts = np.array([[3, 2, 4], [2, 0, 0]], np.int32)
     batch = {'decoder_prompt_tokens': prompts}
   else:
-    batch = {'encoder_input_tokens': np.array([[3, 5, 2, 4], [2, 3, 0, 0], [4, 4, 5, 0],
-                                               [5, 0, 0, 0]], np.int32)}
+    batch = {
+        'encoder_input_tokens': np.array([[3, 5, 2, 4], [2, 3, 0, 0], [4, 4, 5, 0], [5, 0, 0, 0]],
+                                         np.int32)
+    }
   out = decoding.decode(model, params, batch, cfg, prefix_lm=prefix_lm,
                         mesh=partitioning.make_mesh(mesh) if mesh else None)
   shape = (vocab,) * length
@@ -297,20 +304,23 @@ def test_beam_search_finds_the_exhaustive_optimum(architecture, vocab, length, s
       full[:, 1:used] = prompts[row, :used - 1]
       full[:, used:used + length] = seqs
       causal = np.tile((np.arange(width) < used).astype(np.int32), (n, 1))
-      logits = forward(model)(params, dict(decoder_input_tokens=full[:, :-1],
-                                           decoder_causal_attention=causal[:, :-1]))
+      logits = forward(model)(params,
+                              dict(decoder_input_tokens=full[:, :-1],
+                                   decoder_causal_attention=causal[:, :-1]))
       logits = np.asarray(logits)[:, used - 1:used - 1 + length]
     else:
       dec_in = np.concatenate([np.zeros((n, 1), np.int32), seqs[:, :-1]], 1)
-      logits = np.asarray(forward(model)(params, dict(
-          encoder_input_tokens=np.tile(batch['encoder_input_tokens'][row], (n, 1)),
-          decoder_input_tokens=dec_in)))
+      logits = np.asarray(
+          forward(model)(params,
+                         dict(
+                             encoder_input_tokens=np.tile(batch['encoder_input_tokens'][row],
+                                                          (n, 1)), decoder_input_tokens=dec_in)))
     token_lp_all = np.asarray(jax.nn.log_softmax(logits))  # [N, length, vocab]
     token_lp = np.take_along_axis(token_lp_all, seqs[..., None], -1)[..., 0]
     is_eos = seqs == eos
     ends = np.where(is_eos.any(1), is_eos.argmax(1), length - 1)  # index of the last token
     total = np.where(np.arange(length)[None] <= ends[:, None], token_lp, 0).sum(1)
-    score = total / ((5.0 + ends + 1) / 6.0) ** alpha
+    score = total / ((5.0 + ends + 1) / 6.0)**alpha
     best = score.max()
     got = np.asarray(out.tokens[row])
     index = int(np.ravel_multi_index(tuple(got), shape))  # zeros after EOS: same hypothesis

@@ -23,16 +23,20 @@ from t5lite.launch import local
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
 # ---- flags and environment -------------------------------------------------------------------
 
+
 def test_pop_flags_takes_both_forms_and_leaves_the_rest():
-  argv = ['--config', 'c.py', '--coordinator_address=10.0.0.1:1234', '--num_processes', '4',
-          '--config.train.steps=3', '--process_id=2', '--local_device_count', '2', '--workdir=w']
+  argv = [
+      '--config', 'c.py', '--coordinator_address=10.0.0.1:1234', '--num_processes', '4',
+      '--config.train.steps=3', '--process_id=2', '--local_device_count', '2', '--workdir=w'
+  ]
   rest, flags = distributed.pop_distributed_flags(argv)
   assert rest == ['--config', 'c.py', '--config.train.steps=3', '--workdir=w']
-  assert flags == {'coordinator_address': '10.0.0.1:1234', 'num_processes': '4',
-                   'process_id': '2', 'local_device_count': '2'}
+  assert flags == {
+      'coordinator_address': '10.0.0.1:1234', 'num_processes': '4', 'process_id': '2',
+      'local_device_count': '2'
+  }
   settings = distributed.resolve(flags, environ={})
   assert (settings.coordinator_address, settings.num_processes, settings.process_id,
           settings.local_device_count) == ('10.0.0.1:1234', 4, 2, 2)
@@ -45,27 +49,29 @@ def test_pop_flags_missing_value():
 
 
 def test_environment_and_flag_precedence():
-  env = {'T5LITE_COORDINATOR_ADDRESS': '127.0.0.1:5000', 'T5LITE_NUM_PROCESSES': '2',
-         'T5LITE_PROCESS_ID': '1', 'T5LITE_LOCAL_DEVICE_COUNT': '4'}
+  env = {
+      'T5LITE_COORDINATOR_ADDRESS': '127.0.0.1:5000', 'T5LITE_NUM_PROCESSES': '2',
+      'T5LITE_PROCESS_ID': '1', 'T5LITE_LOCAL_DEVICE_COUNT': '4'
+  }
   s = distributed.resolve({}, env)
-  assert (s.coordinator_address, s.num_processes, s.process_id, s.local_device_count) == (
-      '127.0.0.1:5000', 2, 1, 4)
+  assert (s.coordinator_address, s.num_processes, s.process_id,
+          s.local_device_count) == ('127.0.0.1:5000', 2, 1, 4)
   s = distributed.resolve({'process_id': '0'}, env)  # a flag overrides its variable
   assert s.process_id == 0
 
 
 @pytest.mark.parametrize('flags, message', [
     ({'num_processes': '2'}, r'--num_processes \(or T5LITE_NUM_PROCESSES\) given without '
-                             r'--coordinator_address .*--process_id'),
+     r'--coordinator_address .*--process_id'),
     ({'coordinator_address': 'h:1', 'process_id': '0'}, 'given without --num_processes'),
-    ({'coordinator_address': 'h:1', 'num_processes': '2', 'process_id': '2'},
-     '--process_id .*=2 must be below --num_processes=2'),
-    ({'coordinator_address': 'h:1', 'num_processes': 'two', 'process_id': '0'},
-     '--num_processes .*must be an integer'),
-    ({'coordinator_address': 'h:1', 'num_processes': '0', 'process_id': '0'},
-     '--num_processes .*must be >= 1'),
-    ({'coordinator_address': 'localhost', 'num_processes': '2', 'process_id': '0'},
-     '--coordinator_address .*must be HOST:PORT'),
+    ({'coordinator_address': 'h:1', 'num_processes': '2', 'process_id': '2'
+     }, '--process_id .*=2 must be below --num_processes=2'),
+    ({'coordinator_address': 'h:1', 'num_processes': 'two', 'process_id': '0'
+     }, '--num_processes .*must be an integer'),
+    ({'coordinator_address': 'h:1', 'num_processes': '0', 'process_id': '0'
+     }, '--num_processes .*must be >= 1'),
+    ({'coordinator_address': 'localhost', 'num_processes': '2', 'process_id': '0'
+     }, '--coordinator_address .*must be HOST:PORT'),
     ({'local_device_count': '0'}, '--local_device_count .*must be >= 1'),
 ])
 def test_bad_settings_name_the_flag(flags, message):
@@ -83,20 +89,24 @@ def test_distributed_error_is_a_config_error():
   assert issubclass(DistributedError, ConfigError)  # so train.main reports it with exit code 2
 
 
-SLURM = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[001-002]', 'SLURM_NTASKS': '16',
-         'SLURM_PROCID': '3', 'SLURM_LOCALID': '3'}
+SLURM = {
+    'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[001-002]', 'SLURM_NTASKS': '16',
+    'SLURM_PROCID': '3', 'SLURM_LOCALID': '3'
+}
 
 
-@pytest.mark.parametrize('environ, expected', [
-    ({}, None),
-    (SLURM, 'slurm'),
-    ({**SLURM, 'SLURM_NTASKS': '1'}, None),                # a one-task job is single-process
-    ({**SLURM, 'SLURM_STEP_NUM_TASKS': '1'}, None),        # srun -n1 inside a bigger allocation
-    ({k: v for k, v in SLURM.items() if k != 'SLURM_STEP_NODELIST'}, None),  # not a job step
-    ({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'}, 'tpu'),
-    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, None),        # a single-host TPU VM
-    ({'MEGASCALE_COORDINATOR_ADDRESS': '10.0.0.2'}, 'tpu'),
-])
+@pytest.mark.parametrize(
+    'environ, expected',
+    [
+        ({}, None),
+        (SLURM, 'slurm'),
+        ({**SLURM, 'SLURM_NTASKS': '1'}, None),  # a one-task job is single-process
+        ({**SLURM, 'SLURM_STEP_NUM_TASKS': '1'}, None),  # srun -n1 inside a bigger allocation
+        ({k: v for k, v in SLURM.items() if k != 'SLURM_STEP_NODELIST'}, None),  # not a job step
+        ({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'}, 'tpu'),
+        ({'TPU_WORKER_HOSTNAMES': 'localhost'}, None),  # a single-host TPU VM
+        ({'MEGASCALE_COORDINATOR_ADDRESS': '10.0.0.2'}, 'tpu'),
+    ])
 def test_detect_cluster(environ, expected):
   assert distributed.detect_cluster(environ) == expected
   assert distributed.resolve({}, environ).cluster == expected
@@ -124,6 +134,7 @@ def test_local_device_count_after_jax_started_is_an_error():
 
 # ---- the local launcher ----------------------------------------------------------------------
 
+
 def _env():
   env = dict(os.environ)
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
@@ -135,14 +146,14 @@ def _env():
 
 def _launch(args, **kwargs):
   return subprocess.Popen([sys.executable, '-m', 't5lite.launch.local', *args], cwd=REPO,
-                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, **kwargs)
+                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          **kwargs)
 
 
 def test_launcher_arguments():
   args = local.parse_args(['-n', '2', '--devices_per_process', '4', '--', 'python', '-c', 'pass'])
   assert (args.num_processes, args.devices_per_process, args.command) == (2, 4,
-                                                                           ['python', '-c', 'pass'])
+                                                                          ['python', '-c', 'pass'])
   with pytest.raises(SystemExit):
     local.parse_args(['-n', '2', 'python'])  # no --
   env = local.child_env({'JAX_PLATFORMS': 'cuda'}, 1, 2, 4321, 4)
@@ -182,8 +193,9 @@ def test_two_processes_four_devices_each(tmp_path):
   script = tmp_path / 'psum.py'
   script.write_text(PSUM_SCRIPT)
   start = time.perf_counter()
-  proc = _launch(['-n', '2', '--devices_per_process', '4', '--', sys.executable, str(script),
-                  '--extra'])
+  proc = _launch(
+      ['-n', '2', '--devices_per_process', '4', '--', sys.executable,
+       str(script), '--extra'])
   out, _ = proc.communicate(timeout=90)
   assert proc.returncode == 0, out
   # 3 columns x (1 + 2 + ... + 8) = 108, in every process.
@@ -194,7 +206,8 @@ def test_two_processes_four_devices_each(tmp_path):
 
 def test_failing_process_stops_the_others(tmp_path):
   script = tmp_path / 'fail.py'
-  script.write_text(textwrap.dedent('''
+  script.write_text(
+      textwrap.dedent('''
       import os, sys, time
       if os.environ['T5LITE_PROCESS_ID'] == '1':
         print('failing', flush=True)
@@ -211,7 +224,8 @@ def test_failing_process_stops_the_others(tmp_path):
 
 def test_sigterm_reaches_every_process(tmp_path):
   script = tmp_path / 'trap.py'
-  script.write_text(textwrap.dedent('''
+  script.write_text(
+      textwrap.dedent('''
       import os, signal, sys, time
       def on_term(sig, frame):
         print('got SIGTERM', flush=True)
@@ -242,33 +256,39 @@ def test_sigterm_reaches_every_process(tmp_path):
 
 # ---- the TPU pod script ----------------------------------------------------------------------
 
+
 def _fake_gcloud(tmp_path, describe_fails: bool):
   """A `gcloud` on PATH that logs its arguments, so the script can run without a cloud."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   log = tmp_path / 'gcloud.log'
   gcloud = bin_dir / 'gcloud'
-  gcloud.write_text(textwrap.dedent(f'''\
+  gcloud.write_text(
+      textwrap.dedent(f'''\
       #!/usr/bin/env bash
       printf '%s\\n' "$*" >> {log}
       [[ "$4" == describe ]] && exit {1 if describe_fails else 0}
       exit 0
   '''))
   gcloud.chmod(0o755)
-  env = {**os.environ, 'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
-         'TMPDIR': str(tmp_path)}
+  env = {
+      **os.environ, 'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', 'TMPDIR': str(tmp_path)
+  }
   return env, log
 
 
-TRAIN_ARGS = ['--config', 'configs/quickstart.py', '--workdir', 'gs://bucket/runs/a b',
-              '--config.train.steps=10']
+TRAIN_ARGS = [
+    '--config', 'configs/quickstart.py', '--workdir', 'gs://bucket/runs/a b',
+    '--config.train.steps=10'
+]
 
 
 def test_tpu_pod_dry_run_prints_every_command(tmp_path):
   env, log = _fake_gcloud(tmp_path, describe_fails=True)
-  out = subprocess.run(['bash', 'launch/tpu_pod.sh', '--dry-run', 'pod1', 'us-central2-b', 'v4-32',
-                        'tpu-ubuntu2204-base', *TRAIN_ARGS], cwd=REPO, env=env, text=True,
-                       capture_output=True, timeout=30, check=True).stdout
+  out = subprocess.run([
+      'bash', 'launch/tpu_pod.sh', '--dry-run', 'pod1', 'us-central2-b', 'v4-32',
+      'tpu-ubuntu2204-base', *TRAIN_ARGS
+  ], cwd=REPO, env=env, text=True, capture_output=True, timeout=30, check=True).stdout
   assert not log.exists()  # nothing ran
   commands = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith('+ ')]
   gcloud = [c for c in commands if c[0] == 'gcloud']
@@ -304,9 +324,10 @@ def test_tpu_pod_usage():
 
 
 def test_wrapper_script_and_sbatch_syntax():
-  out = subprocess.run([sys.executable, 'launch/local.py', '-n', '1', '--', sys.executable, '-c',
-                        'import os; print("id", os.environ["T5LITE_PROCESS_ID"])'],
-                       cwd=REPO, env=_env(), text=True, capture_output=True, timeout=30)
+  out = subprocess.run([
+      sys.executable, 'launch/local.py', '-n', '1', '--', sys.executable, '-c',
+      'import os; print("id", os.environ["T5LITE_PROCESS_ID"])'
+  ], cwd=REPO, env=_env(), text=True, capture_output=True, timeout=30)
   assert out.returncode == 0 and out.stdout.strip() == '[p0] id 0', out
   subprocess.run(['bash', '-n', 'launch/slurm_gpu.sbatch'], cwd=REPO, check=True, timeout=30)
   subprocess.run(['bash', '-n', 'launch/tpu_pod.sh'], cwd=REPO, check=True, timeout=30)
@@ -314,12 +335,15 @@ def test_wrapper_script_and_sbatch_syntax():
 
 # ---- training over two processes ------------------------------------------------------------
 
+
 def _train_args(workdir, steps):
-  return ['-m', 't5lite.train', '--config', os.path.join(REPO, 'configs', 'quickstart.py'),
-          '--workdir', str(workdir), f'--config.train.steps={steps}',
-          '--config.checkpoint.every_steps=3', '--config.train.batch_size=8',
-          '--config.train.log_every=1', '--config.reporting.tensorboard=False',
-          '--config.reporting.peak_flops_per_device=1e11']
+  return [
+      '-m', 't5lite.train', '--config',
+      os.path.join(REPO, 'configs', 'quickstart.py'), '--workdir',
+      str(workdir), f'--config.train.steps={steps}', '--config.checkpoint.every_steps=3',
+      '--config.train.batch_size=8', '--config.train.log_every=1',
+      '--config.reporting.tensorboard=False', '--config.reporting.peak_flops_per_device=1e11'
+  ]
 
 
 def _losses(workdir):
@@ -339,17 +363,19 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
 
   multi = tmp_path / 'multi'
   for steps in (3, 6):
-    proc = _launch(['-n', '2', '--devices_per_process', '4', '--', sys.executable,
-                    *_train_args(multi, steps)])
+    proc = _launch(
+        ['-n', '2', '--devices_per_process', '4', '--', sys.executable, *_train_args(multi, steps)])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
   # Process 0's log line ('[p0] ' from the launcher, then the timestamp).
-  assert any(line.startswith('[p0] ') and 'resumed from the checkpoint of step 3' in line
-             for line in out.splitlines()), out[-3000:]
+  assert any(
+      line.startswith('[p0] ') and 'resumed from the checkpoint of step 3' in line
+      for line in out.splitlines()), out[-3000:]
   # Each process saved its own data position (its slice of the data) with the state.
   step_dir = multi / 'checkpoints' / '3' / 'data'
   assert sorted(n for n in os.listdir(step_dir) if n.endswith('.json')) == [
-      'process_0-of-2.json', 'process_1-of-2.json']
+      'process_0-of-2.json', 'process_1-of-2.json'
+  ]
 
   expected, got = _losses(single), _losses(multi)
   assert sorted(got) == sorted(expected) == list(range(1, 7))

@@ -55,8 +55,10 @@ def env(tmp_path_factory):
   path.write_text(CONFIG)
   config = config_lib.load_config_file(str(path))
   model = make_model(ModelConfig.from_config(config.model))
-  example = {'encoder_input_tokens': np.ones((1, 16), np.int32),
-             'decoder_input_tokens': np.ones((1, 8), np.int32)}
+  example = {
+      'encoder_input_tokens': np.ones((1, 16), np.int32), 'decoder_input_tokens': np.ones((1, 8),
+                                                                                          np.int32)
+  }
   params = nn.meta.unbox(jax.jit(lambda k: model.init(k, **example))(jax.random.PRNGKey(1)))
   # The jobs read only the params: no optimizer state needed in these checkpoints.
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params['params'], opt_state={})
@@ -120,23 +122,31 @@ def test_missing_checkpoint_is_one_line_and_exit_2(env, tmp_path, capsys, flags,
   assert run_eval(env, tmp_path, *flags) == 2
   err = capsys.readouterr().err
   assert err.startswith(message) and err.count('\n') == 1, err
-  assert infer.main(['--config', env['config'], '--workdir', str(tmp_path), '--input', 'x',
-                     '--output', str(tmp_path / 'o.jsonl'), *flags]) == 2
+  assert infer.main([
+      '--config', env['config'], '--workdir',
+      str(tmp_path), '--input', 'x', '--output',
+      str(tmp_path / 'o.jsonl'), *flags
+  ]) == 2
 
 
 def write_inputs(path, lines):
   path.write_text(''.join(l + '\n' for l in lines))
 
 
-INPUTS = [json.dumps({'inputs': f'say word number {i}', **({'targets': f'w{i}'} if i % 2 else {})})
-          for i in range(10)]
+INPUTS = [
+    json.dumps({'inputs': f'say word number {i}', **({'targets': f'w{i}'} if i % 2 else {})})
+    for i in range(10)
+]
 LONG = json.dumps({'inputs': ' '.join(['many'] * 40)})
 
 
 def run_infer(env, workdir, inputs, output, *flags):
-  return infer.main(['--config', env['config'], '--workdir', str(workdir), '--checkpoint',
-                     'latest', '--input', str(inputs), '--output', str(output),
-                     '--config.infer.batch_size=8', *flags])
+  return infer.main([
+      '--config', env['config'], '--workdir',
+      str(workdir), '--checkpoint', 'latest', '--input',
+      str(inputs), '--output',
+      str(output), '--config.infer.batch_size=8', *flags
+  ])
 
 
 def test_infer_order_resume_and_counted_warnings(env, tmp_path, capsys, monkeypatch):
@@ -152,11 +162,11 @@ def test_infer_order_resume_and_counted_warnings(env, tmp_path, capsys, monkeypa
   assert '2 input(s) truncated to 16 tokens, 1 bad line(s) skipped' in out
   records = [json.loads(l) for l in open(full)]
   # One object per good input, in input order; targets copied where present.
-  expected = [(n + 1, json.loads(l)) for n, l in enumerate(lines) if l.startswith('{"inputs": "')
-              and l.endswith('}')]
+  expected = [(n + 1, json.loads(l)) for n, l in enumerate(lines)
+              if l.startswith('{"inputs": "') and l.endswith('}')]
   assert [r['index'] for r in records] == list(range(12))
-  assert [(r['line'], r['input'], r.get('target')) for r in records] == [
-      (n, e['inputs'], e.get('targets')) for n, e in expected]
+  assert [(r['line'], r['input'], r.get('target')) for r in records
+         ] == [(n, e['inputs'], e.get('targets')) for n, e in expected]
   # Each prediction is the model's greedy decode of that input alone.
   config = config_lib.load_config_file(env['config'])
   vocab = eval_lib.evaluator_lib.config_vocabulary(config)
@@ -173,11 +183,13 @@ def test_infer_order_resume_and_counted_warnings(env, tmp_path, capsys, monkeypa
   # gives the uninterrupted file byte for byte.
   partial = tmp_path / 'partial.jsonl'
   real_decode, calls = decoding.decode, []
+
   def decode_then_die(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
       raise KeyboardInterrupt
     return real_decode(*args, **kwargs)
+
   monkeypatch.setattr(decoding, 'decode', decode_then_die)
   with pytest.raises(KeyboardInterrupt):
     run_infer(env, tmp_path, tmp_path / 'in.jsonl', partial, '--config.infer.on_bad_line=skip')

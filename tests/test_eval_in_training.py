@@ -15,8 +15,8 @@ from t5lite.models.t5 import make_model
 
 
 def eval_config(steps, **checkpoint):
-  c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
-                                               'quickstart.py'))
+  c = config_lib.load_config_file(
+      os.path.join(os.path.dirname(__file__), '..', 'configs', 'quickstart.py'))
   c.model.dtype = 'float32'
   c.train.update(steps=steps, batch_size=8, log_every=100)
   c.schedule.warmup_steps = 2
@@ -33,9 +33,9 @@ def numpy_validation_loss(config, params):
   iterator, vocabulary = train.build_data(config)
   del iterator
   lengths = {'inputs': config.data.inputs_length, 'targets': 29}
-  it = pipeline.make_task_iterator(config.data.task, feature_lengths=lengths,
-                                   global_batch_size=16, seed=config.train.seed, split='validation',
-                                   shuffle=False, repeat=False, vocabulary=vocabulary)
+  it = pipeline.make_task_iterator(config.data.task, feature_lengths=lengths, global_batch_size=16,
+                                   seed=config.train.seed, split='validation', shuffle=False,
+                                   repeat=False, vocabulary=vocabulary)
   total, weight, correct = 0.0, 0.0, 0.0
   for batch in it:
     inputs = {k: v for k, v in batch.items() if k != 'decoder_loss_weights'}
@@ -75,8 +75,10 @@ def test_keep_best_survives_retention_and_restarts(tmp_path):
   assert sorted(evals) == [2, 4, 6]
   worst = max(evals, key=evals.get)
   assert worst != 6, evals  # the test needs the best to be an old one
+
   def kept():
     return sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+
   assert kept() == sorted({worst, 6})
 
   config = eval_config(10, keep=1, keep_best_metric='eval/loss', keep_best_mode='max')
@@ -87,11 +89,14 @@ def test_keep_best_survives_retention_and_restarts(tmp_path):
 
 
 @pytest.mark.parametrize('override, message', [
-    ({'eval.every_steps': 0, 'checkpoint.keep_best_metric': 'eval/loss'},
-     'needs evaluation: set eval.every_steps'),
-    ({'eval.every_steps': 3, 'checkpoint.every_steps': 10,
-      'checkpoint.keep_best_metric': 'eval/loss'}, 'is not a multiple of eval.every_steps=3'),
-    ({'eval.every_steps': 5, 'checkpoint.keep_best_metric': 'eval/los'}, "did you mean 'eval/loss'"),
+    ({'eval.every_steps': 0, 'checkpoint.keep_best_metric': 'eval/loss'
+     }, 'needs evaluation: set eval.every_steps'),
+    ({
+        'eval.every_steps': 3, 'checkpoint.every_steps': 10,
+        'checkpoint.keep_best_metric': 'eval/loss'
+    }, 'is not a multiple of eval.every_steps=3'),
+    ({'eval.every_steps': 5, 'checkpoint.keep_best_metric': 'eval/los'
+     }, "did you mean 'eval/loss'"),
     ({'eval.every_steps': 5, 'eval.task': 'embeded_span_corruption'}, 'config.eval.task='),
     ({'eval.every_steps': 5, 'eval.batch_size': 12}, 'config.eval.batch_size=12'),
 ])

@@ -49,11 +49,11 @@ def _register():
   features = {'inputs': f, 'targets': f}
   tasks.add_task('evtest_gen', InMemorySource({'train': gen, 'validation': gen}), [P.tokenize],
                  features, postprocess_fn=lower,
-                 metric_fns=['accuracy', metrics.sequence_accuracy, mean_log_likelihood],
-                 overwrite=True)
-  task = tasks.add_task('evtest_cls', InMemorySource({'train': cls, 'validation': cls}),
-                        [P.tokenize], features, metric_fns=['accuracy', downstream.rank_accuracy],
-                        overwrite=True)
+                 metric_fns=['accuracy', metrics.sequence_accuracy,
+                             mean_log_likelihood], overwrite=True)
+  task = tasks.add_task('evtest_cls', InMemorySource({'train': cls,
+                                                      'validation': cls}), [P.tokenize], features,
+                        metric_fns=['accuracy', downstream.rank_accuracy], overwrite=True)
   task.rank_options = ('yes', 'no')
 
 
@@ -71,8 +71,10 @@ def setup():
   shape = config_lib.validate(c, 8)
   mesh = partitioning.make_mesh(shape)
   model = make_model(ModelConfig.from_config(c.model))
-  example = {'encoder_input_tokens': np.ones((BATCH, INPUTS), np.int32),
-             'decoder_input_tokens': np.ones((BATCH, TARGETS), np.int32)}
+  example = {
+      'encoder_input_tokens': np.ones((BATCH, INPUTS), np.int32), 'decoder_input_tokens': np.ones(
+          (BATCH, TARGETS), np.int32)
+  }
   params = nn.meta.unbox(jax.jit(lambda k: model.init(k, **example))(jax.random.PRNGKey(3)))
   params = params['params']
   with partitioning.activate(mesh, c.partitioning.rules):
@@ -86,8 +88,10 @@ def split_examples(name):
   """Token ids of each validation example as the task makes them (trimmed, EOS appended)."""
   task = tasks.get_task(name)
   lengths = {'inputs': INPUTS, 'targets': TARGETS}
-  return [task.process(ex, task.context(lengths, np.random.default_rng(0)))
-          for ex in task.examples('validation')]
+  return [
+      task.process(ex, task.context(lengths, np.random.default_rng(0)))
+      for ex in task.examples('validation')
+  ]
 
 
 def test_each_example_once_and_metrics_equal_a_per_example_loop(setup, tmp_path):
@@ -107,12 +111,14 @@ def test_each_example_once_and_metrics_equal_a_per_example_loop(setup, tmp_path)
   for ex in examples:
     rows = np.zeros((BATCH, INPUTS), np.int32)
     rows[0, :len(ex['inputs'])] = ex['inputs']
-    tokens = np.asarray(decoding.decode(model, params, {'encoder_input_tokens': rows}, cfg,
-                                        jax.random.PRNGKey(0)).tokens)[0]
+    tokens = np.asarray(
+        decoding.decode(model, params, {'encoder_input_tokens': rows}, cfg,
+                        jax.random.PRNGKey(0)).tokens)[0]
     predictions.append(lower(vocab.decode(tokens)))
     targets.append(lower(vocab.decode(ex['targets'])))
-    batch = {'encoder_input_tokens': rows[:1],
-             'decoder_target_tokens': np.zeros((1, TARGETS), np.int32)}
+    batch = {
+        'encoder_input_tokens': rows[:1], 'decoder_target_tokens': np.zeros((1, TARGETS), np.int32)
+    }
     batch['decoder_target_tokens'][0, :len(ex['targets'])] = ex['targets']
     batch['decoder_input_tokens'] = np.roll(batch['decoder_target_tokens'], 1, axis=1)
     batch['decoder_input_tokens'][:, 0] = 0
@@ -121,9 +127,10 @@ def test_each_example_once_and_metrics_equal_a_per_example_loop(setup, tmp_path)
   assert gen.targets == targets
   assert gen.predictions == predictions
   np.testing.assert_allclose(gen.scores, log_likelihoods, rtol=1e-4)
-  expected = {**metrics.accuracy(targets, predictions),
-              **metrics.sequence_accuracy(targets, predictions),
-              'mean_log_likelihood': float(np.mean(log_likelihoods))}
+  expected = {
+      **metrics.accuracy(targets, predictions), **metrics.sequence_accuracy(targets, predictions),
+      'mean_log_likelihood': float(np.mean(log_likelihoods))
+  }
   assert gen.metrics.keys() == expected.keys()
   for k in expected:
     np.testing.assert_allclose(gen.metrics[k], expected[k], rtol=1e-4)
@@ -155,8 +162,7 @@ def test_max_batches_and_the_training_hook(setup, tmp_path):
   c = c.copy_and_resolve_references()
   c.eval.update(max_batches=1, tasks=('evtest_gen',))
   c.reporting.tensorboard = False
-  hook = evaluator_lib.build_metric_evaluation(c, model, mesh, c.partitioning.rules,
-                                               str(tmp_path))
+  hook = evaluator_lib.build_metric_evaluation(c, model, mesh, c.partitioning.rules, str(tmp_path))
   values = hook(sharded, 3)
   hook.close()
   record = json.load(open(tmp_path / 'eval' / 'evtest_gen' / 'step_3.json'))

@@ -36,6 +36,8 @@ def test_the_quote_check_can_fail():
 
 
 def test_single_quotes():
-  found = {str(p.relative_to(ROOT)): double_quoted(p.read_text())
-           for tree in TREES for p in sorted((ROOT / tree).rglob('*.py'))}
+  found = {
+      str(p.relative_to(ROOT)): double_quoted(p.read_text()) for tree in TREES
+      for p in sorted((ROOT / tree).rglob('*.py'))
+  }
   assert {k: v for k, v in found.items() if v} == {}

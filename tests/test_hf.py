@@ -94,8 +94,8 @@ def padded_batch(vocab, seed=0, batch=3, inputs=30, targets=20):
 
 
 def t5lite_model(fields, scan_layers=False):
-  cfg = ModelConfig(**{k: v for k, v in fields.items() if k != 'attention_dim'},
-                    dtype='float32', scan_layers=scan_layers)
+  cfg = ModelConfig(**{k: v for k, v in fields.items() if k != 'attention_dim'}, dtype='float32',
+                    scan_layers=scan_layers)
   return cfg, make_model(cfg)
 
 
@@ -116,8 +116,9 @@ def test_logits_match_transformers(hf_models, kind, scan_layers):
   assert fields['variant'] == VARIANT[kind]
   _, t5 = t5lite_model(fields, scan_layers)
   enc, dec_in, tgt = padded_batch(fields['vocab_size'])
-  ours = np.asarray(jax.jit(t5.apply)({'params': params}, encoder_input_tokens=enc,
-                                      decoder_input_tokens=dec_in, decoder_target_tokens=tgt))
+  ours = np.asarray(
+      jax.jit(t5.apply)({'params': params}, encoder_input_tokens=enc, decoder_input_tokens=dec_in,
+                        decoder_target_tokens=tgt))
   theirs = hf_logits(model, enc, dec_in, tgt)
   real = tgt > 0  # padded target positions carry no meaning in either model
   error = np.max(np.abs(ours[real] - theirs[real])) / np.max(np.abs(theirs[real]))
@@ -155,8 +156,9 @@ def random_t5lite_params(cfg, seed=0):
   """Random values in the exact tree that the t5lite model's init makes (names and shapes)."""
   model = make_model(cfg)
   tokens = jnp.ones((1, 4), jnp.int32)
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
-      jax.random.PRNGKey(0), encoder_input_tokens=tokens, decoder_input_tokens=tokens))['params'])
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(
+      model.init(jax.random.PRNGKey(0), encoder_input_tokens=tokens, decoder_input_tokens=tokens))[
+          'params'])
   rng = np.random.RandomState(seed)
   return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 
@@ -172,8 +174,8 @@ def test_t5lite_to_hf_to_t5lite_is_bitwise(variant, tmp_path):
     out = str(tmp_path / f'scan{scan_layers}')
     hf.save_hf(params, cfg, out)
     fields, back = hf.load_hf(out, scan_layers=scan_layers)
-    assert fields == {k: getattr(cfg, k) for k in hf.MODEL_FIELDS if k != 'attention_dim'} | {
-        'attention_dim': cfg.num_heads * cfg.head_dim}
+    assert fields == {k: getattr(cfg, k) for k in hf.MODEL_FIELDS if k != 'attention_dim'
+                     } | {'attention_dim': cfg.num_heads * cfg.head_dim}
     assert set(hf.flatten(back)) == set(hf.flatten(params))
     for name, x in hf.flatten(params).items():
       assert np.array_equal(hf.flatten(back)[name], x), name
@@ -197,11 +199,12 @@ def test_sharded_safetensors_and_pytorch_bin_read_the_same(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Refusals: each names the HF field / tensor / t5lite param and says why.
 
+
 @pytest.mark.parametrize('kind,edit,expected', [
     ('v1_1', {'model_type': 'umt5'}, 'model_type=umt5: UMT5 gives every layer its own'),
     ('v1_1', {'model_type': 'bert'}, "model_type='bert': not a T5 model"),
-    ('v1_1', {'feed_forward_proj': 'gated-silu', 'dense_act_fn': 'silu'},
-     "feed_forward_proj='gated-silu'"),
+    ('v1_1', {'feed_forward_proj': 'gated-silu', 'dense_act_fn': 'silu'
+             }, "feed_forward_proj='gated-silu'"),
     ('v1_1', {'feed_forward_proj': 'gelu', 'dense_act_fn': 'gelu', 'is_gated_act': False},
      "feed_forward_proj='gelu' (dense_act_fn='gelu', is_gated_act=False): a non-gated MLP"),
     ('v1_1', {'layer_norm_epsilon': 1e-5}, 'layer_norm_epsilon=1e-05'),
@@ -273,6 +276,7 @@ def test_t5lite_params_that_do_not_fit_are_named():
 # --------------------------------------------------------------------------------------------
 # The command line, and fine-tuning from hf: directly
 
+
 def test_convert_cli_round_trip_and_errors(hf_models, tmp_path, capsys):
   path = hf_models['v1_1'][1]  # the CLI is plumbing around the functions tested above: one kind
   workdir = str(tmp_path / 'w')
@@ -286,8 +290,7 @@ def test_convert_cli_round_trip_and_errors(hf_models, tmp_path, capsys):
 
   # checkpoint.init_from=WORKDIR reads it like a training run's checkpoint.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          params)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
   loaded = checkpoints.load_params_for_init(workdir, abstract)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), loaded, params)
 
@@ -298,9 +301,12 @@ def test_convert_cli_round_trip_and_errors(hf_models, tmp_path, capsys):
   assert all(np.array_equal(original[k], written[k]) for k in original)
 
   # Errors: one line on stderr, status 2.
-  assert convert.main(['t5lite-to-hf', '--checkpoint', str(tmp_path / 'nope'), '--out',
-                       str(tmp_path / 'x')]) == 2
-  assert capsys.readouterr().err == f'convert error: --checkpoint {tmp_path / "nope"}: no such path\n'
+  assert convert.main(
+      ['t5lite-to-hf', '--checkpoint',
+       str(tmp_path / 'nope'), '--out',
+       str(tmp_path / 'x')]) == 2
+  assert capsys.readouterr(
+  ).err == f'convert error: --checkpoint {tmp_path / "nope"}: no such path\n'
   bert = tmp_path / 'bert'
   os.makedirs(bert)
   (bert / 'config.json').write_text(json.dumps({'model_type': 'bert'}))
@@ -309,9 +315,11 @@ def test_convert_cli_round_trip_and_errors(hf_models, tmp_path, capsys):
   assert err.startswith("convert error: config.json model_type='bert': not a T5 model")
   assert err.count('\n') == 1
   # The real command line, once (it fails before JAX starts, so it is quick).
-  result = subprocess.run([sys.executable, '-m', 't5lite.convert', 'hf-to-t5lite', '--model',
-                           str(tmp_path / 'nope'), '--out', str(tmp_path / 'z')], cwd=REPO,
-                          capture_output=True, text=True, check=False)
+  result = subprocess.run([
+      sys.executable, '-m', 't5lite.convert', 'hf-to-t5lite', '--model',
+      str(tmp_path / 'nope'), '--out',
+      str(tmp_path / 'z')
+  ], cwd=REPO, capture_output=True, text=True, check=False)
   assert result.returncode == 2
   assert result.stderr == f'convert error: --model {tmp_path / "nope"}: no such directory\n'
 
@@ -323,17 +331,28 @@ def test_finetune_from_hf_directly(tmp_path, capsys):
                    relative_attention_max_distance=128)
   hf_dir = str(tmp_path / 'hf')
   model.save_pretrained(hf_dir)
-  argv = ['--config', os.path.join(REPO, 'configs', 'quickstart.py'),
-          '--workdir', str(tmp_path / 'run'), '--config.model.dtype=float32',
-          '--config.data.inputs_length=32', '--config.train.steps=2',
-          '--config.train.batch_size=8', '--config.train.log_every=1',
-          '--config.optimizer.name=adamw', '--config.optimizer.learning_rate=5e-3',
-          '--config.eval.every_steps=0',
-          # Linear warm-up from 0: step 1 has learning rate 0 and step 2 5e-5, so AdamW moves
-          # each weight by about 5e-5 from the HF value (a fresh init would be O(1) away).
-          '--config.schedule.warmup_steps=100', '--config.reporting.tensorboard=False',
-          '--config.reporting.peak_flops_per_device=1e11', '--config.checkpoint.every_steps=0',
-          '--config.checkpoint.async_save=False', f'--config.checkpoint.init_from=hf:{hf_dir}']
+  argv = [
+      '--config',
+      os.path.join(REPO, 'configs', 'quickstart.py'),
+      '--workdir',
+      str(tmp_path / 'run'),
+      '--config.model.dtype=float32',
+      '--config.data.inputs_length=32',
+      '--config.train.steps=2',
+      '--config.train.batch_size=8',
+      '--config.train.log_every=1',
+      '--config.optimizer.name=adamw',
+      '--config.optimizer.learning_rate=5e-3',
+      '--config.eval.every_steps=0',
+      # Linear warm-up from 0: step 1 has learning rate 0 and step 2 5e-5, so AdamW moves
+      # each weight by about 5e-5 from the HF value (a fresh init would be O(1) away).
+      '--config.schedule.warmup_steps=100',
+      '--config.reporting.tensorboard=False',
+      '--config.reporting.peak_flops_per_device=1e11',
+      '--config.checkpoint.every_steps=0',
+      '--config.checkpoint.async_save=False',
+      f'--config.checkpoint.init_from=hf:{hf_dir}'
+  ]
 
   # A config that does not match the HF model is refused before any compute, by field.
   assert train.main(argv + ['--config.model.relative_attention_max_distance=64']) == 2
@@ -354,14 +373,17 @@ def test_finetune_from_hf_directly(tmp_path, capsys):
   assert any(not np.array_equal(x, expected[k]) for k, x in trained.items())
 
   # A training run's checkpoint (with optimizer state) converts back: its params, bit for bit.
-  assert convert.main(['t5lite-to-hf', '--checkpoint', str(tmp_path / 'run'), '--out',
-                       str(tmp_path / 'back')]) == 0
+  assert convert.main(
+      ['t5lite-to-hf', '--checkpoint',
+       str(tmp_path / 'run'), '--out',
+       str(tmp_path / 'back')]) == 0
   back = hf.flatten(hf.load_hf(str(tmp_path / 'back'))[1])
   assert set(back) == set(trained) and all(np.array_equal(back[k], trained[k]) for k in back)
 
 
 # --------------------------------------------------------------------------------------------
 # Greedy decoding, token by token (t5lite/models/decoding.py: skipped until that module lands)
+
 
 @pytest.mark.parametrize('kind', list(KINDS))
 def test_greedy_decoding_matches_generate(hf_models, kind):
@@ -375,20 +397,20 @@ def test_greedy_decoding_matches_generate(hf_models, kind):
     # use_cache=False: transformers 5.23's generate cache is sized by num_layers and breaks when
     # num_decoder_layers is larger (as here); without the cache it recomputes, same tokens.
     with torch.no_grad():
-      out = model.generate(
-          torch.tensor(enc), attention_mask=torch.tensor(enc > 0), do_sample=False, num_beams=1,
-          max_new_tokens=steps, min_length=0, decoder_start_token_id=0, eos_token_id=eos,
-          pad_token_id=0, repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
-          use_cache=False).numpy()
+      out = model.generate(torch.tensor(enc), attention_mask=torch.tensor(enc > 0), do_sample=False,
+                           num_beams=1, max_new_tokens=steps, min_length=0,
+                           decoder_start_token_id=0, eos_token_id=eos, pad_token_id=0,
+                           repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
+                           use_cache=False).numpy()
     return out[:, 1:]  # drop the start token (0)
 
   # A random model rarely emits EOS (1): take as EOS the first token of row 0 that differs from
   # its first one, so that row 0 ends mid-way and the padding after EOS is compared too.
   free = generate(1)
   eos = next((int(t) for t in free[0] if t not in (0, free[0, 0])), 1)
-  ours = decoding.decode(t5, params, {'encoder_input_tokens': jnp.asarray(enc, jnp.int32)},
-                         decoding.DecodeConfig(method='greedy', max_decode_length=steps,
-                                               eos_id=eos))
+  ours = decoding.decode(
+      t5, params, {'encoder_input_tokens': jnp.asarray(enc, jnp.int32)},
+      decoding.DecodeConfig(method='greedy', max_decode_length=steps, eos_id=eos))
   theirs = generate(eos)
   # generate stops when every row has ended; t5lite always returns max_decode_length tokens.
   theirs = np.pad(theirs, ((0, 0), (0, steps - theirs.shape[1])))

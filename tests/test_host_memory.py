@@ -48,8 +48,7 @@ def test_large_blocks_come_from_the_heap_once_applied():
   if not sys.platform.startswith('linux'):  # no glibc: the documented no-op, not a skip
     assert host_memory.keep_freed_memory(True, backend='cpu') is False
     return
-  result = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True,
-                          check=True)
+  result = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, check=True)
   before, applied, after, heap_kept = result.stdout.split()
   assert (before, applied, after, heap_kept) == ('1', 'True', '0', 'True'), result.stdout
 
@@ -88,8 +87,8 @@ def test_xla_threads_share_one_arena_and_steps_stop_faulting():
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   runs = {}
   for mode in ('apply', 'default'):
-    result = subprocess.run([sys.executable, '-c', ARENAS, mode], capture_output=True,
-                            text=True, check=True, env=env)
+    result = subprocess.run([sys.executable, '-c', ARENAS, mode], capture_output=True, text=True,
+                            check=True, env=env)
     applied, arenas, faults = result.stdout.split()
     runs[mode] = (applied, int(arenas), int(faults))
   assert runs['apply'][:2] == ('True', 1), runs
@@ -122,8 +121,8 @@ def test_off_or_not_cpu_leaves_the_allocator_alone(monkeypatch):
 
 def test_train_and_eval_jobs_apply_the_config(monkeypatch, tmp_path):
   calls = []
-  monkeypatch.setattr(host_memory, 'keep_freed_memory',
-                      lambda enabled, backend=None: calls.append((enabled, backend)))
+  monkeypatch.setattr(host_memory, 'keep_freed_memory', lambda enabled, backend=None: calls.append(
+      (enabled, backend)))
   devices = train.jax.devices  # train and eval share the jax module: one patch records both
   monkeypatch.setattr(train.jax, 'devices', lambda *a: calls.append('devices') or devices(*a))
   config = tiny_config(1)

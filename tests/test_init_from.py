@@ -12,8 +12,8 @@ from t5lite import checkpoints, train
 from t5lite.config import ConfigError, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    'quickstart', os.path.join(REPO, 'configs', 'quickstart.py'))
+_spec = importlib.util.spec_from_file_location('quickstart',
+                                               os.path.join(REPO, 'configs', 'quickstart.py'))
 quickstart = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quickstart)
 
@@ -64,8 +64,7 @@ def test_finetune_starts_from_the_params_with_a_fresh_optimizer_and_resume_wins(
   assert counts and set(counts) == {1}, counts
 
   # Run B again with more steps: its own checkpoint (step 1) wins over init_from.
-  train.run(tiny_config(2, seed=1, init_from=os.path.join(workdir_a, 'checkpoints')),
-            str(tmp_path))
+  train.run(tiny_config(2, seed=1, init_from=os.path.join(workdir_a, 'checkpoints')), str(tmp_path))
   out = capsys.readouterr().out
   assert 'resumed from the checkpoint of step 1' in out and 'initialised params' not in out
 
@@ -102,13 +101,13 @@ def test_rename_maps_checkpoint_names_onto_the_model(run_a):
 def test_shape_mismatch_names_the_param_and_both_shapes(run_a):
   workdir_a, state_a = run_a
   name, x = next((checkpoints._path_name(p), x)  # pylint: disable=protected-access
-                 for p, x in jax.tree_util.tree_leaves_with_path(state_a['params'])
-                 if x.ndim == 2)
+                 for p, x in jax.tree_util.tree_leaves_with_path(state_a['params']) if x.ndim == 2)
+
   def widen(tree):
-    return jax.tree_util.tree_map_with_path(
-        lambda p, s: jax.ShapeDtypeStruct((s.shape[0], s.shape[1] * 2), s.dtype,
-                                          sharding=s.sharding)
-        if checkpoints._path_name(p) == name else s, tree)  # pylint: disable=protected-access
+    return jax.tree_util.tree_map_with_path(lambda p, s: jax.ShapeDtypeStruct(
+        (s.shape[0], s.shape[1] * 2), s.dtype, sharding=s.sharding)
+                                            if checkpoints._path_name(p) == name else s, tree)  # pylint: disable=protected-access
+
   with pytest.raises(checkpoints.CheckpointError) as e:
     checkpoints.load_params_for_init(workdir_a, abstract_of(state_a['params'], widen))
   assert (f'{name}: checkpoint {x.shape} vs model {(x.shape[0], x.shape[1] * 2)}'
@@ -117,10 +116,12 @@ def test_shape_mismatch_names_the_param_and_both_shapes(run_a):
 
 def test_ignore_keeps_fresh_params_and_drops_checkpoint_ones(run_a):
   workdir_a, state_a = run_a
+
   def add_head(tree):
     tree = dict(tree)
     tree['new_head'] = {'kernel': jax.ShapeDtypeStruct((4, 3), np.float32)}
     return tree
+
   abstract = abstract_of(state_a['params'], add_head)
   with pytest.raises(checkpoints.CheckpointError, match='new_head/kernel'):
     checkpoints.load_params_for_init(workdir_a, abstract)

@@ -32,6 +32,7 @@ def batch(architecture, seed=0):
 
 def loss_fn(model, data, dropout_key=None):
   """Mean token cross-entropy over the non-padding targets."""
+
   def loss(params):
     rngs = None if dropout_key is None else {'dropout': dropout_key}
     logits = model.apply({'params': params}, **data, deterministic=dropout_key is None, rngs=rngs)
@@ -40,6 +41,7 @@ def loss_fn(model, data, dropout_key=None):
     token = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
     weights = (targets > 0).astype(jnp.float32)
     return -jnp.sum(token * weights) / jnp.sum(weights)
+
   return loss
 
 
@@ -58,17 +60,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    'architecture,variant,overrides,dtype',
-    [case + ('float32',) for case in CASES] + [case + ('bfloat16',) for case in CASES[:3]],
-    ids=lambda v: '+'.join(v) or 'plain' if isinstance(v, dict) else str(v))
+@pytest.mark.parametrize('architecture,variant,overrides,dtype',
+                         [case + ('float32',) for case in CASES]
+                         + [case + ('bfloat16',) for case in CASES[:3]],
+                         ids=lambda v: '+'.join(v) or 'plain' if isinstance(v, dict) else str(v))
 def test_xla_kernels_match_auto(architecture, variant, overrides, dtype):
   if dtype == 'bfloat16' and not matmul.mixed_precision_supported():
     pytest.skip("this CPU has no bf16 x bf16 -> f32 dots: 'xla' in bfloat16 cannot run here")
   data = batch(architecture)
   key = jax.random.PRNGKey(3) if overrides.get('dropout_rate') else None
-  results = {k: loss_and_grads(tiny(k, dtype, architecture, variant, **overrides), data, key)
-             for k in ('auto', 'xla')}
+  results = {
+      k: loss_and_grads(tiny(k, dtype, architecture, variant, **overrides), data, key)
+      for k in ('auto', 'xla')
+  }
   (auto_loss, auto_grads), (xla_loss, xla_grads) = results['auto'], results['xla']
   # float32: the same numbers up to summation order; bfloat16: up to bf16 rounding of the
   # backward's intermediates (which the two paths round at different places).
@@ -109,8 +113,9 @@ def test_xla_kernels_trace_no_custom_vjp_and_no_probe(scan_layers):
     model = make_model(tiny(kernels, 'bfloat16', scan_layers=scan_layers))
     params = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), **data))['params']
     loss = loss_fn(model, data)
-    found[kernels] = {name for name in primitives(jax.make_jaxpr(loss)(params).jaxpr)
-                      if 'custom' in name}
+    found[kernels] = {
+        name for name in primitives(jax.make_jaxpr(loss)(params).jaxpr) if 'custom' in name
+    }
     if kernels == 'xla':
       matmul._probe.cache_clear()  # pylint: disable=protected-access
       step = jax.make_jaxpr(jax.value_and_grad(loss))(params)

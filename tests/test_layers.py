@@ -34,7 +34,7 @@ def test_rms_norm_matches_numpy():
   scale = np.random.RandomState(1).rand(16).astype(np.float32)
   variables = {'params': {'scale': nn.meta.replace_boxed(variables['params']['scale'], scale)}}
   got = norm.apply(variables, x)
-  expected = x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + 1e-6) * scale
+  expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * scale
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -48,13 +48,12 @@ def test_rms_norm_gradients_equal_autodiff_of_the_formula():
 
   def plain(x, scale):
     x32 = x.astype(jnp.float32)
-    return x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, axis=-1, keepdims=True) + 1e-6) * scale
+    return x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + 1e-6) * scale
 
   for dtype, rtol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
     fast = lambda x, s: norm_lib.rms_norm(x, s, 1e-6, jnp.dtype(dtype).name)
     y, pullback = jax.vjp(fast, x.astype(dtype), scale)
-    want_y, want_pullback = jax.vjp(lambda x, s: plain(x, s).astype(dtype), x.astype(dtype),
-                                    scale)
+    want_y, want_pullback = jax.vjp(lambda x, s: plain(x, s).astype(dtype), x.astype(dtype), scale)
     np.testing.assert_allclose(np.float32(y), np.float32(want_y), rtol=rtol, atol=rtol)
     got, want = pullback(d_y.astype(dtype)), want_pullback(d_y.astype(dtype))
     assert got[0].dtype == dtype and got[1].dtype == jnp.float32
@@ -90,18 +89,13 @@ def test_attention_matches_numpy():
 def test_attention_mask_segments_and_prefix():
   seg = jnp.array([[1, 1, 2, 2, 0]])
   m = np.asarray(layers.attention_mask(seg, seg, causal=True))[0, 0]
-  expected = np.array([[1, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0],
-                       [0, 0, 1, 0, 0],
-                       [0, 0, 1, 1, 0],
-                       [0, 0, 0, 0, 0]], bool)
+  expected = np.array(
+      [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]], bool)
   np.testing.assert_array_equal(m, expected)
   prefix = jnp.array([[1, 1, 1, 0]])
   seg = jnp.ones((1, 4), jnp.int32)
-  m = np.asarray(layers.attention_mask(seg, seg, causal=True, bidirectional_q=prefix,
-                                       bidirectional_k=prefix))[0, 0]
-  expected = np.array([[1, 1, 1, 0],
-                       [1, 1, 1, 0],
-                       [1, 1, 1, 0],
-                       [1, 1, 1, 1]], bool)
+  m = np.asarray(
+      layers.attention_mask(seg, seg, causal=True, bidirectional_q=prefix,
+                            bidirectional_k=prefix))[0, 0]
+  expected = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]], bool)
   np.testing.assert_array_equal(m, expected)

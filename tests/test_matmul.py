@@ -53,10 +53,11 @@ def test_attention_einsums_match_float32(spec):
     assert got.dtype == BF16 and rel_err(got, want) < 5e-3
 
 
-@pytest.mark.parametrize('spec, a_shape, b_shape', [
-    (matmul.DENSE, (2, 5, 8), (8, 6)), (matmul.DENSE_TRANSPOSED, (2, 5, 8), (6, 8)),
-    (matmul.ATTENTION_LOGITS, (2, 5, 3, 4), (2, 7, 3, 4)),
-    (matmul.ATTENTION_OUTPUT, (2, 3, 5, 7), (2, 7, 3, 4))])
+@pytest.mark.parametrize('spec, a_shape, b_shape',
+                         [(matmul.DENSE, (2, 5, 8), (8, 6)),
+                          (matmul.DENSE_TRANSPOSED, (2, 5, 8), (6, 8)),
+                          (matmul.ATTENTION_LOGITS, (2, 5, 3, 4), (2, 7, 3, 4)),
+                          (matmul.ATTENTION_OUTPUT, (2, 3, 5, 7), (2, 7, 3, 4))])
 def test_float32_equals_autodiff_of_the_plain_einsum(spec, a_shape, b_shape):
   """Float32 also takes the custom VJP (for its backward layouts): the same values and gradients
   as autodiff of jnp.einsum, every spec's backward equations included."""
@@ -73,8 +74,7 @@ def test_float32_equals_autodiff_of_the_plain_einsum(spec, a_shape, b_shape):
 def _gated_gelu_grads(fn, x, w0, w1):
   out = fn(x, w0, w1)
   cot = jax.random.normal(jax.random.PRNGKey(9), out.shape, F32)
-  return out, jax.grad(lambda *a: jnp.sum(fn(*a).astype(F32) * cot), argnums=(0, 1, 2))(
-      x, w0, w1)
+  return out, jax.grad(lambda *a: jnp.sum(fn(*a).astype(F32) * cot), argnums=(0, 1, 2))(x, w0, w1)
 
 
 def _plain_gated_gelu(x, w0, w1, dtype=F32):
@@ -103,7 +103,7 @@ def test_gated_gelu_equals_autodiff_in_float32_and_is_accurate_in_bfloat16():
 
 
 def _kernel_grad(x, kernel):
-  return jax.grad(lambda k: jnp.sum(matmul.dense(x, k, BF16).astype(F32) ** 2))(kernel)
+  return jax.grad(lambda k: jnp.sum(matmul.dense(x, k, BF16).astype(F32)**2))(kernel)
 
 
 def test_backend_without_mixed_dots_falls_back_to_bf16_results(monkeypatch):
@@ -122,9 +122,11 @@ def test_backend_without_mixed_dots_falls_back_to_bf16_results(monkeypatch):
 
 
 def test_probe_detects_a_cpu_that_cannot_run_the_mixed_dots(monkeypatch, caplog):
+
   def unsupported(*args):
     raise jax.errors.JaxRuntimeError(
         'UNIMPLEMENTED: Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32')
+
   matmul._probe.cache_clear()
   monkeypatch.setattr(matmul, '_mixed_einsum', unsupported)
   try:

@@ -48,10 +48,12 @@ def _mcc_by_definition(targets, predictions):
   return 100 * (x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum())
 
 
-@pytest.mark.parametrize('targets,predictions', [
-    ([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0]),   # three classes
-    ([1, 0, 1, 0, 1], [1, -1, 1, 0, 0]),        # an invalid prediction (-1) is its own class
-])
+@pytest.mark.parametrize(
+    'targets,predictions',
+    [
+        ([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0]),  # three classes
+        ([1, 0, 1, 0, 1], [1, -1, 1, 0, 0]),  # an invalid prediction (-1) is its own class
+    ])
 def test_matthews_multiclass_matches_definition(targets, predictions):
   got = M.matthews_corrcoef(targets, predictions)['matthews_corrcoef']
   assert got == pytest.approx(_mcc_by_definition(targets, predictions))
@@ -101,8 +103,8 @@ def test_correlations():
   # out by hand: targets (1, 2, 2, 4, 5) rank (1, 2.5, 2.5, 4, 5).
   rng = np.random.RandomState(0)
   a, b = rng.randn(50), rng.randn(50)
-  assert M.pearson_corrcoef(a, b)['pearson_corrcoef'] == pytest.approx(
-      100 * np.corrcoef(a, b)[0, 1])
+  assert M.pearson_corrcoef(a,
+                            b)['pearson_corrcoef'] == pytest.approx(100 * np.corrcoef(a, b)[0, 1])
   got = M.spearman_corrcoef([1.0, 2.0, 2.0, 4.0, 5.0], [2.0, 1.0, 3.0, 5.0, 4.0])
   expected = 100 * np.corrcoef([1, 2.5, 2.5, 4, 5], [2, 1, 3, 5, 4])[0, 1]
   assert got['spearman_corrcoef'] == pytest.approx(expected)
@@ -114,10 +116,10 @@ def test_squad_normalisation_and_scores_by_hand():
   # Lowercase, drop punctuation (the hyphen too, joining the words), drop articles, squash spaces.
   assert M.normalize_squad('  The  Quick,  brown-fox!  An apple ') == 'quick brownfox apple'
   targets = [
-      ['eiffel tower', 'Paris'],            # 1: "The Eiffel Tower!" -> "eiffel tower": EM 1, F1 1
+      ['eiffel tower', 'Paris'],  # 1: "The Eiffel Tower!" -> "eiffel tower": EM 1, F1 1
       ['Paris', 'the city of Paris, France'],  # 2: see below
-      'apple day',                           # 3: "an apple a day" -> "apple day": EM 1, F1 1
-      ['red'],                               # 4: "blue": EM 0, F1 0
+      'apple day',  # 3: "an apple a day" -> "apple day": EM 1, F1 1
+      ['red'],  # 4: "blue": EM 0, F1 0
   ]
   predictions = ['The Eiffel Tower!', 'in the city of Paris', 'an apple a day', 'blue']
   # Example 2: prediction -> "in city of paris" (4 tokens).
@@ -143,13 +145,13 @@ def test_bleu_by_formula():
   #     1-grams 2 of 2, 2-grams 1 of 1, no 3- or 4-grams.
   # Corpus totals: p1 = 7/8, p2 = 4/6, p3 = 2/4, p4 = 1/3; hyp length 8, ref length 10.
   # BLEU = BP * (p1 p2 p3 p4)^(1/4), BP = exp(1 - 10/8)   (Papineni et al. 2002)
-  expected = 100 * math.exp(1 - 10 / 8) * (7 / 8 * 4 / 6 * 2 / 4 * 1 / 3) ** 0.25  # 43.488
+  expected = 100 * math.exp(1 - 10 / 8) * (7 / 8 * 4 / 6 * 2 / 4 * 1 / 3)**0.25  # 43.488
   got = M.bleu(['the cat sat on a mat', 'hello there general kenobi'],
                ['the cat sat on the mat', 'hello there'])
   assert got['bleu'] == pytest.approx(expected, abs=1e-6)
   # One sentence: equal lengths (BP = 1): (5/6 * 3/5 * 1/2 * 1/3)^(1/4) = (1/12)^(1/4).
   got = M.bleu(['the cat sat on a mat'], ['the cat sat on the mat'])
-  assert got['bleu'] == pytest.approx(100 * (1 / 12) ** 0.25, abs=1e-6)
+  assert got['bleu'] == pytest.approx(100 * (1 / 12)**0.25, abs=1e-6)
 
 
 def test_bleu_sacrebleu_documented_example_multi_reference():
@@ -206,12 +208,14 @@ def test_rank_accuracy():
 
 
 def _glue_results(cola, sst2, mrpc, stsb, qqp, mnli_m, mnli_mm, qnli, rte, wnli):
-  return {'cola': {'matthews_corrcoef': cola}, 'sst2': {'accuracy': sst2},
-          'mrpc': {'f1': mrpc[0], 'accuracy': mrpc[1]},
-          'stsb': {'pearson_corrcoef': stsb[0], 'spearman_corrcoef': stsb[1]},
-          'qqp': {'f1': qqp[0], 'accuracy': qqp[1]}, 'mnli_matched': {'accuracy': mnli_m},
-          'mnli_mismatched': {'accuracy': mnli_mm}, 'qnli': {'accuracy': qnli},
-          'rte': {'accuracy': rte}, 'wnli': {'accuracy': wnli}}
+  return {
+      'cola': {'matthews_corrcoef': cola}, 'sst2': {'accuracy': sst2},
+      'mrpc': {'f1': mrpc[0], 'accuracy': mrpc[1]},
+      'stsb': {'pearson_corrcoef': stsb[0],
+               'spearman_corrcoef': stsb[1]}, 'qqp': {'f1': qqp[0], 'accuracy': qqp[1]},
+      'mnli_matched': {'accuracy': mnli_m}, 'mnli_mismatched': {'accuracy': mnli_mm},
+      'qnli': {'accuracy': qnli}, 'rte': {'accuracy': rte}, 'wnli': {'accuracy': wnli}
+  }
 
 
 def test_glue_average_by_hand():
@@ -231,26 +235,29 @@ def test_glue_average_reproduces_a_published_row():
   # T5-11B's GLUE test-set row (Raffel et al. 2020, Table 14, as recalled; not re-checked
   # offline): reported average 90.3. The leaderboard convention gives 90.31; counting MNLI-m and
   # MNLI-mm as two tasks would give 90.48, dropping WNLI 89.78, so the row pins the convention.
-  results = _glue_results(71.6, 97.5, (92.8, 90.4), (93.1, 92.8), (75.1, 90.6), 92.2, 91.9,
-                          96.9, 92.8, 94.5)
+  results = _glue_results(71.6, 97.5, (92.8, 90.4), (93.1, 92.8), (75.1, 90.6), 92.2, 91.9, 96.9,
+                          92.8, 94.5)
   assert M.glue_average(results)['glue_average'] == pytest.approx(90.3, abs=0.05)
 
 
 def test_superglue_average_by_hand():
-  results = {'boolq': {'accuracy': 80}, 'cb': {'macro_f1': 70, 'accuracy': 90},
-             'copa': {'accuracy': 60}, 'multirc': {'f1': 70, 'exact_match': 30},
-             'record': {'f1': 72, 'em': 70}, 'rte': {'accuracy': 75},
-             'wic': {'accuracy': 65}, 'wsc': {'accuracy': 62}}
+  results = {
+      'boolq': {'accuracy': 80}, 'cb': {'macro_f1': 70, 'accuracy': 90}, 'copa': {'accuracy': 60},
+      'multirc': {'f1': 70, 'exact_match': 30}, 'record': {'f1': 72, 'em': 70},
+      'rte': {'accuracy': 75}, 'wic': {'accuracy': 65}, 'wsc': {'accuracy': 62}
+  }
   # Task scores: 80, CB 80, 60, MultiRC 50, ReCoRD 71, 75, 65, 62 -> sum 543 / 8 = 67.875.
   got = M.superglue_average(results)
   assert got['superglue_average'] == pytest.approx(67.875)
   assert got['cb'] == 80 and got['multirc'] == 50
   # T5's SuperGLUE leaderboard row (as recalled): BoolQ 91.2, CB 93.9/96.8, COPA 94.8,
   # MultiRC 88.1/63.3, ReCoRD 94.1/93.4, RTE 92.5, WiC 76.9, WSC 93.8; reported score 89.3.
-  row = {'boolq': {'accuracy': 91.2}, 'cb': {'macro_f1': 93.9, 'accuracy': 96.8},
-         'copa': {'accuracy': 94.8}, 'multirc': {'f1': 88.1, 'exact_match': 63.3},
-         'record': {'f1': 94.1, 'em': 93.4}, 'rte': {'accuracy': 92.5},
-         'wic': {'accuracy': 76.9}, 'wsc': {'accuracy': 93.8}}
+  row = {
+      'boolq': {'accuracy': 91.2}, 'cb': {'macro_f1': 93.9,
+                                          'accuracy': 96.8}, 'copa': {'accuracy': 94.8},
+      'multirc': {'f1': 88.1, 'exact_match': 63.3}, 'record': {'f1': 94.1, 'em': 93.4},
+      'rte': {'accuracy': 92.5}, 'wic': {'accuracy': 76.9}, 'wsc': {'accuracy': 93.8}
+  }
   assert M.superglue_average(row)['superglue_average'] == pytest.approx(89.3, abs=0.05)
 
 
@@ -268,18 +275,18 @@ def test_registry_and_unknown_name():
 
 def test_multirc_grouped_exact_match_and_f1_over_all_answers_by_hand():
   # Three questions (groups): answers [T, F, T], [F, T], [T]; 1 = True, -1 = unparseable output.
-  targets = [{'value': v, 'group': g} for v, g in
-             [(1, 'a'), (0, 'a'), (1, 'a'), (0, 'b'), (1, 'b'), (1, 'c')]]
+  targets = [{'value': v, 'group': g}
+             for v, g in [(1, 'a'), (0, 'a'), (1, 'a'), (0, 'b'), (1, 'b'), (1, 'c')]]
   predictions = [{'value': v} for v in [1, 0, 1, 0, 0, -1]]
   # Exact match per question: a all right (100), b one wrong (0), c invalid (0): mean 100/3.
   grouped = M.METRICS['multirc_exact_match'](targets, predictions)
   assert grouped == {'exact_match': pytest.approx(100 / 3)}
   # F1a over all six answers: TP = 2 (a's two Trues), FN = 2 (b's True predicted False, c's
   # invalid), FP = 0: F1 = 2*2 / (2*2 + 0 + 2) = 4/6.
-  assert M.METRICS['multirc_f1_over_all_answers'](targets, predictions) == {
-      'f1': pytest.approx(400 / 6)}
+  assert M.METRICS['multirc_f1_over_all_answers'](targets,
+                                                  predictions) == {'f1': pytest.approx(400 / 6)}
   # Groups are averaged unweighted: one big right group and one small wrong one give 50.
   big = [{'value': 1, 'group': 0}] * 5 + [{'value': 1, 'group': 1}]
-  assert M.mean_group_metric(M.all_match)(big, [{'value': 1}] * 5 + [{'value': 0}]) == {
-      'exact_match': 50.0}
+  assert M.mean_group_metric(M.all_match)(big, [{'value': 1}] * 5
+                                          + [{'value': 0}]) == {'exact_match': 50.0}
   assert M.all_match([1, 2], [1, 2]) == {'exact_match': 100.0}

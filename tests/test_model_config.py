@@ -30,20 +30,21 @@ def test_model_config_holds_exactly_model_configs_fields_in_order():
 
 def test_preset_values():
   c = model_config('small', 'v1_1', vocab_size=32128)
-  assert (c.size, c.d_model, c.d_ff, c.num_heads, c.head_dim, c.attention_dim,
-          c.num_encoder_layers, c.num_decoder_layers) == ('small', 512, 1024, 6, 64, 384, 8, 8)
+  assert (c.size, c.d_model, c.d_ff, c.num_heads, c.head_dim, c.attention_dim, c.num_encoder_layers,
+          c.num_decoder_layers) == ('small', 512, 1024, 6, 64, 384, 8, 8)
   c = model_config('xl', 'v1_0')
-  assert (c.d_model, c.d_ff, c.num_heads, c.head_dim, c.attention_dim) == (
-      1024, 16384, 32, 128, 4096)
+  assert (c.d_model, c.d_ff, c.num_heads, c.head_dim, c.attention_dim) == (1024, 16384, 32, 128,
+                                                                           4096)
   with pytest.raises(ValueError, match='unknown model size'):
     model_config('huge')
 
 
 def test_choices_are_the_module_constants():
   choices = {doc.name: doc.choices for doc in fields.describe(ModelConfig) if doc.choices}
-  assert choices == {'variant': presets.VARIANTS, 'architecture': presets.ARCHITECTURES,
-                     'dtype': presets.DTYPES, 'remat_policy': presets.REMAT_POLICIES,
-                     'kernels': presets.KERNELS}
+  assert choices == {
+      'variant': presets.VARIANTS, 'architecture': presets.ARCHITECTURES, 'dtype': presets.DTYPES,
+      'remat_policy': presets.REMAT_POLICIES, 'kernels': presets.KERNELS
+  }
   assert presets.KERNELS == ('auto', 'xla')
 
 

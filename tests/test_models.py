@@ -27,21 +27,21 @@ def test_packed_equals_unpacked_encoder_decoder():
   b_in, b_tg = rng.randint(3, 128, 3), rng.randint(3, 128, 2)
   shift = lambda t: np.concatenate([[0], t[:-1]])
   pad = lambda x, n: np.pad(x, (0, n - len(x)))
-  packed = dict(
-      encoder_input_tokens=pad(np.concatenate([a_in, b_in]), 10)[None],
-      encoder_segment_ids=pad(np.array([1] * 5 + [2] * 3), 10)[None],
-      decoder_input_tokens=pad(np.concatenate([shift(a_tg), shift(b_tg)]), 8)[None],
-      decoder_target_tokens=pad(np.concatenate([a_tg, b_tg]), 8)[None],
-      decoder_segment_ids=pad(np.array([1] * 4 + [2] * 2), 8)[None])
+  packed = dict(encoder_input_tokens=pad(np.concatenate([a_in, b_in]), 10)[None],
+                encoder_segment_ids=pad(np.array([1] * 5 + [2] * 3), 10)[None],
+                decoder_input_tokens=pad(np.concatenate([shift(a_tg), shift(b_tg)]), 8)[None],
+                decoder_target_tokens=pad(np.concatenate([a_tg, b_tg]), 8)[None],
+                decoder_segment_ids=pad(np.array([1] * 4 + [2] * 2), 8)[None])
   params = init(model, packed)
   packed_logits = model.apply({'params': params}, **packed)
   for inp, tgt, enc_span, dec_span in ((a_in, a_tg, slice(0, 5), slice(0, 4)),
                                        (b_in, b_tg, slice(5, 8), slice(4, 6))):
-    alone = dict(encoder_input_tokens=pad(inp, 7)[None], decoder_input_tokens=pad(shift(tgt), 6)[None],
-                 decoder_target_tokens=pad(tgt, 6)[None])
+    alone = dict(encoder_input_tokens=pad(inp, 7)[None],
+                 decoder_input_tokens=pad(shift(tgt), 6)[None], decoder_target_tokens=pad(tgt,
+                                                                                          6)[None])
     alone_logits = model.apply({'params': params}, **alone)
-    np.testing.assert_allclose(packed_logits[0, dec_span], alone_logits[0, :len(tgt)],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed_logits[0, dec_span], alone_logits[0, :len(tgt)], rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_packed_equals_unpacked_prefix_lm():
@@ -57,8 +57,8 @@ def test_packed_equals_unpacked_prefix_lm():
   packed_logits = model.apply({'params': params}, **packed)
   alone = dict(decoder_input_tokens=shift(b)[None], decoder_target_tokens=b[None],
                decoder_causal_attention=np.array([[1, 1, 0, 0]]))
-  np.testing.assert_allclose(packed_logits[0, 6:10], model.apply({'params': params}, **alone)[0],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(packed_logits[0, 6:10],
+                             model.apply({'params': params}, **alone)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_prefix_lm_sees_the_whole_prefix_and_causal_lm_does_not():
@@ -68,8 +68,8 @@ def test_prefix_lm_sees_the_whole_prefix_and_causal_lm_does_not():
   changed[0, 2] = 50  # a later position inside the prefix
   prefix = np.array([[1, 1, 1, 0, 0, 0]])
   params = init(model, dict(decoder_input_tokens=tokens))
-  run = lambda t, p: np.asarray(model.apply({'params': params}, decoder_input_tokens=t,
-                                            decoder_causal_attention=p))
+  run = lambda t, p: np.asarray(
+      model.apply({'params': params}, decoder_input_tokens=t, decoder_causal_attention=p))
   # Prefix LM: position 0 attends bidirectionally to position 2.
   assert np.abs(run(tokens, prefix)[0, 0] - run(changed, prefix)[0, 0]).max() > 1e-4
   # Causal LM: position 0 never sees position 2.
@@ -78,7 +78,8 @@ def test_prefix_lm_sees_the_whole_prefix_and_causal_lm_does_not():
 
 @pytest.mark.parametrize('architecture', ['encoder_decoder', 'decoder_only'])
 def test_scan_equals_unrolled(architecture):
-  batch = dict(decoder_input_tokens=np.array([[0, 5, 6, 7]]), decoder_target_tokens=np.array([[5, 6, 7, 1]]))
+  batch = dict(decoder_input_tokens=np.array([[0, 5, 6, 7]]),
+               decoder_target_tokens=np.array([[5, 6, 7, 1]]))
   if architecture == 'encoder_decoder':
     batch['encoder_input_tokens'] = np.array([[3, 4, 5, 1, 0]])
   unrolled = make_model(tiny(architecture))
@@ -96,7 +97,8 @@ def test_scan_equals_unrolled(architecture):
       scanned_params[name] = stack(dict(scanned_params[name]), 2)
   assert jax.tree.structure(scanned_params) == jax.tree.structure(init(scanned, batch))
   np.testing.assert_allclose(unrolled.apply({'params': params}, **batch),
-                             scanned.apply({'params': scanned_params}, **batch), rtol=1e-5, atol=1e-5)
+                             scanned.apply({'params': scanned_params}, **batch), rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_v1_0_ties_logits_to_the_embedding():
@@ -125,17 +127,17 @@ def closed_form_param_count(d_model, d_ff, heads, head_dim, n_enc, n_dec, vocab,
 
 PUBLISHED_V1_1 = {'small': 77e6, 'base': 248e6, 'large': 783e6, 'xl': 2.85e9, 'xxl': 11.1e9}
 DIMS_V1_1 = {  # d_model, d_ff, heads, head_dim, layers: T5.1.1 release notes
-    'small': (512, 1024, 6, 64, 8), 'base': (768, 2048, 12, 64, 12),
-    'large': (1024, 2816, 16, 64, 24), 'xl': (2048, 5120, 32, 64, 24),
-    'xxl': (4096, 10240, 64, 64, 24)}
+    'small': (512, 1024, 6, 64, 8), 'base': (768, 2048, 12, 64, 12), 'large':
+        (1024, 2816, 16, 64, 24), 'xl': (2048, 5120, 32, 64, 24), 'xxl': (4096, 10240, 64, 64, 24)
+}
 
 
 @pytest.mark.parametrize('size', list(PUBLISHED_V1_1))
 def test_preset_parameter_counts(size):
   cfg = ModelConfig.from_config(model_config(size, vocab_size=32128))
   model = make_model(cfg)
-  batch = dict(encoder_input_tokens=jnp.ones((1, 4), jnp.int32),
-               decoder_input_tokens=jnp.ones((1, 4), jnp.int32))
+  batch = dict(encoder_input_tokens=jnp.ones((1, 4), jnp.int32), decoder_input_tokens=jnp.ones(
+      (1, 4), jnp.int32))
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **batch))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(abstract)))
   d, ff, h, dh, n = DIMS_V1_1[size]
@@ -147,8 +149,9 @@ def test_preset_parameter_counts(size):
 
 def test_every_parameter_has_logical_axes():
   model = make_model(tiny(scan_layers=True))
-  batch = dict(encoder_input_tokens=np.ones((1, 3), np.int32), decoder_input_tokens=np.ones((1, 2), np.int32))
+  batch = dict(encoder_input_tokens=np.ones((1, 3), np.int32), decoder_input_tokens=np.ones(
+      (1, 2), np.int32))
   boxed = model.init(jax.random.PRNGKey(0), **batch)['params']
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim
-                        for x in leaves)
+  assert leaves and all(
+      isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)

@@ -22,6 +22,7 @@ def other_process(has_data: list[bool], calls: list | None = None):
     if calls is not None:
       calls.append(int(x[0]))
     return np.stack([x, np.array([next(answers)], np.int32)])
+
   return gather
 
 
@@ -72,6 +73,7 @@ def test_lockstep_limit_reads_no_further_batch():
     for i, b in enumerate(batches(5)):
       read.append(i)
       yield b
+
   calls = []
   got = list(multihost.lockstep(source(), limit=2, gather=other_process([True] * 5, calls)))
   assert len(got) == 2 and read == [0, 1] and len(calls) == 2
@@ -117,9 +119,11 @@ def test_two_real_processes(tmp_path):
   script.write_text(TWO_PROCESSES)
   env = {k: v for k, v in os.environ.items() if not k.startswith('T5LITE_')}
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  result = subprocess.run([sys.executable, '-m', 't5lite.launch.local', '-n', '2',
-                           '--devices_per_process', '1', '--', sys.executable, str(script)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  result = subprocess.run([
+      sys.executable, '-m', 't5lite.launch.local', '-n', '2', '--devices_per_process', '1', '--',
+      sys.executable,
+      str(script)
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   out = result.stdout + result.stderr
   assert result.returncode == 0, out[-3000:]
   # Process 0 has 1 batch, process 1 has 3: both take 3 steps; process 0's last two are zeros.

@@ -20,13 +20,16 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': str(tmp_path)}}).execute()
-  errors = [o for c in notebook.cells if c.cell_type == 'code' for o in c.get('outputs', [])
-            if o.get('output_type') == 'error']
+  errors = [
+      o for c in notebook.cells if c.cell_type == 'code' for o in c.get('outputs', [])
+      if o.get('output_type') == 'error'
+  ]
   assert not errors, errors
   # What each part leaves behind: the curve, both runs' checkpoints, eval results, predictions.
   assert (tmp_path / 'training_curve.png').stat().st_size > 1000
-  assert any(o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})
-             for c in notebook.cells for o in c.get('outputs', []))
+  assert any(
+      o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})
+      for c in notebook.cells for o in c.get('outputs', []))
   assert os.listdir(tmp_path / 'pretrain' / 'checkpoints')
   assert os.listdir(tmp_path / 'finetune' / 'eval')
   predictions = [json.loads(l) for l in open(tmp_path / 'predictions.jsonl')]

@@ -4,7 +4,6 @@ Truths used: hand-written arrays, exact reconstruction of the original tokens, a
 frequencies compared with the configured parameters over many draws.
 """
 
-
 import numpy as np
 import pytest
 
@@ -143,12 +142,15 @@ def test_ul2_denoiser_statistics(mean, density):
 def test_ul2_custom_rates():
   d = (P.Denoiser('[NLU]', rate=3.0), P.Denoiser('[S2S]', 'prefix', rate=1.0))
   tokens = np.arange(3, 303)
-  s2s = sum(int(P.ul2_denoise({'targets': tokens}, ctx(i, {'inputs': 64, 'targets': 64}),
-                              denoisers=d)['inputs'][0]) == VOCAB - 98 for i in range(4000))
+  s2s = sum(
+      int(
+          P.ul2_denoise({'targets': tokens}, ctx(i, {'inputs': 64, 'targets': 64}), denoisers=d)
+          ['inputs'][0]) == VOCAB - 98 for i in range(4000))
   assert abs(s2s / 4000 - 0.25) < 0.02
 
 
 # --- converters -----------------------------------------------------------------------
+
 
 def test_decoder_features_packed_by_hand():
   exs = [{'targets': np.array([3, 4, 1])}, {'targets': np.array([5, 1])},
@@ -168,14 +170,14 @@ def test_decoder_features_packed_by_hand():
 
 def test_prefix_lm_features_by_hand():
   # seqio's PrefixLMFeatureConverter example: inputs [9, 4, 6, 1], targets [3, 9, 1].
-  f = C.prefix_lm_features([{'inputs': np.array([9, 4, 6, 1]), 'targets': np.array([3, 9, 1])}],
-                           5, 4, pack=False)
+  f = C.prefix_lm_features([{'inputs': np.array([9, 4, 6, 1]), 'targets': np.array([3, 9, 1])}], 5,
+                           4, pack=False)
   np.testing.assert_array_equal(f['decoder_target_tokens'], [[9, 4, 6, 1, 3, 9, 1, 0, 0]])
   np.testing.assert_array_equal(f['decoder_input_tokens'], [[0, 9, 4, 6, 1, 3, 9, 1, 0]])
   np.testing.assert_array_equal(f['decoder_loss_weights'], [[0, 0, 0, 0, 1, 1, 1, 0, 0]])
   np.testing.assert_array_equal(f['decoder_causal_attention'], [[1, 1, 1, 1, 1, 0, 0, 0, 0]])
-  g = C.prefix_lm_features([{'inputs': np.array([9, 1]), 'targets': np.array([3, 1])}] * 2,
-                           4, 4, pack=True, loss_on_targets_only=False)
+  g = C.prefix_lm_features([{'inputs': np.array([9, 1]), 'targets': np.array([3, 1])}] * 2, 4, 4,
+                           pack=True, loss_on_targets_only=False)
   np.testing.assert_array_equal(g['decoder_target_tokens'], [[9, 1, 3, 1, 9, 1, 3, 1]])
   np.testing.assert_array_equal(g['decoder_input_tokens'], [[0, 9, 1, 3, 0, 9, 1, 3]])
   np.testing.assert_array_equal(g['decoder_causal_attention'], [[1, 1, 1, 0, 1, 1, 1, 0]])

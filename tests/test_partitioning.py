@@ -44,9 +44,8 @@ def test_jit_passes_shardings_and_donation():
   mesh = partitioning.make_mesh((8, 1, 1), jax.devices()[:8])
   batch = partitioning.batch_sharding(mesh, DEFAULT_RULES)
   replicated = jax.sharding.NamedSharding(mesh, P())
-  jitted = partitioning.jit(lambda x: (x + 1, x.sum()), mesh, DEFAULT_RULES,
-                            in_shardings=(batch,), out_shardings=(batch, replicated),
-                            donate_argnums=(0,))
+  jitted = partitioning.jit(lambda x: (x + 1, x.sum()), mesh, DEFAULT_RULES, in_shardings=(batch,),
+                            out_shardings=(batch, replicated), donate_argnums=(0,))
   x = jax.device_put(jnp.zeros((8, 2)), batch)
   y, total = jitted(x)
   assert y.sharding.is_equivalent_to(batch, 2) and total.sharding.is_fully_replicated

@@ -34,8 +34,10 @@ def test_resumed_writer_marks_the_purge_step(tmp_path):
   resumed.close()
 
   events = read_events(tmp_path / 'tensorboard')
-  starts = [e.step for e in events if e.HasField('session_log')
-            and e.session_log.status == event_pb2.SessionLog.START]
+  starts = [
+      e.step for e in events
+      if e.HasField('session_log') and e.session_log.status == event_pb2.SessionLog.START
+  ]
   assert starts == [3]  # TensorBoard drops the first run's events from step 3 on
   scalars = [(e.step, v.simple_value) for e in events if e.HasField('summary')
              for v in e.summary.value if v.tag == 'train/loss']

@@ -53,9 +53,10 @@ def numpy_scores(model, params, batch):
 
 
 def random_examples(rng, n, max_in=7, max_tg=5):
-  return [{'inputs': np.append(rng.randint(3, 128, rng.randint(1, max_in)), EOS),
-           'targets': np.append(rng.randint(3, 128, rng.randint(1, max_tg)), EOS)}
-          for _ in range(n)]
+  return [{
+      'inputs': np.append(rng.randint(3, 128, rng.randint(1, max_in)), EOS),
+      'targets': np.append(rng.randint(3, 128, rng.randint(1, max_tg)), EOS)
+  } for _ in range(n)]
 
 
 def features(architecture, examples, inputs_length, targets_length):
@@ -101,8 +102,8 @@ def test_padding_and_batch_company_do_not_change_scores(case):
   i = int(np.argmin([len(ex['inputs']) + len(ex['targets']) for ex in examples]))
   ex = examples[i]
   alone = features(architecture, [ex], len(ex['inputs']), len(ex['targets']))
-  np.testing.assert_allclose(scoring.score_batch(model, params, alone)[0], reference[i],
-                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(
+      scoring.score_batch(model, params, alone)[0], reference[i], rtol=1e-5, atol=1e-4)
 
 
 def test_score_batch_under_a_mesh_matches_single_device():
@@ -120,6 +121,7 @@ def test_score_batch_under_a_mesh_matches_single_device():
 
 # --- rank classification ------------------------------------------------------------------------
 
+
 def brute_force_score(architecture, model, params, inputs, option, prefix_lm=True):
   """One (input, option) pair as a batch of one, laid out by hand: EOS appended to both,
   decoder inputs = targets shifted right behind a 0; for the prefix LM the input + its EOS and
@@ -130,13 +132,13 @@ def brute_force_score(architecture, model, params, inputs, option, prefix_lm=Tru
   pad = lambda v, n: np.array([list(v) + [0] * (n - len(v))])
   if architecture == 'encoder_decoder':
     batch = dict(encoder_input_tokens=pad(x, 8), decoder_target_tokens=pad(y, 6),
-                 decoder_input_tokens=pad([0] + y[:-1], 6),
-                 decoder_loss_weights=pad([1] * len(y), 6))
+                 decoder_input_tokens=pad([0] + y[:-1], 6), decoder_loss_weights=pad([1] * len(y),
+                                                                                     6))
   else:
     seq = x + y
     batch = dict(decoder_target_tokens=pad(seq, 14), decoder_input_tokens=pad([0] + seq[:-1], 14),
-                 decoder_loss_weights=pad([0] * len(x) + [1] * len(y), 14),
-                 decoder_causal_attention=pad([1] * (len(x) + 1), 14))
+                 decoder_loss_weights=pad([0] * len(x) + [1] * len(y),
+                                          14), decoder_causal_attention=pad([1] * (len(x) + 1), 14))
     if not prefix_lm:  # plain causal LM: the input is read left to right too
       del batch['decoder_causal_attention']
   return numpy_scores(model, params, batch)[0]
@@ -168,8 +170,9 @@ def test_rank_classification_matches_brute_force(case):
     causal = scoring.rank_classification(model, params, inputs, options, batch_size=4,
                                          prefix_lm=False)
     for i, (x, opts) in enumerate(zip(inputs, options)):
-      expected = [brute_force_score(architecture, model, params, x, o, prefix_lm=False)
-                  for o in opts]
+      expected = [
+          brute_force_score(architecture, model, params, x, o, prefix_lm=False) for o in opts
+      ]
       np.testing.assert_allclose(causal.log_likelihoods[i], expected, rtol=1e-5, atol=1e-4)
     assert not np.allclose(causal.log_likelihoods[3], result.log_likelihoods[3])
 
@@ -186,10 +189,10 @@ def test_rank_classification_text_and_errors(case):
   vocab = _Vocab()
   # batch_size 4 and lengths <= 8 as in the test above: the same compiled function.
   by_text = scoring.rank_classification(model, params, ['ab', 'c'], [['x', 'yz'], ['q']], vocab,
-                                       batch_size=4)
-  by_ids = scoring.rank_classification(model, params, [vocab.encode('ab'), vocab.encode('c')],
-                                       [[vocab.encode('x'), vocab.encode('yz')],
-                                        [vocab.encode('q')]], batch_size=4)
+                                        batch_size=4)
+  by_ids = scoring.rank_classification(
+      model, params, [vocab.encode('ab'), vocab.encode('c')],
+      [[vocab.encode('x'), vocab.encode('yz')], [vocab.encode('q')]], batch_size=4)
   np.testing.assert_allclose(np.concatenate(by_text.log_likelihoods),
                              np.concatenate(by_ids.log_likelihoods), rtol=1e-6)
   with pytest.raises(ValueError, match='no options'):
@@ -216,11 +219,13 @@ def test_rank_classification_picks_the_trained_answer():
 
   @jax.jit
   def step(params, opt_state):
+
     def loss(p):
       logits = model.apply({'params': p}, **model_inputs(train))
       sums = losses.cross_entropy_sums(logits, train['decoder_target_tokens'],
                                        train['decoder_loss_weights'])
       return sums['loss_sum'] / sums['weight_sum']
+
     value, grads = jax.value_and_grad(loss)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, value

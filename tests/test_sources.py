@@ -9,10 +9,10 @@ from t5lite.data import sources as S
 
 def test_jsonl_reads_back_across_shards(tmp_path):
   rows = [{'q': f'question {i}', 'a': i, 'nested': {'x': [i, i + 1]}} for i in range(7)]
-  (tmp_path / 'd-00001.jsonl').write_text(
-      '\n'.join(json.dumps(r) for r in rows[4:]) + '\n', encoding='utf-8')
-  (tmp_path / 'd-00000.jsonl').write_text(
-      '\n'.join(json.dumps(r) for r in rows[:4]) + '\n\n', encoding='utf-8')  # blank line skipped
+  (tmp_path / 'd-00001.jsonl').write_text('\n'.join(json.dumps(r) for r in rows[4:]) + '\n',
+                                          encoding='utf-8')
+  (tmp_path / 'd-00000.jsonl').write_text('\n'.join(json.dumps(r) for r in rows[:4]) + '\n\n',
+                                          encoding='utf-8')  # blank line skipped
   src = S.JsonlSource({'train': str(tmp_path / 'd-*.jsonl')})
   assert src.files('train') == [str(tmp_path / 'd-00000.jsonl'), str(tmp_path / 'd-00001.jsonl')]
   got = src.get('train')
@@ -62,6 +62,7 @@ def test_in_memory_and_function_sources():
   def fn(split):
     calls.append(split)
     return [{'split': split, 'i': i} for i in range(3)]
+
   f = S.FunctionSource(fn, splits=['train', 'validation'])
   assert f.get('validation')[2] == {'split': 'validation', 'i': 2}
   assert f.num_examples('validation') == 3 and calls == ['validation']  # cached
@@ -73,6 +74,7 @@ def test_tfrecord_only_without_tensorflow_names_the_extra(monkeypatch):
   def fake_data_source(name, split, data_dir=None):
     raise NotImplementedError(f'Dataset {name} has file format tfrecord; data_source needs '
                               'array_record.')
+
   monkeypatch.setattr(tfds, 'data_source', fake_data_source)
   monkeypatch.setattr(S, '_has_tensorflow', lambda: False)
   with pytest.raises(RuntimeError, match=r'pip install t5lite\[tf\]'):
@@ -84,6 +86,7 @@ def test_tfds_other_errors_pass_through(monkeypatch):
 
   def fake_data_source(name, split, data_dir=None):
     raise FileNotFoundError(f'no dataset {name} in {data_dir}')
+
   monkeypatch.setattr(tfds, 'data_source', fake_data_source)
   with pytest.raises(FileNotFoundError, match='no dataset'):
     S.TfdsSource('mine', data_dir='/nowhere').get('train')

@@ -37,6 +37,7 @@ def registry():
   def mix(name, comps, **kw):
     made.append(name)
     return T.add_mixture(name, comps, overwrite=True, **kw)
+
   add.mix = mix
   yield add
   for name in made:
@@ -45,8 +46,10 @@ def registry():
 
 def tagged(tag, n):
   """n examples whose inputs carry the tag and an index: [tag, 3 + i % 50]."""
-  return InMemorySource({'train': [{'inputs': np.array([tag, 3 + i % 50]),
-                                    'targets': np.array([tag])} for i in range(n)]})
+  return InMemorySource({
+      'train':
+          [{'inputs': np.array([tag, 3 + i % 50]), 'targets': np.array([tag])} for i in range(n)]
+  })
 
 
 def it(name, batch=10, **kw):
@@ -100,8 +103,9 @@ def _data_imports() -> dict[str, set[str]]:
       elif isinstance(node, ast.ImportFrom):
         base = node.module or ''
         if node.level:
-          base = '.'.join(package.split('.')[:len(package.split('.')) - node.level + 1] +
-                          ([base] if base else []))
+          base = '.'.join(
+              package.split('.')[:len(package.split('.')) - node.level + 1]
+              + ([base] if base else []))
         targets = [base] + [f'{base}.{a.name}' for a in node.names]
       else:
         continue
@@ -127,6 +131,7 @@ def test_data_package_has_no_import_cycle_and_only_the_catalog_imports_it():
       if dep not in state:
         visit(dep, path + [dep])
     state[name] = 'done'
+
   for name in sorted(graph):
     if name not in state:
       visit(name, [name])
@@ -153,12 +158,11 @@ def test_rates_fixed_proportional_temperature_nested(registry):
   assert [round(w, 6) for _, w in prop.leaf_rates()] == [0.2, 0.8]  # 100 : 400
   temp = registry.mix('m_temp', ['t_a', 't_c'], default_rate=T.rate_num_examples(temperature=2))
   assert [round(w, 6) for _, w in temp.leaf_rates()] == [0.25, 0.75]  # sqrt: 10 : 30
-  capped = registry.mix('m_cap', ['t_a', 't_c'],
-                        default_rate=T.rate_num_examples(maximum=100))
+  capped = registry.mix('m_cap', ['t_a', 't_c'], default_rate=T.rate_num_examples(maximum=100))
   assert [round(w, 6) for _, w in capped.leaf_rates()] == [0.5, 0.5]
   nested = registry.mix('m_nested', [('m_fixed', 1.0), ('t_c', 1.0)])
-  assert {t.name: round(w, 6) for t, w in nested.leaf_rates()} == {
-      't_a': 0.125, 't_b': 0.375, 't_c': 0.5}
+  assert {t.name: round(w, 6) for t, w in nested.leaf_rates()
+         } == {'t_a': 0.125, 't_b': 0.375, 't_c': 0.5}
 
 
 def test_mixture_sampling_frequencies(registry):
@@ -204,8 +208,13 @@ def test_determinism_and_resume_for_a_mixture(registry):
 
 
 def test_eval_pass_is_ordered_and_two_shards_partition(registry):
-  registry('e_task', InMemorySource({'train': [
-      {'inputs': np.array([3 + i]), 'targets': np.array([3 + i, 3 + i])} for i in range(23)]}), [])
+  registry(
+      'e_task',
+      InMemorySource({
+          'train': [
+              {'inputs': np.array([3 + i]), 'targets': np.array([3 + i, 3 + i])} for i in range(23)
+          ]
+      }), [])
 
   def collect(**kw):
     seen = []
@@ -213,6 +222,7 @@ def test_eval_pass_is_ordered_and_two_shards_partition(registry):
       toks, seg = b['encoder_input_tokens'], b['encoder_segment_ids']
       seen += [int(t) for t, s in zip(toks.ravel(), seg.ravel()) if s]  # EOS excluded below
     return [t for t in seen if t != 1]
+
   full = collect()
   assert full == [3 + i for i in range(23)]  # one ordered pass, nothing lost or repeated
   p0 = collect(process_index=0, process_count=2)
@@ -231,13 +241,15 @@ def test_embedded_fill_ratio_at_t5_shapes():
 
 
 def test_jsonl_custom_task_and_bad_examples(registry, tmp_path):
-  (tmp_path / 'qa.jsonl').write_text('\n'.join(json.dumps(r) for r in [
-      {'question': 'what is two', 'answer': 'four'},
-      {'question': 'no answer here'},
-      {'question': 'empty', 'answer': ''},
-  ]) + '\n')
-  steps = [functools.partial(P.rekey, key_map={'inputs': 'question', 'targets': 'answer'}),
-           P.tokenize]
+  (tmp_path / 'qa.jsonl').write_text('\n'.join(
+      json.dumps(r) for r in [
+          {'question': 'what is two', 'answer': 'four'},
+          {'question': 'no answer here'},
+          {'question': 'empty', 'answer': ''},
+      ]) + '\n')
+  steps = [
+      functools.partial(P.rekey, key_map={'inputs': 'question', 'targets': 'answer'}), P.tokenize
+  ]
   task = registry('qa', JsonlSource({'train': str(tmp_path / 'qa.jsonl')}), steps)
   ex = task.examples('train')
   ctx = task.context({'inputs': 8, 'targets': 4})

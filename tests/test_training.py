@@ -91,15 +91,15 @@ def test_microbatches_equal_full_batch():
   _, initial = train_losses(small_config(), jax.devices()[:1], steps=0, tx=sgd)
   initial_params = jax.device_get(initial.params)
   full_losses, full_state = train_losses(small_config(), jax.devices()[:1], steps=2, tx=sgd)
-  micro_losses, micro_state = train_losses(small_config(microbatches=4), jax.devices()[:1],
-                                           steps=2, tx=sgd)
+  micro_losses, micro_state = train_losses(small_config(microbatches=4),
+                                           jax.devices()[:1], steps=2, tx=sgd)
   np.testing.assert_allclose(micro_losses, full_losses, rtol=1e-5)
   full_delta = jax.tree.map(np.subtract, jax.device_get(full_state.params), initial_params)
   micro_delta = jax.tree.map(np.subtract, jax.device_get(micro_state.params), initial_params)
   assert max(float(np.abs(d).max()) for d in jax.tree.leaves(full_delta)) > 1e-3  # it moved
   # A difference of parameters ~N(0, 1) carries float32 rounding of ~1.2e-7 (one ulp at 1.0).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-7),
-               full_delta, micro_delta)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-7), full_delta,
+               micro_delta)
 
 
 def test_microbatches_on_a_sharded_mesh():
@@ -118,7 +118,7 @@ def numpy_cross_entropy(logits, targets, weights, z_loss, smoothing):
   log_probs = logits - log_z[..., None]
   entropy = -np.sum(np.where(soft > 0, soft * np.log(np.maximum(soft, 1e-30)), 0), -1)
   ce = -np.sum(soft * log_probs, -1) - entropy
-  return np.sum(ce * weights), np.sum(z_loss * log_z ** 2 * weights)
+  return np.sum(ce * weights), np.sum(z_loss * log_z**2 * weights)
 
 
 @pytest.mark.parametrize('smoothing', [0.0, 0.1])
@@ -143,11 +143,12 @@ def test_cross_entropy_matches_numpy(smoothing):
   shifted = cross_entropy_sums(jnp.asarray(logits + 1000.0, jnp.float32), *args)
   np.testing.assert_allclose(shifted['loss_sum'], ce, rtol=1e-4)
   loss = lambda x: cross_entropy_sums(x, *args)['loss_sum']
-  reference = lambda x: jnp.sum((jax.nn.logsumexp(x, -1) - jnp.take_along_axis(
-      x, args[0][..., None], -1)[..., 0]) * args[1])
+  reference = lambda x: jnp.sum(
+      (jax.nn.logsumexp(x, -1) - jnp.take_along_axis(x, args[0][..., None], -1)[..., 0]) * args[1])
   if smoothing == 0:
-    np.testing.assert_allclose(jax.grad(loss)(jnp.asarray(logits, jnp.float32)),
-                               jax.grad(reference)(jnp.asarray(logits, jnp.float32)), atol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(loss)(jnp.asarray(logits, jnp.float32)),
+        jax.grad(reference)(jnp.asarray(logits, jnp.float32)), atol=1e-6)
 
 
 def test_schedules_match_hand_values():
@@ -177,14 +178,16 @@ def test_adafactor_uses_t5_defaults():
   state = tx.init(params)
   leaves = {type(x).__name__ for x in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, 'v_row'))}
   assert 'FactoredState' in leaves
-  factored = [x for x in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, 'v_row'))
-              if hasattr(x, 'v_row')][0]
+  factored = [
+      x for x in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, 'v_row'))
+      if hasattr(x, 'v_row')
+  ][0]
   # second moments factored into a row and a column vector for the 256x128 matrix
   assert sorted([factored.v_row['w'].shape, factored.v_col['w'].shape]) == [(128,), (256,)]
   # update clipping at 1.0: a huge gradient gives an update of RMS <= lr * param RMS
   grads = {'w': jnp.full((256, 128), 1e6), 'b': jnp.full((7,), 1e6)}
   updates, _ = tx.update(grads, state, params)
-  assert float(jnp.sqrt(jnp.mean(updates['w'] ** 2))) <= 1e-3 * 1.0 + 1e-9
+  assert float(jnp.sqrt(jnp.mean(updates['w']**2))) <= 1e-3 * 1.0 + 1e-9
 
 
 def test_learns_a_task_that_needs_cross_attention():
@@ -217,6 +220,7 @@ def test_learns_a_task_that_needs_cross_attention():
 
 
 # --- initial_state: fresh | resume | init_from ----------------------------------------------------
+
 
 def _initial(config, workdir, **init):
   """trainer.initial_state on 8 devices as (2, 2, 2) with `workdir`'s checkpointer."""
@@ -258,8 +262,8 @@ def test_initial_state_fresh_resume_and_init_from(tmp_path):
                                 fresh.shardings, mesh, rules)
   state = fresh.state
   for batch in synthetic_batches(2, config.train.batch_size):
-    state, _ = step(state, partitioning.host_to_global(batch, partitioning.batch_sharding(
-        mesh, rules)))
+    state, _ = step(state,
+                    partitioning.host_to_global(batch, partitioning.batch_sharding(mesh, rules)))
   saved = jax.device_get(state)
   ckpt = checkpoints.Checkpointer(str(tmp_path / 'a'), async_save=False)
   ckpt.save(2, state, {'next_index': 2}, config_dict)

@@ -34,8 +34,9 @@ def test_span_corruption_over_bytes_re_merges_to_the_text():
   batch = next(it)
   assert batch['encoder_input_tokens'].max() < v.vocab_size
   # The train split's documents as one byte stream: every example is a slice of it.
-  stream = b''.join(d.encode('utf-8') for i, d in enumerate(embedded.corpus_documents())
-                    if common.in_split(i, 'train'))
+  stream = b''.join(
+      d.encode('utf-8') for i, d in enumerate(embedded.corpus_documents())
+      if common.in_split(i, 'train'))
   for inputs, targets in zip(batch['encoder_input_tokens'], batch['decoder_target_tokens']):
     merged = preprocessors.merge_span_corruption(inputs, targets, v.vocab_size)
     assert merged.min() >= v.OFFSET and merged.max() < v.sp_vocab_size  # plain bytes again
@@ -44,8 +45,8 @@ def test_span_corruption_over_bytes_re_merges_to_the_text():
 
 
 def test_training_with_bytes_and_a_missing_vocabulary_file(tmp_path, capsys):
-  c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
-                                               'quickstart.py'))
+  c = config_lib.load_config_file(
+      os.path.join(os.path.dirname(__file__), '..', 'configs', 'quickstart.py'))
   c.data.vocabulary = 'byte'
   c.model.vocab_size = 384
   c.model.dtype = 'float32'
@@ -54,8 +55,10 @@ def test_training_with_bytes_and_a_missing_vocabulary_file(tmp_path, capsys):
   history = train.run(c, str(tmp_path / 'w'))
   # Untrained, the loss is about log(384) = 5.95 nats per byte.
   assert abs(history[0]['loss'] - np.log(384)) < 1.0 and np.isfinite(history[-1]['loss'])
-  code = train.main(['--config', 'configs/quickstart.py', '--workdir', str(tmp_path / 'x'),
-                     f'--config.data.vocabulary={tmp_path}/nothing.model'])
+  code = train.main([
+      '--config', 'configs/quickstart.py', '--workdir',
+      str(tmp_path / 'x'), f'--config.data.vocabulary={tmp_path}/nothing.model'
+  ])
   assert code == 2 and 'data.vocabulary=' in capsys.readouterr().err
 
 
@@ -67,8 +70,10 @@ def test_train_vocab_command(tmp_path, capsys):
                  {'targets': tasks.Feature(vocab.ByteVocabulary())}, overwrite=True)
   try:
     out = tmp_path / 'v.model'
-    assert train_vocab.main(['--task', 'vocab_test_task', '--vocab_size', '24', '--out', str(out),
-                             '--features', 'text']) == 0
+    assert train_vocab.main([
+        '--task', 'vocab_test_task', '--vocab_size', '24', '--out',
+        str(out), '--features', 'text'
+    ]) == 0
     assert 'use --config.data.vocabulary=' in capsys.readouterr().out
     trained = vocab.get_vocabulary(str(out))
     assert (trained.sp_vocab_size, trained.vocab_size) == (24, 124)
@@ -76,12 +81,15 @@ def test_train_vocab_command(tmp_path, capsys):
     assert trained.decode(trained.encode(sentence)) == sentence
     # Deterministic: the same task gives the same model, byte for byte.
     again = tmp_path / 'again.model'
-    train_vocab.main(['--task', 'vocab_test_task', '--vocab_size', '24', '--out', str(again),
-                      '--features', 'text'])
+    train_vocab.main([
+        '--task', 'vocab_test_task', '--vocab_size', '24', '--out',
+        str(again), '--features', 'text'
+    ])
     assert out.read_bytes() == again.read_bytes()
     # A field the examples lack, and an unknown task: exit 2 with the reason.
-    assert train_vocab.main(['--task', 'vocab_test_task', '--out', str(tmp_path / 'y.model'),
-                             '--features', 'body']) == 2
+    assert train_vocab.main(
+        ['--task', 'vocab_test_task', '--out',
+         str(tmp_path / 'y.model'), '--features', 'body']) == 2
     assert "has no field 'body'" in capsys.readouterr().err
     assert train_vocab.main(['--task', 'vocab_tset_task', '--out', str(tmp_path / 'z.model')]) == 2
     assert 'vocab_test_task' in capsys.readouterr().err  # the closest registered name

@@ -34,8 +34,9 @@ def parse_lengths(text: str) -> dict[str, int]:
 def render(ids, vocabulary) -> str:
   """Decoded text with UL2 mode tokens shown by name (they are the lowest sentinels)."""
   ids = [int(i) for i in np.asarray(ids)]
-  modes = {P.mode_token_id(vocabulary.vocab_size, m, vocabulary.extra_ids): m
-           for m in P.MODE_TOKENS}
+  modes = {
+      P.mode_token_id(vocabulary.vocab_size, m, vocabulary.extra_ids): m for m in P.MODE_TOKENS
+  }
   prefix = ''
   if ids and ids[0] in modes:
     prefix, ids = modes[ids[0]] + ' ', ids[1:]
@@ -69,9 +70,9 @@ def main(argv=None) -> int:
       print(f'   {t.name}: rate {w:.3f}')
   # Examples one by one (unpacked, batch 1) so each row is one example.
   vocab = _first_task(obj).output_features['targets'].vocabulary
-  it = pipeline.make_task_iterator(
-      obj, feature_lengths=args.lengths, global_batch_size=1, seed=args.seed, pack=False,
-      split=args.split, converter=args.converter, process_index=0, process_count=1)
+  it = pipeline.make_task_iterator(obj, feature_lengths=args.lengths, global_batch_size=1,
+                                   seed=args.seed, pack=False, split=args.split,
+                                   converter=args.converter, process_index=0, process_count=1)
   for i in range(args.n):
     try:
       b = next(it)
@@ -88,9 +89,10 @@ def main(argv=None) -> int:
       tg = tg[n_prefix:]
     print(f'targets ({int((tg != 0).sum())} tokens): {render(tg, vocab)}')
 
-  it = pipeline.make_task_iterator(
-      obj, feature_lengths=args.lengths, global_batch_size=args.batch_size, seed=args.seed,
-      pack=True, split=args.split, converter=args.converter, process_index=0, process_count=1)
+  it = pipeline.make_task_iterator(obj, feature_lengths=args.lengths,
+                                   global_batch_size=args.batch_size, seed=args.seed, pack=True,
+                                   split=args.split, converter=args.converter, process_index=0,
+                                   process_count=1)
   before = tasks.trimmed_token_counts()
   dropped_before = tasks.dropped_counts()
   for _ in range(args.batches):

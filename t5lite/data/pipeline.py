@@ -39,224 +39,220 @@ from t5lite.data.vocab import ByteVocabulary, SentencePieceVocabulary
 
 @functools.lru_cache(maxsize=4)
 def _tokenized_corpus(vocab_path: str, extra_ids: int) -> tuple[np.ndarray, ...]:
-    """Token ids of every corpus document, cached per vocabulary file."""
-    vocab = (ByteVocabulary(extra_ids) if vocab_path == "byte"
-             else SentencePieceVocabulary(vocab_path, extra_ids=extra_ids))
-    return tuple(np.asarray(vocab.encode(doc), np.int32)
-                 for doc in embedded.corpus_documents())
+  """Token ids of every corpus document, cached per vocabulary file."""
+  vocab = (ByteVocabulary(extra_ids) if vocab_path == 'byte' else SentencePieceVocabulary(
+      vocab_path, extra_ids=extra_ids))
+  return tuple(np.asarray(vocab.encode(doc), np.int32) for doc in embedded.corpus_documents())
 
 
 def _derived_seed(seed: int, stream: int) -> int:
-    """A 32-bit seed for one use of the user's seed.
+  """A 32-bit seed for one use of the user's seed.
 
     grain's shuffle uses seed + epoch for each epoch, so feeding it `seed`
     directly would make seed 1's first epoch equal seed 0's second.
     """
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+  return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
 def _resolve_processes(process_index, process_count) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax  # pylint: disable=import-outside-toplevel  (only when not given)
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                         f"{process_count}).")
-    return process_index, process_count
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel  (only when not given)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in [0, process_count='
+                     f'{process_count}).')
+  return process_index, process_count
 
 
 class ProcessExample(grain.transforms.MapWithIndex):
-    """A task's lazy steps on one example; rng keyed by (seed, global index[, stream])."""
+  """A task's lazy steps on one example; rng keyed by (seed, global index[, stream])."""
 
-    def __init__(self, task, seed: int, stream, sequence_length, output_features):
-        self.task = task
-        self.seed = seed
-        self.stream = stream
-        self.sequence_length = dict(sequence_length)
-        self.output_features = output_features
+  def __init__(self, task, seed: int, stream, sequence_length, output_features):
+    self.task = task
+    self.seed = seed
+    self.stream = stream
+    self.sequence_length = dict(sequence_length)
+    self.output_features = output_features
 
-    def map_with_index(self, index: int, element):
-        key = [self.seed, 2, index] + ([] if self.stream is None else [self.stream])
-        ctx = self.task.context(self.sequence_length, np.random.default_rng(key),
-                                self.output_features)
-        return self.task.process(element, ctx)
+  def map_with_index(self, index: int, element):
+    key = [self.seed, 2, index] + ([] if self.stream is None else [self.stream])
+    ctx = self.task.context(self.sequence_length, np.random.default_rng(key), self.output_features)
+    return self.task.process(element, ctx)
 
 
 class NotNone(grain.transforms.Filter):
-    def filter(self, element) -> bool:
-        return element is not None
+
+  def filter(self, element) -> bool:
+    return element is not None
 
 
 class PackStats:
-    """Running packing statistics of one iterator (what `inspect` prints)."""
+  """Running packing statistics of one iterator (what `inspect` prints)."""
 
-    def __init__(self):
-        self.batches = self.rows = self.examples = 0
-        self.tokens: dict[str, int] = {}
-        self.slots: dict[str, int] = {}
+  def __init__(self):
+    self.batches = self.rows = self.examples = 0
+    self.tokens: dict[str, int] = {}
+    self.slots: dict[str, int] = {}
 
-    def add(self, features: Mapping[str, np.ndarray], n_examples: int, n_rows: int):
-        self.batches += 1
-        self.examples += n_examples
-        self.rows += n_rows
-        for name, x in features.items():
-            if name in ("encoder_input_tokens", "decoder_target_tokens"):
-                self.tokens[name] = self.tokens.get(name, 0) + int((x != 0).sum())
-                self.slots[name] = self.slots.get(name, 0) + x.size
+  def add(self, features: Mapping[str, np.ndarray], n_examples: int, n_rows: int):
+    self.batches += 1
+    self.examples += n_examples
+    self.rows += n_rows
+    for name, x in features.items():
+      if name in ('encoder_input_tokens', 'decoder_target_tokens'):
+        self.tokens[name] = self.tokens.get(name, 0) + int((x != 0).sum())
+        self.slots[name] = self.slots.get(name, 0) + x.size
 
-    def fill_ratio(self) -> dict[str, float]:
-        return {k: self.tokens[k] / self.slots[k] for k in self.tokens}
+  def fill_ratio(self) -> dict[str, float]:
+    return {k: self.tokens[k] / self.slots[k] for k in self.tokens}
 
-    def examples_per_row(self) -> float:
-        return self.examples / max(self.rows, 1)
+  def examples_per_row(self) -> float:
+    return self.examples / max(self.rows, 1)
 
 
 class _PackedBatchesIterator(grain.DatasetIterator):
 
-    def __init__(self, parent, converter, rows: int, pack: bool):
-        super().__init__(parent)
-        self._converter = converter
-        self._rows = rows
-        self._pack = pack
-        self._budgets = converter.budgets()
-        self._pending = None
-        self._pending_state = None
-        self.stats = PackStats()
+  def __init__(self, parent, converter, rows: int, pack: bool):
+    super().__init__(parent)
+    self._converter = converter
+    self._rows = rows
+    self._pack = pack
+    self._budgets = converter.budgets()
+    self._pending = None
+    self._pending_state = None
+    self.stats = PackStats()
 
-    def __next__(self):
-        examples, groups, used = [], [], None
-        while True:
-            if not self._pack and len(groups) == self._rows:
-                break
-            if self._pending is not None:
-                ex, state = self._pending, self._pending_state
-                self._pending = self._pending_state = None
-            else:
-                state = self._parent.get_state() if self._pack else None
-                try:
-                    ex = next(self._parent)
-                except StopIteration:
-                    break
-            size = self._converter.sizes(ex)
-            if (self._pack and groups and
-                    all(u + s <= b for u, s, b in zip(used, size, self._budgets))):
-                groups[-1].append(len(examples))
-                used = [u + s for u, s in zip(used, size)]
-            elif len(groups) < self._rows:
-                groups.append([len(examples)])
-                used = list(size)
-            else:
-                self._pending, self._pending_state = ex, state
-                break
-            examples.append(ex)
-        if not examples:
-            raise StopIteration
-        features = self._converter(examples, groups, self._pack)
-        self.stats.add(features, len(examples), len(groups))
-        return converters.pad_rows(features, self._rows)
-
-    def get_state(self):
-        if self._pending is not None:
-            return {"upstream": self._pending_state}
-        return {"upstream": self._parent.get_state()}
-
-    def set_state(self, state):
-        self._parent.set_state(state["upstream"])
+  def __next__(self):
+    examples, groups, used = [], [], None
+    while True:
+      if not self._pack and len(groups) == self._rows:
+        break
+      if self._pending is not None:
+        ex, state = self._pending, self._pending_state
         self._pending = self._pending_state = None
+      else:
+        state = self._parent.get_state() if self._pack else None
+        try:
+          ex = next(self._parent)
+        except StopIteration:
+          break
+      size = self._converter.sizes(ex)
+      if (self._pack and groups and all(u + s <= b for u, s, b in zip(used, size, self._budgets))):
+        groups[-1].append(len(examples))
+        used = [u + s for u, s in zip(used, size)]
+      elif len(groups) < self._rows:
+        groups.append([len(examples)])
+        used = list(size)
+      else:
+        self._pending, self._pending_state = ex, state
+        break
+      examples.append(ex)
+    if not examples:
+      raise StopIteration
+    features = self._converter(examples, groups, self._pack)
+    self.stats.add(features, len(examples), len(groups))
+    return converters.pad_rows(features, self._rows)
+
+  def get_state(self):
+    if self._pending is not None:
+      return {'upstream': self._pending_state}
+    return {'upstream': self._parent.get_state()}
+
+  def set_state(self, state):
+    self._parent.set_state(state['upstream'])
+    self._pending = self._pending_state = None
 
 
 class PackedBatches(grain.IterDataset):
-    """Batches of exactly `rows` rows of converter features (see above)."""
+  """Batches of exactly `rows` rows of converter features (see above)."""
 
-    def __init__(self, parent: grain.IterDataset, converter, rows: int, pack: bool):
-        super().__init__(parent)
-        self._converter = converter
-        self._rows = rows
-        self._pack = pack
+  def __init__(self, parent: grain.IterDataset, converter, rows: int, pack: bool):
+    super().__init__(parent)
+    self._converter = converter
+    self._rows = rows
+    self._pack = pack
 
-    def __iter__(self):
-        return _PackedBatchesIterator(self._parent.__iter__(), self._converter, self._rows,
-                                      self._pack)
+  def __iter__(self):
+    return _PackedBatchesIterator(self._parent.__iter__(), self._converter, self._rows, self._pack)
 
 
-def _task_map_dataset(task, split, sequence_length, output_features, seed, stream, shuffle,
-                      repeat, process_index, process_count) -> grain.MapDataset:
-    ds = grain.MapDataset.source(task.examples(split, sequence_length, output_features))
-    if len(ds) == 0:
-        raise ValueError(f"task {task.name!r} split {split!r} has no examples.")
-    if shuffle:
-        shuffle_seed = (_derived_seed(seed, 1) if stream is None else
-                        int(np.random.SeedSequence([seed, 1, stream]).generate_state(1)[0]))
-        ds = ds.shuffle(seed=shuffle_seed)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.map_with_index(ProcessExample(task, seed, stream, sequence_length, output_features))
-    return ds[process_index::process_count]
+def _task_map_dataset(task, split, sequence_length, output_features, seed, stream, shuffle, repeat,
+                      process_index, process_count) -> grain.MapDataset:
+  ds = grain.MapDataset.source(task.examples(split, sequence_length, output_features))
+  if len(ds) == 0:
+    raise ValueError(f'task {task.name!r} split {split!r} has no examples.')
+  if shuffle:
+    shuffle_seed = (_derived_seed(seed, 1) if stream is None else int(
+        np.random.SeedSequence([seed, 1, stream]).generate_state(1)[0]))
+    ds = ds.shuffle(seed=shuffle_seed)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.map_with_index(ProcessExample(task, seed, stream, sequence_length, output_features))
+  return ds[process_index::process_count]
 
 
 def _override_vocabulary(task, vocabulary):
-    if vocabulary is None:
-        return task.output_features
-    return {k: f.replace(vocabulary=vocabulary) for k, f in task.output_features.items()}
+  if vocabulary is None:
+    return task.output_features
+  return {k: f.replace(vocabulary=vocabulary) for k, f in task.output_features.items()}
 
 
 def make_task_dataset(task_or_mixture_name, *, feature_lengths: Mapping[str, int],
-                      global_batch_size: int, seed: int, pack: bool = True,
-                      split: str = "train", shuffle: bool = True, repeat: bool = True,
-                      converter: str = "encdec", loss_on_targets_only: bool = True,
-                      vocabulary=None, process_index: int | None = None,
-                      process_count: int | None = None,
+                      global_batch_size: int, seed: int, pack: bool = True, split: str = 'train',
+                      shuffle: bool = True, repeat: bool = True, converter: str = 'encdec',
+                      loss_on_targets_only: bool = True, vocabulary=None,
+                      process_index: int | None = None, process_count: int | None = None,
                       read_options: grain.ReadOptions | None = None,
                       num_workers: int = 0) -> grain.IterDataset:
-    """The IterDataset behind `make_task_iterator` (same arguments)."""
-    process_index, process_count = _resolve_processes(process_index, process_count)
-    if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} must be >= 1 and divisible "
-                         f"by process_count={process_count}.")
-    rows = global_batch_size // process_count
-    conv = converters.Converter(converter, feature_lengths, loss_on_targets_only)
-    obj = (tasks_lib.get(task_or_mixture_name) if isinstance(task_or_mixture_name, str)
-           else task_or_mixture_name)
-    if isinstance(obj, tasks_lib.Mixture):
-        leaves = obj.leaf_rates()
-        streams = list(range(len(leaves)))
-    else:
-        leaves, streams = [(obj, 1.0)], [None]
-    read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
-    maps = [_task_map_dataset(t, split, feature_lengths, _override_vocabulary(t, vocabulary),
-                              seed, s, shuffle, repeat, process_index, process_count)
-            for (t, _), s in zip(leaves, streams)]
-    if len(maps) == 1:
-        ds = maps[0].to_iter_dataset(read_options).filter(NotNone())
-    elif not repeat:  # evaluation: every task once, in order
-        ds = grain.MapDataset.concatenate(maps).to_iter_dataset(read_options).filter(NotNone())
-    else:
-        ds = grain.IterDataset.mix(
-            [m.to_iter_dataset(read_options).filter(NotNone()) for m in maps],
-            [w for _, w in leaves])
-    if num_workers > 0:
-        # Preprocessing in worker processes (grain mp_prefetch): each worker takes every n-th
-        # element and grain interleaves them back in order, so the batches are the same as
-        # with none, and the iterator state (every worker's position) still resumes exactly.
-        from absl import flags  # pylint: disable=import-outside-toplevel
-        if not flags.FLAGS.is_parsed():
-            # grain reads its absl flags when it starts workers; t5lite has its own command
-            # line, so mark absl's as parsed (their defaults) rather than crash.
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return PackedBatches(ds, conv, rows, pack)
+  """The IterDataset behind `make_task_iterator` (same arguments)."""
+  process_index, process_count = _resolve_processes(process_index, process_count)
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} must be >= 1 and divisible '
+                     f'by process_count={process_count}.')
+  rows = global_batch_size // process_count
+  conv = converters.Converter(converter, feature_lengths, loss_on_targets_only)
+  obj = (tasks_lib.get(task_or_mixture_name)
+         if isinstance(task_or_mixture_name, str) else task_or_mixture_name)
+  if isinstance(obj, tasks_lib.Mixture):
+    leaves = obj.leaf_rates()
+    streams = list(range(len(leaves)))
+  else:
+    leaves, streams = [(obj, 1.0)], [None]
+  read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+  maps = [
+      _task_map_dataset(t, split, feature_lengths, _override_vocabulary(t, vocabulary), seed, s,
+                        shuffle, repeat, process_index, process_count)
+      for (t, _), s in zip(leaves, streams)
+  ]
+  if len(maps) == 1:
+    ds = maps[0].to_iter_dataset(read_options).filter(NotNone())
+  elif not repeat:  # evaluation: every task once, in order
+    ds = grain.MapDataset.concatenate(maps).to_iter_dataset(read_options).filter(NotNone())
+  else:
+    ds = grain.IterDataset.mix([m.to_iter_dataset(read_options).filter(NotNone()) for m in maps],
+                               [w for _, w in leaves])
+  if num_workers > 0:
+    # Preprocessing in worker processes (grain mp_prefetch): each worker takes every n-th
+    # element and grain interleaves them back in order, so the batches are the same as
+    # with none, and the iterator state (every worker's position) still resumes exactly.
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      # grain reads its absl flags when it starts workers; t5lite has its own command
+      # line, so mark absl's as parsed (their defaults) rather than crash.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return PackedBatches(ds, conv, rows, pack)
 
 
 def make_task_iterator(task_or_mixture_name, *, feature_lengths: Mapping[str, int],
-                       global_batch_size: int, seed: int, pack: bool = True,
-                       split: str = "train", shuffle: bool = True, repeat: bool = True,
-                       converter: str = "encdec", loss_on_targets_only: bool = True,
-                       vocabulary=None, process_index: int | None = None,
-                       process_count: int | None = None,
+                       global_batch_size: int, seed: int, pack: bool = True, split: str = 'train',
+                       shuffle: bool = True, repeat: bool = True, converter: str = 'encdec',
+                       loss_on_targets_only: bool = True, vocabulary=None,
+                       process_index: int | None = None, process_count: int | None = None,
                        read_options: grain.ReadOptions | None = None,
                        num_workers: int = 0) -> grain.DatasetIterator:
-    """Host-local batches of a registered task or mixture, with exact resumption.
+  """Host-local batches of a registered task or mixture, with exact resumption.
 
     feature_lengths: e.g. {'inputs': 512, 'targets': 114} (encdec, prefix_lm) or
     {'targets': 1024} (decoder). Each `next()` returns int32 arrays of
@@ -268,11 +264,10 @@ def make_task_iterator(task_or_mixture_name, *, feature_lengths: Mapping[str, in
     (e.g. an embedded vocabulary of another size). The iterator has
     get_state()/set_state() and `.stats` (PackStats: fill ratio, examples/row).
     """
-    ds = make_task_dataset(
-        task_or_mixture_name, feature_lengths=feature_lengths,
-        global_batch_size=global_batch_size, seed=seed, pack=pack, split=split,
-        shuffle=shuffle, repeat=repeat, converter=converter,
-        loss_on_targets_only=loss_on_targets_only, vocabulary=vocabulary,
-        process_index=process_index, process_count=process_count, read_options=read_options,
-        num_workers=num_workers)
-    return iter(ds)
+  ds = make_task_dataset(task_or_mixture_name, feature_lengths=feature_lengths,
+                         global_batch_size=global_batch_size, seed=seed, pack=pack, split=split,
+                         shuffle=shuffle, repeat=repeat, converter=converter,
+                         loss_on_targets_only=loss_on_targets_only, vocabulary=vocabulary,
+                         process_index=process_index, process_count=process_count,
+                         read_options=read_options, num_workers=num_workers)
+  return iter(ds)

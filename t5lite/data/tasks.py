@@ -120,8 +120,8 @@ class Task:
     self.drop_invalid = drop_invalid
     # Score-mode answers: the evaluator ranks them by log-likelihood (rank classification).
     self.rank_options = tuple(rank_options) if rank_options is not None else None
-    last = max((i for i, p in enumerate(self.preprocessors)
-                if getattr(p, 'dataset_level', False)), default=-1)
+    last = max((i for i, p in enumerate(self.preprocessors) if getattr(p, 'dataset_level', False)),
+               default=-1)
     self._eager_steps = self.preprocessors[:last + 1]
     self._lazy_steps = self.preprocessors[last + 1:]
     self._materialized: dict = {}
@@ -140,8 +140,7 @@ class Task:
     return self.source.num_examples(split)
 
   def context(self, sequence_length=None, rng=None, output_features=None) -> P.Context:
-    return P.Context(task_name=self.name,
-                     output_features=output_features or self.output_features,
+    return P.Context(task_name=self.name, output_features=output_features or self.output_features,
                      sequence_length=dict(sequence_length) if sequence_length else None, rng=rng)
 
   def examples(self, split: str, sequence_length=None, output_features=None) -> Sequence:
@@ -161,8 +160,10 @@ class Task:
         if getattr(step, 'dataset_level', False):
           examples = step(examples, ctx)
         else:
-          examples = [step(ex, self.context(sequence_length, np.random.default_rng([0, i]),
-                                             features)) for i, ex in enumerate(examples)]
+          examples = [
+              step(ex, self.context(sequence_length, np.random.default_rng([0, i]), features))
+              for i, ex in enumerate(examples)
+          ]
       self._materialized[key] = list(examples)
     return self._materialized[key]
 
@@ -203,8 +204,8 @@ class Task:
     return P.append_eos(trimmed, ctx)
 
 
-def rate_num_examples(maximum: float | None = None, temperature: float = 1.0,
-                      scale: float = 1.0, split: str = 'train') -> Callable[[Task], float]:
+def rate_num_examples(maximum: float | None = None, temperature: float = 1.0, scale: float = 1.0,
+                      split: str = 'train') -> Callable[[Task], float]:
   """Rate fn: scale * min(n, maximum) ** (1 / temperature); n = examples in the split."""
   if temperature <= 0:
     raise ValueError(f'temperature must be > 0, got {temperature}.')
@@ -213,7 +214,8 @@ def rate_num_examples(maximum: float | None = None, temperature: float = 1.0,
     n = float(task.num_examples(split))
     if maximum is not None:
       n = min(n, maximum)
-    return scale * n ** (1.0 / temperature)
+    return scale * n**(1.0 / temperature)
+
   return rate
 
 
@@ -281,8 +283,7 @@ def _check_new(name: str, overwrite: bool):
 
 
 def add_task(name: str, source: Source, preprocessors: Sequence[Callable],
-             output_features: Mapping[str, Feature], *, overwrite: bool = False,
-             **kwargs) -> Task:
+             output_features: Mapping[str, Feature], *, overwrite: bool = False, **kwargs) -> Task:
   """Registers and returns a Task (kwargs: postprocess_fn, metric_fns, drop_invalid,
   rank_options)."""
   _check_new(name, overwrite)

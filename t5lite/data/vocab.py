@@ -30,195 +30,194 @@ DEFAULT_EXTRA_IDS = 100
 # 1948 pieces + 100 sentinels = 2048: a multiple of 128, friendly to TPU/GPU tiles.
 DEFAULT_SP_VOCAB_SIZE = 1948
 # A sentinel written as text, as HuggingFace's T5 tokenizer reads it: '<extra_id_N>'.
-SENTINEL_TEXT = re.compile(r"<extra_id_(\d+)>")
+SENTINEL_TEXT = re.compile(r'<extra_id_(\d+)>')
 
 
 def _read_bytes(path: str) -> bytes:
-    """Reads a local file, or any path etils.epath understands (gs://...) if installed."""
-    try:
-        from etils import epath  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        with open(path, "rb") as f:
-            return f.read()
-    return epath.Path(path).read_bytes()
+  """Reads a local file, or any path etils.epath understands (gs://...) if installed."""
+  try:
+    from etils import epath  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    with open(path, 'rb') as f:
+      return f.read()
+  return epath.Path(path).read_bytes()
 
 
 class _T5Ids:
-    """What every t5lite vocabulary shares: pad 0, eos 1, unk 2, and `extra_ids` sentinels
+  """What every t5lite vocabulary shares: pad 0, eos 1, unk 2, and `extra_ids` sentinels
     above the `sp_vocab_size` ordinary ids, counting down from the top."""
 
-    pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
-    _extra_ids: int
+  pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
+  _extra_ids: int
 
-    @property
-    def sp_vocab_size(self) -> int:
-        raise NotImplementedError
+  @property
+  def sp_vocab_size(self) -> int:
+    raise NotImplementedError
 
-    @property
-    def extra_ids(self) -> int:
-        return self._extra_ids
+  @property
+  def extra_ids(self) -> int:
+    return self._extra_ids
 
-    @property
-    def vocab_size(self) -> int:
-        return self.sp_vocab_size + self._extra_ids
+  @property
+  def vocab_size(self) -> int:
+    return self.sp_vocab_size + self._extra_ids
 
-    def sentinel_id(self, i: int) -> int:
-        """Id of `<extra_id_i>`; sentinels count down from the top."""
-        if not 0 <= i < self._extra_ids:
-            raise ValueError(f"sentinel index {i} out of range [0, {self._extra_ids}).")
-        return self.vocab_size - 1 - i
+  def sentinel_id(self, i: int) -> int:
+    """Id of `<extra_id_i>`; sentinels count down from the top."""
+    if not 0 <= i < self._extra_ids:
+      raise ValueError(f'sentinel index {i} out of range [0, {self._extra_ids}).')
+    return self.vocab_size - 1 - i
 
 
 class SentencePieceVocabulary(_T5Ids):
-    """A SentencePiece model plus `extra_ids` sentinel ids on top of it."""
+  """A SentencePiece model plus `extra_ids` sentinel ids on top of it."""
 
-    def __init__(self, path: str, extra_ids: int = DEFAULT_EXTRA_IDS):
-        self._path = str(path)
-        self._extra_ids = int(extra_ids)
-        self._sp = spm.SentencePieceProcessor(model_proto=_read_bytes(self._path))
-        # Our id conventions are baked into the model at training time; a model
-        # trained otherwise would silently shift every id, so fail loudly.
-        got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
-        if got != (PAD_ID, EOS_ID, UNK_ID):
-            raise ValueError(
-                f"{self._path}: SentencePiece model has (pad, eos, unk) ids {got}; "
-                f"t5lite needs {(PAD_ID, EOS_ID, UNK_ID)}.")
+  def __init__(self, path: str, extra_ids: int = DEFAULT_EXTRA_IDS):
+    self._path = str(path)
+    self._extra_ids = int(extra_ids)
+    self._sp = spm.SentencePieceProcessor(model_proto=_read_bytes(self._path))
+    # Our id conventions are baked into the model at training time; a model
+    # trained otherwise would silently shift every id, so fail loudly.
+    got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
+    if got != (PAD_ID, EOS_ID, UNK_ID):
+      raise ValueError(f'{self._path}: SentencePiece model has (pad, eos, unk) ids {got}; '
+                       f't5lite needs {(PAD_ID, EOS_ID, UNK_ID)}.')
 
-    def __repr__(self) -> str:
-        return (f"SentencePieceVocabulary({self._path!r}, "
-                f"extra_ids={self._extra_ids}, vocab_size={self.vocab_size})")
+  def __repr__(self) -> str:
+    return (f'SentencePieceVocabulary({self._path!r}, '
+            f'extra_ids={self._extra_ids}, vocab_size={self.vocab_size})')
 
-    @property
-    def path(self) -> str:
-        return self._path
+  @property
+  def path(self) -> str:
+    return self._path
 
-    @property
-    def sp_vocab_size(self) -> int:
-        """Number of SentencePiece pieces (ids below the sentinels)."""
-        return self._sp.get_piece_size()
+  @property
+  def sp_vocab_size(self) -> int:
+    """Number of SentencePiece pieces (ids below the sentinels)."""
+    return self._sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids. No EOS is appended (preprocessors add it, as in seqio)."""
-        return self._sp.encode(text)
+  def encode(self, text: str) -> list[int]:
+    """Text -> ids. No EOS is appended (preprocessors add it, as in seqio)."""
+    return self._sp.encode(text)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids -> text: skips pad, stops at the first EOS, shows sentinels.
+  def decode(self, ids: Iterable[int]) -> str:
+    """Ids -> text: skips pad, stops at the first EOS, shows sentinels.
 
         Sentinel ids render as `<extra_id_N>` so span-corrupted examples can be
         read; any other id at or above the piece count decodes as unk.
         """
-        pieces: list[str] = []
-        run: list[int] = []  # consecutive ordinary ids, decoded together
+    pieces: list[str] = []
+    run: list[int] = []  # consecutive ordinary ids, decoded together
 
-        def flush():
-            if run:
-                text = self._sp.decode(run)
-                # SentencePiece drops the word-boundary space at the start of
-                # what it decodes; after a sentinel that space is real text.
-                if pieces and self._sp.id_to_piece(run[0]).startswith("\u2581"):
-                    text = " " + text
-                pieces.append(text)
-                run.clear()
+    def flush():
+      if run:
+        text = self._sp.decode(run)
+        # SentencePiece drops the word-boundary space at the start of
+        # what it decodes; after a sentinel that space is real text.
+        if pieces and self._sp.id_to_piece(run[0]).startswith('\u2581'):
+          text = ' ' + text
+        pieces.append(text)
+        run.clear()
 
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i == PAD_ID:
-                continue
-            if i >= self.sp_vocab_size:
-                flush()
-                if i < self.vocab_size:
-                    pieces.append(f"<extra_id_{self.vocab_size - 1 - i}>")
-                else:
-                    pieces.append(self._sp.id_to_piece(UNK_ID))
-                continue
-            run.append(i)
+    for i in ids:
+      i = int(i)
+      if i == EOS_ID:
+        break
+      if i == PAD_ID:
+        continue
+      if i >= self.sp_vocab_size:
         flush()
-        return "".join(pieces)
+        if i < self.vocab_size:
+          pieces.append(f'<extra_id_{self.vocab_size - 1 - i}>')
+        else:
+          pieces.append(self._sp.id_to_piece(UNK_ID))
+        continue
+      run.append(i)
+    flush()
+    return ''.join(pieces)
 
 
 class ByteVocabulary(_T5Ids):
-    """ByT5's vocabulary (Xue et al. 2022): pad 0, eos 1, unk 2, then the 256 UTF-8 byte values
+  """ByT5's vocabulary (Xue et al. 2022): pad 0, eos 1, unk 2, then the 256 UTF-8 byte values
     at ids 3..258, then `extra_ids` sentinels counting down from the top. ByT5 uses 125 extra ids,
     so 384 ids in all. No model file: `path` is a fixed name so caches keyed on it work.
     """
 
-    OFFSET = 3  # pad, eos, unk come first
+  OFFSET = 3  # pad, eos, unk come first
 
-    def __init__(self, extra_ids: int = 125):
-        self._extra_ids = int(extra_ids)
+  def __init__(self, extra_ids: int = 125):
+    self._extra_ids = int(extra_ids)
 
-    def __repr__(self) -> str:
-        return f"ByteVocabulary(extra_ids={self._extra_ids}, vocab_size={self.vocab_size})"
+  def __repr__(self) -> str:
+    return f'ByteVocabulary(extra_ids={self._extra_ids}, vocab_size={self.vocab_size})'
 
-    @property
-    def path(self) -> str:
-        return "byte"
+  @property
+  def path(self) -> str:
+    return 'byte'
 
-    @property
-    def sp_vocab_size(self) -> int:
-        """Ids below the sentinels (named as for SentencePiece, so code can treat both alike)."""
-        return self.OFFSET + 256
+  @property
+  def sp_vocab_size(self) -> int:
+    """Ids below the sentinels (named as for SentencePiece, so code can treat both alike)."""
+    return self.OFFSET + 256
 
-    def encode(self, text: str) -> list[int]:
-        return [b + self.OFFSET for b in text.encode("utf-8")]
+  def encode(self, text: str) -> list[int]:
+    return [b + self.OFFSET for b in text.encode('utf-8')]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Skips pad, stops at EOS, shows sentinels as <extra_id_N>; bytes that do not form valid
+  def decode(self, ids: Iterable[int]) -> str:
+    """Skips pad, stops at EOS, shows sentinels as <extra_id_N>; bytes that do not form valid
         UTF-8 (a cut-off character) are dropped, as ByT5 does."""
-        pieces: list[str] = []
-        run = bytearray()
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if self.OFFSET <= i < self.sp_vocab_size:
-                run.append(i - self.OFFSET)
-                continue
-            pieces.append(run.decode("utf-8", errors="ignore"))
-            run.clear()
-            if self.sp_vocab_size <= i < self.vocab_size:
-                pieces.append(f"<extra_id_{self.vocab_size - 1 - i}>")
-            elif i != PAD_ID:
-                pieces.append("\N{REPLACEMENT CHARACTER}")  # unk or out of range
-        pieces.append(run.decode("utf-8", errors="ignore"))
-        return "".join(pieces)
+    pieces: list[str] = []
+    run = bytearray()
+    for i in ids:
+      i = int(i)
+      if i == EOS_ID:
+        break
+      if self.OFFSET <= i < self.sp_vocab_size:
+        run.append(i - self.OFFSET)
+        continue
+      pieces.append(run.decode('utf-8', errors='ignore'))
+      run.clear()
+      if self.sp_vocab_size <= i < self.vocab_size:
+        pieces.append(f'<extra_id_{self.vocab_size - 1 - i}>')
+      elif i != PAD_ID:
+        pieces.append('\N{REPLACEMENT CHARACTER}')  # unk or out of range
+    pieces.append(run.decode('utf-8', errors='ignore'))
+    return ''.join(pieces)
 
 
 def encode_with_sentinels(vocabulary, text: str) -> list[int]:
-    """Token ids of `text` with each `<extra_id_N>` written in it as sentinel N's id (as
+  """Token ids of `text` with each `<extra_id_N>` written in it as sentinel N's id (as
     HuggingFace's T5 tokenizer reads them); vocabulary.encode alone would spell them out."""
-    ids, start = [], 0
-    for match in SENTINEL_TEXT.finditer(text):
-        ids += vocabulary.encode(text[start:match.start()])
-        ids.append(vocabulary.sentinel_id(int(match.group(1))))
-        start = match.end()
-    return ids + list(vocabulary.encode(text[start:]))
+  ids, start = [], 0
+  for match in SENTINEL_TEXT.finditer(text):
+    ids += vocabulary.encode(text[start:match.start()])
+    ids.append(vocabulary.sentinel_id(int(match.group(1))))
+    start = match.end()
+  return ids + list(vocabulary.encode(text[start:]))
 
 
 def _training_sentences(texts: Iterable[str], max_chars: int) -> Iterable[str]:
-    """Cuts texts into word-aligned pieces SentencePiece will not skip.
+  """Cuts texts into word-aligned pieces SentencePiece will not skip.
 
     The trainer silently drops "sentences" longer than `max_sentence_length`
     bytes, and some reference pages are 60 kB long.
     """
-    for text in texts:
-        words = text.split()
-        line: list[str] = []
-        size = 0
-        for w in words:
-            if line and size + 1 + len(w) > max_chars:
-                yield " ".join(line)
-                line, size = [], 0
-            line.append(w)
-            size += len(w) + (1 if size else 0)
-        if line:
-            yield " ".join(line)
+  for text in texts:
+    words = text.split()
+    line: list[str] = []
+    size = 0
+    for w in words:
+      if line and size + 1 + len(w) > max_chars:
+        yield ' '.join(line)
+        line, size = [], 0
+      line.append(w)
+      size += len(w) + (1 if size else 0)
+    if line:
+      yield ' '.join(line)
 
 
 def train_sentencepiece(texts: Sequence[str], model_path: str, vocab_size: int) -> None:
-    """Trains a unigram SentencePiece model with T5's special ids; writes it atomically.
+  """Trains a unigram SentencePiece model with T5's special ids; writes it atomically.
 
     Deterministic: every sentence is used in the given order (no sampling, no
     shuffling) and the trainer runs on one thread, so the same texts give a
@@ -226,81 +225,80 @@ def train_sentencepiece(texts: Sequence[str], model_path: str, vocab_size: int) 
     directory and then `os.replace`d, so concurrent readers (e.g. pytest-xdist
     workers) see either no file or a complete one.
     """
-    model_path = os.fspath(model_path)
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_sentences(texts, max_chars=2000)),
-        model_writer=proto,
-        model_type="unigram",
-        vocab_size=vocab_size,
-        pad_id=PAD_ID,
-        eos_id=EOS_ID,
-        unk_id=UNK_ID,
-        bos_id=-1,
-        input_sentence_size=0,  # 0 = use every sentence (no random sampling)
-        shuffle_input_sentence=False,
-        max_sentence_length=8192,  # bytes; our pieces are <= 2000 chars
-        num_threads=1,
-        minloglevel=2,  # training logs go to stderr; keep test output readable
-    )
-    directory = os.path.dirname(os.path.abspath(model_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.getvalue())
-        os.replace(tmp, model_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+  model_path = os.fspath(model_path)
+  proto = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(_training_sentences(texts, max_chars=2000)),
+      model_writer=proto,
+      model_type='unigram',
+      vocab_size=vocab_size,
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      bos_id=-1,
+      input_sentence_size=0,  # 0 = use every sentence (no random sampling)
+      shuffle_input_sentence=False,
+      max_sentence_length=8192,  # bytes; our pieces are <= 2000 chars
+      num_threads=1,
+      minloglevel=2,  # training logs go to stderr; keep test output readable
+  )
+  directory = os.path.dirname(os.path.abspath(model_path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.model')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(proto.getvalue())
+    os.replace(tmp, model_path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def default_cache_dir() -> str:
-    """`$T5LITE_CACHE` if set, else `~/.cache/t5lite`."""
-    return os.environ.get("T5LITE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "t5lite")
+  """`$T5LITE_CACHE` if set, else `~/.cache/t5lite`."""
+  return os.environ.get('T5LITE_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 't5lite')
 
 
 @functools.lru_cache(maxsize=1)
 def _corpus_hash() -> str:
-    h = hashlib.sha256()
-    for doc in embedded.corpus_documents():
-        h.update(doc.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:12]
+  h = hashlib.sha256()
+  for doc in embedded.corpus_documents():
+    h.update(doc.encode('utf-8'))
+    h.update(b'\0')
+  return h.hexdigest()[:12]
 
 
 def embedded_vocabulary(sp_vocab_size: int = DEFAULT_SP_VOCAB_SIZE,
                         cache_dir: str | None = None) -> SentencePieceVocabulary:
-    """The offline default vocabulary (1948 pieces + 100 sentinels = 2048 ids).
+  """The offline default vocabulary (1948 pieces + 100 sentinels = 2048 ids).
 
     Trained on `embedded.corpus_documents()` the first time and cached as
     `<cache_dir>/embedded_sp<size>_<corpus hash>.model`; the hash keeps models
     for different Python versions (different docstrings) apart.
     """
-    cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, f"embedded_sp{sp_vocab_size}_{_corpus_hash()}.model")
-    if not os.path.exists(path):
-        train_sentencepiece(embedded.corpus_documents(), path, sp_vocab_size)
-    return SentencePieceVocabulary(path, extra_ids=DEFAULT_EXTRA_IDS)
+  cache_dir = cache_dir or default_cache_dir()
+  path = os.path.join(cache_dir, f'embedded_sp{sp_vocab_size}_{_corpus_hash()}.model')
+  if not os.path.exists(path):
+    train_sentencepiece(embedded.corpus_documents(), path, sp_vocab_size)
+  return SentencePieceVocabulary(path, extra_ids=DEFAULT_EXTRA_IDS)
 
 
-def get_vocabulary(spec: str = "embedded", sp_vocab_size: int = DEFAULT_SP_VOCAB_SIZE):
-    """The vocabulary `config.data.vocabulary` names, or None to keep the task's own:
+def get_vocabulary(spec: str = 'embedded', sp_vocab_size: int = DEFAULT_SP_VOCAB_SIZE):
+  """The vocabulary `config.data.vocabulary` names, or None to keep the task's own:
     'embedded' -> the embedded SentencePiece model of `sp_vocab_size` pieces (+100 sentinels);
     'task' -> None (each output feature keeps the vocabulary its task declares);
     'byte' -> ByteVocabulary (ByT5); anything else -> a SentencePiece model path (local, or
     gs:// etc. through etils.epath) with 100 sentinels."""
-    if spec == "embedded":
-        return embedded_vocabulary(sp_vocab_size)
-    if spec == "task":
-        return None
-    if spec == "byte":
-        return ByteVocabulary()
-    try:
-        return SentencePieceVocabulary(spec)
-    except (OSError, RuntimeError) as e:
-        raise FileNotFoundError(
-            f"data.vocabulary={spec!r}: cannot read a SentencePiece model there ({e}); give a "
-            "path to a .model file, or one of 'embedded', 'task', 'byte'") from None
+  if spec == 'embedded':
+    return embedded_vocabulary(sp_vocab_size)
+  if spec == 'task':
+    return None
+  if spec == 'byte':
+    return ByteVocabulary()
+  try:
+    return SentencePieceVocabulary(spec)
+  except (OSError, RuntimeError) as e:
+    raise FileNotFoundError(
+        f'data.vocabulary={spec!r}: cannot read a SentencePiece model there ({e}); give a '
+        "path to a .model file, or one of 'embedded', 'task', 'byte'") from None

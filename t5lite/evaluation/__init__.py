@@ -6,7 +6,9 @@ from t5lite.metrics import (METRICS, UnknownMetricError, accuracy, bleu, f1, get
                             rank_accuracy, register_metric, resolve, rouge, sequence_accuracy,
                             spearman_corrcoef, squad, superglue_average, takes_scores)
 
-__all__ = ['METRICS', 'UnknownMetricError', 'accuracy', 'bleu', 'f1', 'get_metric', 'glue_average',
-           'macro_f1', 'matthews_corrcoef', 'pearson_corrcoef', 'rank_accuracy',
-           'register_metric', 'resolve', 'rouge', 'sequence_accuracy', 'spearman_corrcoef',
-           'squad', 'superglue_average', 'takes_scores']
+__all__ = [
+    'METRICS', 'UnknownMetricError', 'accuracy', 'bleu', 'f1', 'get_metric', 'glue_average',
+    'macro_f1', 'matthews_corrcoef', 'pearson_corrcoef', 'rank_accuracy', 'register_metric',
+    'resolve', 'rouge', 'sequence_accuracy', 'spearman_corrcoef', 'squad', 'superglue_average',
+    'takes_scores'
+]

@@ -62,10 +62,10 @@ class TaskResult:
   task: str
   metrics: dict[str, float]
   inputs: list[str]
-  targets: list[Any]           # postprocessed
-  predictions: list[Any]       # postprocessed (empty without predict metrics)
-  raw_predictions: list[str]   # detokenized, before postprocessing
-  scores: list[Any]            # per-option scores (rank) or target log-likelihoods; may be empty
+  targets: list[Any]  # postprocessed
+  predictions: list[Any]  # postprocessed (empty without predict metrics)
+  raw_predictions: list[str]  # detokenized, before postprocessing
+  scores: list[Any]  # per-option scores (rank) or target log-likelihoods; may be empty
   seconds: float
 
   @property
@@ -88,10 +88,10 @@ def config_vocabulary(config):
 
 def decode_config(config, targets_length: int) -> decoding.DecodeConfig:
   d = config.decode
-  return decoding.DecodeConfig(
-      method=d.method, max_decode_length=d.max_decode_length or targets_length,
-      temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, num_beams=d.num_beams,
-      length_penalty_alpha=d.length_penalty_alpha)
+  return decoding.DecodeConfig(method=d.method, max_decode_length=d.max_decode_length
+                               or targets_length, temperature=d.temperature, top_k=d.top_k,
+                               top_p=d.top_p, num_beams=d.num_beams,
+                               length_penalty_alpha=d.length_penalty_alpha)
 
 
 def postprocess(fn: Callable | None, text: str, example=None, is_target: bool = False):
@@ -102,8 +102,10 @@ def postprocess(fn: Callable | None, text: str, example=None, is_target: bool = 
     params = inspect.signature(fn).parameters
   except (TypeError, ValueError):
     params = {}
-  kwargs = {k: v for k, v in (('example', example), ('is_target', is_target))
-            if k in params or any(p.kind == p.VAR_KEYWORD for p in params.values())}
+  kwargs = {
+      k: v for k, v in (('example', example), ('is_target', is_target))
+      if k in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+  }
   return fn(text, **kwargs)
 
 
@@ -135,12 +137,13 @@ def split_examples(task, split: str, indices: Sequence[int], sequence_length=Non
   return [elements[int(i)] for i in indices]
 
 
-def postprocess_all(task, texts: Sequence[str], examples: Sequence | None,
-                    is_target: bool) -> list:
+def postprocess_all(task, texts: Sequence[str], examples: Sequence | None, is_target: bool) -> list:
   """`postprocess` of each detokenized text, with its example when there are examples."""
   examples = [None] * len(texts) if examples is None else examples
-  return [postprocess(task.postprocess_fn, t, example=e, is_target=is_target)
-          for t, e in zip(texts, examples)]
+  return [
+      postprocess(task.postprocess_fn, t, example=e, is_target=is_target)
+      for t, e in zip(texts, examples)
+  ]
 
 
 @functools.lru_cache(maxsize=16)
@@ -191,8 +194,8 @@ class Evaluator:
 
   def decode_rows(self, params, local_inputs: np.ndarray, batch_number: int) -> np.ndarray:
     """Decoded tokens [global rows, max_decode_length] of each process's input rows."""
-    key = ('encoder_input_tokens' if self.model.cfg.architecture == 'encoder_decoder'
-           else 'decoder_prompt_tokens')
+    key = ('encoder_input_tokens'
+           if self.model.cfg.architecture == 'encoder_decoder' else 'decoder_prompt_tokens')
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.decode.seed), batch_number)
     out = decoding.decode(self.model, params, self._global({key: local_inputs}), self.decode_cfg,
                           rng, prefix_lm=self.prefix_lm, mesh=self.mesh, rules=self.rules)
@@ -205,8 +208,7 @@ class Evaluator:
     if self.model.cfg.architecture == 'encoder_decoder':
       features = converters.encdec_features(examples, self.inputs_length, targets_length, False)
     else:
-      features = converters.prefix_lm_features(examples, self.inputs_length, targets_length,
-                                               False)
+      features = converters.prefix_lm_features(examples, self.inputs_length, targets_length, False)
       if not self.prefix_lm:
         del features['decoder_causal_attention']
     out = {}
@@ -231,20 +233,24 @@ class Evaluator:
     score_fns = [f for f in fns if metrics_lib.takes_scores(f)]
     options = task.rank_options if score_fns else None
     vocabulary = self.vocabulary or task.output_features['targets'].vocabulary
-    option_ids = [np.asarray(list(vocabulary.encode(o)) + [vocabulary.eos_id], np.int32)
-                  for o in options] if options else []
+    option_ids = [
+        np.asarray(list(vocabulary.encode(o)) + [vocabulary.eos_id], np.int32) for o in options
+    ] if options else []
     option_length = -(-max((len(o) for o in option_ids), default=1) // 8) * 8
     iterator = pipeline.make_task_iterator(
-        task, feature_lengths={'inputs': self.inputs_length, 'targets': self.targets_length},
-        global_batch_size=self.batch_size, seed=self.config.train.seed, pack=False,
-        split=self.config.eval.split, shuffle=False, repeat=False, converter='encdec',
-        vocabulary=self.vocabulary)
+        task, feature_lengths={'inputs': self.inputs_length,
+                               'targets': self.targets_length}, global_batch_size=self.batch_size,
+        seed=self.config.train.seed, pack=False, split=self.config.eval.split, shuffle=False,
+        repeat=False, converter='encdec', vocabulary=self.vocabulary)
     p, count = jax.process_index(), jax.process_count()
     rows = self.batch_size // count
-    zeros = {'encoder_input_tokens': np.zeros((rows, self.inputs_length), np.int32),
-             'decoder_target_tokens': np.zeros((rows, self.targets_length), np.int32)}
-    kept: dict[str, list[np.ndarray]] = {'index': [], 'inputs': [], 'targets': [], 'tokens': [],
-                                         'scores': []}
+    zeros = {
+        'encoder_input_tokens': np.zeros((rows, self.inputs_length), np.int32),
+        'decoder_target_tokens': np.zeros((rows, self.targets_length), np.int32)
+    }
+    kept: dict[str, list[np.ndarray]] = {
+        'index': [], 'inputs': [], 'targets': [], 'tokens': [], 'scores': []
+    }
     seen, batches = 0, 0
     for batch in multihost.lockstep(iterator, limit=self.config.eval.max_batches, padding=zeros):
       inputs, targets = batch['encoder_input_tokens'], batch['decoder_target_tokens']
@@ -260,13 +266,13 @@ class Evaluator:
       if predict_fns:
         kept['tokens'].append(self.decode_rows(params, inputs, batches))
       if options:
-        pairs = [(_strip(inputs[r]), o) if real[r] else None for r in range(rows)
-                 for o in option_ids]
-        kept['scores'].append(self.score_rows(params, pairs, option_length).reshape(
-            -1, len(options)))
+        pairs = [
+            (_strip(inputs[r]), o) if real[r] else None for r in range(rows) for o in option_ids
+        ]
+        kept['scores'].append(
+            self.score_rows(params, pairs, option_length).reshape(-1, len(options)))
       elif score_fns:
-        pairs = [(_strip(inputs[r]), _strip(targets[r])) if real[r] else None
-                 for r in range(rows)]
+        pairs = [(_strip(inputs[r]), _strip(targets[r])) if real[r] else None for r in range(rows)]
         kept['scores'].append(self.score_rows(params, pairs, self.targets_length))
       batches += 1
     if not kept['index']:
@@ -280,9 +286,9 @@ class Evaluator:
     decode_text = vocabulary.decode
     in_vocab = self.vocabulary or task.output_features['inputs'].vocabulary
     inputs_text = [in_vocab.decode(r) for r in take['inputs']]
-    examples = split_examples(
-        task, self.config.eval.split, take['index'],
-        {'inputs': self.inputs_length, 'targets': self.targets_length}, self.vocabulary)
+    examples = split_examples(task, self.config.eval.split, take['index'],
+                              {'inputs': self.inputs_length, 'targets': self.targets_length},
+                              self.vocabulary)
     targets = postprocess_all(task, [decode_text(r) for r in take['targets']], examples, True)
     raw, predictions, scores, results = [], [], [], {}
     if predict_fns:
@@ -302,8 +308,9 @@ class Evaluator:
         score_targets = [labels.index(t) for t in targets]
       for fn in score_fns:
         results.update(fn(score_targets, scores))
-    return TaskResult(task.name, {k: float(v) for k, v in results.items()}, inputs_text,
-                      targets, predictions, raw, scores, time.perf_counter() - start)
+    return TaskResult(task.name, {k: float(v) for k, v in results.items()}, inputs_text, targets,
+                      predictions, raw, scores,
+                      time.perf_counter() - start)
 
   # --- all tasks, writing -------------------------------------------------------------------
 
@@ -321,14 +328,18 @@ class Evaluator:
     shown = self.config.eval.num_examples_to_save
     for name, r in results.items():
       record = {
-          'task': name, 'step': int(step), 'split': self.config.eval.split,
-          'num_examples': r.num_examples, 'metrics': r.metrics, 'seconds': round(r.seconds, 3),
+          'task': name,
+          'step': int(step),
+          'split': self.config.eval.split,
+          'num_examples': r.num_examples,
+          'metrics': r.metrics,
+          'seconds': round(r.seconds, 3),
           'decode': {**dataclasses.asdict(self.decode_cfg), 'seed': self.config.decode.seed},
-          'examples': [{'input': r.inputs[i], 'target': r.targets[i],
-                        **({'prediction': r.predictions[i], 'raw_prediction':
-                            r.raw_predictions[i]} if r.predictions else {}),
-                        **({'scores': r.scores[i]} if r.scores else {})}
-                       for i in range(min(shown, r.num_examples))],
+          'examples': [{
+              'input': r.inputs[i], 'target': r.targets[i],
+              **({'prediction': r.predictions[i], 'raw_prediction': r.raw_predictions[i]}
+                 if r.predictions else {}), **({'scores': r.scores[i]} if r.scores else {})
+          } for i in range(min(shown, r.num_examples))],
       }
       write_json(result_path(self.workdir, name, step), record)
     if self.config.reporting.tensorboard:

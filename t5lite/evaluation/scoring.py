@@ -111,6 +111,7 @@ def score_batch(model: nn.Module, params, batch: Mapping[str, Any], mesh=None,
 
 # --- rank classification -------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class RankResult:
   """predictions[i]: index of example i's best option. scores[i][j]: the ranking score of option j
@@ -141,10 +142,9 @@ def _round_up(n: int, multiple: int = 8) -> int:
   return -(-n // multiple) * multiple
 
 
-def build_pair_batches(model: nn.Module, inputs: Sequence, options: Sequence[Sequence],
-                       vocab=None, *, batch_size: int = 32, add_eos: bool = True,
-                       prefix_lm: bool = True, inputs_length: int | None = None,
-                       targets_length: int | None = None):
+def build_pair_batches(model: nn.Module, inputs: Sequence, options: Sequence[Sequence], vocab=None,
+                       *, batch_size: int = 32, add_eos: bool = True, prefix_lm: bool = True,
+                       inputs_length: int | None = None, targets_length: int | None = None):
   """(batches, pairs): padded feature batches of every (example, option) pair, and the
   (example, option) index of each real row in order. See `rank_classification` for the args."""
   if len(inputs) != len(options):
@@ -182,10 +182,9 @@ def build_pair_batches(model: nn.Module, inputs: Sequence, options: Sequence[Seq
 
 def rank_classification(model: nn.Module, params, inputs: Sequence[str | Sequence[int]],
                         options: Sequence[Sequence[str | Sequence[int]]], vocab=None, *,
-                        length_normalize: bool = False, batch_size: int = 32,
-                        add_eos: bool = True, prefix_lm: bool = True,
-                        inputs_length: int | None = None, targets_length: int | None = None,
-                        mesh=None, rules=None) -> RankResult:
+                        length_normalize: bool = False, batch_size: int = 32, add_eos: bool = True,
+                        prefix_lm: bool = True, inputs_length: int | None = None,
+                        targets_length: int | None = None, mesh=None, rules=None) -> RankResult:
   """Picks each example's most likely option.
 
   inputs[i]: text (encoded with `vocab`) or token ids. options[i]: that example's candidate

@@ -24,10 +24,11 @@ def build_validation(data_cfg, eval_cfg, batch_size: int, seed: int, lengths: di
   batch_sharding = partitioning.batch_sharding(mesh, rules)
 
   def evaluate(params) -> dict[str, float]:
-    iterator = pipeline.make_task_iterator(
-        task, feature_lengths=lengths, global_batch_size=batch_size, seed=seed,
-        pack=data_cfg.pack, converter=data_cfg.converter, vocabulary=vocabulary,
-        split=eval_cfg.split, shuffle=False, repeat=False)
+    iterator = pipeline.make_task_iterator(task, feature_lengths=lengths,
+                                           global_batch_size=batch_size, seed=seed,
+                                           pack=data_cfg.pack, converter=data_cfg.converter,
+                                           vocabulary=vocabulary, split=eval_cfg.split,
+                                           shuffle=False, repeat=False)
     totals = None
     for batch in multihost.lockstep(iterator, limit=eval_cfg.max_batches):
       sums = eval_step(params, partitioning.host_to_global(batch, batch_sharding))
@@ -37,8 +38,9 @@ def build_validation(data_cfg, eval_cfg, batch_size: int, seed: int, lengths: di
       raise ValueError(f'eval: task {task!r} split {eval_cfg.split!r} gave no batches')
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     weight = max(totals['weight_sum'], 1.0)
-    return {'eval/loss': totals['loss_sum'] / weight,
-            'eval/accuracy': totals['correct_sum'] / weight,
-            'eval/target_tokens': totals['weight_sum']}
+    return {
+        'eval/loss': totals['loss_sum'] / weight, 'eval/accuracy': totals['correct_sum'] / weight,
+        'eval/target_tokens': totals['weight_sum']
+    }
 
   return evaluate

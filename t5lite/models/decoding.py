@@ -42,13 +42,13 @@ NEG_INF = -1.0e7
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
   """How to decode. Hashable: it is part of the compiled function's cache key."""
-  method: str = 'greedy'          # greedy | sample | beam
-  max_decode_length: int = 64     # generated tokens per example (EOS included)
-  temperature: float = 1.0        # sample: logits / temperature; 0 means argmax
-  top_k: int = 0                  # sample: keep the k most likely tokens; 0 = off
-  top_p: float = 1.0              # sample: keep the nucleus, the smallest set of most likely
-                                  # tokens with probability >= top_p (Holtzman et al. 2019); 1 = off
-  num_beams: int = 4              # beam
+  method: str = 'greedy'  # greedy | sample | beam
+  max_decode_length: int = 64  # generated tokens per example (EOS included)
+  temperature: float = 1.0  # sample: logits / temperature; 0 means argmax
+  top_k: int = 0  # sample: keep the k most likely tokens; 0 = off
+  top_p: float = 1.0  # sample: keep the nucleus, the smallest set of most likely
+  # tokens with probability >= top_p (Holtzman et al. 2019); 1 = off
+  num_beams: int = 4  # beam
   length_penalty_alpha: float = 0.6  # beam: score = log p / ((5 + len) / 6) ** alpha
   eos_id: int = 1
 
@@ -69,12 +69,13 @@ class DecodeOutput:
 
 def length_penalty(length, alpha: float):
   """GNMT length penalty (Wu et al. 2016, eq. 14), as T5X's beam search uses it."""
-  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0)**alpha
 
 
 # ----------------------------------------------------------------------------------------------
 # Logit filters and token choice (greedy / sample)
 # ----------------------------------------------------------------------------------------------
+
 
 def _keep_only(logits: jax.Array, indices: jax.Array, keep: jax.Array) -> jax.Array:
   """Sets logits to -inf except where `keep` ([..., n], aligned with `indices`) is true."""
@@ -117,6 +118,7 @@ def _choose(rng, logits: jax.Array, cfg: DecodeConfig) -> jax.Array:
 # step needs; its leaves have the batch on axis 0, or on axis 1 under a scanned 'layers' stack.
 # ----------------------------------------------------------------------------------------------
 
+
 def _batch_axis(path) -> int:
   return 1 if any(getattr(k, 'key', None) == 'layers' for k in path) else 0
 
@@ -128,10 +130,12 @@ def _beam_invariant(path) -> bool:
 
 
 def _map_batch(fn, state, skip_invariant: bool = False):
+
   def apply(path, x):
     if skip_invariant and _beam_invariant(path):
       return x
     return fn(x, _batch_axis(path))
+
   return jax.tree_util.tree_map_with_path(apply, state)
 
 
@@ -151,13 +155,14 @@ def _encdec_fns(model, length: int, use_cache: bool):
     first = jnp.zeros((tokens.shape[0], 1), jnp.int32)
     ones = jnp.ones_like(first)
     if use_cache:
-      logits, variables = model.apply(
-          {'params': params}, encoded, encoder_segments, first, ones, prefill=True,
-          cache_length=buffer, method='decode', mutable=['cache'])
+      logits, variables = model.apply({'params': params}, encoded, encoder_segments, first, ones,
+                                      prefill=True, cache_length=buffer, method='decode',
+                                      mutable=['cache'])
       return {'cache': variables['cache'], 'encoder_segments': encoder_segments}, logits[:, 0]
-    state = {'tokens': jnp.zeros((tokens.shape[0], buffer), jnp.int32),
-             'position': jnp.zeros((tokens.shape[0],), jnp.int32), 'encoded': encoded,
-             'encoder_segments': encoder_segments}
+    state = {
+        'tokens': jnp.zeros((tokens.shape[0], buffer), jnp.int32), 'position': jnp.zeros(
+            (tokens.shape[0],), jnp.int32), 'encoded': encoded, 'encoder_segments': encoder_segments
+    }
     return state, _uncached(params, state)
 
   def _uncached(params, state):
@@ -168,10 +173,10 @@ def _encdec_fns(model, length: int, use_cache: bool):
 
   def step(params, state, tokens):
     if use_cache:
-      logits, variables = model.apply(
-          {'params': params, 'cache': state['cache']}, None, state['encoder_segments'],
-          tokens[:, None], jnp.ones_like(tokens)[:, None], decode=True, cache_length=buffer,
-          method='decode', mutable=['cache'])
+      logits, variables = model.apply({'params': params, 'cache': state['cache']}, None,
+                                      state['encoder_segments'], tokens[:, None],
+                                      jnp.ones_like(tokens)[:, None], decode=True,
+                                      cache_length=buffer, method='decode', mutable=['cache'])
       return dict(state, cache=variables['cache']), logits[:, 0]
     state = _write_token(state, tokens)
     return state, _uncached(params, state)
@@ -194,8 +199,9 @@ def _decoder_only_fns(model, length: int, use_cache: bool, prefix_lm: bool):
     positions = jnp.arange(1, width + 1)[None, :]
     # Row length (BOS included) = 1 + position of the last non-zero prompt token.
     lengths = 1 + jnp.max(jnp.where(prompt != 0, positions, 0), axis=1)
-    tokens = jnp.concatenate([jnp.zeros((rows, 1), jnp.int32), prompt,
-                              jnp.zeros((rows, length), jnp.int32)], axis=1)
+    tokens = jnp.concatenate(
+        [jnp.zeros((rows, 1), jnp.int32), prompt,
+         jnp.zeros((rows, length), jnp.int32)], axis=1)
     return tokens, lengths
 
   def start(params, batch):
@@ -207,8 +213,8 @@ def _decoder_only_fns(model, length: int, use_cache: bool, prefix_lm: bool):
       width = buffer - length  # BOS + prompt columns
       logits, variables = model.apply(
           {'params': params}, tokens[:, :width], decoder_segment_ids=in_prompt[:, :width],
-          decoder_causal_attention=None if causal is None else causal[:, :width],
-          prefill=True, prefill_lengths=lengths, cache_length=buffer, mutable=['cache'])
+          decoder_causal_attention=None if causal is None else causal[:, :width], prefill=True,
+          prefill_lengths=lengths, cache_length=buffer, mutable=['cache'])
       return {'cache': variables['cache']}, _last_token_logits(logits, lengths - 1)
     state = {'tokens': tokens, 'position': lengths - 1}
     if causal is not None:
@@ -226,10 +232,9 @@ def _decoder_only_fns(model, length: int, use_cache: bool, prefix_lm: bool):
     if use_cache:
       cache = state['cache']
       buffer = _cache_length(cache)
-      logits, variables = model.apply(
-          {'params': params, 'cache': cache}, tokens[:, None],
-          decoder_segment_ids=jnp.ones_like(tokens)[:, None], decode=True, cache_length=buffer,
-          mutable=['cache'])
+      logits, variables = model.apply({'params': params, 'cache': cache}, tokens[:, None],
+                                      decoder_segment_ids=jnp.ones_like(tokens)[:, None],
+                                      decode=True, cache_length=buffer, mutable=['cache'])
       return {'cache': variables['cache']}, logits[:, 0]
     state = _write_token(state, tokens)
     return state, _uncached(params, state)
@@ -250,6 +255,7 @@ def _cache_length(cache) -> int:
 # Search loops
 # ----------------------------------------------------------------------------------------------
 
+
 def _sample_loop(start, step, params, batch, cfg: DecodeConfig, rng):
   """Greedy or sampling: one token per example per step until all have emitted EOS."""
   state, logits = start(params, batch)
@@ -262,8 +268,8 @@ def _sample_loop(start, step, params, batch, cfg: DecodeConfig, rng):
   def body(carry):
     i, state, logits, tokens, scores, done = carry
     token = _choose(jax.random.fold_in(rng, i), logits, cfg)
-    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
-                                   token[:, None], axis=-1)[:, 0]
+    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None],
+                                   axis=-1)[:, 0]
     token = jnp.where(done, 0, token)
     scores = scores + jnp.where(done, 0.0, log_prob)
     tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
@@ -271,8 +277,8 @@ def _sample_loop(start, step, params, batch, cfg: DecodeConfig, rng):
     state, logits = step(params, state, token)
     return i + 1, state, logits, tokens, scores, done
 
-  carry = (jnp.int32(0), state, logits, jnp.zeros((rows, length), jnp.int32),
-           jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), bool))
+  carry = (jnp.int32(0), state, logits, jnp.zeros(
+      (rows, length), jnp.int32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), bool))
   _, _, _, tokens, scores, _ = jax.lax.while_loop(cond, body, carry)
   return DecodeOutput(tokens=tokens, scores=scores)
 
@@ -353,6 +359,7 @@ def _beam_loop(start, step, params, batch, cfg: DecodeConfig):
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=64)
 def _compiled(model, cfg: DecodeConfig, use_cache: bool, prefix_lm: bool, mesh, rules):
   """One jitted decode per (model, config, mode, mesh, rules). The mesh and rules are part of
@@ -367,6 +374,7 @@ def _compiled(model, cfg: DecodeConfig, use_cache: bool, prefix_lm: bool, mesh, 
     if cfg.method == 'beam':
       return _beam_loop(start, step, params, batch, cfg)
     return _sample_loop(start, step, params, batch, cfg, rng)
+
   return partitioning.jit(run, mesh, rules)
 
 
@@ -386,8 +394,9 @@ def decode(model: nn.Module, params: Any, batch: dict[str, Any], cfg: DecodeConf
       'decoder_prompt_tokens')
   if key not in batch:
     raise KeyError(f'decoding a {model.cfg.architecture} model needs batch[{key!r}]')
-  batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()
-           if k in (key, 'encoder_segment_ids')}
+  batch = {
+      k: jnp.asarray(v, jnp.int32) for k, v in batch.items() if k in (key, 'encoder_segment_ids')
+  }
   rng = jax.random.PRNGKey(0) if rng is None else rng
   if mesh is None:
     return _compiled(model, cfg, use_cache, prefix_lm, None, None)(params, batch, rng)

@@ -167,8 +167,8 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', param_init(self.stddev, self.axes),
-                        (x.shape[-1], self.features), jnp.float32)
+    kernel = self.param('kernel', param_init(self.stddev, self.axes), (x.shape[-1], self.features),
+                        jnp.float32)
     return matmul.dense(x, kernel, self.dtype, out_dtype=self.out_dtype, kernels=self.kernels)
 
 
@@ -204,8 +204,8 @@ class MultiHeadAttention(nn.Module):
   deterministic: bool
   decode: bool = False
   prefill: bool = False
-  cross: bool = False        # cross-attention: cached keys/values never change during decoding
-  cache_length: int = 0      # self-attention cache slots (prefill)
+  cross: bool = False  # cross-attention: cached keys/values never change during decoding
+  cache_length: int = 0  # self-attention cache slots (prefill)
   kernels: str = 'auto'
 
   @nn.compact
@@ -218,13 +218,13 @@ class MultiHeadAttention(nn.Module):
                                            name=name)
     act = ('act_batch', 'act_length', 'act_heads', 'act_kv')
     # Initialisation as in mesh-tensorflow T5: query carries the extra head_dim**-0.5.
-    q = proj((d_model * self.head_dim) ** -0.5, 'query')(inputs_q)
+    q = proj((d_model * self.head_dim)**-0.5, 'query')(inputs_q)
     if self.cross and self.decode:
       k = self.get_variable('cache', 'cached_key')
       v = self.get_variable('cache', 'cached_value')
     else:
-      k = proj(d_model ** -0.5, 'key')(inputs_kv)
-      v = proj(d_model ** -0.5, 'value')(inputs_kv)
+      k = proj(d_model**-0.5, 'key')(inputs_kv)
+      v = proj(d_model**-0.5, 'value')(inputs_kv)
     q, k, v = constrain(q, act), constrain(k, act), constrain(v, act)
     if self.prefill or self.decode:
       k, v = self._cache(k, v, cache_index, act)
@@ -233,13 +233,13 @@ class MultiHeadAttention(nn.Module):
     if self.dropout_rate > 0 and not self.deterministic:  # dropout on the attention weights
       keep_rate = 1.0 - self.dropout_rate
       shape = (q.shape[0], self.num_heads, q.shape[1], k.shape[1])
-      keep = (jax.random.bernoulli(self.make_rng('dropout'), keep_rate, shape)
-              .astype(self.dtype) / keep_rate)
+      keep = (jax.random.bernoulli(self.make_rng('dropout'), keep_rate, shape).astype(self.dtype)
+              / keep_rate)
     out = attention.dot_product_attention(q, k, v, bias.bias, bias.mask, self.dtype, keep,
                                           self.kernels)
     out = constrain(out, act)
     return Projection((self.num_heads, self.head_dim, d_model), ('heads', 'kv', 'embed'), 2,
-                      inner ** -0.5, self.dtype, self.kernels, name='out')(out)
+                      inner**-0.5, self.dtype, self.kernels, name='out')(out)
 
   def _cache(self, k, v, cache_index, act):
     """Stores (prefill) or extends (decode) the cache; returns the keys/values to attend to."""
@@ -280,16 +280,17 @@ class MlpBlock(nn.Module):
     if self.gated_gelu:
       # tanh-approximate GELU, as in T5.1.1 ("gelu_new" in HuggingFace); both matmuls and the
       # gate in one custom VJP (matmul.gated_gelu).
-      kernel = lambda name: Kernel((d_model, self.d_ff), ('embed', 'mlp'), d_model ** -0.5,
-                                   name=name)()
+      kernel = lambda name: Kernel((d_model, self.d_ff),
+                                   ('embed', 'mlp'), d_model**-0.5, name=name)()
       h = matmul.gated_gelu(x, kernel('wi_0'), kernel('wi_1'), self.dtype, self.kernels)
     else:
-      h = nn.relu(Dense(self.d_ff, ('embed', 'mlp'), d_model ** -0.5, self.dtype,
-                        kernels=self.kernels, name='wi')(x))
+      h = nn.relu(
+          Dense(self.d_ff, ('embed', 'mlp'), d_model**-0.5, self.dtype, kernels=self.kernels,
+                name='wi')(x))
     h = constrain(h, ('act_batch', 'act_length', 'act_mlp'))
     if self.dropout_rate > 0 and not self.deterministic:
       h = nn.Dropout(self.dropout_rate)(h, deterministic=False)
-    return Dense(d_model, ('mlp', 'embed'), self.d_ff ** -0.5, self.dtype, kernels=self.kernels,
+    return Dense(d_model, ('mlp', 'embed'), self.d_ff**-0.5, self.dtype, kernels=self.kernels,
                  name='wo')(h)
 
 
@@ -308,5 +309,5 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return matmul.dense(x, self.embedding, self.dtype, transpose_kernel=True,
-                        out_dtype=jnp.float32, kernels=self.kernels)
+    return matmul.dense(x, self.embedding, self.dtype, transpose_kernel=True, out_dtype=jnp.float32,
+                        kernels=self.kernels)

@@ -39,7 +39,7 @@ V1_0_SIZES = {
     'small': (512, 2048, 8, 64, 6, 6),
     'base': (768, 3072, 12, 64, 12, 12),
     'large': (1024, 4096, 16, 64, 24, 24),
-    'xl': (1024, 16384, 32, 128, 24, 24),   # "3B"
+    'xl': (1024, 16384, 32, 128, 24, 24),  # "3B"
     'xxl': (1024, 65536, 128, 128, 24, 24),  # "11B"
 }
 SIZES = tuple(V1_1_SIZES)
@@ -116,9 +116,9 @@ def preset(size: str = 'tiny', variant: str = 'v1_1', vocab_size: int = 32128,
   if size not in table:
     raise ValueError(f'unknown model size {size!r}; valid sizes: {", ".join(SIZES)}')
   d_model, d_ff, num_heads, head_dim, n_enc, n_dec = table[size]
-  return ModelConfig(size=size, variant=variant, architecture=architecture,
-                     vocab_size=vocab_size, d_model=d_model, d_ff=d_ff, num_heads=num_heads,
-                     head_dim=head_dim, num_encoder_layers=n_enc, num_decoder_layers=n_dec)
+  return ModelConfig(size=size, variant=variant, architecture=architecture, vocab_size=vocab_size,
+                     d_model=d_model, d_ff=d_ff, num_heads=num_heads, head_dim=head_dim,
+                     num_encoder_layers=n_enc, num_decoder_layers=n_dec)
 
 
 def model_config(size: str = 'tiny', variant: str = 'v1_1', vocab_size: int = 32128,

@@ -41,8 +41,8 @@ class EncoderLayer(nn.Module):
     dropout = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_attention_norm')(x)
     h = layers.MultiHeadAttention(c.num_heads, c.head_dim, dtype, c.dropout_rate,
-                                  self.deterministic, kernels=c.kernels,
-                                  name='attention')(h, h, bias)
+                                  self.deterministic, kernels=c.kernels, name='attention')(h, h,
+                                                                                           bias)
     x = x + dropout(h)
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_mlp_norm')(x)
     h = layers.MlpBlock(c.d_ff, c.gated_gelu, dtype, c.dropout_rate, self.deterministic,
@@ -98,14 +98,14 @@ def _run_layers(parent: nn.Module, layer_cls, num_layers: int, cfg: ModelConfig,
                          prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
     stack = nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 0},
-                    split_rngs={'params': True, 'dropout': True},
-                    in_axes=(nn.broadcast,) * len(args), length=num_layers,
-                    metadata_params={nn.PARTITION_NAME: 'layers'})
+                    split_rngs={'params': True,
+                                'dropout': True}, in_axes=(nn.broadcast,) * len(args),
+                    length=num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
     x, _ = stack(cfg, deterministic, **layer_kwargs, name='layers', parent=parent)(x, *args)
     return x
   for i in range(num_layers):
-    x, _ = layer_cls(cfg, deterministic, **layer_kwargs, name=f'layers_{i}', parent=parent)(
-        x, *args)
+    x, _ = layer_cls(cfg, deterministic, **layer_kwargs, name=f'layers_{i}', parent=parent)(x,
+                                                                                            *args)
   return x
 
 
@@ -142,9 +142,9 @@ class Decoder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, embedded, segments, deterministic: bool, encoded=None,
-               encoder_segments=None, causal_attention=None, decode: bool = False,
-               prefill: bool = False, prefill_lengths=None, cache_length: int = 0):
+  def __call__(self, embedded, segments, deterministic: bool, encoded=None, encoder_segments=None,
+               causal_attention=None, decode: bool = False, prefill: bool = False,
+               prefill_lengths=None, cache_length: int = 0):
     c = self.cfg
     batch, length = embedded.shape[:2]
     relpos = layers.RelativePositionBias(c.relative_attention_num_buckets,
@@ -159,12 +159,13 @@ class Decoder(nn.Module):
       self.put_variable('cache', 'cache_index', index + 1)
       extra, cache_kwargs = (index,), dict(decode=True, cache_length=cache_length)
     else:
-      self_bias = layers.AttentionBias(relpos(length, length), layers.attention_mask(
-          segments, segments, causal=True, bidirectional_q=causal_attention,
-          bidirectional_k=causal_attention))
+      self_bias = layers.AttentionBias(
+          relpos(length, length),
+          layers.attention_mask(segments, segments, causal=True, bidirectional_q=causal_attention,
+                                bidirectional_k=causal_attention))
       if prefill:
-        lengths = (jnp.full((batch,), length, jnp.int32) if prefill_lengths is None
-                   else jnp.asarray(prefill_lengths, jnp.int32))
+        lengths = (jnp.full((batch,), length, jnp.int32)
+                   if prefill_lengths is None else jnp.asarray(prefill_lengths, jnp.int32))
         self.put_variable('cache', 'cache_index', lengths)
         cache_kwargs = dict(prefill=True, cache_length=cache_length)
     cross_bias = None
@@ -184,16 +185,16 @@ def _make_embedder_and_head(module: nn.Module):
                                  name='token_embedder')
   if not c.tie_logits:
     # float32 logits straight from the matmul's accumulator (the loss wants them unrounded).
-    module.logits_dense = layers.Dense(c.vocab_size, ('embed', 'vocab'), c.d_model ** -0.5,
-                                       jnp.dtype(c.dtype), out_dtype=jnp.float32,
-                                       kernels=c.kernels, name='logits_dense')
+    module.logits_dense = layers.Dense(c.vocab_size, ('embed', 'vocab'), c.d_model**-0.5,
+                                       jnp.dtype(c.dtype), out_dtype=jnp.float32, kernels=c.kernels,
+                                       name='logits_dense')
 
 
 def _logits(module: nn.Module, x):
   c = module.cfg
   if c.tie_logits:
     # T5 v1.0 ties input and output embeddings and rescales by d_model**-0.5 (mesh-tf T5).
-    logits = module.embedder.attend(x * (c.d_model ** -0.5))
+    logits = module.embedder.attend(x * (c.d_model**-0.5))
   else:
     logits = module.logits_dense(x)
   return layers.constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
@@ -215,8 +216,8 @@ class EncoderDecoder(nn.Module):
     return self.encoder(embedded, segments, deterministic)
 
   def decode(self, encoded, encoder_segments, decoder_input_tokens, decoder_segments,
-             deterministic=True, decode: bool = False, prefill: bool = False,
-             prefill_lengths=None, cache_length: int = 0):
+             deterministic=True, decode: bool = False, prefill: bool = False, prefill_lengths=None,
+             cache_length: int = 0):
     """Decoder logits. With `prefill` / `decode` (apply with mutable=['cache']), the cached
     decoding modes of the module docstring; in `decode` mode `encoded` may be None."""
     embedded = layers.constrain(self.embedder(decoder_input_tokens),

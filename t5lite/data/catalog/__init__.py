@@ -23,5 +23,7 @@ from t5lite.data.catalog import common, pretraining, downstream, public, glue  #
 from t5lite.data.catalog.common import T5_SPM_PATH, VALIDATION_EVERY
 from t5lite.data.tasks import get, names
 
-__all__ = ['T5_SPM_PATH', 'VALIDATION_EVERY', 'common', 'downstream', 'get', 'glue', 'names',
-           'pretraining', 'public']
+__all__ = [
+    'T5_SPM_PATH', 'VALIDATION_EVERY', 'common', 'downstream', 'get', 'glue', 'names',
+    'pretraining', 'public'
+]

@@ -62,7 +62,6 @@ SENTINEL = SENTINEL_TEXT
 # Each task carries its own as `task.rank_options`; this table is what registration passes.
 RANK_OPTIONS = {'docstring_kind': LABELS}
 
-
 KIND_VALIDATION_EVERY = 5
 KIND_MAX_VALIDATION_PER_CLASS = 250  # keeps one evaluation pass short on a CPU
 
@@ -76,8 +75,8 @@ def _documents() -> tuple[tuple[int, str, str, str], ...]:
   """(document index, label, module, text without the library `name:` prefix); module is the
   embedded.MODULES entry a library docstring belongs to ('' for the reference)."""
   from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
-  n_reference = sum(len(embedded.normalize_whitespace(t)) >= embedded.MIN_DOCUMENT_CHARS
-                    for t in topics.values())
+  n_reference = sum(
+      len(embedded.normalize_whitespace(t)) >= embedded.MIN_DOCUMENT_CHARS for t in topics.values())
   modules = sorted(embedded.MODULES, key=len, reverse=True)  # the longest prefix wins
   out = []
   for i, doc in enumerate(embedded.corpus_documents()):
@@ -119,8 +118,8 @@ def docstring_kind_examples(split: str) -> list[dict]:
   rng = np.random.default_rng([7, split == 'validation'])
   kept = set()
   for label, items in by_label.items():
-    chosen = sorted(rng.choice(len(items), keep, replace=False)) if len(items) > keep else (
-        range(len(items)))
+    chosen = sorted(rng.choice(len(items), keep, replace=False)) if len(items) > keep else (range(
+        len(items)))
     kept.update((label, int(j)) for j in chosen)
   out, seen = [], collections.Counter()
   for label, _, words in windows:  # document order, the two classes interleaved as they come
@@ -199,13 +198,14 @@ def baselines(split: str = 'validation') -> dict[str, dict[str, float]]:
   kind = docstring_kind_examples(split)
   majority = [kind_train.most_common(1)[0][0]] * len(kind)
   targets = [e['targets'] for e in kind]
-  out['docstring_kind/majority'] = {**metrics.accuracy(targets, majority),
-                                    **metrics.macro_f1(targets, majority)}
+  out['docstring_kind/majority'] = {
+      **metrics.accuracy(targets, majority), **metrics.macro_f1(targets, majority)
+  }
   fill_train = collections.Counter(e['targets'] for e in fill_word_examples('train'))
   fill = fill_word_examples(split)
   targets = [e['targets'] for e in fill]
-  out['fill_word/most_frequent_word'] = metrics.accuracy(
-      targets, [fill_train.most_common(1)[0][0]] * len(fill))
+  out['fill_word/most_frequent_word'] = metrics.accuracy(targets, [fill_train.most_common(1)[0][0]]
+                                                         * len(fill))
   out['fill_word/copy_input'] = metrics.accuracy(targets, [e['inputs'] for e in fill])
   module_train = collections.Counter(e['targets'] for e in docstring_module_examples('train'))
   module = docstring_module_examples(split)
@@ -216,10 +216,11 @@ def baselines(split: str = 'validation') -> dict[str, dict[str, float]]:
 
 _STEPS = [tokenize_with_sentinels]
 
-add_task('docstring_kind', FunctionSource(docstring_kind_examples, ('train', 'validation')),
-         _STEPS, embedded_features(), postprocess_fn=strip_text,
-         metric_fns=['accuracy', functools.partial(metrics.macro_f1, labels=LABELS), rank_accuracy],
-         rank_options=RANK_OPTIONS['docstring_kind'])
+add_task('docstring_kind', FunctionSource(docstring_kind_examples, ('train', 'validation')), _STEPS,
+         embedded_features(), postprocess_fn=strip_text,
+         metric_fns=['accuracy',
+                     functools.partial(metrics.macro_f1, labels=LABELS),
+                     rank_accuracy], rank_options=RANK_OPTIONS['docstring_kind'])
 add_task('fill_word', FunctionSource(fill_word_examples, ('train', 'validation')), _STEPS,
          embedded_features(), postprocess_fn=first_span, metric_fns=['accuracy'])
 add_task('docstring_module', FunctionSource(docstring_module_examples, ('train', 'validation')),

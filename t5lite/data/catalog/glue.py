@@ -60,14 +60,14 @@ BOOL_LABELS = ('False', 'True')  # SuperGLUE's boolean ClassLabel names
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   """One GLUE/SuperGLUE config: its task, TFDS name, format and metrics."""
-  task: str              # registered task name
-  tfds_name: str         # 'glue/cola:2.0.0'
-  prefix: str            # first word of the inputs (T5's benchmark_name)
-  features: tuple        # text features, in the order they are written
-  labels: tuple | None   # ClassLabel names; None for STS-B's float score
+  task: str  # registered task name
+  tfds_name: str  # 'glue/cola:2.0.0'
+  prefix: str  # first word of the inputs (T5's benchmark_name)
+  features: tuple  # text features, in the order they are written
+  labels: tuple | None  # ClassLabel names; None for STS-B's float score
   metric_fns: tuple
   splits: tuple = SPLITS
-  key: str = ''          # the glue_average / superglue_average key; '' for none
+  key: str = ''  # the glue_average / superglue_average key; '' for none
 
 
 def _glue(config, features, labels, metric_fns, prefix=None, splits=SPLITS, key=None):
@@ -77,9 +77,9 @@ def _glue(config, features, labels, metric_fns, prefix=None, splits=SPLITS, key=
 
 
 def _super_glue(config, features, labels, metric_fns, name=None):
-  return Benchmark(f'super_glue_{name or config}_v102',
-                   f'super_glue/{config}:{SUPER_GLUE_VERSION}', name or config, tuple(features),
-                   labels and tuple(labels), tuple(metric_fns), SPLITS, name or config)
+  return Benchmark(f'super_glue_{name or config}_v102', f'super_glue/{config}:{SUPER_GLUE_VERSION}',
+                   name or config, tuple(features), labels and tuple(labels), tuple(metric_fns),
+                   SPLITS, name or config)
 
 
 # Feature orders: T5 writes the text features in sorted name order unless it names an order
@@ -91,9 +91,10 @@ GLUE = (
     _glue('mrpc', ['sentence1', 'sentence2'], ['not_equivalent', 'equivalent'], _BINARY),
     _glue('qqp', ['question1', 'question2'], ['not_duplicate', 'duplicate'], _BINARY),
     _glue('stsb', ['sentence1', 'sentence2'], None, ['pearson_corrcoef', 'spearman_corrcoef']),
-    _glue('mnli', ['hypothesis', 'premise'], MNLI_LABELS, ['accuracy'], key='',
-          splits=('train', 'validation_matched', 'validation_mismatched', 'test_matched',
-                  'test_mismatched')),
+    _glue(
+        'mnli', ['hypothesis', 'premise'], MNLI_LABELS, ['accuracy'], key='',
+        splits=('train', 'validation_matched', 'validation_mismatched', 'test_matched',
+                'test_mismatched')),
     _glue('mnli_matched', ['hypothesis', 'premise'], MNLI_LABELS, ['accuracy'], prefix='mnli',
           splits=('validation', 'test')),
     _glue('mnli_mismatched', ['hypothesis', 'premise'], MNLI_LABELS, ['accuracy'], prefix='mnli',
@@ -120,8 +121,8 @@ SUPER_GLUE = (
 )
 BY_TASK = {b.task: b for b in GLUE + SUPER_GLUE}
 
-
 # --- formats --------------------------------------------------------------------------------------
+
 
 def _label_name(example, labels: Sequence[str]) -> str:
   label = int(example['label'])
@@ -152,9 +153,12 @@ def stsb_target(score: float) -> str:
 def stsb_format(example, ctx=None) -> dict:
   """T5's `preprocessors.stsb`: 'stsb sentence1: <s1> sentence2: <s2>' -> e.g. '3.8'."""
   del ctx
-  return {'inputs': ' '.join(['stsb sentence1:', text(example['sentence1']), 'sentence2:',
-                              text(example['sentence2'])]),
-          'targets': stsb_target(float(example['label']))}
+  return {
+      'inputs': ' '.join(
+          ['stsb sentence1:',
+           text(example['sentence1']), 'sentence2:',
+           text(example['sentence2'])]), 'targets': stsb_target(float(example['label']))
+  }
 
 
 def _mark_span(value: str, span: str, index: int, mark: str) -> str:
@@ -183,8 +187,11 @@ def record_format(example, ctx=None) -> dict:
   passage = re.sub(r'(\.|\?|\!|\"|\')\n@highlight\n', r'\1 ', text(example['passage']))
   passage = re.sub(r'\n@highlight\n', '. ', passage)
   answers = texts(example['answers'])
-  inputs = ' '.join(['record query:', text(example['query']), 'entities:',
-                     ', '.join(texts(example['entities'])), 'passage:', passage])
+  inputs = ' '.join([
+      'record query:',
+      text(example['query']), 'entities:', ', '.join(texts(example['entities'])), 'passage:',
+      passage
+  ])
   target = answers[int(example.get('answer_index', 0))] if answers else UNKNOWN_LABEL
   return {'inputs': inputs, 'targets': target}
 
@@ -195,8 +202,7 @@ class _PerAnswer(Sequence):
   def __init__(self, records, key: str):
     self._records = records
     # One pass over the split to count answers (records without any still give one example).
-    self._pairs = [(i, j) for i in range(len(records))
-                   for j in range(max(1, len(records[i][key])))]
+    self._pairs = [(i, j) for i in range(len(records)) for j in range(max(1, len(records[i][key])))]
 
   def __len__(self):
     return len(self._pairs)
@@ -234,6 +240,7 @@ class PerAnswerSource(Source):
 
 # --- postprocessing -------------------------------------------------------------------------------
 
+
 def multirc_postprocess(label: str, example=None, is_target: bool = False) -> dict:
   """T5's `postprocessors.multirc`: {'value': class id}, and for a target the 'group' its
   question belongs to (for the question-level exact match). We group by (paragraph, question)
@@ -244,8 +251,9 @@ def multirc_postprocess(label: str, example=None, is_target: bool = False) -> di
   if example is None:
     raise ValueError('MultiRC targets need their example (the question index) to be grouped; '
                      'evaluate with t5lite.evaluation.evaluator, which passes it.')
-  return {'value': value, 'group': (int(example['idx']['paragraph']),
-                                    int(example['idx']['question']))}
+  return {
+      'value': value, 'group': (int(example['idx']['paragraph']), int(example['idx']['question']))
+  }
 
 
 def record_postprocess(answer: str, example=None, is_target: bool = False):
@@ -258,6 +266,7 @@ def record_postprocess(answer: str, example=None, is_target: bool = False):
 
 
 # --- registration ---------------------------------------------------------------------------------
+
 
 def _register(b: Benchmark):
   source: Source = TfdsSource(b.tfds_name, splits=b.splits)
@@ -284,18 +293,21 @@ for _benchmark in GLUE + SUPER_GLUE:
 # T5's training mixtures, rates = training examples (t5/data/glue_utils.py). T5 leaves WNLI out
 # of GLUE training (it trained on WSC/DPR instead); its SuperGLUE mixture had the simple-WSC and
 # DPR tasks where we have super_glue_wsc_v102 (wsc.fixed's 554 training examples).
-GLUE_RATES = {'glue_cola_v002': 8_551, 'glue_sst2_v002': 67_349, 'glue_mrpc_v002': 3_668,
-              'glue_qqp_v002': 363_849, 'glue_stsb_v002': 5_749, 'glue_mnli_v002': 392_702,
-              'glue_qnli_v002': 104_743, 'glue_rte_v002': 2_490}
-SUPER_GLUE_RATES = {'super_glue_boolq_v102': 9_427, 'super_glue_cb_v102': 250,
-                    'super_glue_copa_v102': 400, 'super_glue_multirc_v102': 27_243,
-                    'super_glue_record_v102': 138_854, 'super_glue_rte_v102': 2_490,
-                    'super_glue_wic_v102': 5_428, 'super_glue_wsc_v102': 554}
+GLUE_RATES = {
+    'glue_cola_v002': 8_551, 'glue_sst2_v002': 67_349, 'glue_mrpc_v002': 3_668,
+    'glue_qqp_v002': 363_849, 'glue_stsb_v002': 5_749, 'glue_mnli_v002': 392_702,
+    'glue_qnli_v002': 104_743, 'glue_rte_v002': 2_490
+}
+SUPER_GLUE_RATES = {
+    'super_glue_boolq_v102': 9_427, 'super_glue_cb_v102': 250, 'super_glue_copa_v102': 400,
+    'super_glue_multirc_v102': 27_243, 'super_glue_record_v102': 138_854,
+    'super_glue_rte_v102': 2_490, 'super_glue_wic_v102': 5_428, 'super_glue_wsc_v102': 554
+}
 add_mixture('glue_v002_proportional', list(GLUE_RATES.items()))
 add_mixture('super_glue_v102_proportional', list(SUPER_GLUE_RATES.items()))
 
-
 # --- benchmark scores -----------------------------------------------------------------------------
+
 
 def _by_key(results: Mapping[str, Any], benchmarks) -> dict[str, Mapping[str, float]]:
   keys = {b.task: b.key for b in benchmarks if b.key}

@@ -55,15 +55,21 @@ add_task('embedded_span_corruption', embedded_source(), [
 ], embedded_features())
 
 add_task('embedded_prefix_lm', embedded_source(), [
-    EmbeddedTokens(), P.ConcatAndSplit(P.prefix_lm_raw_length), P.prefix_lm,
+    EmbeddedTokens(),
+    P.ConcatAndSplit(P.prefix_lm_raw_length),
+    P.prefix_lm,
 ], embedded_features())
 
 add_task('embedded_causal_lm', embedded_source(), [
-    EmbeddedTokens(), P.ConcatAndSplit(P.causal_lm_raw_length), P.causal_lm,
+    EmbeddedTokens(),
+    P.ConcatAndSplit(P.causal_lm_raw_length),
+    P.causal_lm,
 ], embedded_features(inputs=False))
 
 add_task('embedded_ul2', embedded_source(), [
-    EmbeddedTokens(), P.ConcatAndSplit(P.ul2_raw_length), P.ul2_denoise,
+    EmbeddedTokens(),
+    P.ConcatAndSplit(P.ul2_raw_length),
+    P.ul2_denoise,
 ], embedded_features())
 
 # --- C4 (TFDS c4/en, array_record: prepare it once with TFDS, or point TFDS_DATA_DIR at a copy),
@@ -73,18 +79,21 @@ C4_TFDS_NAME = 'c4/en:3.1.0'
 
 def _c4_steps(length_fn, objective):
   # Per document, lazily: text -> tokens -> a random chunk of the raw length -> the objective.
-  return [functools.partial(P.rekey, key_map={'targets': 'text'}), P.tokenize,
-          P.RandomChunk(length_fn), objective]
+  return [
+      functools.partial(P.rekey, key_map={'targets': 'text'}), P.tokenize,
+      P.RandomChunk(length_fn), objective
+  ]
 
 
-add_task('c4_span_corruption', TfdsSource(C4_TFDS_NAME, splits=('train', 'validation')),
-         _c4_steps(P.span_corruption_raw_length,
-                   functools.partial(P.span_corruption_step, noise_density=0.15,
-                                     mean_noise_span_length=3.0)),
-         t5_features())
+add_task(
+    'c4_span_corruption', TfdsSource(C4_TFDS_NAME, splits=('train', 'validation')),
+    _c4_steps(
+        P.span_corruption_raw_length,
+        functools.partial(P.span_corruption_step, noise_density=0.15, mean_noise_span_length=3.0)),
+    t5_features())
 
 add_task('c4_ul2', TfdsSource(C4_TFDS_NAME, splits=('train', 'validation')),
          _c4_steps(P.ul2_raw_length, P.ul2_denoise), t5_features())
 
-add_mixture('embedded_pretraining_mix', [
-    ('embedded_span_corruption', 1.0), ('embedded_prefix_lm', 1.0), ('embedded_ul2', 1.0)])
+add_mixture('embedded_pretraining_mix', [('embedded_span_corruption', 1.0),
+                                         ('embedded_prefix_lm', 1.0), ('embedded_ul2', 1.0)])

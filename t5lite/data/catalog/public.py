@@ -63,9 +63,11 @@ def squad_format(example, ctx=None) -> dict:
   drops punctuation before comparing, so scores are unaffected)."""
   del ctx
   answers = [pad_punctuation(a) for a in texts(example['answers']['text'])]
-  return {'inputs': _join('question:', pad_punctuation(text(example['question'])),
-                          'context:', pad_punctuation(text(example['context']))),
-          'targets': answers[0] if answers else ''}
+  return {
+      'inputs': _join('question:', pad_punctuation(text(example['question'])), 'context:',
+                      pad_punctuation(text(example['context']))),
+      'targets': answers[0] if answers else ''
+  }
 
 
 def squad_postprocess(answer: str, example=None, is_target: bool = False):
@@ -79,10 +81,8 @@ def squad_postprocess(answer: str, example=None, is_target: bool = False):
 
 
 add_task('squad_v010_allanswers',
-         TfdsSource(SQUAD_TFDS_NAME, splits=('train', 'validation')),
-         [squad_format, P.tokenize], t5_features(), postprocess_fn=squad_postprocess,
-         metric_fns=['squad'])
-
+         TfdsSource(SQUAD_TFDS_NAME, splits=('train', 'validation')), [squad_format, P.tokenize],
+         t5_features(), postprocess_fn=squad_postprocess, metric_fns=['squad'])
 
 # --- CNN/DailyMail -------------------------------------------------------------------------------
 
@@ -93,14 +93,14 @@ def summarize_format(example, ctx=None, article_key: str = 'article',
                      summary_key: str = 'highlights') -> dict:
   """T5's `preprocessors.summarize`: 'summarize: <article>' -> the summary."""
   del ctx
-  return {'inputs': 'summarize: ' + text(example[article_key]),
-          'targets': text(example[summary_key])}
+  return {
+      'inputs': 'summarize: ' + text(example[article_key]), 'targets': text(example[summary_key])
+  }
 
 
 add_task('cnn_dailymail_v002',
          TfdsSource(CNN_DAILYMAIL_TFDS_NAME, splits=('train', 'validation', 'test')),
          [summarize_format, P.tokenize], t5_features(), metric_fns=['rouge'])
-
 
 # --- WMT -----------------------------------------------------------------------------------------
 
@@ -113,9 +113,11 @@ def translate_format(example, ctx=None, source_language: str = 'en',
   """T5's `preprocessors.translate`: 'translate English to German: <en>' -> <de>. TFDS
   translation records hold one text per language code."""
   del ctx
-  return {'inputs': (f'translate {LANGUAGE_NAMES[source_language]} to '
-                     f'{LANGUAGE_NAMES[target_language]}: ' + text(example[source_language])),
-          'targets': text(example[target_language])}
+  return {
+      'inputs': (f'translate {LANGUAGE_NAMES[source_language]} to '
+                 f'{LANGUAGE_NAMES[target_language]}: ' + text(example[source_language])),
+      'targets': text(example[target_language])
+  }
 
 
 # (task, TFDS name, source language, target language), as T5's `wmt%s_%s%s_v003` tasks.
@@ -126,7 +128,7 @@ WMT_TASKS = (
 )
 
 for _name, _tfds_name, _source, _target in WMT_TASKS:
-  add_task(_name, TfdsSource(_tfds_name, splits=('train', 'validation', 'test')),
-           [functools.partial(translate_format, source_language=_source,
-                              target_language=_target), P.tokenize],
-           t5_features(), metric_fns=['bleu'])
+  add_task(_name, TfdsSource(_tfds_name, splits=('train', 'validation', 'test')), [
+      functools.partial(translate_format, source_language=_source, target_language=_target),
+      P.tokenize
+  ], t5_features(), metric_fns=['bleu'])

@@ -45,8 +45,7 @@ CHUNK_BYTES = 8 * 2**20
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
-                          mask: jax.Array | None, dtype,
-                          dropout_keep: jax.Array | None = None,
+                          mask: jax.Array | None, dtype, dropout_keep: jax.Array | None = None,
                           kernels: str = 'auto') -> jax.Array:
   """softmax over keys of (q k^T + bias, -inf where not mask) times v.
 
@@ -93,6 +92,7 @@ def num_chunks(batch: int, heads: int, q_len: int, k_len: int) -> int:
 
 # --- one chunk ---------------------------------------------------------------------------------
 
+
 def _forward(q, k, v, bias, mask, keep):
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=_F32) + bias
   weights = jax.nn.softmax(jnp.where(mask, scores, MASK_BIAS), axis=-1).astype(q.dtype)
@@ -117,6 +117,7 @@ def _backward(q, k, v, mask, keep, weights, out, d_out):
 
 
 # --- chunking over the batch -------------------------------------------------------------------
+
 
 def _chunk_view(x, chunks):
   """[b, ...] -> [b / chunks, chunks, ...], a free reshape: chunk j is [:, j], the examples
@@ -164,8 +165,9 @@ def _run_backward(q, k, v, bias, mask, keep, weights, out, d_out, chunks):
       grads.append(_sum_to(d_scores, (d_scores.shape[0],) + bias.shape[1:]))
     else:
       d_bias_sum = d_bias_sum + _sum_to(d_scores, bias.shape)
-    buffers = [jax.lax.dynamic_update_index_in_dim(b, _bits(g), j, 1)
-               for b, g in zip(buffers, grads)]
+    buffers = [
+        jax.lax.dynamic_update_index_in_dim(b, _bits(g), j, 1) for b, g in zip(buffers, grads)
+    ]
     return d_bias_sum, buffers
 
   d_bias, buffers = jax.lax.fori_loop(0, chunks, body, (jnp.zeros(bias.shape, _F32), buffers))
@@ -188,6 +190,7 @@ def _sum_to(grad, shape):
 
 
 # --- the custom VJP ----------------------------------------------------------------------------
+
 
 def _attention_impl(q, k, v, bias, mask, keep, chunks):
   return _forward(q, k, v, bias, mask, keep)[0].astype(q.dtype)

@@ -35,7 +35,6 @@ from t5lite.models import kernels as kernels_lib
 
 _F32 = jnp.float32
 
-
 # Each einsum is (forward, (grad of a: equation, operands), (grad of b: equation, operands)),
 # g = the cotangent. The backward operand orders are spelled out, not derived: XLA:CPU's
 # bf16 x bf16 -> f32 kernels take some orders and not their mirror images (which fail with
@@ -49,13 +48,13 @@ ATTENTION_LOGITS = ('bqhd,bkhd->bhqk', ('bhqk,bkhd->bqhd', 'gb'), ('bhqk,bqhd->b
 ATTENTION_OUTPUT = ('bhqk,bkhd->bqhd', ('bqhd,bkhd->bhqk', 'gb'), ('bhqk,bqhd->bkhd', 'ag'))
 
 
-def dense(x: jax.Array, kernel: jax.Array, dtype, transpose_kernel: bool = False,
-          out_dtype=None, kernels: str = 'auto') -> jax.Array:
+def dense(x: jax.Array, kernel: jax.Array, dtype, transpose_kernel: bool = False, out_dtype=None,
+          kernels: str = 'auto') -> jax.Array:
   """x[..., d] @ kernel[d, f] -> [..., f] computed in `dtype` (kernel[f, d] with
   `transpose_kernel`); the result in `out_dtype` (default `dtype`; float32 keeps the
   accumulator unrounded, as the output logits want)."""
-  y = einsum(DENSE_TRANSPOSED if transpose_kernel else DENSE, _as_3d(x), kernel, dtype,
-             out_dtype, kernels)
+  y = einsum(DENSE_TRANSPOSED if transpose_kernel else DENSE, _as_3d(x), kernel, dtype, out_dtype,
+             kernels)
   return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
@@ -166,9 +165,11 @@ def _mixed_einsum_bwd(spec, dtype_name, out_dtype_name, residuals, g):
   del out_dtype_name
   ac, bc, a_like, b_like = residuals
   operands = {'a': ac, 'b': bc, 'g': g.astype(dtype_name)}
-  grads = [jnp.einsum(equation, *(operands[name] for name in names),
-                      preferred_element_type=_F32).astype(like.dtype)
-           for (equation, names), like in zip(spec[1:], (a_like, b_like))]
+  grads = [
+      jnp.einsum(equation, *(operands[name]
+                             for name in names), preferred_element_type=_F32).astype(like.dtype)
+      for (equation, names), like in zip(spec[1:], (a_like, b_like))
+  ]
   return tuple(grads)
 
 
@@ -193,19 +194,22 @@ def _probe(platform: str) -> bool:
   dtype = jnp.bfloat16.dtype.name
 
   def forms(x, w, wt, q, p):
-    return sum(jnp.sum(_mixed_einsum(a, b, spec, dtype, 'float32')) for spec, a, b in (
-        (DENSE, x, w), (DENSE_TRANSPOSED, x, wt), (ATTENTION_LOGITS, q, q),
-        (ATTENTION_OUTPUT, p, q)))
+    return sum(
+        jnp.sum(_mixed_einsum(a, b, spec, dtype, 'float32'))
+        for spec, a, b in ((DENSE, x, w), (DENSE_TRANSPOSED, x, wt), (ATTENTION_LOGITS, q, q),
+                           (ATTENTION_OUTPUT, p, q)))
 
   try:
     with jax.ensure_compile_time_eval():  # may be called while tracing a jitted step
       ones = lambda *shape: jnp.ones(shape, _F32)
-      grads = jax.jit(jax.grad(forms, argnums=(0, 1, 2, 3, 4)))(
-          ones(2, 8, 16), ones(16, 8), ones(8, 16), ones(2, 8, 2, 4), ones(2, 2, 8, 8))
+      grads = jax.jit(jax.grad(forms, argnums=(0, 1, 2, 3, 4)))(ones(2, 8, 16), ones(16, 8),
+                                                                ones(8, 16), ones(2, 8, 2, 4),
+                                                                ones(2, 2, 8, 8))
       jax.block_until_ready(grads)
   except jax.errors.JaxRuntimeError as e:
-    logging.warning('XLA:CPU cannot run bfloat16 x bfloat16 -> float32 dots here (%s); '
-                    'bfloat16 matmuls fall back to bfloat16 results, which is slower.',
-                    str(e).splitlines()[0])
+    logging.warning(
+        'XLA:CPU cannot run bfloat16 x bfloat16 -> float32 dots here (%s); '
+        'bfloat16 matmuls fall back to bfloat16 results, which is slower.',
+        str(e).splitlines()[0])
     return False
   return True
