@@ -4,8 +4,9 @@ Call `maybe_initialize` first thing in an entry point, before any other JAX call
 process count and the device list the first time a backend starts). Where the settings come from,
 first match wins:
 
-1. Flags, taken out of argv by `pop_distributed_flags` so the entry point's own parser never sees
-   them: `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
+1. Flags `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`: absl flags of the
+   jobs (t5lite/cli.py), or, for a script of your own, taken out of argv by `pop_distributed_flags`
+   (`setup(argv)`) so that the script's own parser never sees them.
 2. Environment variables of the same meaning (what `python -m t5lite.launch.local` sets):
    T5LITE_COORDINATOR_ADDRESS, T5LITE_NUM_PROCESSES, T5LITE_PROCESS_ID. A flag overrides its variable.
 3. A cluster that JAX recognises by itself: a SLURM step of more than one task, a TPU slice of more
