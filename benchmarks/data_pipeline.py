@@ -21,6 +21,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from t5lite import config as config_lib  # pylint: disable=wrong-import-position
 from t5lite import optim, partitioning, trainer  # pylint: disable=wrong-import-position
+from t5lite.data import catalog  # pylint: disable=wrong-import-position,unused-import  (built-in tasks)
 from t5lite.data import pipeline  # pylint: disable=wrong-import-position
 from t5lite.models.presets import ModelConfig, model_config  # pylint: disable=wrong-import-position
 from t5lite.models.t5 import make_model  # pylint: disable=wrong-import-position

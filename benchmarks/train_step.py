@@ -19,6 +19,7 @@ import numpy as np
 
 from t5lite import config as config_lib
 from t5lite import optim, partitioning, reporting, trainer
+from t5lite.data import catalog  # pylint: disable=unused-import  (validate checks data.task)
 from t5lite.models.presets import ModelConfig, model_config
 from t5lite.models.t5 import make_model
 
