@@ -199,10 +199,6 @@ def test_resolve_gives_typed_frozen_parts_with_the_same_names():
   assert config_lib.mesh_shape(cfg.mesh, 8) == (2, 4, 1)
 
 
-@pytest.mark.skipif(
-    not {'size', 'attention_dim'
-        } <= {f.name for f in dataclasses.fields(config_lib.presets.ModelConfig)},
-    reason='ModelConfig does not declare every config.model field yet (issue 13, models part)')
 def test_resolved_config_round_trips_to_the_config_dict():
   c = load('train.steps=7')
   cfg = config_lib.resolve(c)
