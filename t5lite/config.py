@@ -67,6 +67,12 @@ class DataConfig:
       'sentinels = 384); or a path to a SentencePiece .model (+ 100 '
       'sentinels).')
   sp_vocab_size: int = field(1948, 'Embedded SentencePiece size; + 100 sentinels = 2048.')
+  reset_position: bool = field(
+      False, 'On resume, start the data afresh (from the first example for '
+      'this seed) instead of where the checkpoint stopped. Needed on purpose '
+      'when the data pipeline changed since the checkpoint (another task or '
+      'mixture, rates, lengths): otherwise resuming refuses, saying what '
+      'changed.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +91,11 @@ class TrainConfig:
   max_grad_norm: float = field(
       0.0, 'Global-norm gradient clipping; 0 turns it off (Adafactor '
       'clips its updates anyway).')
+  max_dead_steps: int = field(
+      20, 'Stop a dead run: when the gradient norm has been exactly 0 for this '
+      'many consecutive steps while the loss is not 0 (the model no longer '
+      'learns anything, e.g. after a far too high learning rate), training '
+      'stops with exit 1. 0 turns the guard off.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +184,11 @@ class CheckpointConfig:
   init_ignore: tuple = field((), 'Regexes (re.search) over param names: matching model params keep '
                              'their fresh init (a new head), matching (renamed) checkpoint params '
                              'are dropped. Anything else unmatched is an error.')
+  lock_stale_minutes: float = field(
+      10.0, 'The workdir lock (WORKDIR/lock.json, refreshed every minute by the '
+      'running trainer) counts as stale, and is taken over, after this many '
+      'minutes without a refresh (a host that died); a dead process on the '
+      'same host is detected at once.')
   keep_best_metric: str = field(
       '', 'Also keep the best checkpoint(s) by a value logged at eval '
       "steps, whatever `keep` drops, e.g. 'eval/loss'; '' keeps only "
@@ -463,6 +479,8 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('data.converter', choice),
     *((f'train.{name}', positive) for name in ('steps', 'batch_size', 'microbatches', 'log_every')),
     *((f'train.{name}', non_negative) for name in ('z_loss', 'label_smoothing', 'max_grad_norm')),
+    ('train.max_dead_steps', count('consecutive zero-gradient steps before a dead run stops; 0 '
+                                   'turns the guard off')),
     ('optimizer.name', choice),
     ('optimizer.learning_rate', positive),
     ('schedule.name', choice),
@@ -477,6 +495,8 @@ CHECKS: tuple[tuple[str, Check], ...] = (
             "WORKDIR/checkpoints; '' for none)")),
     ('checkpoint.init_rename', regex_pairs),
     ('checkpoint.init_ignore', regexes),
+    ('checkpoint.lock_stale_minutes', positive),
+    ('data.reset_position', boolean),
     ('eval.every_steps', non_negative),
     ('eval.batch_size', non_negative),
     ('eval.max_batches', non_negative),
