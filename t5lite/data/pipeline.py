@@ -20,6 +20,14 @@ rows; it keeps at most one example it pulled but could not place, and its state
 is the upstream state *before* that example, so get_state()/set_state() stay
 exact.
 
+The iterator's state also carries a fingerprint of the pipeline (task or mixture
+with its tasks and rates, lengths, converter, packing, seed, rows per process,
+process and worker counts, vocabulary). A position only means something in the
+pipeline that wrote it, so set_state() refuses another pipeline's state with a
+DataStateMismatchError saying what changed, instead of grain's KeyError or, worse,
+resuming silently at positions of other tasks. A state written before fingerprints
+is accepted when its structure fits and refused the same way when it does not.
+
 Transforms are top-level classes (no lambdas) so grain worker processes can
 pickle them.
 """
@@ -27,13 +35,17 @@ pickle them.
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+import hashlib
+import json
+import logging
+from typing import Any, Mapping
 
 import grain
 import numpy as np
 
 from t5lite.data import converters, embedded
 from t5lite.data import tasks as tasks_lib
+from t5lite.data.sources import DataSourceError
 from t5lite.data.vocab import ByteVocabulary, SentencePieceVocabulary
 
 
@@ -111,10 +123,132 @@ class PackStats:
     return self.examples / max(self.rows, 1)
 
 
+# --- the pipeline's fingerprint in the iterator state --------------------------------
+
+log = logging.getLogger(__name__)
+
+
+class DataStateMismatchError(ValueError):
+  """A saved data position (iterator state) that does not belong to this pipeline.
+
+    The message is one line: what changed, and how to go on on purpose.
+    """
+
+
+RESET_HINT = ('set --config.data.reset_position=True to start the data afresh from this step, '
+              'or resume with the data config the checkpoint was written with')
+
+# A fingerprint entry -> the setting that changes it, for the message.
+_LABELS = {
+    'data': 'data.task',
+    'split': 'the split',
+    'shuffle': 'shuffle',
+    'repeat': 'repeat',
+    'feature_lengths': 'data.inputs_length/data.targets_length',
+    'converter': 'data.converter',
+    'pack': 'data.pack',
+    'seed': 'train.seed',
+    'rows': 'train.batch_size (rows per process)',
+    'process_count': 'the number of processes',
+    'num_workers': 'data.num_workers',
+    'vocabulary': 'data.vocabulary',
+}
+
+
+def _vocabulary_identity(v) -> str:
+  """Type, size and (SentencePiece) a hash of the model: the same ids for the same text."""
+  text = f'{type(v).__name__} ({getattr(v, "vocab_size", "?")} ids, ' \
+         f'{getattr(v, "extra_ids", "?")} sentinels'
+  sp = getattr(v, '_sp', None)
+  if sp is not None:  # the model's bytes, not its path: a cache dir may differ between hosts
+    text += f', model sha256 {hashlib.sha256(sp.serialized_model_proto()).hexdigest()[:12]}'
+  return text + ')'
+
+
+def _fingerprint(obj, leaves, vocabulary, **settings) -> dict:
+  """What a data position depends on, as plain JSON (it is saved in the checkpoint as JSON).
+
+    Mixtures are recorded by their flattened tasks and normalised rates in order, which is
+    what the mix draws from (each task's stream is keyed by its position in that list).
+    """
+  if vocabulary is not None:
+    vocab_id = _vocabulary_identity(vocabulary)
+  else:  # data.vocabulary=task: every feature's own vocabulary
+    vocab_id = '; '.join(
+        sorted({
+            _vocabulary_identity(f.vocabulary) for t, _ in leaves
+            for f in t.output_features.values()
+        }))
+  data = {
+      'kind': 'mixture' if isinstance(obj, tasks_lib.Mixture) else 'task', 'name': obj.name,
+      'tasks': [[t.name, float(f'{w:.12g}')] for t, w in leaves]
+  }
+  fingerprint = {'data': data, **settings, 'vocabulary': vocab_id}
+  return json.loads(json.dumps(fingerprint))  # the form it comes back in from a checkpoint
+
+
+def _describe(key: str, value) -> str:
+  if value is None:
+    return 'nothing recorded'
+  if key == 'data' and isinstance(value, dict):
+    if value.get('kind') == 'mixture':
+      tasks = ', '.join(f'{t}@{w:.4g}' for t, w in value.get('tasks', []))
+      return f"mixture {value.get('name')!r} (tasks {tasks})"
+    return f"task {value.get('name')!r}"
+  if key == 'feature_lengths' and isinstance(value, dict):
+    return ', '.join(f'{k}={v}' for k, v in sorted(value.items()))
+  return repr(value)
+
+
+def _changes(saved: Mapping, current: Mapping) -> list[str]:
+  out = []
+  for key in list(current) + [k for k in saved if k not in current]:
+    old, new = saved.get(key), current.get(key)
+    if old == new:
+      continue
+    label = _LABELS.get(key, key)
+    if key == 'data':
+      out.append(f'{label}: the checkpoint was written reading {_describe(key, old)}; this config '
+                 f'reads {_describe(key, new)}')
+    else:
+      out.append(f'{label}: the checkpoint was written with {_describe(key, old)}; this config has '
+                 f'{_describe(key, new)}')
+  return out
+
+
+def _structure_mismatch(saved, fresh, where: str = 'state') -> str | None:
+  """Where `saved` lacks the shape of `fresh` (dict keys, list lengths), or None if it fits.
+
+    For states saved before fingerprints: grain's set_state assumes the shape (KeyError when
+    it lacks a key, and a mix silently zips a shorter list of task states).
+    """
+  if isinstance(fresh, dict):
+    if not isinstance(saved, dict):
+      return f'{where} is a {type(saved).__name__}, not a mapping'
+    keys = set(saved) | set(fresh)
+    if not fresh or all(str(k).isdigit() for k in keys):
+      return None  # a map with variable keys (e.g. grain's future_states by index)
+    if set(saved) != set(fresh):
+      return f'{where} has keys {sorted(saved)}, this pipeline {sorted(fresh)}'
+    for k in fresh:
+      if (found := _structure_mismatch(saved[k], fresh[k], f'{where}.{k}')) is not None:
+        return found
+  elif isinstance(fresh, (list, tuple)):
+    if not isinstance(saved, (list, tuple)):
+      return f'{where} is a {type(saved).__name__}, not a list'
+    if len(saved) != len(fresh):
+      return f'{where} has {len(saved)} entries, this pipeline {len(fresh)}'
+    for i, (a, b) in enumerate(zip(saved, fresh)):
+      if (found := _structure_mismatch(a, b, f'{where}[{i}]')) is not None:
+        return found
+  return None
+
+
 class _PackedBatchesIterator(grain.DatasetIterator):
 
-  def __init__(self, parent, converter, rows: int, pack: bool):
+  def __init__(self, parent, converter, rows: int, pack: bool, fingerprint: dict | None = None):
     super().__init__(parent)
+    self._fingerprint = fingerprint
     self._converter = converter
     self._rows = rows
     self._pack = pack
@@ -155,33 +289,65 @@ class _PackedBatchesIterator(grain.DatasetIterator):
     return converters.pad_rows(features, self._rows)
 
   def get_state(self):
-    if self._pending is not None:
-      return {'upstream': self._pending_state}
-    return {'upstream': self._parent.get_state()}
+    upstream = self._pending_state if self._pending is not None else self._parent.get_state()
+    if self._fingerprint is None:
+      return {'upstream': upstream}
+    return {'upstream': upstream, 'pipeline': self._fingerprint}
 
   def set_state(self, state):
-    self._parent.set_state(state['upstream'])
+    """Resumes at `state`; DataStateMismatchError if it is another pipeline's (see above)."""
+    upstream = state.get('upstream') if isinstance(state, Mapping) else None
+    if upstream is None:
+      raise DataStateMismatchError(f'the saved data position is not an iterator state of this '
+                                   f'pipeline (got {str(state)[:80]!r}); {RESET_HINT}.')
+    saved = state.get('pipeline')
+    if saved is not None and self._fingerprint is not None:
+      if changes := _changes(saved, self._fingerprint):
+        raise DataStateMismatchError('the data pipeline changed since the checkpoint: '
+                                     + '; '.join(changes) + f'. To go on, {RESET_HINT}.')
+    elif self._fingerprint is not None:
+      # Written before fingerprints: at least its shape must be this pipeline's.
+      fresh = json.loads(json.dumps(self._parent.get_state(), default=str))
+      if (found := _structure_mismatch(upstream, fresh, 'upstream')) is not None:
+        raise DataStateMismatchError(
+            'the checkpoint\'s data position has no record of its data pipeline (written before '
+            't5lite kept one) and does not fit this pipeline: another task or mixture, other '
+            f'rates or another data.num_workers ({found}). To go on, {RESET_HINT}.')
+      log.warning('the checkpoint\'s data position has no record of its data pipeline (written '
+                  'before t5lite kept one): resuming it unchecked')
+    try:
+      self._parent.set_state(upstream)
+    except DataSourceError:
+      raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+      # Whatever the fingerprint missed: still one line, never grain's bare KeyError.
+      raise DataStateMismatchError(
+          f'the checkpoint\'s data position does not fit this pipeline ({type(e).__name__}: '
+          f'{e}). To go on, {RESET_HINT}.') from e
     self._pending = self._pending_state = None
 
 
 class PackedBatches(grain.IterDataset):
   """Batches of exactly `rows` rows of converter features (see above)."""
 
-  def __init__(self, parent: grain.IterDataset, converter, rows: int, pack: bool):
+  def __init__(self, parent: grain.IterDataset, converter, rows: int, pack: bool,
+               fingerprint: dict | None = None):
     super().__init__(parent)
     self._converter = converter
     self._rows = rows
     self._pack = pack
+    self._fingerprint = fingerprint
 
   def __iter__(self):
-    return _PackedBatchesIterator(self._parent.__iter__(), self._converter, self._rows, self._pack)
+    return _PackedBatchesIterator(self._parent.__iter__(), self._converter, self._rows, self._pack,
+                                  self._fingerprint)
 
 
 def _task_map_dataset(task, split, sequence_length, output_features, seed, stream, shuffle, repeat,
                       process_index, process_count) -> grain.MapDataset:
   ds = grain.MapDataset.source(task.examples(split, sequence_length, output_features))
   if len(ds) == 0:
-    raise ValueError(f'task {task.name!r} split {split!r} has no examples.')
+    raise DataSourceError(f'task {task.name!r} split {split!r} has no examples.')
   if shuffle:
     shuffle_seed = (_derived_seed(seed, 1) if stream is None else int(
         np.random.SeedSequence([seed, 1, stream]).generate_state(1)[0]))
@@ -242,7 +408,11 @@ def make_task_dataset(task_or_mixture_name, *, feature_lengths: Mapping[str, int
       # line, so mark absl's as parsed (their defaults) rather than crash.
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return PackedBatches(ds, conv, rows, pack)
+  fingerprint = _fingerprint(obj, leaves, vocabulary, split=split, shuffle=shuffle, repeat=repeat,
+                             feature_lengths=dict(feature_lengths), converter=converter, pack=pack,
+                             seed=seed, rows=rows, process_count=process_count,
+                             num_workers=num_workers)
+  return PackedBatches(ds, conv, rows, pack, fingerprint)
 
 
 def make_task_iterator(task_or_mixture_name, *, feature_lengths: Mapping[str, int],
@@ -262,7 +432,8 @@ def make_task_iterator(task_or_mixture_name, *, feature_lengths: Mapping[str, in
     shuffle=False, repeat=False: one ordered pass, the last batch zero-padded,
     then StopIteration. `vocabulary` replaces every output feature's vocabulary
     (e.g. an embedded vocabulary of another size). The iterator has
-    get_state()/set_state() and `.stats` (PackStats: fill ratio, examples/row).
+    get_state()/set_state() and `.stats` (PackStats: fill ratio, examples/row);
+    set_state raises DataStateMismatchError for another pipeline's state (see the top).
     """
   ds = make_task_dataset(task_or_mixture_name, feature_lengths=feature_lengths,
                          global_batch_size=global_batch_size, seed=seed, pack=pack, split=split,

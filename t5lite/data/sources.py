@@ -15,7 +15,12 @@ resumable reading. Sources here:
 
 File sources take, per split, a glob pattern or a list of them (several shards are
 read in sorted path order) and index line offsets once, so a 10 GB file is not
-held in memory. A pattern that matches nothing is a FileNotFoundError naming it.
+held in memory. Bad input is a DataSourceError (a ValueError) in one line naming the
+file, and the line for malformed content: a pattern that matches nothing
+(DataFileNotFoundError, also a FileNotFoundError), an unreadable file or a split with
+no non-blank line (found when the split is opened, i.e. when a pipeline is built),
+and a line that does not parse (found when it is read; grain re-raises it unchanged
+from its reader threads and worker processes).
 """
 
 from __future__ import annotations
@@ -26,6 +31,19 @@ import io
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
+
+
+class DataSourceError(ValueError):
+  """Bad input data: a missing, unreadable or empty file, or a malformed line.
+
+    The message is one line naming the file (and the line) and what was expected, so a
+    job can print it as is. A plain one-argument exception: it pickles, so it crosses
+    from grain worker processes as itself.
+    """
+
+
+class DataFileNotFoundError(DataSourceError, FileNotFoundError):
+  """A file pattern matched nothing (also a FileNotFoundError, as it was before)."""
 
 
 class Source:
@@ -90,7 +108,7 @@ def expand_patterns(patterns: str | Sequence[str], what: str = '') -> list[str]:
   for pattern in patterns:
     matched = sorted(glob_lib.glob(os.fspath(pattern)))
     if not matched:
-      raise FileNotFoundError(f'{what}no file matches {os.fspath(pattern)!r}.')
+      raise DataFileNotFoundError(f'{what}no file matches {os.fspath(pattern)!r}.')
     files.extend(matched)
   return files
 
@@ -104,11 +122,14 @@ class _LineIndex(Sequence):
     self._index: list[tuple[int, int, int]] = []  # (file number, offset, line number)
     for f, path in enumerate(self._files):
       offset = 0
-      with open(path, 'rb') as fh:
-        for lineno, line in enumerate(fh, 1):
-          if line.strip():
-            self._index.append((f, offset, lineno))
-          offset += len(line)
+      try:
+        with open(path, 'rb') as fh:
+          for lineno, line in enumerate(fh, 1):
+            if line.strip():
+              self._index.append((f, offset, lineno))
+            offset += len(line)
+      except OSError as e:  # a directory, no permission...: named here, not deep in grain
+        raise DataSourceError(f'{path}: cannot be read ({e.strerror or e}).') from None
 
   def __len__(self):
     return len(self._index)
@@ -117,13 +138,23 @@ class _LineIndex(Sequence):
     if isinstance(i, slice):
       return [self[j] for j in range(*i.indices(len(self)))]
     f, offset, lineno = self._index[i]
-    with open(self._files[f], 'rb') as fh:
-      fh.seek(offset)
-      line = fh.readline().decode('utf-8').rstrip('\r\n')
-    return self._parse(line, self._files[f], lineno)
+    path = self._files[f]
+    try:
+      with open(path, 'rb') as fh:
+        fh.seek(offset)
+        raw = fh.readline()
+    except OSError as e:  # removed or made unreadable after it was indexed
+      raise DataSourceError(f'{path}: cannot be read ({e.strerror or e}).') from None
+    try:
+      line = raw.decode('utf-8').rstrip('\r\n')
+    except UnicodeDecodeError as e:
+      raise DataSourceError(f'{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at '
+                            f'column {e.start + 1}); expected UTF-8 lines.') from None
+    return self._parse(line, path, lineno)
 
 
 class _FileSource(Source):
+  EXPECTED = 'lines'  # what a line should be, for the error messages
 
   def __init__(self, split_patterns: Mapping[str, str | Sequence[str]]):
     self._patterns = dict(split_patterns)
@@ -142,12 +173,22 @@ class _FileSource(Source):
 
   def get(self, split):
     if split not in self._cache:
-      self._cache[split] = _LineIndex(self.files(split), self._parse)
+      files = self.files(split)
+      index = _LineIndex(files, self._parse)
+      if not len(index):
+        # Said here, when the pipeline is built, rather than as grain's "no examples" or a
+        # mixture that never yields. One empty shard among others is allowed.
+        where = files[0] if len(
+            files) == 1 else f'all {len(files)} files of split {split!r} ({", ".join(files)})'
+        raise DataSourceError(f'{where}: no examples (empty, or only blank lines); expected '
+                              f'{self.EXPECTED}.')
+      self._cache[split] = index
     return self._cache[split]
 
 
 class TextLineSource(_FileSource):
   """One example {key: line} per non-blank line (trailing newline removed)."""
+  EXPECTED = 'one example per non-blank line of UTF-8 text'
 
   def __init__(self, split_patterns, key: str = 'text'):
     super().__init__(split_patterns)
@@ -159,14 +200,17 @@ class TextLineSource(_FileSource):
 
 class JsonlSource(_FileSource):
   """One JSON object per non-blank line."""
+  EXPECTED = 'one JSON object per line'
 
   def _parse(self, line, path, lineno):
     try:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path}:{lineno}: not valid JSON ({e.msg}).') from None
+      raise DataSourceError(f'{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); '
+                            f'expected {self.EXPECTED}.') from None
     if not isinstance(obj, dict):
-      raise ValueError(f'{path}:{lineno}: expected a JSON object, got {type(obj).__name__}.')
+      raise DataSourceError(f'{path}:{lineno}: expected a JSON object, got '
+                            f'{type(obj).__name__}; expected {self.EXPECTED}.')
     return obj
 
 
@@ -176,12 +220,14 @@ class TsvSource(_FileSource):
   def __init__(self, split_patterns, field_names: Sequence[str]):
     super().__init__(split_patterns)
     self.field_names = tuple(field_names)
+    self.EXPECTED = (f'{len(self.field_names)} tab-separated columns per line '
+                     f'({", ".join(self.field_names)})')
 
   def _parse(self, line, path, lineno):
     cols = next(csv.reader(io.StringIO(line), delimiter='\t', quoting=csv.QUOTE_NONE))
     if len(cols) != len(self.field_names):
-      raise ValueError(f'{path}:{lineno}: {len(cols)} tab-separated columns, expected '
-                       f'{len(self.field_names)} ({", ".join(self.field_names)}).')
+      raise DataSourceError(f'{path}:{lineno}: {len(cols)} tab-separated columns, expected '
+                            f'{len(self.field_names)} ({", ".join(self.field_names)}).')
     return dict(zip(self.field_names, cols))
 
 
