@@ -24,6 +24,7 @@ from t5lite.data.vocab import ByteVocabulary
 FEATS = {'inputs': T.Feature(ByteVocabulary()), 'targets': T.Feature(ByteVocabulary())}
 LENGTHS = {'inputs': 8, 'targets': 4}
 RESET = 'data.reset_position=True'
+QA_STEPS = [functools.partial(P.rekey, key_map={'inputs': 'q', 'targets': 'a'}), P.tokenize]
 
 
 @pytest.fixture
@@ -183,6 +184,21 @@ def test_other_settings_that_move_the_position(tasks, change, label):
     it.close()
 
 
+def test_a_data_file_that_grew(registry, tmp_path):
+  path = tmp_path / 'qa.jsonl'
+  line = json.dumps({'q': 'two plus two', 'a': 'four'}) + '\n'
+  path.write_text(line * 5)
+  registry('l_grow', JsonlSource({'train': str(path)}), QA_STEPS)
+  first = make('l_grow')
+  take(first, 2)
+  state = saved_state(first)
+  path.write_text(line * 6)  # the shuffle is now a permutation of 6: other examples there
+  registry('l_grow', JsonlSource({'train': str(path)}), QA_STEPS)  # a new run re-reads it
+  message = refused(make('l_grow'), state)
+  assert ("the tasks' data (examples per task): the checkpoint was written with l_grow=5; this "
+          'config has l_grow=6') in message
+
+
 def test_old_state_that_does_not_fit_is_refused_not_a_key_error(tasks):
   first = make('f_a')
   take(first, 2)
@@ -213,8 +229,6 @@ def test_a_state_that_fits_no_structure_is_still_one_clear_error(tasks):
 
 
 # --- local files ------------------------------------------------------------------------
-
-QA_STEPS = [functools.partial(P.rekey, key_map={'inputs': 'q', 'targets': 'a'}), P.tokenize]
 
 
 def read_all(name, **kw):

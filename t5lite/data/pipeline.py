@@ -152,6 +152,9 @@ _LABELS = {
     'process_count': 'the number of processes',
     'num_workers': 'data.num_workers',
     'vocabulary': 'data.vocabulary',
+    # The shuffle is a permutation of each task's examples: another count (a data file that
+    # grew or shrank) puts other examples at the saved positions.
+    'examples': "the tasks' data (examples per task)",
 }
 
 
@@ -183,7 +186,7 @@ def _fingerprint(obj, leaves, vocabulary, **settings) -> dict:
       'kind': 'mixture' if isinstance(obj, tasks_lib.Mixture) else 'task', 'name': obj.name,
       'tasks': [[t.name, float(f'{w:.12g}')] for t, w in leaves]
   }
-  fingerprint = {'data': data, **settings, 'vocabulary': vocab_id}
+  fingerprint = {'data': data, **settings, 'vocabulary': vocab_id}  # settings: plain values
   return json.loads(json.dumps(fingerprint))  # the form it comes back in from a checkpoint
 
 
@@ -195,7 +198,7 @@ def _describe(key: str, value) -> str:
       tasks = ', '.join(f'{t}@{w:.4g}' for t, w in value.get('tasks', []))
       return f"mixture {value.get('name')!r} (tasks {tasks})"
     return f"task {value.get('name')!r}"
-  if key == 'feature_lengths' and isinstance(value, dict):
+  if key in ('feature_lengths', 'examples') and isinstance(value, dict):
     return ', '.join(f'{k}={v}' for k, v in sorted(value.items()))
   return repr(value)
 
@@ -204,8 +207,8 @@ def _changes(saved: Mapping, current: Mapping) -> list[str]:
   out = []
   for key in list(current) + [k for k in saved if k not in current]:
     old, new = saved.get(key), current.get(key)
-    if old == new:
-      continue
+    if old == new or (key == 'examples' and saved.get('data') != current.get('data')):
+      continue  # (examples differ anyway when the tasks do: said once, as data.task)
     label = _LABELS.get(key, key)
     if key == 'data':
       out.append(f'{label}: the checkpoint was written reading {_describe(key, old)}; this config '
@@ -344,9 +347,11 @@ class PackedBatches(grain.IterDataset):
 
 
 def _task_map_dataset(task, split, sequence_length, output_features, seed, stream, shuffle, repeat,
-                      process_index, process_count) -> grain.MapDataset:
+                      process_index, process_count) -> tuple[grain.MapDataset, int]:
+  """The task's examples as this process reads them, and how many examples the split has."""
   ds = grain.MapDataset.source(task.examples(split, sequence_length, output_features))
-  if len(ds) == 0:
+  size = len(ds)
+  if size == 0:
     raise DataSourceError(f'task {task.name!r} split {split!r} has no examples.')
   if shuffle:
     shuffle_seed = (_derived_seed(seed, 1) if stream is None else int(
@@ -355,7 +360,7 @@ def _task_map_dataset(task, split, sequence_length, output_features, seed, strea
   if repeat:
     ds = ds.repeat()
   ds = ds.map_with_index(ProcessExample(task, seed, stream, sequence_length, output_features))
-  return ds[process_index::process_count]
+  return ds[process_index::process_count], size
 
 
 def _override_vocabulary(task, vocabulary):
@@ -386,11 +391,11 @@ def make_task_dataset(task_or_mixture_name, *, feature_lengths: Mapping[str, int
   else:
     leaves, streams = [(obj, 1.0)], [None]
   read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
-  maps = [
+  maps, sizes = zip(*[
       _task_map_dataset(t, split, feature_lengths, _override_vocabulary(t, vocabulary), seed, s,
                         shuffle, repeat, process_index, process_count)
       for (t, _), s in zip(leaves, streams)
-  ]
+  ])
   if len(maps) == 1:
     ds = maps[0].to_iter_dataset(read_options).filter(NotNone())
   elif not repeat:  # evaluation: every task once, in order
@@ -411,7 +416,8 @@ def make_task_dataset(task_or_mixture_name, *, feature_lengths: Mapping[str, int
   fingerprint = _fingerprint(obj, leaves, vocabulary, split=split, shuffle=shuffle, repeat=repeat,
                              feature_lengths=dict(feature_lengths), converter=converter, pack=pack,
                              seed=seed, rows=rows, process_count=process_count,
-                             num_workers=num_workers)
+                             num_workers=num_workers,
+                             examples={t.name: n for (t, _), n in zip(leaves, sizes)})
   return PackedBatches(ds, conv, rows, pack, fingerprint)
 
 
