@@ -12,8 +12,12 @@ itself failed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
 import sys
+import tempfile
 from typing import Any, Callable, Sequence
 
 from absl import flags as absl_flags
@@ -136,9 +140,66 @@ def parse(argv: Sequence[str], job_flags: Sequence[Flag] = (), usage: str = '',
   return Invocation(config_flag.value, flag_values['workdir'].value, options)
 
 
-def require_workdir(invocation: Invocation, what: str) -> str:
+def _is_local(path: str) -> bool:
+  return '://' not in path  # gs://... and other remote paths are checked by their first write
+
+
+def _probe_writable(folder: str, what: str) -> None:
+  """Raises ConfigError unless a file can be created in `folder` (an existing directory). A real
+  write, not os.access: root passes every permission check but not `chattr +i` or a read-only
+  mount."""
+  try:
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise config_lib.ConfigError(f'{what}: cannot write in {folder} ({e.strerror})') from None
+
+
+def check_folder(path: str, flag: str, writable: bool = True, must_exist: bool = False) -> None:
+  """--workdir and the like: not a file; when it does not exist yet, its nearest existing parent
+  takes its place (the job creates it); that folder must be writable when `writable`."""
+  if not _is_local(path):
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise config_lib.ConfigError(f'{flag} {path}: is a file, not a folder')
+  if must_exist and not os.path.isdir(path):
+    raise config_lib.ConfigError(f'{flag} {path}: no such folder')
+  existing = os.path.abspath(path)
+  while not os.path.isdir(existing):
+    parent = os.path.dirname(existing)
+    if os.path.exists(existing) or parent == existing:  # a file on the way: makedirs fails
+      raise config_lib.ConfigError(f'{flag} {path}: {existing} is a file, not a folder')
+    existing = parent
+  if writable:
+    _probe_writable(existing, f'{flag} {path}')
+
+
+def check_output_file(path: str, flag: str) -> None:
+  """An output file: its folder exists and takes new files, and the file (if there) is a
+  writable file. Checked before anything slow (a model) is loaded."""
+  if not _is_local(path):
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise config_lib.ConfigError(f'{flag} {path}: is a folder, not a file')
+  if not os.path.isdir(folder):
+    raise config_lib.ConfigError(f'{flag} {path}: the folder {folder} does not exist')
+  _probe_writable(folder, f'{flag} {path}')
+  if os.path.exists(path):
+    try:
+      with open(path, 'a', encoding='utf-8'):
+        pass
+    except OSError as e:
+      raise config_lib.ConfigError(f'{flag} {path}: cannot write it ({e.strerror})') from None
+
+
+def require_workdir(invocation: Invocation, what: str, writable: bool = True,
+                    must_exist: bool = False) -> str:
+  """--workdir, checked: given, not a file, (when `writable`) a folder this process can write in;
+  (when `must_exist`) there already."""
   if not invocation.workdir:
     raise config_lib.ConfigError(f'--workdir is required: {what}')
+  check_folder(invocation.workdir, '--workdir', writable, must_exist)
   return invocation.workdir
 
 
@@ -166,27 +227,68 @@ def build(config, devices=None) -> Built:
   return Built(cfg=cfg, mesh=mesh, rules=rules, model=make_model(cfg.model), devices=devices)
 
 
-def run_main(body: Callable[[], object], errors: Sequence[ErrorKind] = ()) -> int:
+class Stopped(BaseException):
+  """Raised by the start-up SIGTERM handler where the job is: its `finally` blocks still run, and
+  run_main turns it into a one-line message and exit code 0. (Not an Exception: no `except
+  Exception` on the way swallows it.)"""
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+  """While inside: SIGTERM raises Stopped (once; a second SIGTERM during the clean-up is ignored).
+  A job that can do better installs its own handler (train's multihost.PreemptionWatcher saves and
+  stops at a step boundary) and restores this one when it is done; this covers the rest, from
+  start-up on. The previous handler is back on the way out. No-op off the main thread."""
+
+  def handle(signum, frame):
+    del signum, frame
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Stopped()
+
+  try:
+    previous = signal.signal(signal.SIGTERM, handle)
+  except ValueError:  # not the main thread: signals are not ours to handle
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+STOPPED = 'stopped by SIGTERM before the first step: nothing to save yet'
+
+
+def run_main(body: Callable[[], object], errors: Sequence[ErrorKind] = (),
+             stopped: str = STOPPED) -> int:
   """Runs `body()`; returns 0, or the exit code of the first matching error kind (the job's own
-  `errors` first, then COMMON_ERRORS) after printing `prefix: message` on stderr."""
+  `errors` first, then COMMON_ERRORS) after printing `prefix: message` on stderr. A note on the
+  error (`e.add_note`, e.g. the config file and line of a bad key) is printed before the message.
+  SIGTERM (sigterm_stops) prints `stopped` and returns 0."""
   kinds = tuple(errors) + COMMON_ERRORS
   try:
-    body()
+    with sigterm_stops():
+      body()
+  except Stopped:
+    print(stopped, file=sys.stderr)
+    return 0
   except tuple(cls for cls, _, _ in kinds) as e:
     prefix, code = next((p, c) for cls, p, c in kinds if isinstance(e, cls))
-    print(f'{prefix}: {e}', file=sys.stderr)
+    where = ''.join(f'{note}: ' for note in getattr(e, '__notes__', ()))
+    print(f'{prefix}: {where}{" ".join(str(e).split())}', file=sys.stderr)
     return code
   return 0
 
 
-def main(argv: Sequence[str], run: Callable[[Invocation],
-                                            object], *, usage: str, job_flags: Sequence[Flag] = (),
-         errors: Sequence[ErrorKind] = (), workdir_help: str = 'the run folder') -> int:
-  """parse -> run(invocation), with errors mapped to exit codes; what every job's main() does."""
+def main(argv: Sequence[str], run: Callable[[Invocation], object], *, usage: str,
+         job_flags: Sequence[Flag] = (), errors: Sequence[ErrorKind] = (),
+         workdir_help: str = 'the run folder', stopped: str = STOPPED) -> int:
+  """parse -> run(invocation), with errors mapped to exit codes and SIGTERM to `stopped` and exit
+  code 0; what every job's main() does."""
 
   def body():
     invocation = parse(argv, job_flags, usage, workdir_help)
     if invocation is not None:
       run(invocation)
 
-  return run_main(body, errors)
+  return run_main(body, errors, stopped)

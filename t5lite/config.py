@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -357,8 +358,10 @@ def _unknown_key(parts: Sequence[str], depth: int, siblings: Sequence[str]) -> C
   close = difflib.get_close_matches(parts[depth], siblings, n=1)
   hint = f" Did you mean '{'.'.join(list(parts[:depth]) + close)}'?" if close else ''
   parent = '.'.join(parts[:depth]) or 'config'
-  return ConfigError(f"unknown config key '{here}'.{hint} Valid keys under {parent}: "
-                     f"{', '.join(siblings)}")
+  error = ConfigError(f"unknown config key '{here}'.{hint} Valid keys under {parent}: "
+                      f"{', '.join(siblings)}")
+  error.key = parts[depth]  # load_config_file looks for the line that sets it
+  return error
 
 
 def check_keys(config: ml_collections.ConfigDict) -> None:
@@ -375,19 +378,67 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
           raise _unknown_key([name, key], 1, sorted(names))
 
 
+def _assignment_line(path: str, key: str) -> int | None:
+  """The first line of the config file at `path` that sets `key` (`x.key = ...`, `x['key'] = ...`
+  or `x.update(key=...)`), to point at a typo; None when none does it that plainly."""
+  with open(path, encoding='utf-8') as f:
+    tree = ast.parse(f.read())
+  lines = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr == key:
+      lines.append(node.lineno)
+    elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store)
+          and isinstance(node.slice, ast.Constant) and node.slice.value == key):
+      lines.append(node.lineno)
+    elif isinstance(node, ast.keyword) and node.arg == key:
+      lines.append(node.lineno)
+  return min(lines, default=None)
+
+
+def _raised_at(error: BaseException, path: str) -> str:
+  """' line N' of the deepest traceback frame in the file at `path` ('' when none is)."""
+  line, tb = '', error.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+      line = f' line {tb.tb_lineno}'
+    tb = tb.tb_next
+  return line
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/file.py[:arg]` -> get_config(arg), its keys checked against the declarations."""
+  """`path/to/file.py[:arg]` -> get_config(arg), its keys checked against the declarations.
+
+  Every problem is a ConfigError naming the file (and the line where it can): a syntax error, an
+  exception in the file or in get_config, a result that is not a ConfigDict, an undeclared key
+  (the error's note says where the file sets it; cli prints it before the message)."""
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ConfigError(f'--config: no config file at {path!r}; pass a path such as '
                       'configs/quickstart.py')
-  module_spec = importlib.util.spec_from_file_location('t5lite_user_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise ConfigError(f'--config: {path} defines no get_config(arg=None) function')
-  config = module.get_config(arg or None)
-  check_keys(config)
+  try:
+    module_spec = importlib.util.spec_from_file_location('t5lite_user_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+      raise ConfigError(f'--config: {path} defines no get_config(arg=None) function')
+    config = module.get_config(arg or None)
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the user's code: any error is theirs)
+    if isinstance(e, SyntaxError) and os.path.abspath(e.filename or '') == os.path.abspath(path):
+      where, what = f' line {e.lineno}', e.msg
+    else:
+      where, what = _raised_at(e, path), f'{type(e).__name__}: {" ".join(str(e).split())}'
+    raise ConfigError(f'--config: {path}{where}: {what}') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'--config: {path}: get_config returned a {type(config).__name__}, not an '
+                      'ml_collections.ConfigDict (start from t5lite.config.base_config())')
+  try:
+    check_keys(config)
+  except ConfigError as e:
+    line = _assignment_line(path, e.key)
+    e.add_note(f'--config: {path}' + (f' line {line}' if line else ''))
+    raise
   return config
 
 
@@ -479,8 +530,9 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('data.converter', choice),
     *((f'train.{name}', positive) for name in ('steps', 'batch_size', 'microbatches', 'log_every')),
     *((f'train.{name}', non_negative) for name in ('z_loss', 'label_smoothing', 'max_grad_norm')),
-    ('train.max_dead_steps', count('consecutive zero-gradient steps before a dead run stops; 0 '
-                                   'turns the guard off')),
+    ('train.max_dead_steps',
+     count('consecutive zero-gradient steps before a dead run stops; 0 '
+           'turns the guard off')),
     ('optimizer.name', choice),
     ('optimizer.learning_rate', positive),
     ('schedule.name', choice),
@@ -652,11 +704,22 @@ def _batches_divide(c, shape: tuple[int, int, int]) -> None:
                       f'{data_parallel}')
 
 
+def _all_floats_finite(config) -> None:
+  """No field may hold inf or nan (e.g. learning_rate=1e999), whether or not it has a check."""
+  for section, names in _declared().items():
+    dotted = [section] if names is None else [f'{section}.{name}' for name in names]
+    for name in dotted:
+      value = getattr(config, name) if names is None else _value(config, name)
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f'config.{name}={value} is not a finite number')
+
+
 def validate(config, num_devices: int) -> tuple[int, int, int]:
   """Checks everything that can be checked without compute (a ConfigDict's keys, each field, the
   rules between fields, the mesh and the batch sizes); returns the resolved mesh shape."""
   if isinstance(config, ml_collections.ConfigDict):
     check_keys(config)
+  _all_floats_finite(config)
   for dotted, check in _field_checks():
     check(_value(config, dotted), dotted)
   for rule in RULES:

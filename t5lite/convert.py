@@ -16,7 +16,9 @@ model.safetensors, config.json and generation_config.json for
 optimizer state.
 
 Errors (a missing path, a non-T5 model, a config t5lite cannot represent, a tensor that does not
-fit) print one line and exit with status 2.
+fit, an --out that cannot be written) print one line and exit with status 2; a weights file that
+cannot be read (truncated, corrupt) or a failed write, with status 1. SIGTERM stops it with a
+message and status 0 (remove --out and run again).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import os
 import sys
 from typing import Sequence
 
-from t5lite import hf
+from t5lite import cli, hf
 
 
 class ConvertError(Exception):
@@ -42,6 +44,7 @@ def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
   the t5lite config.model block written beside it."""
   if not os.path.isdir(model_path):
     raise ConvertError(f'--model {model_path}: no such directory')
+  cli.check_folder(out, '--out')
   out = os.path.abspath(out)
   if os.path.isdir(os.path.join(out, 'checkpoints')) and os.listdir(os.path.join(
       out, 'checkpoints')):
@@ -108,6 +111,7 @@ def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32') -> tuple[str
   for name in ('config.json', 'model.safetensors'):
     if os.path.exists(os.path.join(out, name)):
       raise ConvertError(f'--out {out}: it already holds {name}; choose an empty directory')
+  cli.check_folder(out, '--out')
   from t5lite import checkpoints  # pylint: disable=import-outside-toplevel
   try:
     step_dir = checkpoints.resolve_init_path(checkpoint)
@@ -136,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   b.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                  help='dtype of the written tensors (t5lite params are float32)')
   args = parser.parse_args(argv)
-  try:
+
+  def body():
     if args.command == 'hf-to-t5lite':
       model = hf_to_t5lite(args.model, args.out, args.scan_layers)
       out = os.path.abspath(args.out)
@@ -149,10 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       step_dir, model = t5lite_to_hf(args.checkpoint, args.out, args.dtype)
       print(f'wrote a HuggingFace T5ForConditionalGeneration ({model["variant"]}) of {step_dir} '
             f'to {os.path.abspath(args.out)}')
-  except (ConvertError, hf.HFConversionError) as e:
-    print(f'convert error: {" ".join(str(e).split())}', file=sys.stderr)
-    return 2
-  return 0
+
+  errors = [(hf.HFFileError, 'convert error', 1), (ConvertError, 'convert error', 2),
+            (hf.HFConversionError, 'convert error', 2), (OSError, 'convert error', 1)]
+  return cli.run_main(
+      body, errors, stopped='convert: stopped by SIGTERM before it finished; '
+      'remove --out and run again')
 
 
 if __name__ == '__main__':

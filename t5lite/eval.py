@@ -129,13 +129,16 @@ def main(argv: Sequence[str]) -> int:
 
   def job(invocation: cli.Invocation):
     workdir = cli.require_workdir(
-        invocation, 'the run whose checkpoints to evaluate; results go '
-        'to WORKDIR/eval')
+        invocation, 'the run whose checkpoints to evaluate; results go to WORKDIR/eval',
+        must_exist=True)
     run(invocation.config, workdir, **invocation.options)
 
-  return cli.main(argv, job, usage=__doc__, job_flags=FLAGS,
-                  errors=[(checkpoints.MissingCheckpointError, 'eval', 2)],
-                  workdir_help='the run whose checkpoints to evaluate; results go to WORKDIR/eval')
+  return cli.main(
+      argv, job, usage=__doc__, job_flags=FLAGS, errors=[
+          (checkpoints.MissingCheckpointError, 'eval', 2)
+      ], stopped=('eval: stopped by SIGTERM; the steps evaluated so far have their '
+                  'results in WORKDIR/eval: run the same command to continue'),
+      workdir_help='the run whose checkpoints to evaluate; results go to WORKDIR/eval')
 
 
 if __name__ == '__main__':

@@ -55,6 +55,22 @@ class HFConversionError(ValueError):
   """The HF checkpoint/config (or the t5lite params) cannot be converted; the message says why."""
 
 
+class HFFileError(HFConversionError):
+  """A weights file that cannot be read (truncated, corrupt): the message names the file."""
+
+
+def _read_weights(loader, file: str) -> dict[str, np.ndarray]:
+  """loader(file), with any failure to read it (safetensors' and torch's own errors included) as
+  one HFFileError naming the file."""
+  try:
+    return loader(file)
+  except HFConversionError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (each loader has its own error types)
+    raise HFFileError(f'{file}: cannot read the weights ({type(e).__name__}: '
+                      f'{" ".join(str(e).split())}); is the file complete?') from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading HF files
 
@@ -109,18 +125,22 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
                              ('pytorch_model.bin.index.json', _load_torch)):
     index_file = os.path.join(path, index_name)
     if os.path.exists(index_file):
-      with open(index_file) as f:
-        shards = sorted(set(json.load(f)['weight_map'].values()))
+      try:
+        with open(index_file) as f:
+          shards = sorted(set(json.load(f)['weight_map'].values()))
+      except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HFFileError(f'{index_file}: not an index with a weight_map ({type(e).__name__}: '
+                          f'{e})') from None
       tensors = {}
       for shard in shards:
         if not os.path.exists(os.path.join(path, shard)):
           raise HFConversionError(f'{index_file} lists the shard {shard}, which is not there')
-        tensors.update(loader(os.path.join(path, shard)))
+        tensors.update(_read_weights(loader, os.path.join(path, shard)))
       return tensors
   if os.path.exists(os.path.join(path, 'model.safetensors')):
-    return load_file(os.path.join(path, 'model.safetensors'))
+    return _read_weights(load_file, os.path.join(path, 'model.safetensors'))
   if os.path.exists(os.path.join(path, 'pytorch_model.bin')):
-    return _load_torch(os.path.join(path, 'pytorch_model.bin'))
+    return _read_weights(_load_torch, os.path.join(path, 'pytorch_model.bin'))
   raise HFConversionError(f'{path}: no model.safetensors, pytorch_model.bin or a sharded index of '
                           'either (TensorFlow/Flax-only checkpoints are not read)')
 

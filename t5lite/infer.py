@@ -50,27 +50,35 @@ class InferError(ValueError):
   """Bad input or output file; the message names the file and line (exit code 2)."""
 
 
+def _parse_line(raw: bytes, input_key: str):
+  """(the line's JSON object, None), (None, None) for a blank line, or (None, what is wrong)."""
+  try:
+    line = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    return None, f'not UTF-8 text (byte {e.start + 1} of the line)'
+  if not line.strip():
+    return None, None
+  try:
+    value = json.loads(line)
+  except json.JSONDecodeError as e:
+    return None, f'not valid JSON ({e.msg} at column {e.colno})'
+  if isinstance(value, str):
+    value = {input_key: value}
+  if not isinstance(value, dict) or not isinstance(value.get(input_key), str):
+    return None, f'no {input_key!r} string (set infer.input_key to the field holding the text)'
+  return value, None
+
+
 def read_jsonl(path: str, input_key: str, target_key: str, on_bad_line: str):
   """([{'line', 'input', 'target'?}], number of bad lines skipped)."""
   records, bad = [], 0
   try:
-    f = open(path, encoding='utf-8')
+    f = open(path, 'rb')  # bytes: a line that is not UTF-8 is a bad line, named like the others
   except OSError as e:
     raise InferError(f'--input {path}: cannot read it ({e.strerror})') from None
   with f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      problem = None
-      try:
-        value = json.loads(line)
-      except json.JSONDecodeError as e:
-        problem = f'not valid JSON ({e.msg} at column {e.colno})'
-      else:
-        if isinstance(value, str):
-          value = {input_key: value}
-        if not isinstance(value, dict) or not isinstance(value.get(input_key), str):
-          problem = f'no {input_key!r} string (set infer.input_key to the field holding the text)'
+    for number, raw in enumerate(f, 1):
+      value, problem = _parse_line(raw, input_key)
       if problem:
         if on_bad_line == 'error':
           raise InferError(f'{path}: line {number}: {problem}; fix the line or set '
@@ -78,6 +86,8 @@ def read_jsonl(path: str, input_key: str, target_key: str, on_bad_line: str):
         bad += 1
         if bad & (bad - 1) == 0:
           log.info(f'warning: {path}: line {number}: {problem}; skipped ({bad} so far)')
+        continue
+      if value is None:
         continue
       record = {'line': number, 'input': value[input_key]}
       if target_key in value:
@@ -168,7 +178,11 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   # pylint: disable=redefined-builtin
   if (input is None) == (task is None):
     raise config_lib.ConfigError('give exactly one of --input FILE.jsonl and --task NAME')
+  cli.check_output_file(output, '--output')
   built = cli.build(config, devices)
+  target = checkpoints.resolve_steps(checkpoint, workdir)  # exists? before reading any input
+  if len(target) != 1:
+    raise config_lib.ConfigError('--checkpoint all is for t5lite.eval; give latest, N or a path')
   cfg, model, mesh, rules = built.cfg, built.model, built.mesh, built.rules
   i_cfg = cfg.infer
   inputs_length, targets_length = evaluator_lib.lengths(cfg)
@@ -192,11 +206,10 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
     raise config_lib.ConfigError(f'config.infer.batch_size={batch_size} is not divisible by the '
                                  f'data-parallel size {data_parallel}')
   if done >= len(records):
+    if jax.process_index() == 0:
+      open(output, 'a', encoding='utf-8').close()  # no inputs: an empty output, as asked
     log.info(f'nothing to do: {output} already has all {len(records)} predictions')
     return counts
-  target = checkpoints.resolve_steps(checkpoint, workdir)
-  if len(target) != 1:
-    raise config_lib.ConfigError('--checkpoint all is for t5lite.eval; give latest, N or a path')
   params = checkpoints.load_params(target[0][1],
                                    partitioning.abstract_params(model, mesh, rules)[0])
   decode_cfg = evaluator_lib.decode_config(cfg, targets_length)
@@ -260,11 +273,15 @@ def main(argv: Sequence[str]) -> int:
     options = dict(invocation.options)
     if options['output'] is None:
       raise config_lib.ConfigError('--output FILE.jsonl is required')
+    if invocation.workdir:  # read only: the run whose checkpoints --checkpoint latest / N name
+      cli.check_folder(invocation.workdir, '--workdir', writable=False, must_exist=True)
     run(invocation.config, workdir=invocation.workdir, **options)
 
   return cli.main(
-      argv, job, usage=__doc__, job_flags=FLAGS,
-      errors=[(checkpoints.MissingCheckpointError, 'infer', 2), (InferError, 'infer', 2)],
+      argv, job, usage=__doc__, job_flags=FLAGS, errors=[
+          (checkpoints.MissingCheckpointError, 'infer', 2), (InferError, 'infer', 2)
+      ], stopped=('infer: stopped by SIGTERM; the complete lines already in --output are kept: run '
+                  'the same command to continue'),
       workdir_help='the run whose checkpoints --checkpoint latest / N read')
 
 
