@@ -11,10 +11,27 @@ The launcher prefixes every output line with [p0], [p1], ...; forwards SIGTERM a
 child (a second one escalates to SIGKILL); and when a child fails, stops the others (SIGTERM, then
 SIGKILL after --grace_s, since the survivors would otherwise block in a collective forever) and
 exits with that child's code. All children exiting 0 gives 0.
+
+Nothing it starts outlives it, however it ends (even SIGKILL), so a relaunch never shares the
+workdir with orphans of the last run. Two mechanisms, each enough for the common case:
+
+- Parent-death signal (Linux): each child asks the kernel for SIGTERM when the launcher dies
+  (prctl PR_SET_PDEATHSIG), which a trainer takes as a preemption: it saves and exits. This reaches
+  the child itself only, not what a shell command starts.
+- A watchdog: a small process of its own (its own session, so a Ctrl-C or a killed terminal does
+  not reach it) that reads the children's process-group ids from a pipe. When the launcher's end of
+  the pipe closes, whatever the cause, it sends SIGTERM to every group still there, then SIGKILL
+  after --grace_s. Each child leads its own group, and a shell's children stay in it unless they
+  make a session or group of their own (setsid, or a shell's job control), so this takes down
+  the whole command. It works wherever there are process groups (macOS too).
+
+What still escapes: a process that leaves its group (setsid, `set -m` in a shell, a daemon), and a
+SIGKILL of the launcher and the watchdog together (then only the parent-death signal acts).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -56,6 +73,82 @@ def exit_code(returncode: int) -> int:
   return 128 - returncode if returncode < 0 else returncode
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int):
+  """A `preexec_fn` for Popen: on Linux, the child gets SIGTERM when the process that started it
+  dies (any way, SIGKILL included). Elsewhere it does nothing.
+
+  The kernel sends the signal when the parent *thread* that forked the child ends, so start the
+  children from a thread that lives as long as the launcher (its main thread)."""
+  prctl = None
+  if sys.platform.startswith('linux'):
+    try:
+      prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    except (OSError, AttributeError):
+      pass
+
+  def preexec() -> None:
+    if prctl is not None:
+      prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # A parent that died before the prctl above is not signalled for: this child has already been
+    # handed to another parent, so it must not start the command at all.
+    if os.getppid() != parent_pid:
+      os._exit(1)  # pylint: disable=protected-access
+
+  return preexec
+
+
+# The watchdog's program (see the module docstring): a separate interpreter, so that it outlives
+# the launcher, with nothing to import but the standard library.
+_WATCHDOG = r"""
+import os, signal, sys, time
+grace_s = float(sys.argv[1])
+groups = [int(line) for line in sys.stdin]  # until the launcher's end closes: it exited or died
+
+def alive(group):
+  try:
+    os.killpg(group, 0)
+    return True
+  except OSError:
+    return False
+
+left = [g for g in groups if alive(g)]
+if left:
+  sys.stderr.write(f'[launch] the launcher is gone; stopping the process groups it left: {left}\n')
+  sys.stderr.flush()
+for sig in (signal.SIGTERM, signal.SIGKILL):
+  for g in left:
+    try:
+      os.killpg(g, sig)
+    except OSError:
+      pass
+  deadline = time.monotonic() + grace_s
+  while left and sig == signal.SIGTERM and time.monotonic() < deadline:
+    time.sleep(0.1)
+    left = [g for g in left if alive(g)]
+"""
+
+
+class Watchdog:
+  """Stops the registered process groups once this process ends (see the module docstring)."""
+
+  def __init__(self, grace_s: float):
+    # Its own session: a terminal's Ctrl-C, or the end of the terminal, must not stop it first.
+    # Its stdout goes nowhere, so that it never holds the launcher's output open.
+    self.proc = subprocess.Popen(
+        [sys.executable, '-c', _WATCHDOG, str(grace_s)], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, start_new_session=True)
+
+  def watch(self, group: int) -> None:
+    try:
+      self.proc.stdin.write(f'{group}\n'.encode())
+      self.proc.stdin.flush()
+    except OSError:  # it is gone (killed on its own): the parent-death signal still acts
+      pass
+
+
 class _Group:
   """The children, the threads copying their output, and the signals sent to them."""
 
@@ -63,16 +156,23 @@ class _Group:
     self.lock = threading.Lock()
     self.procs, self.threads = [], []
 
-  def start(self, command: Sequence[str], n: int, port: int, devices: int) -> None:
+  def start(self, command: Sequence[str], n: int, port: int, devices: int,
+            watchdog: Watchdog | None) -> None:
     for i in range(n):
       # Own session per child: a Ctrl-C in the terminal reaches only the launcher, which forwards
       # it once; and killpg also reaches anything the command itself starts (a shell's children).
-      proc = subprocess.Popen(list(command), env=child_env(os.environ, i, n, port, devices),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+      proc = subprocess.Popen(list(command), env=child_env(os.environ, i, n, port,
+                                                           devices), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+      self.procs.append(proc)
+      if watchdog is not None:
+        watchdog.watch(proc.pid)  # the child leads its own group: pgid == pid
+    # The output threads only now: a fork while other threads run could copy a lock one of them
+    # holds into the child, where preexec_fn might wait on it forever.
+    for i, proc in enumerate(self.procs):
       thread = threading.Thread(target=self._copy, args=(proc, f'[p{i}] '.encode()), daemon=True)
       thread.start()
-      self.procs.append(proc)
       self.threads.append(thread)
 
   def _copy(self, proc: subprocess.Popen, prefix: bytes) -> None:
@@ -106,8 +206,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--devices_per_process', type=int, default=1,
                       help='CPU devices in each process (default 1)')
   parser.add_argument('--port', type=int, default=0, help='coordinator port (default: a free one)')
-  parser.add_argument('--grace_s', type=float, default=10.0,
-                      help='after a child fails, seconds the others get to exit before SIGKILL')
+  parser.add_argument(
+      '--grace_s', type=float, default=10.0,
+      help='after a child fails, or the launcher dies, seconds the processes '
+      'get to exit before SIGKILL')
   argv = list(argv)
   if '--' not in argv:
     parser.error('put the command after --, e.g. -n 2 -- python -m t5lite.train ...')
@@ -136,7 +238,13 @@ def main(argv: Sequence[str]) -> int:
   previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   first_failure, kill_at = None, None
   try:
-    group.start(args.command, args.num_processes, port, args.devices_per_process)
+    try:
+      watchdog = Watchdog(args.grace_s)
+    except OSError as e:  # the parent-death signal still covers the children themselves
+      group.say(f'could not start the watchdog ({e}); a killed launcher may leave processes of '
+                'a shell command running')
+      watchdog = None
+    group.start(args.command, args.num_processes, port, args.devices_per_process, watchdog)
     while True:
       codes = [p.poll() for p in group.procs]
       if first_failure is None:
