@@ -302,7 +302,7 @@ class _PackedBatchesIterator(grain.DatasetIterator):
     upstream = state.get('upstream') if isinstance(state, Mapping) else None
     if upstream is None:
       raise DataStateMismatchError(f'the saved data position is not an iterator state of this '
-                                   f'pipeline (got {str(state)[:80]!r}); {RESET_HINT}.')
+                                   f'pipeline (got {str(state)[:80]!r}). To go on, {RESET_HINT}.')
     saved = state.get('pipeline')
     if saved is not None and self._fingerprint is not None:
       if changes := _changes(saved, self._fingerprint):
