@@ -96,12 +96,17 @@ def _when(t: float) -> str:
 class WorkdirLock:
   """A lease on a workdir (see the module docstring). `acquire()` / `release()`, or `with`."""
 
-  def __init__(self, workdir, stale_minutes: float = 10.0, refresh_s: float = 60.0,
+  def __init__(self, workdir, stale_minutes: float = 10.0, refresh_s: float | None = None,
                settle_s: float = 1.0):
     self.workdir = epath.Path(workdir)
     self.path = self.workdir / LEASE_NAME
     self.stale_s = stale_minutes * 60
-    self.refresh_s = refresh_s
+    # Every minute by default, but always several times within stale_minutes: a live run's lease
+    # must never look stale between two refreshes.
+    self.refresh_s = min(60.0, self.stale_s / 5) if refresh_s is None else refresh_s
+    if not 0 < self.refresh_s < self.stale_s:
+      raise ValueError(f'refresh_s={self.refresh_s} must be above 0 and below stale_minutes '
+                       f'({self.stale_s} s)')
     self.settle_s = settle_s
     self.lost = False  # set by the refresh thread when another run has overwritten our lease
     self._local = '://' not in os.fspath(self.workdir)

@@ -129,8 +129,15 @@ def test_unreadable_lease_is_taken_over(tmp_path, capsys):
   assert 'the lease cannot be read' in capsys.readouterr().out
 
 
+def test_refresh_period():
+  assert WorkdirLock('w').refresh_s == 60  # every minute
+  assert WorkdirLock('w', stale_minutes=1).refresh_s == 12  # 5 times within stale_minutes
+  with pytest.raises(ValueError, match='refresh_s=60 must be above 0 and below stale_minutes'):
+    WorkdirLock('w', stale_minutes=1, refresh_s=60)
+
+
 def test_refresh_updates_the_time(tmp_path):
-  with WorkdirLock(tmp_path, refresh_s=0.1):
+  with WorkdirLock(tmp_path, stale_minutes=0.01):  # refreshes every 0.12 s
     first = _read(tmp_path)
     _wait_for(lambda: _read(tmp_path)['refreshed'] > first['refreshed'] + 0.15)
     now = _read(tmp_path)
