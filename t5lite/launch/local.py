@@ -20,10 +20,10 @@ workdir with orphans of the last run. Two mechanisms, each enough for the common
   the child itself only, not what a shell command starts.
 - A watchdog: a small process of its own (its own session, so a Ctrl-C or a killed terminal does
   not reach it) that reads the children's process-group ids from a pipe. When the launcher's end of
-  the pipe closes, whatever the cause, it sends SIGTERM to every group still there, then SIGKILL
-  after --grace_s. Each child leads its own group, and a shell's children stay in it unless they
-  make a session or group of their own (setsid, or a shell's job control), so this takes down
-  the whole command. It works wherever there are process groups (macOS too).
+  the pipe closes, whatever the cause (a normal exit too: what a command left running in its group
+  is stopped), it sends SIGTERM to every group still there, then SIGKILL after --grace_s. Each
+  child leads its own group, and a shell's children stay in it unless they make a session or group
+  of their own (setsid, or a shell's job control), so this takes down the whole command. It works wherever there are process groups (macOS too).
 
 What still escapes: a process that leaves its group (setsid, `set -m` in a shell, a daemon), and a
 SIGKILL of the launcher and the watchdog together (then only the parent-death signal acts).
@@ -161,8 +161,8 @@ class _Group:
     for i in range(n):
       # Own session per child: a Ctrl-C in the terminal reaches only the launcher, which forwards
       # it once; and killpg also reaches anything the command itself starts (a shell's children).
-      proc = subprocess.Popen(list(command), env=child_env(os.environ, i, n, port,
-                                                           devices), stdout=subprocess.PIPE,
+      env = child_env(os.environ, i, n, port, devices)
+      proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
       self.procs.append(proc)
