@@ -29,6 +29,7 @@ import sys
 from typing import Sequence
 
 from t5lite import cli, hf
+from t5lite import config as config_lib
 
 
 class ConvertError(Exception):
@@ -156,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f'to {os.path.abspath(args.out)}')
 
   errors = [(hf.HFFileError, 'convert error', 1), (ConvertError, 'convert error', 2),
-            (hf.HFConversionError, 'convert error', 2), (OSError, 'convert error', 1)]
+            (hf.HFConversionError, 'convert error', 2),
+            (config_lib.ConfigError, 'convert error', 2), (OSError, 'convert error', 1)]
   return cli.run_main(
       body, errors, stopped='convert: stopped by SIGTERM before it finished; '
       'remove --out and run again')

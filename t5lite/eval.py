@@ -49,10 +49,15 @@ def run(config, workdir: str, checkpoint: str = 'latest', watch: bool = False,
   if not config.eval.tasks:
     raise config_lib.ConfigError('config.eval.tasks is empty: name the tasks to evaluate, e.g. '
                                  "--config.eval.tasks=\"('fill_word',)\"")
+  config_lib.task_names(config.eval.tasks, 'eval.tasks')  # known names, before get_task below
   for name in config.eval.tasks:
-    if config.eval.split not in tasks_lib.get_task(name).splits:
+    try:
+      splits = tasks_lib.get_task(name).splits
+    except ValueError as e:  # a mixture: metrics are per task
+      raise config_lib.ConfigError(f'config.eval.tasks: {e}; list its tasks instead') from None
+    if config.eval.split not in splits:
       raise config_lib.ConfigError(f'config.eval.split={config.eval.split!r}: task {name!r} has '
-                                   f'only the splits {list(tasks_lib.get_task(name).splits)}')
+                                   f'only the splits {list(splits)}')
   built = cli.build(config, devices)
   cfg, model, mesh, rules = built.cfg, built.model, built.mesh, built.rules
   targets = None if watch else checkpoints.resolve_steps(checkpoint, workdir)  # before compiling

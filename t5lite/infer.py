@@ -171,6 +171,15 @@ def _full_batch_to_global(array: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
+def _check_task(name: str, split: str) -> None:
+  try:
+    task = tasks_lib.get_task(name)
+  except (KeyError, ValueError) as e:  # unknown, or a mixture
+    raise InferError(f'--task {name}: {e.args[0]}') from None
+  if split not in task.splits:
+    raise InferError(f'--split {split}: task {name!r} has only the splits {list(task.splits)}')
+
+
 def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = None,
         input: str | None = None, task: str | None = None, split: str = 'validation',
         devices=None) -> dict:
@@ -178,10 +187,12 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   # pylint: disable=redefined-builtin
   if (input is None) == (task is None):
     raise config_lib.ConfigError('give exactly one of --input FILE.jsonl and --task NAME')
+  if task is not None:
+    _check_task(task, split)
   cli.check_output_file(output, '--output')
   built = cli.build(config, devices)
   target = checkpoints.resolve_steps(checkpoint, workdir)  # exists? before reading any input
-  if len(target) != 1:
+  if checkpoint == 'all' or len(target) != 1:
     raise config_lib.ConfigError('--checkpoint all is for t5lite.eval; give latest, N or a path')
   cfg, model, mesh, rules = built.cfg, built.model, built.mesh, built.rules
   i_cfg = cfg.infer
@@ -208,7 +219,8 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   if done >= len(records):
     if jax.process_index() == 0:
       open(output, 'a', encoding='utf-8').close()  # no inputs: an empty output, as asked
-    log.info(f'nothing to do: {output} already has all {len(records)} predictions')
+    log.info(f'nothing to do: {output} already has all {len(records)} predictions'
+             if records else f'{where}: no inputs; {output} is empty')
     return counts
   params = checkpoints.load_params(target[0][1],
                                    partitioning.abstract_params(model, mesh, rules)[0])
