@@ -4,6 +4,7 @@ gets which; these know nothing of the config's declarations.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, Sequence
 
@@ -12,7 +13,16 @@ from t5lite.fields import ConfigError
 Check = Callable[[Any, str], None]  # (value, 'section.field'): returns, or raises ConfigError
 
 
+def finite(value, field_name: str) -> None:
+  """Rejects a float inf, -inf or nan (e.g. `--config.optimizer.learning_rate=1e999`, which
+  parses as inf); anything else passes, for the other checks to judge. Each numeric check below
+  runs it first: inf would pass `> 0`, and nan fails every comparison with a misleading message."""
+  if isinstance(value, float) and not math.isfinite(value):
+    raise ConfigError(f'config.{field_name}={value!r} is not a finite number')
+
+
 def _number(value, field_name: str, allow_zero: bool) -> None:
+  finite(value, field_name)
   if isinstance(value, bool) or not isinstance(value,
                                                (int, float)) or value < 0 or (value == 0
                                                                               and not allow_zero):
@@ -33,6 +43,7 @@ def in_range(lo, hi, *, lo_open: bool = False, hi_open: bool = False, note: str 
   shown = f'{"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}{note}'
 
   def check(value, field_name: str) -> None:
+    finite(value, field_name)
     number = isinstance(value, (int, float))
     if not (number and (lo < value if lo_open else lo <= value) and
             (value < hi if hi_open else value <= hi)):
@@ -45,6 +56,7 @@ def count(what: str) -> Check:
   """An int >= 0; `what` says what it counts."""
 
   def check(value, field_name: str) -> None:
+    finite(value, field_name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ConfigError(f'config.{field_name}={value!r}: must be an int >= 0 ({what})')
 

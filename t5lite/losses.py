@@ -19,17 +19,22 @@ def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def log_softmax_parts(logits: jax.Array, targets: jax.Array):
-  """(max logit [..., 1], log Z [...], target logit [...]) of float32 logits [..., V].
+  """(max logit [..., 1], log Z [...], target logit [...], max other logit [...]) of float32
+  logits [..., V].
 
-  log p(target) = target logit - log Z. The max is returned because it also gives the accuracy:
-  a token is right when its logit is the largest. A separate argmax pass over [batch, length,
-  vocab] cost ~4% of a T5.1.1-small step (docs/performance.md). The max carries no gradient (it
-  cancels out of log Z), as in jax.nn.logsumexp.
+  log p(target) = target logit - log Z. The max over the classes other than the target gives the
+  accuracy: a token is right when its target is the unique largest logit (a tie is wrong, so a
+  dead model whose logits all tie scores 0, not 1). It is computed in the pass that the logsumexp
+  needs for its max anyway (the overall max is max(target, max other)): a separate argmax pass over
+  [batch, length, vocab] cost ~4% of a T5.1.1-small step (docs/performance.md). The max carries no
+  gradient (it cancels out of log Z), as in jax.nn.logsumexp.
   """
-  max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  log_z = max_logit[..., 0] + jnp.log(jnp.sum(jnp.exp(logits - max_logit), axis=-1))
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return max_logit, log_z, target_logit
+  is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+  max_other = jax.lax.stop_gradient(jnp.max(jnp.where(is_target, -jnp.inf, logits), axis=-1))
+  max_logit = jnp.maximum(max_other, jax.lax.stop_gradient(target_logit))[..., None]
+  log_z = max_logit[..., 0] + jnp.log(jnp.sum(jnp.exp(logits - max_logit), axis=-1))
+  return max_logit, log_z, target_logit, max_other
 
 
 def token_log_likelihoods(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
@@ -38,7 +43,7 @@ def token_log_likelihoods(logits: jax.Array, targets: jax.Array, weights: jax.Ar
   where(), not a product: a padding row of a fully masked sequence may hold NaN/inf logits, and
   0 * NaN would leak them into any sum over the row.
   """
-  _, log_z, target_logit = log_softmax_parts(logits.astype(jnp.float32), targets)
+  _, log_z, target_logit, _ = log_softmax_parts(logits.astype(jnp.float32), targets)
   log_p = target_logit - log_z
   return jnp.where(weights > 0, log_p * weights.astype(jnp.float32), 0.0)
 
@@ -54,9 +59,7 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   """
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
-  # Unlike argmax, an exact tie with the target counts as right; float logits tie only in
-  # degenerate cases (e.g. all zero).
-  max_logit, log_z, target_logit = log_softmax_parts(logits, targets)
+  _, log_z, target_logit, max_other = log_softmax_parts(logits, targets)
   if label_smoothing > 0:
     confidence = 1.0 - label_smoothing
     low = label_smoothing / (vocab - 1)
@@ -66,7 +69,8 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   else:
     cross_entropy = log_z - target_logit
   weights = weights.astype(jnp.float32)
-  correct = (target_logit >= max_logit[..., 0]).astype(jnp.float32)
+  # Right only when the target is the unique maximum: a tie (e.g. all logits equal) is wrong.
+  correct = (target_logit > max_other).astype(jnp.float32)
   return {
       'loss_sum': jnp.sum(cross_entropy * weights),
       'z_loss_sum': jnp.sum(z_loss * jnp.square(log_z) * weights),

@@ -2,7 +2,9 @@
 
 `make_train_step` returns a pure function `(state, batch) -> (state, metrics)`, jitted by
 `jit_train_step` with in/out shardings derived from the logical rules and with the state donated
-(`partitioning.jit`: the call enters mesh and rules itself). Gradients are accumulated over
+(`partitioning.jit`: the call enters mesh and rules itself). With `watch=True` the jitted step
+also carries a `Watch` on the device: the first step with a non-finite loss or gradient, and the
+count of consecutive dead steps (gradient norm 0), read by the host only at log and save steps. Gradients are accumulated over
 `train.microbatches` slices of the batch; the loss is a sum over target tokens divided by the
 number of target tokens of the whole batch, so k microbatches give the same update as one full
 batch. The loss arithmetic is `t5lite.losses`.
@@ -127,7 +129,12 @@ def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     train_cfg, dropout: bool) -> Callable:
   """The pure train step (unjitted): (state, batch) -> (state, metrics). Reads only
-  train_cfg.microbatches, z_loss, label_smoothing and seed."""
+  train_cfg.microbatches, z_loss, label_smoothing and seed.
+
+  metrics: loss, z_loss, accuracy, target_tokens, grad_norm, learning_rate and `finite` (1.0 when
+  the loss, the z-loss and every gradient of this step are finite, else 0.0). The update is
+  applied either way: `watch_train_step` records the first bad step for the host to act on.
+  """
   k = int(train_cfg.microbatches)
   z_loss, smoothing = float(train_cfg.z_loss), float(train_cfg.label_smoothing)
   dropout_key = jax.random.PRNGKey(int(train_cfg.seed) + 1)
@@ -163,13 +170,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    loss, z = sums['loss_sum'] / denominator, sums['z_loss_sum'] / denominator
+    grad_norm = optax.tree.norm(grads)
     metrics = {
-        'loss': sums['loss_sum'] / denominator,
-        'z_loss': sums['z_loss_sum'] / denominator,
+        'loss': loss,
+        'z_loss': z,
         'accuracy': sums['correct_sum'] / denominator,
         'target_tokens': sums['weight_sum'],
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': grad_norm,
         'learning_rate': jnp.asarray(schedule(state.step), jnp.float32),
+        # A nan or inf in any gradient makes the norm nan or inf (sqrt of a sum of squares): three
+        # scalar checks cover every gradient without another pass over them. (Finite gradients
+        # whose squares overflow float32, norm > ~1.8e19, also count as bad: a divergence anyway.)
+        'finite':
+            (jnp.isfinite(loss) & jnp.isfinite(z) & jnp.isfinite(grad_norm)).astype(jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -192,14 +206,83 @@ def make_eval_step(model: nn.Module, param_shardings, mesh: Mesh,
                           out_shardings=NamedSharding(mesh, P()))
 
 
-def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh,
-                   rules) -> partitioning.Partitioned:
+@flax.struct.dataclass
+class Watch:
+  """What the jitted step tracks across steps on the device, so the host needs no sync per step
+  (it reads this at log and save steps only, `read_watch`). Replicated int32 scalars:
+
+  first_bad_step: the 1-based number of the first step whose loss, z-loss or gradients were
+    non-finite; 0 while there was none. It never changes once set: the params of that step's
+    input (the checkpoint of step first_bad_step - 1) and everything after are suspect.
+  dead_steps: consecutive steps, up to the last, whose gradient norm was exactly 0 while the loss
+    was > 0 (a dead run: nothing can move any more; a live model with loss > 0 always has some
+    nonzero gradient at its output layer). Reset by any other step.
+  last_step: the number of the last step run.
+  """
+  first_bad_step: jax.Array
+  dead_steps: jax.Array
+  last_step: jax.Array
+
+
+def initial_watch(mesh: Mesh) -> Watch:
+  """A fresh Watch (nothing seen yet), replicated over `mesh`."""
+  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))
+  return Watch(first_bad_step=zero(), dead_steps=zero(), last_step=zero())
+
+
+def watch_train_step(train_step: Callable) -> Callable:
+  """(state, batch) -> (state, metrics) made (state, batch, watch) -> (state, metrics, watch):
+  the same step, plus a few scalar ops updating the Watch from its metrics."""
+
+  def watched(state: TrainState, batch: dict[str, jax.Array], watch: Watch):
+    number = state.step + 1  # this step's 1-based number (the step its checkpoint would carry)
+    state, metrics = train_step(state, batch)
+    bad = metrics['finite'] == 0
+    first_bad = jnp.where((watch.first_bad_step == 0) & bad, number, watch.first_bad_step)
+    # Exactly 0: what a dead run really shows (Adafactor at lr 1e6: every gradient underflows to
+    # 0 from step 3 on); a nan norm is not 0, so it resets the count (first_bad_step has it).
+    dead = (metrics['grad_norm'] == 0) & (metrics['loss'] > 0)
+    dead_steps = jnp.where(dead, watch.dead_steps + 1, 0)
+    return state, metrics, Watch(first_bad_step=first_bad.astype(jnp.int32),
+                                 dead_steps=dead_steps.astype(jnp.int32),
+                                 last_step=number.astype(jnp.int32))
+
+  return watched
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchReport:
+  """A Watch on the host. first_bad_step: None while every step was finite."""
+  first_bad_step: int | None
+  dead_steps: int
+  last_step: int
+
+
+def read_watch(watch: Watch) -> WatchReport:
+  """Fetches the Watch (three scalars: one small device_get; call it at log or save steps)."""
+  first_bad, dead, last = (
+      int(x) for x in jax.device_get((watch.first_bad_step, watch.dead_steps, watch.last_step)))
+  return WatchReport(first_bad_step=first_bad or None, dead_steps=dead, last_step=last)
+
+
+def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh, rules,
+                   watch: bool = False) -> partitioning.Partitioned:
   """The train step jitted with shardings (this is pjit), entering mesh and rules on each call;
-  the input state is donated. `.lower(state, batch)` compiles ahead of time."""
-  return partitioning.jit(train_step, mesh, rules,
-                          in_shardings=(state_shardings, partitioning.batch_sharding(mesh, rules)),
-                          out_shardings=(state_shardings, NamedSharding(mesh,
-                                                                        P())), donate_argnums=(0,))
+  the input state is donated. `.lower(state, batch)` compiles ahead of time.
+
+  watch=True: jits `watch_train_step(train_step)` instead, called as
+  `state, metrics, watch = step(state, batch, watch)` with a Watch from `initial_watch(mesh)`
+  (replicated; not donated, it is three scalars).
+  """
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = partitioning.batch_sharding(mesh, rules)
+  if watch:
+    return partitioning.jit(watch_train_step(train_step), mesh, rules,
+                            in_shardings=(state_shardings, batch_sharding, replicated),
+                            out_shardings=(state_shardings, replicated, replicated),
+                            donate_argnums=(0,))
+  return partitioning.jit(train_step, mesh, rules, in_shardings=(state_shardings, batch_sharding),
+                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 @jax.jit
