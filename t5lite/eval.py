@@ -54,7 +54,8 @@ def run(config, workdir: str, checkpoint: str = 'latest', watch: bool = False,
     try:
       splits = tasks_lib.get_task(name).splits
     except ValueError as e:  # a mixture: metrics are per task
-      raise config_lib.ConfigError(f'config.eval.tasks: {e}; list its tasks instead') from None
+      raise config_lib.ConfigError(f'config.eval.tasks: {str(e).rstrip(".")}; list its tasks '
+                                   'instead') from None
     if config.eval.split not in splits:
       raise config_lib.ConfigError(f'config.eval.split={config.eval.split!r}: task {name!r} has '
                                    f'only the splits {list(splits)}')
