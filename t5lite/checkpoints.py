@@ -17,10 +17,26 @@ Reading uses orbax's standard handlers (tensorstore, JSON) and `json` only: no p
 Every job finds checkpoints here: `complete_steps` is the one scan for commit markers (resume,
 `init_from`, eval), `resolve_steps` turns eval's and infer's --checkpoint into steps and paths,
 and `load_params` / `load_params_for_init` read only the params onto any mesh.
+
+Nothing lost, nothing silently wrong:
+- A failed save (permissions, a full disk, a storage error) raises CheckpointSaveError, one line
+  naming the step, the path and the cause: from `save` itself (a synchronous save, or the
+  previous asynchronous one found failed when the next starts), from `check_save` (cheap, called
+  every step) or from `wait`. Directories are created synchronously, in `save`, so that a folder
+  that cannot be written fails there rather than leaving orbax's background threads waiting
+  forever for a directory that never comes (the process would hang at exit).
+- Every saved array has a fingerprint in the step's `checksums` item (checksums.json), computed
+  on the device at save and again after each restore; a mismatch, or a non-finite value in a
+  restored state, rejects the step like an unreadable one (CorruptCheckpointError).
+  Tensorstore's zarr chunks carry no checksum of their own (only the shard index has a crc32c),
+  so a flipped bit in array data would otherwise restore silently.
+- `reject_from` moves steps whose params turned out bad (a non-finite loss after them) aside.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -29,6 +45,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -37,12 +54,28 @@ from orbax.checkpoint import options as ocp_options
 COMMIT_MARKER = 'commit_success.txt'  # orbax writes it last, just before the final rename
 TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax's suffix for a step still being written
 REJECTED_DIR = 'checkpoints_rejected'  # unreadable steps are moved here, next to checkpoints/
+REASON_FILE = 'REASON.txt'  # in each rejected step's folder: why it was set aside
+CHECKSUMS_ITEM = 'checksums'  # an item of each step, next to `state`: its arrays' fingerprints
+CHECKSUMS_FILE = 'checksums.json'
+CHECKSUMS_FORMAT = ('t5lite checksums v1: per array, [sum, sum weighted by 2*position+1] of its '
+                    'bits as uint32, modulo 2**32')
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be used; the message says which one, why, and what to do."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed (permissions, a full disk, a storage error): the message names
+  the step, the folder, the cause and the newest complete checkpoint, which is left intact. The
+  run must stop: the next saves would fail the same way."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A step reads back, but an array differs from the checksum written with it, or the state holds
+  non-finite values. restore_latest sets such a step aside and falls back to the previous one."""
 
 
 class MissingCheckpointError(RuntimeError):
@@ -55,6 +88,157 @@ class Restored:
   step: int
   state: Any  # TrainState on the target shardings
   data_state: dict  # this process's data-iterator state, for iterator.set_state
+
+
+# ---------------------------------------------------------------------------------------------
+# Quiet: orbax's harmless warnings, and asyncio's unretrieved errors of a failed read
+
+
+class _HarmlessOrbaxWarnings(logging.Filter):
+  """Drops orbax's 'Metadata file does not exist' warning (logged through absl). It comes from
+  every read of a t5lite step's `state` folder as a tree of its own (load_params_for_init): orbax
+  looks for step metadata there, finds that it lives one folder up, and carries on without it.
+  Every other absl line, orbax's included, passes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno == logging.WARNING
+                and str(record.msg).startswith('Metadata file does not exist'))
+
+
+def _install_log_filters() -> None:
+  absl_logger = logging.getLogger('absl')  # absl.logging's calls go through this logger
+  if not any(isinstance(f, _HarmlessOrbaxWarnings) for f in absl_logger.filters):
+    absl_logger.addFilter(_HarmlessOrbaxWarnings())
+
+
+_install_log_filters()
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+  yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums: a fingerprint of every array, the same on any mesh
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """[sum, position-weighted sum, non-finite count] of one array's bits, as uint32.
+
+  Unsigned integer addition wraps modulo 2**32 and gives the same result in any order, so every
+  mesh and sharding (and XLA's choice of reduction tree) gives the same numbers, which a float
+  sum would not. Flipping any one bit changes the sum by +-2**k, never 0 modulo 2**32; the odd
+  weights 2*position+1 (invertible modulo 2**32) also change with it, and catch values moved to
+  other positions, which the plain sum cannot see."""
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize, jnp.uint32)
+    # 8-byte types bitcast to uint32 gain a last axis of 2: both halves are summed.
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  position = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):  # row-major flat index, wrapping like the sums
+    position += jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * np.uint32(stride % 2**32)
+    stride *= bits.shape[axis]
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    nonfinite = jnp.sum(~jnp.isfinite(x), dtype=jnp.uint32)
+  else:
+    nonfinite = jnp.uint32(0)
+  return jnp.stack([
+      jnp.sum(bits, dtype=jnp.uint32),
+      jnp.sum(bits * (2 * position + 1), dtype=jnp.uint32), nonfinite
+  ])
+
+
+@jax.jit
+def _fingerprint_arrays(arrays: list) -> jax.Array:
+  # One small device computation and one transfer for the whole tree, [n_arrays, 3].
+  return jnp.stack([_leaf_fingerprint(x) for x in arrays]).reshape(len(arrays), 3)
+
+
+def _flat_arrays(tree) -> dict[str, Any]:
+  """'params/encoder/.../kernel' -> array: the names orbax gives the saved tree (as _flat_shapes
+  does), so a TrainState and a tree read back from metadata name their arrays alike."""
+  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True), sep='/',
+                               is_leaf=lambda x: hasattr(x, 'shape'))
+  return {k: v for k, v in sorted(flat.items()) if hasattr(v, 'dtype') and hasattr(v, 'shape')}
+
+
+def fingerprints(tree) -> dict[str, dict]:
+  """name -> {'dtype', 'shape', 'sum', 'weighted', 'nonfinite'} for every array of `tree`, on
+  whatever mesh it lives: the checksums a save writes and a restore compares."""
+  arrays = _flat_arrays(tree)
+  if not arrays:
+    return {}
+  values = _fingerprint_arrays(list(arrays.values()))
+  # Fully reduced, so every device (and every process) holds the whole result.
+  values = np.asarray(values.addressable_data(0)).astype(np.int64)
+  return {
+      name: {
+          'dtype': str(x.dtype), 'shape': list(x.shape), 'sum': int(v[0]), 'weighted': int(v[1]),
+          'nonfinite': int(v[2])
+      } for (name, x), v in zip(arrays.items(), values)
+  }
+
+
+_told_no_checksums: set[str] = set()
+
+
+def read_checksums(step_dir: str) -> dict[str, dict] | None:
+  """The checksums saved in the step at `step_dir`, or None for a step written before t5lite
+  saved them."""
+  path = os.path.join(step_dir, CHECKSUMS_ITEM, CHECKSUMS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)['arrays']
+
+
+def verify(step_dir: str, tree, label: str) -> None:
+  """Raises CorruptCheckpointError (its message starts with `label`) when an array of `tree`, read
+  from the step at `step_dir`, differs from the checksum saved with it, or holds non-finite
+  values. Arrays read with another dtype than they were saved in (orbax casts to the target's)
+  are checked for finiteness only; saved arrays that `tree` does not hold are not checked."""
+  actual = fingerprints(tree)
+  expected = read_checksums(step_dir)
+  if expected is None:
+    parent = os.path.dirname(step_dir)
+    if parent not in _told_no_checksums:
+      _told_no_checksums.add(parent)
+      log.info(f'checkpoints: {step_dir} was written without checksums (before t5lite saved '
+               'them): its arrays are checked for finite values only')
+  else:
+    differ = [
+        name for name, got in actual.items()
+        if name in expected and (expected[name]['dtype'],
+                                 expected[name]['shape']) == (got['dtype'], got['shape']) and
+        (expected[name]['sum'], expected[name]['weighted']) != (got['sum'], got['weighted'])
+    ]
+    if differ:
+      more = f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''
+      raise CorruptCheckpointError(
+          f'{label}: array {differ[0]}{more} differs from the checksum written at save: its '
+          'files were changed or damaged since')
+  nonfinite = [name for name, got in actual.items() if got['nonfinite']]
+  if nonfinite:
+    first = actual[nonfinite[0]]
+    more = f' (and {len(nonfinite) - 1} more arrays)' if len(nonfinite) > 1 else ''
+    raise CorruptCheckpointError(
+        f'{label}: array {nonfinite[0]} holds {first["nonfinite"]} non-finite value(s) of '
+        f'{int(np.prod(first["shape"]))}{more}')
+
+
+def _describe(e: BaseException) -> str:
+  """'TypeName: the first line of the message', at most 300 characters."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ''
+  text = text if len(text) <= 300 else text[:297] + '...'
+  return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints
 
 
 def _scan(directory: str) -> tuple[list[int], list[int], list[str]]:
@@ -107,6 +291,9 @@ class Checkpointer:
                best_mode: str = 'min', best_n: int = 1):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
+    self._pending: int | None = None  # the step of the last save not yet known to have ended
+    self._error: CheckpointSaveError | None = None  # sticky: every later call raises it again
+    self._error_raised = False
     policy = ocp.checkpoint_managers.LatestN(n=keep or None)  # None keeps all
     if best_metric and keep:
       # Also keep the best_n by `best_metric` (a value passed to save(metrics=...)); orbax keeps
@@ -128,11 +315,19 @@ class Checkpointer:
             'data': ocp.JsonCheckpointHandler(filename=data_state_filename(),
                                               multiprocessing_options=every_process),
             'config': ocp.JsonCheckpointHandler(),
+            CHECKSUMS_ITEM: ocp.JsonCheckpointHandler(filename=CHECKSUMS_FILE),
         },
         # The train loop decides when to save and calls save(force=True), so none of orbax's save
         # policies (interval, its own preemption check) runs; this only sets retention and async.
-        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
-                                             preservation_policy=policy, create=True, **track))
+        options=ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            preservation_policy=policy,
+            create=True,
+            # The step's folder is made in save() itself, not in a background thread: when it
+            # cannot be made (no permission, no space), orbax's writer threads would otherwise
+            # wait for it until their 20-minute timeout, and the process hang at exit.
+            async_options=ocp_options.AsyncOptions(create_directories_asynchronously=False),
+            **track))
 
   # -------------------------------------------------------------------------------------------
   # Saving
@@ -141,24 +336,103 @@ class Checkpointer:
            metrics: dict[str, float] | None = None) -> bool:
     """Starts writing `state` as step `step` and returns after the device-to-host copy (async) or
     when it is on disk (sync). Every process must call it. False if that step already exists.
-    `metrics` (e.g. {'eval/loss': 2.3}) rank checkpoints for keep-best."""
+    `metrics` (e.g. {'eval/loss': 2.3}) rank checkpoints for keep-best.
+
+    CheckpointSaveError when this save fails synchronously, or when the previous one (which
+    orbax waits for before starting this one) failed in the background."""
+    self._finish_save()
     if step in self.manager.all_steps():
       return False
-    return self.manager.save(
-        step, force=True, metrics=metrics,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=ocp.args.JsonSave(data_state),
-                                config=ocp.args.JsonSave(config)))
+    checksums = {'format': CHECKSUMS_FORMAT, 'arrays': fingerprints(state)}
+    self._pending = step
+    try:
+      return self.manager.save(
+          step, force=True, metrics=metrics,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state),
+                                  config=ocp.args.JsonSave(config),
+                                  **{CHECKSUMS_ITEM: ocp.args.JsonSave(checksums)}))
+    except Exception as e:  # pylint: disable=broad-except  (any storage error: one line)
+      self._pending = None
+      self._error = self._save_failed(step, e)
+      self._error_raised = True
+      raise self._error from e
+
+  def check_save(self) -> None:
+    """Raises CheckpointSaveError when a save has failed; otherwise returns at once, never
+    waiting for a save in flight. Cheap (no I/O, no device work): call it every step."""
+    if self._error is not None:
+      self._error_raised = True
+      raise self._error
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self._finish_save()  # ended: collect how (joining a finished thread)
 
   def wait(self) -> None:
-    """Blocks until the in-flight save, if any, is finalised on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight, if any, is finalised on disk; CheckpointSaveError if it
+    (or an earlier one) failed."""
+    self._finish_save()
+
+  def _finish_save(self) -> None:
+    if self._error is not None:
+      self._error_raised = True
+      raise self._error
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()  # re-raises the background save's exception, once
+    except Exception as e:  # pylint: disable=broad-except
+      self._error = self._save_failed(step, e)
+      self._error_raised = True
+      raise self._error from e
+
+  def _save_failed(self, step: int, e: BaseException) -> CheckpointSaveError:
+    try:
+      done = complete_steps(self.directory)
+    except OSError:
+      done = []
+    newest = (f'the newest complete checkpoint, step {done[-1]} in {self.directory}, is intact'
+              if done else 'no complete checkpoint was written before it')
+    return CheckpointSaveError(
+        f'saving the checkpoint of step {step} to {self.directory} failed: {_describe(e)}; '
+        f'{newest}. Fix the cause (permissions, free space, the storage) and run the same '
+        'command again to resume')
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def close(self) -> None:
-    self.manager.close()  # waits for an in-flight save first
+    """Waits for a save in flight and releases orbax's threads. Never raises, as it runs in
+    `finally` blocks: a failed save not reported yet is logged as an error (call wait() first to
+    have it raised)."""
+    try:
+      self._finish_save()
+    except CheckpointSaveError as e:
+      if not self._error_raised:
+        log.error(f'checkpoints: {e}')
+      self._error_raised = True
+    try:
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if self._error is None:
+        raise
+      log.debug(f'checkpoints: closing after a failed save: {_describe(e)}')
+
+  # -------------------------------------------------------------------------------------------
+  # Rejecting checkpoints whose params turned out bad
+
+  def reject_from(self, step: int, reason: str) -> int | None:
+    """Moves every complete step >= `step` to WORKDIR/checkpoints_rejected/<step>-<time>/ (with a
+    REASON.txt saying `reason`), one log line each, and returns the newest step left in
+    checkpoints/ (None when none is). For a run whose loss went non-finite after step `step`:
+    that step's params, and any later, are not a good place to resume. Waits for the save in
+    flight first (CheckpointSaveError if it failed). Every process must call it."""
+    self.wait()
+    bad = [s for s in complete_steps(self.directory) if s >= step]
+    if bad:
+      self._set_aside({s: f'step {s} rejected: {reason}' for s in bad})
+    left = complete_steps(self.directory)
+    return left[-1] if left else None
 
   # -------------------------------------------------------------------------------------------
   # Restoring
@@ -217,8 +491,10 @@ class Checkpointer:
                                 args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
   def restore(self, step: int, abstract_state) -> Restored:
-    """Reads step `step` into the shardings that `abstract_state`'s structs carry."""
-    data_dir = os.path.join(self.directory, str(step), 'data')
+    """Reads step `step` into the shardings that `abstract_state`'s structs carry, and checks it
+    against its checksums and for non-finite values (CorruptCheckpointError)."""
+    step_dir = os.path.join(self.directory, str(step))
+    data_dir = os.path.join(step_dir, 'data')
     if os.path.isdir(data_dir) and not os.path.exists(os.path.join(data_dir,
                                                                    data_state_filename())):
       written = sorted(n for n in os.listdir(data_dir) if n.startswith('process_'))
@@ -230,34 +506,40 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       data=ocp.args.JsonRestore()))
+    verify(step_dir, restored['state'], f'checkpoint step {step} in {self.directory}')
     return Restored(step=step, state=restored['state'], data_state=restored['data'])
 
   def restore_latest(self, abstract_state, config: dict | None = None) -> Restored | None:
-    """The newest checkpoint that reads back, or None when there is none at all.
+    """The newest checkpoint that reads back intact, or None when there is none at all.
 
-    Steps that fail to read are reported, moved to WORKDIR/checkpoints_rejected/ (so the run can
-    write that step again) and the previous one is tried. An incompatible model config raises at
-    once: an older step of the same run would not fit either.
+    Steps that fail to read, differ from their checksums or hold non-finite values are moved to
+    WORKDIR/checkpoints_rejected/ (so the run can write that step again), one line each, and the
+    previous one is tried. An incompatible model config raises at once: an older step of the
+    same run would not fit either.
     """
     steps, skipped = self._complete_steps()
     failures = list(skipped)
+    reasons = {}
     for step in reversed(steps):
       try:
-        self.check_compatible(step, abstract_state, config)
-        restored = self.restore(step, abstract_state)
+        with _quiet_asyncio():
+          self.check_compatible(step, abstract_state, config)
+          restored = self.restore(step, abstract_state)
+      except CorruptCheckpointError as e:
+        reasons[step] = str(e).split(': ', 1)[-1]
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (any read error: try an older step)
-        reason = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
-        failures.append(f'step {step}: {reason}')
-        log.warning(f'checkpoints: step {step} cannot be read ({reason}); trying an older one')
-        continue
-      newer = [s for s in self.manager.all_steps() if s > step]
-      if newer:
-        self._set_aside(newer)
-      if failures:
-        log.info(f'checkpoints: resuming from step {step}, the newest readable checkpoint')
-      return restored
+        reasons[step] = _describe(e)
+      else:
+        newer = [s for s in self.manager.all_steps() if s > step]
+        if newer:
+          self._set_aside(
+              {s: f'step {s} cannot be read ({reasons.get(s, "incomplete")})' for s in newer})
+        if failures or reasons:
+          log.info(f'checkpoints: resuming from step {step}, the newest readable checkpoint')
+        return restored
+      failures.append(f'step {step}: {reasons[step]}')
     if failures:
       raise CheckpointError(f'checkpoints exist in {self.directory} but none can be read:\n  '
                             + '\n  '.join(failures)
@@ -265,25 +547,33 @@ class Checkpointer:
                             'away (or use another --workdir) to start a new run.')
     return None
 
-  def _set_aside(self, steps: list[int]) -> None:
-    """Moves unreadable steps out of checkpoints/ so that orbax can save those steps again;
-    kept rather than deleted, for a post-mortem."""
+  def _set_aside(self, reasons: dict[int, str]) -> None:
+    """Moves steps out of checkpoints/ so that orbax can save those steps again, one log line
+    each (`reasons[step]` says why, also in the folder's REASON.txt); kept rather than deleted,
+    for a post-mortem. Process 0 moves; every process waits for it."""
     if jax.process_index() == 0:
       rejected = os.path.join(self.workdir, REJECTED_DIR)
       os.makedirs(rejected, exist_ok=True)
-      for step in steps:
+      for step, reason in sorted(reasons.items()):
         target = os.path.join(rejected, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+        n = 1
+        while os.path.exists(target):  # the same step rejected twice within a second
+          target = os.path.join(rejected, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}-{n}')
+          n += 1
         shutil.move(os.path.join(self.directory, str(step)), target)
-        log.warning(f'checkpoints: moved unreadable step {step} to {target}')
+        with open(os.path.join(target, REASON_FILE), 'w') as f:
+          f.write(reason + '\n')
+        log.warning(f'checkpoints: {reason}; moved it to {target}')
     _barrier('t5lite_checkpoints_set_aside')
     self.manager.reload()
 
 
-def restore_as_numpy(workdir: str, step: int | None = None) -> tuple[int, dict]:
+def restore_as_numpy(workdir: str, step: int | None = None, check: bool = True) -> tuple[int, dict]:
   """(step, the saved TrainState as nested dicts of numpy arrays), without building a model.
 
   For inspection and tests: targets come from the checkpoint's own metadata, placed on one device,
-  so it reads any checkpoint whatever mesh wrote it.
+  so it reads any checkpoint whatever mesh wrote it. Verified against its checksums and for
+  finite values (CorruptCheckpointError) unless `check` is False (to look at a bad one).
   """
   ckpt = Checkpointer(workdir)
   try:
@@ -297,6 +587,9 @@ def restore_as_numpy(workdir: str, step: int | None = None) -> tuple[int, dict]:
                           metadata.tree, is_leaf=lambda x: hasattr(x, 'shape'))
     state = ckpt.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
+    if check:
+      verify(os.path.join(ckpt.directory, str(step)), state,
+             f'checkpoint step {step} in {ckpt.directory}')
     return step, jax.tree.map(np.asarray, state)
   finally:
     ckpt.close()
@@ -482,6 +775,8 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
             item={'params': target},
             restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
             partial_restore=True))['params']
+    # The params only: opt_state is not read, so its checksums are not compared.
+    verify(step_dir, {'params': restored}, f'checkpoint.init_from={step_dir}')
     values = {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored)}
   names_back = {old: new for new, old in renamed.items()}
   loaded = {names_back[old]: x for old, x in values.items()}
