@@ -4,10 +4,10 @@
 `jit_train_step` with in/out shardings derived from the logical rules and with the state donated
 (`partitioning.jit`: the call enters mesh and rules itself). With `watch=True` the jitted step
 also carries a `Watch` on the device: the first step with a non-finite loss or gradient, and the
-count of consecutive dead steps (gradient norm 0), read by the host only at log and save steps. Gradients are accumulated over
-`train.microbatches` slices of the batch; the loss is a sum over target tokens divided by the
-number of target tokens of the whole batch, so k microbatches give the same update as one full
-batch. The loss arithmetic is `t5lite.losses`.
+count of consecutive dead steps (gradient norm 0), read by the host only at log and save steps.
+Gradients are accumulated over `train.microbatches` slices of the batch; the loss is a sum over
+target tokens divided by the number of target tokens of the whole batch, so k microbatches give
+the same update as one full batch. The loss arithmetic is `t5lite.losses`.
 
 `initial_state` decides where a run starts: the newest readable checkpoint of the run's own
 workdir, else a fresh initialisation, with its params then taken from `init_from` if given

@@ -1,5 +1,5 @@
-"""Training health: non-finite steps and dead runs caught on the device at every step (trainer.Watch),
-accuracy that counts a tie as wrong, and config checks that reject inf and nan."""
+"""Training health: non-finite steps and dead runs caught on the device at every step
+(trainer.Watch), accuracy that counts a tie as wrong, and config checks that reject inf and nan."""
 import math
 
 import jax
