@@ -34,13 +34,13 @@ Nothing lost, nothing silently wrong:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -94,30 +94,62 @@ class Restored:
 # Quiet: orbax's harmless warnings, and asyncio's unretrieved errors of a failed read
 
 
-class _HarmlessOrbaxWarnings(logging.Filter):
-  """Drops orbax's 'Metadata file does not exist' warning (logged through absl). It comes from
-  every read of a t5lite step's `state` folder as a tree of its own (load_params_for_init): orbax
-  looks for step metadata there, finds that it lives one folder up, and carries on without it.
-  Every other absl line, orbax's included, passes."""
+class _OrbaxNoise(logging.Filter):
+  """Drops two kinds of orbax log records (logged through absl), and nothing else:
+
+  - the warning 'Metadata file does not exist', from every read of a t5lite step's `state` folder
+    as a tree of its own (load_params_for_init): orbax looks for step metadata there, finds that
+    it lives one folder up, and carries on without it. Harmless.
+  - the errors, each with a traceback, that orbax logs from its threads when a background save
+    fails: the same exception reaches the Checkpointer, which raises (or, in close(), logs) it as
+    one CheckpointSaveError line naming the step, the folder and the cause.
+  """
+  HARMLESS_WARNINGS = ('Metadata file does not exist',)
+  SAVE_FAILURES = ('_SignalingThread.run() raised an exception',
+                   'Handler Commit operations or the Commit callback in background save thread',
+                   '[wait_until_finished] Save Finalize thread', 'Checkpointer failed: one or more '
+                   'items may not be finalized')
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno == logging.WARNING
-                and str(record.msg).startswith('Metadata file does not exist'))
+    message = str(record.msg)
+    if record.levelno == logging.WARNING:
+      return not message.startswith(self.HARMLESS_WARNINGS)
+    if record.levelno == logging.ERROR:
+      return not any(part in message for part in self.SAVE_FAILURES)
+    return True
+
+
+def _is_late_tensorstore_callback(unraisable) -> bool:
+  """Orbax runs each read or write in an asyncio loop of its own and closes it when the first
+  array fails; tensorstore's reads and writes still in flight then complete into that closed
+  loop, and each prints 'RuntimeError: Event loop is closed' with a traceback through
+  sys.unraisablehook: thousands of lines for one truncated checkpoint. Nothing waits for those
+  results any more; the failure itself is reported once, by the Checkpointer."""
+  exc = unraisable.exc_value
+  if not (isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'):
+    return False
+  tb = unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and tb.tb_frame.f_code.co_name == '_check_closed'
 
 
 def _install_log_filters() -> None:
   absl_logger = logging.getLogger('absl')  # absl.logging's calls go through this logger
-  if not any(isinstance(f, _HarmlessOrbaxWarnings) for f in absl_logger.filters):
-    absl_logger.addFilter(_HarmlessOrbaxWarnings())
+  if not any(isinstance(f, _OrbaxNoise) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxNoise())
+  previous = sys.unraisablehook
+  if not getattr(previous, 't5lite_checkpoints', False):
+
+    def hook(unraisable):
+      if not _is_late_tensorstore_callback(unraisable):
+        previous(unraisable)
+
+    hook.t5lite_checkpoints = True
+    sys.unraisablehook = hook
 
 
 _install_log_filters()
-
-
-@contextlib.contextmanager
-def _quiet_asyncio():
-  yield
-
 
 # ---------------------------------------------------------------------------------------------
 # Checksums: a fingerprint of every array, the same on any mesh
@@ -231,9 +263,11 @@ def verify(step_dir: str, tree, label: str) -> None:
 
 
 def _describe(e: BaseException) -> str:
-  """'TypeName: the first line of the message', at most 300 characters."""
+  """'TypeName: the first line of the message', shortened in the middle to at most ~500
+  characters: storage errors name the file first and the cause (e.g. 'File too large') last."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ''
-  text = text if len(text) <= 300 else text[:297] + '...'
+  if len(text) > 500:
+    text = f'{text[:200]} ... {text[-250:]}'
   return f'{type(e).__name__}: {text}' if text else type(e).__name__
 
 
@@ -430,7 +464,7 @@ class Checkpointer:
     self.wait()
     bad = [s for s in complete_steps(self.directory) if s >= step]
     if bad:
-      self._set_aside({s: f'step {s} rejected: {reason}' for s in bad})
+      self._set_aside({s: f'step {s} rejected ({reason})' for s in bad})
     left = complete_steps(self.directory)
     return left[-1] if left else None
 
@@ -522,24 +556,23 @@ class Checkpointer:
     reasons = {}
     for step in reversed(steps):
       try:
-        with _quiet_asyncio():
-          self.check_compatible(step, abstract_state, config)
-          restored = self.restore(step, abstract_state)
+        self.check_compatible(step, abstract_state, config)
+        restored = self.restore(step, abstract_state)
       except CorruptCheckpointError as e:
-        reasons[step] = str(e).split(': ', 1)[-1]
+        reasons[step] = f'step {step} rejected ({str(e).split(": ", 1)[-1]})'
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (any read error: try an older step)
-        reasons[step] = _describe(e)
+        reasons[step] = f'step {step} cannot be read ({_describe(e)})'
       else:
         newer = [s for s in self.manager.all_steps() if s > step]
         if newer:
           self._set_aside(
-              {s: f'step {s} cannot be read ({reasons.get(s, "incomplete")})' for s in newer})
+              {s: reasons.get(s, f'step {s} cannot be read (incomplete)') for s in newer})
         if failures or reasons:
           log.info(f'checkpoints: resuming from step {step}, the newest readable checkpoint')
         return restored
-      failures.append(f'step {step}: {reasons[step]}')
+      failures.append(reasons[step])
     if failures:
       raise CheckpointError(f'checkpoints exist in {self.directory} but none can be read:\n  '
                             + '\n  '.join(failures)
