@@ -1,5 +1,7 @@
-"""Training invariants: sharded == unsharded, microbatches == full batch, the loss vs numpy,
-schedules against hand values; the initial state's three sources (fresh, resume, init_from)."""
+"""Training invariants: sharded == unsharded, microbatches == full batch (token-weighted, unequal
+padding, dropout), the loss vs numpy, the logged gradient norm and global-norm clipping, remat ==
+no remat, schedules against hand values; the initial state's three sources (fresh, resume,
+init_from)."""
 import json
 
 import jax
@@ -83,23 +85,113 @@ def test_sharded_equals_unsharded(mesh, reference_losses):
     assert kernel.addressable_shards[0].data.size < kernel.size
 
 
-def test_microbatches_equal_full_batch():
-  # Plain SGD, so the parameter change is the gradient itself (Adam's g/sqrt(v) would turn
-  # rounding in near-zero gradients into whole steps and hide what is being compared).
+def capture_gradients():
+  """An optimizer that leaves the params alone and keeps the step's gradient as its state, so a
+  test reads exactly the gradient the train step handed to the optimizer (no rounding of
+  parameter differences in the way)."""
   import optax
-  sgd = optax.sgd(1.0)
-  _, initial = train_losses(small_config(), jax.devices()[:1], steps=0, tx=sgd)
-  initial_params = jax.device_get(initial.params)
-  full_losses, full_state = train_losses(small_config(), jax.devices()[:1], steps=2, tx=sgd)
-  micro_losses, micro_state = train_losses(small_config(microbatches=4),
-                                           jax.devices()[:1], steps=2, tx=sgd)
-  np.testing.assert_allclose(micro_losses, full_losses, rtol=1e-5)
-  full_delta = jax.tree.map(np.subtract, jax.device_get(full_state.params), initial_params)
-  micro_delta = jax.tree.map(np.subtract, jax.device_get(micro_state.params), initial_params)
-  assert max(float(np.abs(d).max()) for d in jax.tree.leaves(full_delta)) > 1e-3  # it moved
-  # A difference of parameters ~N(0, 1) carries float32 rounding of ~1.2e-7 (one ulp at 1.0).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-7), full_delta,
-               micro_delta)
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def padded_batch(batch_size=8, inputs=16, targets=8, seed=0):
+  """Unpacked rows with unequal padding: row r has r % targets + 1 target tokens and
+  inputs - r % inputs input tokens, so the microbatches of rows i, i + k, ... differ in their
+  numbers of loss tokens."""
+  rng = np.random.RandomState(seed)
+  rows = np.arange(batch_size)
+  dec = np.arange(targets)[None] < (rows % targets + 1)[:, None]
+  enc = np.arange(inputs)[None] < (inputs - rows % inputs)[:, None]
+  tgt = rng.randint(3, 256, (batch_size, targets)) * dec  # ids of a 256-entry vocabulary
+  dec_in = np.zeros_like(tgt)
+  dec_in[:, 1:] = tgt[:, :-1]
+  return dict(encoder_input_tokens=rng.randint(3, 256, (batch_size, inputs)) * enc,
+              decoder_input_tokens=dec_in, decoder_target_tokens=tgt,
+              decoder_loss_weights=dec.astype(np.float32))
+
+
+def one_step(config, batch, tx, dropout):
+  """(metrics, state after one jitted train step) on one device, from init seed 0."""
+  mesh = partitioning.make_mesh(config_lib.validate(config, 1), jax.devices()[:1])
+  rules = config.partitioning.rules
+  model = make_model(ModelConfig.from_config(config.model))
+  _, schedule = optim.make_optimizer(config)
+  state, shardings = trainer.init_train_state(model, tx, mesh, rules, batch, 0)
+  step = trainer.jit_train_step(trainer.make_train_step(model, tx, schedule, config.train, dropout),
+                                shardings, mesh, rules)
+  params = jax.device_get(state.params)
+  state, metrics = step(
+      state, partitioning.host_to_global(batch, partitioning.batch_sharding(mesh, rules)))
+  return jax.device_get(metrics), jax.device_get(state), params, model
+
+
+def token_loss_sum(model, params, batch, rng):
+  """Sum over the loss tokens of -log softmax(logits)[target] (jax.nn.log_softmax, not
+  t5lite.losses), with dropout from `rng` when given."""
+  inputs = {k: v for k, v in batch.items() if k != 'decoder_loss_weights'}
+  logits = model.apply({'params': params}, **inputs, deterministic=rng is None,
+                       rngs={'dropout': rng} if rng is not None else {})
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+  picked = jnp.take_along_axis(log_p,
+                               jnp.asarray(batch['decoder_target_tokens'])[..., None], -1)[..., 0]
+  return -jnp.sum(picked * batch['decoder_loss_weights'])
+
+
+def tiny_config(**train):
+  c = small_config(**train)
+  c.model.num_encoder_layers = c.model.num_decoder_layers = 1  # compiles faster
+  c.train.z_loss = 0.0
+  c.train.batch_size = 8
+  return c
+
+
+def test_microbatches_are_token_weighted_with_unequal_padding_and_dropout():
+  """k=4 microbatches of rows with unequal numbers of loss tokens: without dropout, the loss and
+  gradient equal the full batch's and the loss is the mean over all tokens (not the mean of the
+  four microbatch means, which differs here). With dropout, they equal a hand-built reference:
+  each microbatch (rows i, i+4) with its own dropout key fold_in(fold_in(PRNGKey(seed + 1),
+  step), i), the summed token losses and gradients divided by the batch's token count."""
+  batch = padded_batch()
+  counts = [batch['decoder_loss_weights'][i::4].sum() for i in range(4)]
+  assert len(set(counts)) == 4  # every microbatch has its own number of loss tokens
+
+  full, full_state, params, model = one_step(tiny_config(), batch, capture_gradients(), False)
+  micro, micro_state, _, _ = one_step(tiny_config(microbatches=4), batch, capture_gradients(),
+                                      False)
+  total = batch['decoder_loss_weights'].sum()
+  assert full['target_tokens'] == micro['target_tokens'] == total
+  loss_sums = [
+      float(token_loss_sum(model, params, jax.tree.map(lambda x: x[i::4], batch), None))
+      for i in range(4)
+  ]
+  token_mean = sum(loss_sums) / total
+  mean_of_means = np.mean([l / c for l, c in zip(loss_sums, counts)])
+  assert abs(token_mean - mean_of_means) > 1e-3 * token_mean  # the test tells them apart
+  np.testing.assert_allclose(full['loss'], token_mean, rtol=1e-5)
+  np.testing.assert_allclose(micro['loss'], token_mean, rtol=1e-5)
+  reference = jax.grad(lambda p: token_loss_sum(model, p, batch, None) / total)(params)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(reference)) > 1e-3
+  for got in (full_state.opt_state, micro_state.opt_state):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got,
+                 reference)
+
+  # Dropout on: the trainer's per-microbatch keys, rebuilt by hand.
+  config = tiny_config(microbatches=4)
+  config.model.dropout_rate = 0.3
+  dropped, dropped_state, _, model = one_step(config, batch, capture_gradients(), True)
+  step_key = jax.random.fold_in(jax.random.PRNGKey(config.train.seed + 1), 0)
+
+  def reference_loss(p):
+    return sum(
+        token_loss_sum(model, p, jax.tree.map(lambda x: x[i::4], batch),
+                       jax.random.fold_in(step_key, i)) for i in range(4)) / total
+
+  loss, grads = jax.jit(jax.value_and_grad(reference_loss))(params)
+  assert abs(float(loss) - token_mean) > 1e-3  # dropout really is on
+  np.testing.assert_allclose(dropped['loss'], loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               dropped_state.opt_state, grads)
 
 
 def test_microbatches_on_a_sharded_mesh():
@@ -108,6 +200,102 @@ def test_microbatches_on_a_sharded_mesh():
   losses, _ = train_losses(config, jax.devices(), steps=2)
   reference, _ = train_losses(small_config(), jax.devices()[:1], steps=2)
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+
+def adamw_first_step(params, grads, lr, eps, weight_decay):
+  """AdamW's first update by hand: bias-corrected m = g and v = g^2, so -lr * (g / (|g| + eps)
+  + weight_decay * p)."""
+  return jax.tree.map(lambda p, g: -lr * (g / (np.abs(g) + eps) + weight_decay * p), params, grads)
+
+
+def test_logged_grad_norm_and_global_norm_clipping():
+  """grad_norm is the global norm (numpy, float64) of the gradient that jax.grad gives for the
+  token-mean loss; with train.max_grad_norm below it, AdamW's first update is the one for the
+  gradient scaled by max_grad_norm / norm. eps=1 makes that update depend on the gradient's
+  scale (with eps << |g| Adam's first step is g / |g|, blind to any clipping)."""
+  batch = padded_batch()
+  config = tiny_config()
+  config.optimizer.update(learning_rate=1.0, eps=1.0, weight_decay=0.1)
+  model = make_model(ModelConfig.from_config(config.model))
+  total = batch['decoder_loss_weights'].sum()
+  runs = {}
+  for max_norm in (0.0, 'quarter'):
+    if max_norm == 'quarter':
+      max_norm = norm / 4
+    config.train.max_grad_norm = max_norm
+    tx, _ = optim.make_optimizer(config)
+    metrics, state, params, _ = one_step(config, batch, tx, False)
+    if not runs:  # the reference gradient, at the initial params
+      grads = jax.device_get(
+          jax.jit(jax.grad(lambda p: token_loss_sum(model, p, batch, None) / total))(params))
+      norm = float(
+          np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(grads))))
+    runs[max_norm] = jax.tree.map(np.subtract, state.params, params)
+    # The logged norm is the gradient's, before clipping.
+    np.testing.assert_allclose(metrics['grad_norm'], norm, rtol=1e-5)
+
+  unclipped = adamw_first_step(params, grads, 1.0, 1.0, 0.1)
+  clipped = adamw_first_step(params, jax.tree.map(lambda g: g * (norm / 4) / norm, grads), 1.0, 1.0,
+                             0.1)
+  differ = max(
+      float(np.abs(a - b).max())
+      for a, b in zip(jax.tree.leaves(unclipped), jax.tree.leaves(clipped)))
+  assert differ > 1e-3  # clipping changes the update by far more than the tolerance below
+  check = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+  jax.tree.map(check, runs[0.0], unclipped)
+  jax.tree.map(check, runs[norm / 4], clipped)
+
+
+def remat_primitives(jaxpr):
+  """The `policy` of every remat (checkpoint) equation in a jaxpr and its sub-jaxprs."""
+  from jax.extend import core
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ('checkpoint', 'remat', 'remat2'):
+      found.append(eqn.params.get('policy'))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        if isinstance(sub, core.ClosedJaxpr):
+          found += remat_primitives(sub.jaxpr)
+        elif isinstance(sub, core.Jaxpr):
+          found += remat_primitives(sub)
+  return found
+
+
+@pytest.mark.parametrize('scan,policy', [(False, 'full'), (True, 'minimal')],
+                         ids=['unrolled-full', 'scan-minimal'])
+def test_remat_gives_the_no_remat_loss_and_gradients(scan, policy):
+  """Rematerialisation only changes what the backward pass recomputes: in float32 the loss and
+  every gradient equal the model's without remat, with dropout off and on (the recomputed layer
+  must draw the same dropout masks). Remat without scan, and the 'minimal' policy (under scan,
+  as large models run it)."""
+  import dataclasses
+  base = ModelConfig(vocab_size=256, d_model=32, d_ff=64, num_heads=4, head_dim=8,
+                     num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.2, dtype='float32',
+                     scan_layers=scan)
+  batch = padded_batch()
+  plain, remat = make_model(base), make_model(dataclasses.replace(base, remat_policy=policy))
+  inputs = {k: v for k, v in batch.items() if k != 'decoder_loss_weights'}
+  params = jax.jit(plain.init)(jax.random.PRNGKey(0), **inputs)['params']
+  assert jax.tree.structure(params) == jax.tree.structure(
+      jax.eval_shape(remat.init, jax.random.PRNGKey(0), **inputs)['params'])
+
+  def losses_and_grads(model):
+    fn = lambda p, rng: jax.value_and_grad(lambda q: token_loss_sum(model, q, batch, rng))(p)
+    both = lambda p: (fn(p, None), fn(p, jax.random.PRNGKey(5)))
+    return both, jax.device_get(jax.jit(both)(params))
+
+  plain_fn, expected = losses_and_grads(plain)
+  remat_fn, got = losses_and_grads(remat)
+  # The remat really is there (and not in the plain model), with the policy asked for.
+  policies = remat_primitives(jax.make_jaxpr(remat_fn)(params).jaxpr)
+  assert policies and all((p is None) == (policy == 'full') for p in policies)
+  assert not remat_primitives(jax.make_jaxpr(plain_fn)(params).jaxpr)
+  (loss, grads), (dropped_loss, dropped_grads) = expected
+  assert abs(float(loss) - float(dropped_loss)) > 1e-3  # dropout is on in the second
+  # Float32 rounding only (the recomputation may fuse and add in another order): a gradient of
+  # ~0.01 differs in its 7th digit at most; another dropout mask would change it in the 2nd.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
 
 
 def numpy_cross_entropy(logits, targets, weights, z_loss, smoothing):
