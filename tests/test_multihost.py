@@ -1,5 +1,7 @@
 """Cross-process helpers (t5lite/multihost.py): single-process pass-through, lockstep's padding
-with a stand-in all-gather, and the real collectives over two processes (t5lite.launch.local)."""
+with a stand-in all-gather, the real collectives over two processes (t5lite.launch.local), and
+the eval loss a 2-process training run logs against one process's."""
+import json
 import os
 import signal
 import subprocess
@@ -129,3 +131,42 @@ def test_two_real_processes(tmp_path):
   # Process 0 has 1 batch, process 1 has 3: both take 3 steps; process 0's last two are zeros.
   assert '[p0] RESULT p=0 any=True all=False agree=[5, 6] seen=[1, 0, 0]' in out, out[-3000:]
   assert '[p1] RESULT p=1 any=True all=False agree=[5, 6] seen=[11, 12, 13]' in out, out[-3000:]
+
+
+def _eval_run(workdir, launch_args):
+  """Two steps of the quickstart (float32) with the held-out evaluation at step 2, on 4 CPU
+  devices: one process (launch_args empty) or as `t5lite.launch.local` splits them. Returns the
+  metrics.jsonl records by step."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('T5LITE_')}
+  env.update(PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''), JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  command = [
+      sys.executable, '-m', 't5lite.train', '--config',
+      os.path.join(REPO, 'configs', 'quickstart.py'), '--workdir',
+      str(workdir), '--config.train.steps=2', '--config.eval.every_steps=2',
+      '--config.checkpoint.every_steps=2', '--config.train.batch_size=8',
+      '--config.eval.batch_size=8', '--config.train.log_every=1', '--config.model.dtype=float32',
+      '--config.reporting.tensorboard=False', '--config.reporting.peak_flops_per_device=1e11'
+  ]
+  if launch_args:
+    command = [sys.executable, '-m', 't5lite.launch.local', *launch_args, '--', *command]
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r for r in map(json.loads, f)}
+
+
+def test_two_process_evaluation_equals_one_process(tmp_path):
+  """The eval loss a 2-process run logs (each process reading its share of the held-out split,
+  the last batches padded by lockstep) equals one process's over the same 4 devices: the same
+  target tokens counted once each, the same loss and accuracy to float32 rounding (the
+  cross-process reductions add in another order)."""
+  one = _eval_run(tmp_path / 'one', [])
+  two = _eval_run(tmp_path / 'two', ['-n', '2', '--devices_per_process', '2'])
+  assert sorted(one) == sorted(two) == [1, 2]
+  assert 'eval/loss' in one[2] and 'eval/loss' in two[2]
+  assert two[2]['eval/target_tokens'] == one[2]['eval/target_tokens'] > 500
+  np.testing.assert_allclose(two[2]['eval/loss'], one[2]['eval/loss'], rtol=1e-5)
+  np.testing.assert_allclose(two[2]['eval/accuracy'], one[2]['eval/accuracy'], rtol=1e-5)
+  for step in (1, 2):
+    np.testing.assert_allclose(two[step]['loss'], one[step]['loss'], rtol=1e-5)
