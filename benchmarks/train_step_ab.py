@@ -69,14 +69,16 @@ def worker(tree: str, shape_key: str, steps: int, watch: bool) -> dict:
     jitted = trainer.jit_train_step(train_step, shardings, mesh, rules)
     step = lambda state: jitted(state, global_batch)
 
-  times = []
+  times, cpu = [], []
   for _ in range(2 + steps):  # the first (compile) and one warm-up step are not timed
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     state, out = step(state)
     jax.block_until_ready((state, out))
     times.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
   return {
-      'times': times[2:], 'loss': float(jax.device_get(out)[0]['loss'] if watch else out['loss'])
+      'cpu': cpu[2:], 'times': times[2:],
+      'loss': float(jax.device_get(out)[0]['loss'] if watch else out['loss'])
   }
 
 
