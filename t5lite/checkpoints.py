@@ -134,6 +134,17 @@ def _is_late_tensorstore_callback(unraisable) -> bool:
   return tb is not None and tb.tb_frame.f_code.co_name == '_check_closed'
 
 
+def _is_abandoned_orbax_coroutine(unraisable) -> bool:
+  """When one array of a restore fails, orbax stops waiting for the others: their coroutines are
+  closed (GeneratorExit) when collected, orbax's reader turns that into an Exception carrying
+  the whole TensorStore spec, and Python prints each through sys.unraisablehook, a few dozen lines
+  per array shard. The failure itself reaches restore_latest, which reports it in one line."""
+  code = getattr(unraisable.object, 'cr_code', None)  # a coroutine
+  exc = unraisable.exc_value
+  return (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename and exc is not None
+          and isinstance(exc.__cause__ or exc.__context__, GeneratorExit))
+
+
 def _install_log_filters() -> None:
   absl_logger = logging.getLogger('absl')  # absl.logging's calls go through this logger
   if not any(isinstance(f, _OrbaxNoise) for f in absl_logger.filters):
@@ -142,7 +153,8 @@ def _install_log_filters() -> None:
   if not getattr(previous, 't5lite_checkpoints', False):
 
     def hook(unraisable):
-      if not _is_late_tensorstore_callback(unraisable):
+      if not (_is_late_tensorstore_callback(unraisable)
+              or _is_abandoned_orbax_coroutine(unraisable)):
         previous(unraisable)
 
     hook.t5lite_checkpoints = True
@@ -186,7 +198,9 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def _fingerprint_arrays(arrays: list) -> jax.Array:
-  # One small device computation and one transfer for the whole tree, [n_arrays, 3].
+  # One program and one transfer for the whole tree, [n_arrays, 3]. (One program per array
+  # compiles less, but many small collective programs in flight at once can deadlock XLA's CPU
+  # backend, seen on 8 simulated devices.)
   return jnp.stack([_leaf_fingerprint(x) for x in arrays]).reshape(len(arrays), 3)
 
 
