@@ -19,9 +19,10 @@ import jax
 import numpy as np
 
 from t5lite import checkpoints, cli, multihost, optim, partitioning, reporting, trainer
+from t5lite import workdir as workdir_lib
 from t5lite import config as config_lib
 from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
-from t5lite.data import converters, pipeline, vocab
+from t5lite.data import converters, pipeline, sources, vocab
 from t5lite.evaluation import evaluator as evaluator_lib
 from t5lite.evaluation import validation
 
@@ -59,40 +60,64 @@ def every(step: int, period: int, last: int) -> bool:
 
 
 def trim_metrics(workdir: str, step: int) -> None:
-  """Drops metrics.jsonl lines beyond `step`, the step a run resumes from: the resumed run logs
-  those steps again, so the file ends up as an uninterrupted run's would (no duplicates)."""
+  """Keeps metrics.jsonl to the steps up to `step`, the step a run resumes from, once each and in
+  order: the resumed run logs the later steps again, so the file ends up as an uninterrupted
+  run's would. A step logged twice (a file from before the workdir lock, when two trainers could
+  share a workdir) keeps its last line."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if jax.process_index() != 0 or not os.path.exists(path):
     return
   with open(path) as f:
     lines = f.readlines()
-  kept = []
+  by_step = {}
   for line in lines:
     try:
-      if json.loads(line)['step'] <= step:
-        kept.append(line)
+      logged = json.loads(line)['step']
     except (ValueError, KeyError, TypeError):
-      pass  # a line cut short by a crash
-  if len(kept) != len(lines):
+      continue  # a line cut short by a crash
+    if isinstance(logged, int) and logged <= step:
+      by_step[logged] = line if line.endswith('\n') else line + '\n'
+  kept = [by_step[s] for s in sorted(by_step)]
+  if kept != lines:
     with open(path, 'w') as f:
       f.writelines(kept)
 
 
-def check_finite(values: dict[str, float], step: int, log_every: int, workdir: str,
-                 ckpt: checkpoints.Checkpointer) -> None:
-  """Stops the run on a non-finite loss or gradient norm, naming the last good checkpoint."""
-  bad = {k: values[k] for k in ('loss', 'grad_norm') if not np.isfinite(values[k])}
-  if not bad:
-    return
-  ckpt.wait()  # never checkpoint this state; let the save in flight (an earlier, good state) end
-  last = ckpt.latest_step()
-  where = (f'the last good checkpoint is step {last} in {ckpt.directory}'
-           if last is not None else 'no checkpoint was written')
-  raise FloatingPointError(
-      f'{" and ".join(f"{k} is {v}" for k, v in bad.items())} at step {step} (metrics up to step '
-      f'{step - log_every} are in {workdir}/metrics.jsonl; {where}); lower '
-      'optimizer.learning_rate, raise schedule.warmup_steps, or use model.dtype=float32 to find '
-      'the source')
+def check_health(watch, values: dict[str, float], step: int, cfg, ckpt) -> None:
+  """Stops the run when a step since the last check had a non-finite loss or gradient, or when
+  the gradient has been exactly zero for train.max_dead_steps steps (a dead model).
+
+  The device-side watch covers every step, not only the logged ones. A checkpoint is good only
+  if its params gave a finite, live step after it: when step s is the first bad one, the
+  checkpoints of steps >= s - 1 are moved aside (checkpoints_rejected/) and the message names
+  the newest one left, so the same command resumes from a state that really trains."""
+  report = trainer.read_watch(watch)
+  max_dead = cfg.train.max_dead_steps
+  if report.first_bad_step is not None:
+    bad = report.first_bad_step
+    good = ckpt.reject_from(bad - 1, f'its params gave a non-finite loss or gradient at step {bad}')
+    now = {k: values[k] for k in ('loss', 'grad_norm') if k in values and not np.isfinite(values[k])}
+    seen = f' ({", ".join(f"{k} {v}" for k, v in now.items())} at step {step})' if now else ''
+    raise FloatingPointError(
+        f'the loss or gradients became non-finite at step {bad}{seen}; '
+        f'{_good_checkpoint(good, ckpt)}; lower optimizer.learning_rate, raise '
+        'schedule.warmup_steps, or use model.dtype=float32 to find the source')
+  if max_dead and report.dead_steps >= max_dead:
+    first_dead = step - report.dead_steps + 1
+    good = ckpt.reject_from(first_dead - 1,
+                            f'its params gave a zero gradient from step {first_dead}')
+    raise FloatingPointError(
+        f'dead run: the gradient norm has been exactly 0 for {report.dead_steps} steps (since step '
+        f'{first_dead}) while the loss stays at {values.get("loss", float("nan")):.4f} (ln V = '
+        f'{np.log(cfg.model.vocab_size):.4f} is a model that predicts nothing); '
+        f'{_good_checkpoint(good, ckpt)}; lower optimizer.learning_rate (train.max_dead_steps=0 '
+        'turns this check off)')
+
+
+def _good_checkpoint(step: int | None, ckpt) -> str:
+  if step is None:
+    return f'no good checkpoint is left in {ckpt.directory}'
+  return f'the last good checkpoint is step {step} in {ckpt.directory}'
 
 
 def save(ckpt, step: int, state, data_state, config_dict, values: dict[str, float]) -> None:
@@ -102,10 +127,41 @@ def save(ckpt, step: int, state, data_state, config_dict, values: dict[str, floa
     ckpt.wait()
     raise FloatingPointError(
         f'the update of step {step} made parameters or optimizer state non-finite (loss '
-        f'{values["loss"]}); not saved, the last good checkpoint is step {ckpt.latest_step()} in '
-        f'{ckpt.directory}; lower optimizer.learning_rate or raise schedule.warmup_steps')
+        f'{values["loss"]}); not saved, {_good_checkpoint(ckpt.latest_step(), ckpt)}; lower '
+        'optimizer.learning_rate or raise schedule.warmup_steps')
   ckpt.save(step, state, data_state, config_dict,
             metrics={k: v for k, v in values.items() if k.startswith('eval/')} or None)
+
+
+def lock_workdir(workdir: str, stale_minutes: float) -> workdir_lib.WorkdirLock | None:
+  """Process 0 takes WORKDIR's lock (a second trainer on the same workdir refuses to start);
+  every process learns whether it did, so none runs on alone. None on the other processes."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = workdir_lib.WorkdirLock(workdir, stale_minutes=stale_minutes)
+    try:
+      lock.acquire()
+    except (workdir_lib.WorkdirBusyError, workdir_lib.WorkdirError) as e:
+      error = e
+  if multihost.agree([0 if error else 1]) != [1]:
+    raise error or workdir_lib.WorkdirBusyError(
+        f'process 0 could not lock {workdir} (its log says why)')
+  return lock
+
+
+def resume_data(iterator, data_state, cfg, step: int):
+  """The data iterator at the checkpoint's position; or, when the data pipeline changed since
+  and data.reset_position is set, a fresh one (the same data from the start). Returns it."""
+  try:
+    iterator.set_state(data_state)
+    return iterator
+  except pipeline.DataStateMismatchError as e:
+    if not cfg.data.reset_position:
+      raise
+    log.info(f'data.reset_position=True: the data pipeline changed since step {step} '
+             f'({str(e).splitlines()[0]}); reading the data afresh from its start')
+  iterator.close()
+  return build_data(cfg)[0]
 
 
 def build_evaluation(cfg, built, vocabulary, param_shardings, workdir: str):
@@ -144,32 +200,34 @@ def start_reporting(cfg, built, batch, state, workdir: str, start_step: int):
 def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> list[dict]:
   """Trains to config.train.steps, resuming from WORKDIR/checkpoints if there is one; returns
   the metrics logged by this invocation (also appended to WORKDIR/metrics.jsonl)."""
-  # --- config, mesh, model, data (the config is checked before anything is built)
+  # --- config, mesh, model (the config is checked before anything is built), the workdir lock
   built = cli.build(config, devices)
   cfg, mesh, rules, model = built.cfg, built.mesh, built.rules, built.model
-  config_lib.save_config(config, workdir)
-  config_dict = json.loads(json.dumps(config.to_dict(), default=str))
-  tx, schedule = optim.make_optimizer(cfg)
-  iterator, vocabulary = build_data(cfg)
-  batch = next(iterator)  # shapes for the state; the batch of step 1 on a fresh start
   k, t, e = cfg.checkpoint, cfg.train, cfg.eval
-  ckpt = checkpoints.Checkpointer(workdir, keep=k.keep, async_save=k.async_save,
-                                  best_metric=k.keep_best_metric, best_mode=k.keep_best_mode,
-                                  best_n=k.keep_best_n)
-  watcher = multihost.PreemptionWatcher()
-  writer = evaluate_tasks = None  # closed in `finally`
+  lock = lock_workdir(workdir, k.lock_stale_minutes)
+  iterator = ckpt = watcher = writer = evaluate_tasks = None  # closed in `finally`
   try:
+    config_lib.save_config(config, workdir)
+    config_dict = json.loads(json.dumps(config.to_dict(), default=str))
+    tx, schedule = optim.make_optimizer(cfg)
+    iterator, vocabulary = build_data(cfg)
+    batch = next(iterator)  # shapes for the state; the batch of step 1 on a fresh start
+    ckpt = checkpoints.Checkpointer(workdir, keep=k.keep, async_save=k.async_save,
+                                    best_metric=k.keep_best_metric, best_mode=k.keep_best_mode,
+                                    best_n=k.keep_best_n)
+    watcher = multihost.PreemptionWatcher()
     # --- train state: resume | init_from | fresh
     init = trainer.initial_state(model, tx, mesh, rules, batch, t.seed, ckpt, config_dict,
                                  k.init_from, k.init_rename, k.init_ignore)
     state, start_step = init.state, init.step
     if init.data_state is not None:
-      iterator.set_state(init.data_state)
+      iterator = resume_data(iterator, init.data_state, cfg, start_step)
       batch = next(iterator)
     trim_metrics(workdir, start_step)
     step_fn = trainer.jit_train_step(
         trainer.make_train_step(model, tx, schedule, t, dropout=cfg.model.dropout_rate > 0),
-        init.shardings, mesh, rules)
+        init.shardings, mesh, rules, watch=True)
+    watch = trainer.initial_watch(mesh)
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     validate, evaluate_tasks = build_evaluation(cfg, built, vocabulary, init.shardings.params,
                                                 workdir)
@@ -186,7 +244,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
       tokens = int(
           np.sum(batch.get('encoder_input_tokens', 0) > 0)
           + np.sum(batch['decoder_loss_weights'] > 0))
-      state, metrics = step_fn(state, partitioning.host_to_global(batch, batch_sharding))
+      state, metrics, watch = step_fn(state, partitioning.host_to_global(batch, batch_sharding),
+                                      watch)
       # Where the data stands after this step's batch: a checkpoint of `step` resumes with the
       # batch of step + 1. Read before the next() below, which already fetches that batch.
       data_state = iterator.get_state()
@@ -198,14 +257,18 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
         throughput.count(tokens)
       if step < t.steps:
         batch = next(iterator)  # prepared on the host while the device runs the step
+      ckpt.check_save()  # a failed background save stops the run here, at the latest
       stop = watcher.should_stop()
       do_save = stop or every(step, k.every_steps, t.steps)
       do_eval = e.every_steps > 0 and every(step, e.every_steps, t.steps)
       do_log = do_eval or every(step, t.log_every, t.steps)
       if not (do_log or do_save):
         continue
-      values = {key: float(v) for key, v in jax.device_get(metrics).items()}
-      check_finite(values, step, t.log_every, workdir, ckpt)
+      # 'finite' is the watch's input, not a curve to log: the watch reports on every step.
+      values = {key: float(v) for key, v in jax.device_get(metrics).items() if key != 'finite'}
+      check_health(watch, values, step, cfg, ckpt)
+      if lock is not None:
+        lock.check()  # another process took the workdir over: stop before writing anything
       if do_eval:
         eval_start = time.perf_counter()
         values.update(validate(state.params))
@@ -220,17 +283,21 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
         save(ckpt, step, state, data_state, config_dict, values)
       if stop:
         ckpt.wait()
+        ckpt.check_save()
         log.info(f'preempted (SIGTERM): saved the checkpoint of step {step} in '
                  f'{ckpt.directory}; run the same command to continue from step {step}')
         return history
+    ckpt.wait()
+    ckpt.check_save()  # the last save too: exit 0 only when it is on disk
     return history
   finally:
-    watcher.close()
-    for closable in (writer, evaluate_tasks):
+    # The checkpointer first, while the preemption watcher still holds SIGTERM: a signal during
+    # the last save's wait must not interrupt it. On any exit the last checkpoint is complete.
+    for closable in (writer, evaluate_tasks, ckpt, watcher, iterator):
       if closable is not None:
         closable.close()
-    ckpt.close()  # waits for a save in flight: on any exit the last checkpoint is complete
-    iterator.close()  # stops data worker processes, if any
+    if lock is not None:
+      lock.release()
 
 
 def main(argv: Sequence[str]) -> int:
@@ -241,7 +308,14 @@ def main(argv: Sequence[str]) -> int:
         cli.require_workdir(invocation,
                             'the folder for checkpoints, metrics and the resolved config'))
 
-  return cli.main(argv, job, usage=__doc__, errors=[(FloatingPointError, 'training stopped', 1)],
+  errors = [
+      (FloatingPointError, 'training stopped', 1),
+      (pipeline.DataStateMismatchError, 'data error', 2),
+      (sources.DataSourceError, 'data error', 2),
+      (workdir_lib.WorkdirBusyError, 'workdir busy', 1),
+      (workdir_lib.WorkdirError, 'workdir error', 2),
+  ]
+  return cli.main(argv, job, usage=__doc__, errors=errors,
                   workdir_help='the run folder: checkpoints, metrics, the resolved config')
 
 
