@@ -69,11 +69,11 @@ class DataConfig:
       'sentinels).')
   sp_vocab_size: int = field(1948, 'Embedded SentencePiece size; + 100 sentinels = 2048.')
   reset_position: bool = field(
-      False, 'On resume, start the data afresh (from the first example for '
-      'this seed) instead of where the checkpoint stopped. Needed on purpose '
-      'when the data pipeline changed since the checkpoint (another task or '
-      'mixture, rates, lengths): otherwise resuming refuses, saying what '
-      'changed.')
+      False, 'When the data pipeline changed since the checkpoint (another task '
+      'or mixture, rates, lengths, seed, batch size), resume the model but read '
+      'the data afresh from its start. Without it such a resume is refused, '
+      'saying what changed. An unchanged pipeline resumes its exact position '
+      'either way, so the flag can stay set.')
 
 
 @dataclasses.dataclass(frozen=True)
