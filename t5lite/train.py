@@ -1,10 +1,12 @@
 """Training entry point: `python -m t5lite.train --config configs/x.py[:arg] --workdir DIR`.
 
 Top to bottom: the config is validated and resolved (before any compute) -> mesh and model ->
-data -> the train state (resumed from WORKDIR/checkpoints, else initialised, from
-checkpoint.init_from when set) -> the jitted train step -> the loop: log to stdout, TensorBoard and
-WORKDIR/metrics.jsonl, validate, evaluate tasks, save asynchronously; a SIGTERM saves and exits 0
-at the step boundary (docs/checkpoints.md).
+the workdir lock (one trainer per workdir) -> data -> the train state (resumed from
+WORKDIR/checkpoints, else initialised, from checkpoint.init_from when set) -> the jitted train
+step, which also keeps a device-side watch of non-finite and dead steps -> the loop: log to
+stdout, TensorBoard and WORKDIR/metrics.jsonl, validate, evaluate tasks, save asynchronously (a
+failed save stops the run at the next step); a SIGTERM saves and exits 0 at the step boundary
+(docs/checkpoints.md, docs/reliability.md).
 """
 from __future__ import annotations
 
