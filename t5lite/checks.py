@@ -115,8 +115,12 @@ def task_names(value, field_name: str) -> None:
   if not isinstance(value, (tuple, list)) or not all(isinstance(t, str) for t in value):
     raise ConfigError(f'config.{field_name}={value!r}: must be a tuple of task names, e.g. '
                       "('docstring_kind',), or () for none")
+  from t5lite.data import tasks  # pylint: disable=import-outside-toplevel
   for name in value:
     task(name, field_name)
+    if isinstance(tasks.get(name), tasks.Mixture):  # metrics are per task: list its tasks
+      raise ConfigError(f'config.{field_name}: {name!r} is a mixture, not a task; list its '
+                        'tasks instead')
 
 
 def logical_rules(value, field_name: str) -> None:
