@@ -176,7 +176,7 @@ def test_a_dead_run_stops_and_scores_no_accuracy(tmp_path):
   assert 'dead run' in line and 'max_dead_steps' in line, line
   records = [json.loads(x) for x in open(workdir / 'metrics.jsonl')]
   dead = [r for r in records if r['grad_norm'] == 0]
-  assert len(dead) >= 8
+  assert len(dead) >= 7  # the step that trips the guard stops the run before it is logged
   assert all(r['accuracy'] < 0.5 for r in dead), dead  # a model whose logits all tie is not right
   assert records[-1]['step'] < 60
 
