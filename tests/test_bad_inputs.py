@@ -126,7 +126,7 @@ def config_file(tmp_path, body: str) -> str:
         # model is replaced by a fresh ConfigDict: the check after loading still finds the line.
         ('  c.train.steps = 3\n  c.model.dtyp = "float32"\n',
          "line 8: unknown config key 'model.dtyp'. Did you mean 'model.dtype'?"),
-        ("  c.train.update(steps=3,\n                 stepz=4)\n", "line 8: unknown config key "
+        ('  c.train.update(steps=3,\n                 stepz=4)\n', 'line 8: unknown config key '
          "'train.stepz'"),
         ('  c.train.steps = (\n', 'line 7: '),  # a syntax error: Python's message follows
         ('  c.train.steps = 1 // 0\n', 'line 7: ZeroDivisionError: integer division or modulo by '
@@ -273,7 +273,7 @@ def test_infer_input_that_is_not_utf8_names_the_file_and_line(env, tmp_path, cap
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--task', 'no_such_task'], "infer: --task no_such_task: no task or mixture named"),
+    (['--task', 'no_such_task'], 'infer: --task no_such_task: no task or mixture named'),
     (['--task', 'downstream_mix'], "infer: --task downstream_mix: 'downstream_mix' is a mixture"),
     (['--task', 'bad_inputs_echo', '--split', 'nope'
      ], "infer: --split nope: task 'bad_inputs_echo' has only the splits ['train', 'validation']"),
@@ -296,7 +296,7 @@ def test_infer_bad_flags(env, tmp_path, capsys, flags, message):
 @pytest.mark.parametrize('flags, message', [
     (['--config.eval.tasks=("no_such_task",)'], "config error: config.eval.tasks='no_such_task': "
      'no task or mixture named'),
-    (['--config.eval.tasks=("downstream_mix",)'], "config error: config.eval.tasks: "
+    (['--config.eval.tasks=("downstream_mix",)'], 'config error: config.eval.tasks: '
      "'downstream_mix' is a mixture, not a task; list its tasks instead"),
     (['--config.eval.split=nope'], "config error: config.eval.split='nope': task"),
     (['--checkpoint', '9'], 'eval: no complete checkpoint of step 9'),
