@@ -7,6 +7,7 @@ are in test_faults.py."""
 import gc
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -342,11 +343,18 @@ def test_the_abandoned_reads_of_a_truncated_step_are_what_the_hook_drops(tmp_pat
     os.truncate(folder / name, os.path.getsize(folder / name) // 2)
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
-  restored = restore_latest(tmp_path, abstract(many[1]))
-  gc.collect()
-  assert restored.step == 1
-  assert_bitwise_equal(restored.state, many[1])
-  assert seen, 'no abandoned read reached the hook'
+  # Whether an abandoned read is still pending when orbax gives up depends on thread timing
+  # (measured: an occasional attempt leaves none); put the rejected step back and read again.
+  for _ in range(5):
+    restored = restore_latest(tmp_path, abstract(many[1]))
+    gc.collect()
+    assert restored.step == 1
+    assert_bitwise_equal(restored.state, many[1])
+    if seen:
+      break
+    [moved] = os.listdir(tmp_path / checkpoints.REJECTED_DIR)
+    shutil.move(tmp_path / checkpoints.REJECTED_DIR / moved, tmp_path / 'checkpoints' / '2')
+  assert seen, 'no abandoned read reached the hook in 5 attempts'
   assert all(
       checkpoints._is_abandoned_orbax_coroutine(u)  # pylint: disable=protected-access
       or checkpoints._is_late_tensorstore_callback(u) for u in seen)  # pylint: disable=protected-access
