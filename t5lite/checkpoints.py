@@ -145,10 +145,31 @@ def _is_abandoned_orbax_coroutine(unraisable) -> bool:
           and isinstance(exc.__cause__ or exc.__context__, GeneratorExit))
 
 
+class _AbandonedOrbaxTask(logging.Filter):
+  """The same abandoned reads as _is_abandoned_orbax_coroutine, when they finished as asyncio
+  Tasks instead: asyncio logs each ('Task exception was never retrieved', with the TensorStore
+  spec and a traceback) when the task is collected. Only tasks whose traceback runs through
+  orbax are dropped; the failure itself reaches restore_latest, which reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not str(record.msg).startswith(
+        ('Task exception was never retrieved', 'Future exception was never retrieved')):
+      return True
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+      if f'{os.sep}orbax{os.sep}' in tb.tb_frame.f_code.co_filename:
+        return False
+      tb = tb.tb_next
+    return True
+
+
 def _install_log_filters() -> None:
   absl_logger = logging.getLogger('absl')  # absl.logging's calls go through this logger
   if not any(isinstance(f, _OrbaxNoise) for f in absl_logger.filters):
     absl_logger.addFilter(_OrbaxNoise())
+  asyncio_logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, _AbandonedOrbaxTask) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedOrbaxTask())
   previous = sys.unraisablehook
   if not getattr(previous, 't5lite_checkpoints', False):
 

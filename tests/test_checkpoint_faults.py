@@ -364,6 +364,44 @@ def test_a_late_tensorstore_callback_into_a_closed_loop_prints_nothing(tmp_path)
   assert 'ValueError: other' in outputs['with']  # any other unraisable error still prints
 
 
+def test_an_unretrieved_orbax_task_error_prints_nothing(tmp_path):
+  """The same abandoned reads, when they end as asyncio Tasks: asyncio logs each one ('Task
+  exception was never retrieved' and a traceback) when the task is collected. Reproduced with a
+  coroutine defined in a file under an `orbax` folder; one from anywhere else still prints."""
+  for folder in ('orbax', 'mine'):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder
+     / 'reader.py').write_text('async def read():\n  raise ValueError("read failed in ' + folder
+                               + '")\n')
+  script = textwrap.dedent('''
+      import asyncio, gc, importlib.util, logging, sys
+      logging.basicConfig()
+      if sys.argv[1] == 'with':
+        import t5lite.checkpoints
+      def load(folder):
+        spec = importlib.util.spec_from_file_location(folder, f'{sys.argv[2]}/{folder}/reader.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+      loop = asyncio.new_event_loop()
+      for folder in ('orbax', 'mine'):
+        loop.create_task(load(folder).read())  # never awaited: its error is never retrieved
+      loop.run_until_complete(asyncio.sleep(0.01))
+      loop.close()
+      gc.collect()
+  ''')
+  outputs = {}
+  for mode in ('without', 'with'):
+    result = subprocess.run(
+        [sys.executable, '-c', script, mode, str(tmp_path)], capture_output=True, text=True,
+        cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs[mode] = result.stderr
+  assert 'read failed in orbax' in outputs['without']  # what asyncio prints without the filter
+  assert 'read failed in orbax' not in outputs['with'], outputs['with']
+  assert 'read failed in mine' in outputs['with']  # any other task's error still prints
+
+
 def test_a_restored_non_finite_state_is_rejected(tmp_path, capsys):
   mesh = make_mesh()
   first, second = make_state(mesh, 1), make_state(mesh, 2)
