@@ -23,29 +23,9 @@ from t5lite import config as config_lib
 from t5lite import eval as eval_lib
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
+from test_eval_cli import echo_config
 
-TINY = textwrap.dedent('''
-    from t5lite.config import base_config
-    from t5lite.data import preprocessors, sources, tasks, vocab
-
-    def get_config(arg=None):
-      if 'bad_inputs_echo' not in tasks.names():
-        examples = [{'inputs': f'say {w}', 'targets': w} for w in 'alpha beta gamma'.split()]
-        f = tasks.Feature(vocab.embedded_vocabulary)
-        tasks.add_task('bad_inputs_echo', sources.InMemorySource({'train': examples,
-                                                                  'validation': examples}),
-                       [preprocessors.tokenize], {'inputs': f, 'targets': f},
-                       metric_fns=['accuracy'])
-      c = base_config()
-      c.model.vocab_size = 2048
-      c.model.dtype = 'float32'
-      c.data.update(task='bad_inputs_echo', inputs_length=16, targets_length=8)
-      c.train.update(steps=2, batch_size=8)
-      c.eval.update(tasks=('bad_inputs_echo',), batch_size=8)
-      c.decode.max_decode_length = 4
-      c.reporting.tensorboard = False
-      return c
-    ''')
+TINY = echo_config('bad_inputs_echo', 'alpha beta gamma', 2)
 
 
 def one_line(err: str) -> str:

@@ -23,29 +23,35 @@ from t5lite.models import decoding
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
 
-CONFIG = textwrap.dedent('''
-    from t5lite.config import base_config
-    from t5lite.data import preprocessors, sources, tasks, vocab
 
-    def get_config(arg=None):
-      if 'cli_echo' not in tasks.names():
-        examples = [{'inputs': f'say {w}', 'targets': w} for w in
-                    'alpha beta gamma delta epsilon zeta eta theta iota kappa'.split()]
-        f = tasks.Feature(vocab.embedded_vocabulary)
-        tasks.add_task('cli_echo', sources.InMemorySource({'train': examples,
-                                                           'validation': examples}),
-                       [preprocessors.tokenize], {'inputs': f, 'targets': f},
-                       metric_fns=['accuracy'])
-      c = base_config()
-      c.model.vocab_size = 2048
-      c.model.dtype = 'float32'
-      c.data.update(task='cli_echo', inputs_length=16, targets_length=8)
-      c.train.update(steps=4, batch_size=8)
-      c.eval.update(tasks=('cli_echo',), batch_size=8)
-      c.decode.max_decode_length = 4
-      c.reporting.tensorboard = False
-      return c
-    ''')
+def echo_config(task: str, words: str, steps: int) -> str:
+  """A config file whose task `task` maps 'say W' to W for each of `words`, in memory, on the
+  embedded vocabulary: small enough for a job to train, evaluate and decode in seconds."""
+  return textwrap.dedent(f'''
+      from t5lite.config import base_config
+      from t5lite.data import preprocessors, sources, tasks, vocab
+
+      def get_config(arg=None):
+        if {task!r} not in tasks.names():
+          examples = [{{'inputs': f'say {{w}}', 'targets': w}} for w in {words!r}.split()]
+          f = tasks.Feature(vocab.embedded_vocabulary)
+          tasks.add_task({task!r}, sources.InMemorySource({{'train': examples,
+                                                             'validation': examples}}),
+                         [preprocessors.tokenize], {{'inputs': f, 'targets': f}},
+                         metric_fns=['accuracy'])
+        c = base_config()
+        c.model.vocab_size = 2048
+        c.model.dtype = 'float32'
+        c.data.update(task={task!r}, inputs_length=16, targets_length=8)
+        c.train.update(steps={steps}, batch_size=8)
+        c.eval.update(tasks=({task!r},), batch_size=8)
+        c.decode.max_decode_length = 4
+        c.reporting.tensorboard = False
+        return c
+      ''')
+
+
+CONFIG = echo_config('cli_echo', 'alpha beta gamma delta epsilon zeta eta theta iota kappa', 4)
 
 
 @pytest.fixture(scope='module')

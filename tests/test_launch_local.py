@@ -10,6 +10,7 @@ import textwrap
 import time
 
 import pytest
+from test_distributed import _env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,15 +25,6 @@ SLEEPER = textwrap.dedent('''
     os.rename(os.path.join(sys.argv[1], f'{os.getpid()}.tmp'), os.path.join(sys.argv[1], str(os.getpid())))
     time.sleep(600)
 ''')
-
-
-def _env():
-  env = dict(os.environ)
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  for var in list(env):
-    if var.startswith('T5LITE_'):
-      del env[var]
-  return env
 
 
 def _running(pid: int) -> bool:
