@@ -3,7 +3,9 @@
 Evaluates checkpoints of a run on config.eval.tasks with the metric evaluator
 (t5lite/evaluation/evaluator.py): decoding (config.decode) or scoring over the whole eval.split,
 each task's postprocess and metric fns. Results go to W/eval/<task>/step_<N>.json and
-TensorBoard in W/eval, and a table is printed. --checkpoint:
+TensorBoard in W/eval, and a table is printed; while a task runs, progress lines say the examples
+done, the rate and the ETA. W (and any PATH below) may be a gs:// URL (pip install
+'t5lite[gcp]'). --checkpoint:
 
   latest   the newest complete checkpoint in W/checkpoints (the default)
   all      every complete checkpoint, oldest first, skipping steps already evaluated (every task
@@ -25,12 +27,11 @@ every process runs this with the same flags; process 0 decides which steps to ev
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import Sequence
 
-from t5lite import checkpoints, cli, multihost, partitioning
+from t5lite import checkpoints, cli, files, multihost, partitioning
 from t5lite import config as config_lib
 from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
 from t5lite.data import tasks as tasks_lib
@@ -40,7 +41,7 @@ log = logging.getLogger('t5lite.eval')  # not __name__: '__main__' under python 
 
 
 def is_evaluated(workdir: str, tasks: Sequence[str], step: int) -> bool:
-  return all(os.path.exists(evaluator_lib.result_path(workdir, t, step)) for t in tasks)
+  return all(files.to_path(evaluator_lib.result_path(workdir, t, step)).exists() for t in tasks)
 
 
 def run(config, workdir: str, checkpoint: str = 'latest', watch: bool = False,
@@ -94,24 +95,22 @@ def run(config, workdir: str, checkpoint: str = 'latest', watch: bool = False,
         log.info(f'step {step}: already evaluated ({where} exists); skipping')
       paths = dict(targets)
       for step in multihost.agree(todo):  # process 0's view of the file system decides
-        evaluate(step, paths.get(step, os.path.join(workdir, 'checkpoints', str(step))))
+        evaluate(step, paths.get(step, files.join(workdir, 'checkpoints', str(step))))
       return done
     final, seen, last_new = cfg.train.steps, set(), time.monotonic()
+    where = files.join(workdir, 'checkpoints')  # a local path made absolute, a URL kept
     log.info(
-        f'watching {os.path.join(os.path.abspath(workdir), "checkpoints")} (every '
+        f'watching {where} (every '
         f'{poll_seconds:g}s; stops after step {final} or {timeout:g}s without a new checkpoint)')
     while True:
-      new = [
-          s for s in checkpoints.complete_steps(os.path.join(workdir, 'checkpoints'))
-          if s not in seen
-      ]
+      new = [s for s in checkpoints.complete_steps(where) if s not in seen]
       todo = multihost.agree([s for s in new if not is_evaluated(workdir, tasks, s)])
       new = multihost.agree(new)
       if new:
         seen.update(new)
         last_new = time.monotonic()
       for step in todo:
-        evaluate(step, os.path.join(workdir, 'checkpoints', str(step)), skip_unreadable=True)
+        evaluate(step, files.join(where, str(step)), skip_unreadable=True)
       if final in seen:
         log.info(f'evaluated the final checkpoint (step {final}); done')
         return done

@@ -22,20 +22,27 @@ cut-off last line, and continues. It restarts at the start of the batch that hol
 missing input, so batches (and sampling's per-batch random keys) are the same as in an
 uninterrupted run and the file ends up identical. An output file written for other inputs is an
 error. Several processes: every process reads all inputs and decodes its share; process 0 writes.
+
+--input and --output may be gs:// URLs (pip install 't5lite[gcp]'). An object cannot be appended
+to, so a gs:// --output is uploaded whole at most every 30 seconds and when the job ends or is
+stopped (see _Output); a rerun resumes from what was uploaded. Progress lines say the lines done,
+the rate and the ETA, after a 'compiling the decode step' line around the first batch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
 from typing import Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from t5lite import checkpoints, cli, partitioning
+from t5lite import checkpoints, cli, files, logs, partitioning
 from t5lite import config as config_lib
 from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
 from t5lite.data import tasks as tasks_lib
@@ -73,9 +80,10 @@ def read_jsonl(path: str, input_key: str, target_key: str, on_bad_line: str):
   """([{'line', 'input', 'target'?}], number of bad lines skipped)."""
   records, bad = [], 0
   try:
-    f = open(path, 'rb')  # bytes: a line that is not UTF-8 is a bad line, named like the others
+    # bytes: a line that is not UTF-8 is a bad line, named like the others
+    f = files.to_path(path).open('rb')
   except OSError as e:
-    raise InferError(f'--input {path}: cannot read it ({e.strerror})') from None
+    raise InferError(f'--input {path}: cannot read it ({e.strerror or e})') from None
   with f:
     for number, raw in enumerate(f, 1):
       value, problem = _parse_line(raw, input_key)
@@ -142,12 +150,13 @@ def fit_inputs(records, vocabulary, length: int, on_too_long: str, where: str) -
   return cut
 
 
-def resume(output: str, records) -> int:
-  """How many records --output already holds; cuts it back to its last complete, valid line."""
-  if not os.path.exists(output):
-    return 0
-  with open(output, 'rb') as f:
-    data = f.read()
+def resume(output: str, records) -> tuple[int, bytes]:
+  """(how many records --output already holds, its bytes up to its last complete valid line).
+  A local file is cut back to those bytes here; a URL gets them back with the next upload."""
+  target = files.to_path(output)
+  if not target.exists():
+    return 0, b''
+  data = target.read_bytes()
   done, keep = 0, 0
   for raw in data.split(b'\n')[:-1]:  # the piece after the last newline is cut off (or empty)
     try:
@@ -160,10 +169,50 @@ def resume(output: str, records) -> int:
       raise InferError(f'--output {output}: line {done + 1} was written for another input; '
                        'remove the file or choose another --output')
     done, keep = done + 1, keep + len(raw) + 1
-  if keep != len(data) and jax.process_index() == 0:
-    with open(output, 'r+b') as f:
+  if keep != len(data) and jax.process_index() == 0 and not files.is_url(output):
+    with open(os.fspath(target), 'r+b') as f:
       f.truncate(keep)
-  return done
+  return done, data[:keep]
+
+
+class _Output:
+  """Where process 0 writes the predictions, batch by batch.
+
+  A local file is appended to, flushed and fsync'ed after every batch. An object store cannot
+  append (an object is written whole), so a URL's text is kept in memory and the whole object
+  is uploaded again at most every `upload_s` seconds and on close (after an error or a SIGTERM
+  too): rewriting it after every batch would upload the file once per batch. A kill -9 loses at
+  most the last `upload_s` seconds of predictions, which the rerun decodes again."""
+
+  def __init__(self, path: str, kept: bytes, upload_s: float = 30.0):
+    self.path, self.upload_s = path, upload_s
+    self.url = files.is_url(path)
+    self._text = [kept.decode('utf-8')] if self.url else None
+    self._dirty = False
+    self._last = time.monotonic()
+    self._file = None if self.url else open(os.fspath(files.to_path(path)), 'a', encoding='utf-8')
+
+  def write(self, text: str) -> None:
+    if not self.url:
+      self._file.write(text)
+      self._file.flush()
+      os.fsync(self._file.fileno())
+      return
+    self._text.append(text)
+    self._dirty = True
+    if time.monotonic() - self._last >= self.upload_s:
+      self._upload()
+
+  def _upload(self) -> None:
+    self._text = [''.join(self._text)]
+    files.write_text(self.path, self._text[0])
+    self._dirty, self._last = False, time.monotonic()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    elif self._dirty or not files.to_path(self.path).exists():
+      self._upload()
 
 
 def _full_batch_to_global(array: np.ndarray, sharding) -> jax.Array:
@@ -209,7 +258,7 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
     raise config_lib.ConfigError('data.vocabulary=task needs --task (a file has no task to take '
                                  'a vocabulary from)')
   truncated = fit_inputs(records, vocabulary, inputs_length, i_cfg.on_too_long, where)
-  done = resume(output, records)
+  done, kept = resume(output, records)
   counts = {'written': 0, 'resumed': done, 'truncated': truncated, 'skipped': skipped}
   batch_size = i_cfg.batch_size or cfg.eval.batch_size or cfg.train.batch_size
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
@@ -218,10 +267,11 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
                                  f'data-parallel size {data_parallel}')
   if done >= len(records):
     if jax.process_index() == 0:
-      open(output, 'a', encoding='utf-8').close()  # no inputs: an empty output, as asked
+      _Output(output, kept).close()  # no inputs: an empty output, as asked
     log.info(f'nothing to do: {output} already has all {len(records)} predictions'
              if records else f'{where}: no inputs; {output} is empty')
     return counts
+  log.info(f'reading the params of {target[0][1]}')
   params = checkpoints.load_params(target[0][1],
                                    partitioning.abstract_params(model, mesh, rules)[0])
   decode_cfg = evaluator_lib.decode_config(cfg, targets_length)
@@ -231,7 +281,8 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   start = done // batch_size * batch_size
   if done:
     log.info(f'resuming: {done} of {len(records)} predictions already in {output}')
-  out = open(output, 'a', encoding='utf-8') if jax.process_index() == 0 else None
+  out = _Output(output, kept) if jax.process_index() == 0 else None
+  progress = logs.Progress('infer', len(records) - done, 'lines', logger=log)
   try:
     for begin in range(start, len(records), batch_size):
       chunk = records[begin:begin + batch_size]
@@ -239,11 +290,13 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
       for r, record in enumerate(chunk):
         rows[r, :len(record['ids'])] = record['ids']
       rng = jax.random.fold_in(jax.random.PRNGKey(cfg.decode.seed), begin // batch_size)
-      tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)},
-                               decode_cfg, rng, prefix_lm=cfg.data.converter == 'prefix_lm',
-                               mesh=mesh, rules=rules).tokens
-      tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1 else np.asarray(
-          multihost_utils.process_allgather(tokens, tiled=True)))
+      first = begin == start  # the first decode compiles: minutes for a large model
+      with logs.compiling('the decode step', log) if first else contextlib.nullcontext():
+        tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)},
+                                 decode_cfg, rng, prefix_lm=cfg.data.converter == 'prefix_lm',
+                                 mesh=mesh, rules=rules).tokens
+        tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1 else np.asarray(
+            multihost_utils.process_allgather(tokens, tiled=True)))
       lines = []
       for r, record in enumerate(chunk):
         index = begin + r
@@ -258,9 +311,9 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
         lines.append(json.dumps(entry, ensure_ascii=False) + '\n')
       if out is not None:
         out.write(''.join(lines))
-        out.flush()
-        os.fsync(out.fileno())
       counts['written'] += len(lines)
+      progress.update(len(lines))
+    progress.finish()
   finally:
     if out is not None:
       out.close()

@@ -33,12 +33,12 @@ decode, train (batch size, seed) and reporting parts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import json
 import logging
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -47,6 +47,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from t5lite import files, logs
 from t5lite import metrics as metrics_lib
 from t5lite import multihost, partitioning
 from t5lite.data import converters, pipeline, tasks as tasks_lib, vocab as vocab_lib
@@ -180,6 +181,30 @@ class Evaluator:
     self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
     self._log_likelihood = _log_likelihood_fn(model, mesh, self.rules)
     self._tb = None
+    self._compiled: set = set()  # the jitted programs already run once (their compile logged)
+
+  def _first_run(self, key, what: str):
+    """logs.compiling around the first call of a program (a large model's compile takes
+    minutes, which would otherwise pass in silence); nothing on later calls."""
+    if key in self._compiled:
+      return contextlib.nullcontext()
+    self._compiled.add(key)
+    return logs.compiling(what, log)
+
+  def _total(self, task) -> int | None:
+    """How many examples one pass over the eval split holds (at most eval.max_batches batches),
+    for the progress lines; None (no ETA) when examples may be dropped on the way."""
+    if task.drop_invalid:
+      return None
+    features = ({k: f.replace(vocabulary=self.vocabulary) for k, f in task.output_features.items()}
+                if self.vocabulary is not None else None)
+    # The list the pipeline reads (cached in the task), after its dataset-level steps.
+    total = len(
+        task.examples(self.config.eval.split,
+                      {'inputs': self.inputs_length, 'targets': self.targets_length}, features))
+    if self.config.eval.max_batches:
+      total = min(total, self.config.eval.max_batches * self.batch_size)
+    return total
 
   # --- per-batch pieces ---------------------------------------------------------------------
 
@@ -252,6 +277,7 @@ class Evaluator:
         'index': [], 'inputs': [], 'targets': [], 'tokens': [], 'scores': []
     }
     seen, batches = 0, 0
+    progress = logs.Progress(f'eval {task.name}', self._total(task), 'examples', logger=log)
     for batch in multihost.lockstep(iterator, limit=self.config.eval.max_batches, padding=zeros):
       inputs, targets = batch['encoder_input_tokens'], batch['decoder_target_tokens']
       real = targets[:, 0] != 0
@@ -264,17 +290,22 @@ class Evaluator:
       for k, v in local.items():
         kept[k].append(v)
       if predict_fns:
-        kept['tokens'].append(self.decode_rows(params, inputs, batches))
+        with self._first_run('decode', 'the decode step'):
+          kept['tokens'].append(self.decode_rows(params, inputs, batches))
       if options:
         pairs = [
             (_strip(inputs[r]), o) if real[r] else None for r in range(rows) for o in option_ids
         ]
-        kept['scores'].append(
-            self.score_rows(params, pairs, option_length).reshape(-1, len(options)))
+        with self._first_run(('score', option_length), 'the scoring step'):
+          kept['scores'].append(
+              self.score_rows(params, pairs, option_length).reshape(-1, len(options)))
       elif score_fns:
         pairs = [(_strip(inputs[r]), _strip(targets[r])) if real[r] else None for r in range(rows)]
-        kept['scores'].append(self.score_rows(params, pairs, self.targets_length))
+        with self._first_run(('score', self.targets_length), 'the scoring step'):
+          kept['scores'].append(self.score_rows(params, pairs, self.targets_length))
       batches += 1
+      progress.update(int((local['index'] >= 0).sum()))  # every process's real rows
+    progress.finish()
     if not kept['index']:
       raise ValueError(f'eval: task {task.name!r} split {self.config.eval.split!r} gave no '
                        'batches')
@@ -345,7 +376,8 @@ class Evaluator:
     if self.config.reporting.tensorboard:
       if self._tb is None:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.path.join(self.workdir, 'eval'))
+        # A gs:// logdir is written through google-cloud-storage by tensorboardX itself.
+        self._tb = SummaryWriter(files.join(self.workdir, 'eval'))
       for name, r in results.items():
         for metric, value in r.metrics.items():
           self._tb.add_scalar(f'{name}/{metric}', value, int(step))
@@ -358,16 +390,13 @@ class Evaluator:
 
 
 def result_path(workdir: str, task: str, step: int) -> str:
-  return os.path.join(workdir, 'eval', task, f'step_{int(step)}.json')
+  """WORKDIR/eval/<task>/step_<step>.json; a gs:// workdir gives a gs:// URL."""
+  return files.join(workdir, 'eval', task, f'step_{int(step)}.json')
 
 
 def write_json(path: str, record: dict) -> None:
-  """Atomic: a reader (eval --checkpoint all) never sees half a file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=1, default=str)
-  os.replace(tmp, path)
+  """Atomic: a reader (eval --checkpoint all) never sees half a file (files.write_text)."""
+  files.write_text(path, json.dumps(record, indent=1, default=str))
 
 
 def format_table(step: int, results: dict[str, TaskResult]) -> str:
