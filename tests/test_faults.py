@@ -22,6 +22,7 @@ from t5lite import checkpoints
 
 from test_checkpoints import (ENV, REPO, assert_trees_equal, logged_losses, run_train,
                               start_and_wait_for_step, train_command, uninterrupted)  # pylint: disable=unused-import
+from test_checkpoint_faults import Immutable, rejected
 
 STATE_DATA = os.path.join('state', 'ocdbt.process_0', 'd')
 
@@ -36,25 +37,6 @@ def one_line_error(stderr: str, prefix: str) -> str:
 
 def steps_on_disk(workdir) -> list[int]:
   return checkpoints.complete_steps(os.path.join(workdir, 'checkpoints'))
-
-
-def rejected(workdir) -> list[str]:
-  folder = os.path.join(workdir, checkpoints.REJECTED_DIR)
-  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-
-
-class Immutable:
-  """`chattr +i` on a folder for the duration (root ignores permission bits, not this flag)."""
-
-  def __init__(self, path):
-    self.path = str(path)
-
-  def __enter__(self):
-    subprocess.run(['chattr', '+i', self.path], check=True)
-    return self
-
-  def __exit__(self, *exc):
-    subprocess.run(['chattr', '-i', self.path], check=True)
 
 
 # ---------------------------------------------------------------------------------------------
