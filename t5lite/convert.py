@@ -15,6 +15,10 @@ model.safetensors, config.json and generation_config.json for
 `T5ForConditionalGeneration.from_pretrained(HF_DIR)`. Only the params are read, never the
 optimizer state.
 
+Every path may be a gs:// URL (pip install 't5lite[gcp]'): an HF model on gs:// is read into
+memory, an HF --out on gs:// is written locally and then uploaded, and t5lite checkpoints are read
+and written there by orbax. Info lines say what is being read and written.
+
 Errors (a missing path, a non-T5 model, a config t5lite cannot represent, a tensor that does not
 fit, an --out that cannot be written) print one line and exit with status 2; a weights file that
 cannot be read (truncated, corrupt) or a failed write, with status 1. SIGTERM stops it with a
@@ -24,12 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Sequence
 
-from t5lite import cli, hf
+from t5lite import cli, files, hf
 from t5lite import config as config_lib
+
+log = logging.getLogger('t5lite.convert')  # not __name__: '__main__' under python -m
 
 
 class ConvertError(Exception):
@@ -43,13 +50,14 @@ def _overrides(model: dict) -> list[str]:
 def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
   """Converts the HF model directory `model_path` into a t5lite checkpoint under `out`; returns
   the t5lite config.model block written beside it."""
-  if not os.path.isdir(model_path):
+  if not files.to_path(model_path).is_dir():
     raise ConvertError(f'--model {model_path}: no such directory')
   cli.check_folder(out, '--out')
-  out = os.path.abspath(out)
-  if os.path.isdir(os.path.join(out, 'checkpoints')) and os.listdir(os.path.join(
-      out, 'checkpoints')):
+  out = os.fspath(files.to_path(out))  # absolute if local; a URL kept as it is
+  held = files.to_path(out) / 'checkpoints'
+  if held.is_dir() and any(held.iterdir()):
     raise ConvertError(f'--out {out}: it already holds checkpoints; choose an empty directory')
+  log.info(f'reading the HuggingFace model {hf.model_dir(model_path)} ...')
   fields, params = hf.load_hf(model_path, scan_layers)  # all checks before anything is written
 
   # Imported here: JAX/orbax start-up is not needed for the checks above.
@@ -60,17 +68,19 @@ def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
   model.update(size='custom', scan_layers=bool(scan_layers))
   hf_config = hf.read_config(model_path)
   source = {
-      'hf_model': os.path.abspath(model_path), 'model_type': hf_config.get('model_type'),
+      'hf_model': hf.model_dir(model_path), 'model_type': hf_config.get('model_type'),
       'architectures': hf_config.get('architectures')
   }
+  log.info(f'writing the t5lite checkpoint {files.join(out, "checkpoints", "0")} ...')
   ckpt = checkpoints.Checkpointer(out, async_save=False)
   try:
     ckpt.save(0, {'params': params}, {}, {'model': model, 'converted_from': source})
   finally:
     ckpt.close()
-  with open(os.path.join(out, 'model_config.json'), 'w') as f:
-    json.dump({'model': model, 'overrides': _overrides(model), 'converted_from': source}, f,
-              indent=2)
+  files.write_text(
+      files.join(out, 'model_config.json'),
+      json.dumps({'model': model, 'overrides': _overrides(model), 'converted_from': source},
+                 indent=2))
   return model
 
 
@@ -79,14 +89,14 @@ def _read_step(step_dir: str) -> tuple[dict, dict]:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  config_dir = os.path.join(step_dir, 'config')
-  if not os.path.isdir(config_dir):
+  config_dir = files.join(step_dir, 'config')
+  if not files.to_path(config_dir).is_dir():
     raise ConvertError(f'{step_dir}: no saved config (config/ item), so the model config is '
                        'unknown')
   config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
   if 'model' not in config:
     raise ConvertError(f'{config_dir}: the saved config has no model block')
-  state_dir = os.path.join(step_dir, 'state')
+  state_dir = files.join(step_dir, 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(state_dir)
   metadata = getattr(metadata, 'item_metadata', metadata)
@@ -107,10 +117,10 @@ def _read_step(step_dir: str) -> tuple[dict, dict]:
 
 def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32') -> tuple[str, dict]:
   """Writes the t5lite checkpoint `checkpoint` as a HF T5 under `out`; (step dir, model block)."""
-  if not os.path.exists(checkpoint):
+  if not files.to_path(checkpoint).exists():
     raise ConvertError(f'--checkpoint {checkpoint}: no such path')
   for name in ('config.json', 'model.safetensors'):
-    if os.path.exists(os.path.join(out, name)):
+    if files.to_path(out).joinpath(name).exists():
       raise ConvertError(f'--out {out}: it already holds {name}; choose an empty directory')
   cli.check_folder(out, '--out')
   from t5lite import checkpoints  # pylint: disable=import-outside-toplevel
@@ -118,8 +128,10 @@ def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32') -> tuple[str
     step_dir = checkpoints.resolve_init_path(checkpoint)
   except checkpoints.CheckpointError as e:
     raise ConvertError(str(e).replace('checkpoint.init_from=', '--checkpoint ')) from None
+  log.info(f'reading the params of {step_dir} ...')
   config, params = _read_step(step_dir)
   model = config['model']
+  log.info(f'writing the HuggingFace model {os.fspath(files.to_path(out))} ...')
   hf.save_hf(params, model, out, dtype, dropout_rate=float(model.get('dropout_rate', 0.0)))
   return step_dir, model
 
@@ -145,18 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   def body():
     if args.command == 'hf-to-t5lite':
       model = hf_to_t5lite(args.model, args.out, args.scan_layers)
-      out = os.path.abspath(args.out)
-      print(f'wrote a t5lite checkpoint of {os.path.abspath(args.model)} '
-            f'({model["variant"]}) to {os.path.join(out, "checkpoints", "0")} and its model '
-            f'config to {os.path.join(out, "model_config.json")}')
+      out = os.fspath(files.to_path(args.out))
+      print(f'wrote a t5lite checkpoint of {hf.model_dir(args.model)} '
+            f'({model["variant"]}) to {files.join(out, "checkpoints", "0")} and its model '
+            f'config to {files.join(out, "model_config.json")}')
       print('fine-tune from it with these overrides:')
       print(' '.join(_overrides(model) + [f'--config.checkpoint.init_from={out}']))
     else:
       step_dir, model = t5lite_to_hf(args.checkpoint, args.out, args.dtype)
       print(f'wrote a HuggingFace T5ForConditionalGeneration ({model["variant"]}) of {step_dir} '
-            f'to {os.path.abspath(args.out)}')
+            f'to {os.fspath(files.to_path(args.out))}')
 
-  errors = [(hf.HFFileError, 'convert error', 1), (ConvertError, 'convert error', 2),
+  errors = [(files.MissingFileSystemError, 'convert error', 2),
+            (hf.HFFileError, 'convert error', 1), (ConvertError, 'convert error', 2),
             (hf.HFConversionError, 'convert error', 2),
             (config_lib.ConfigError, 'convert error', 2), (OSError, 'convert error', 1)]
   return cli.run_main(

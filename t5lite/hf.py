@@ -28,12 +28,15 @@ So here: rescaling comes from `scale_decoder_outputs` when the file has it, else
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 from typing import Any, Mapping
 
 import numpy as np
+
+from t5lite import files
 
 HF_PREFIX = 'hf:'  # checkpoint.init_from=hf:PATH
 MODEL_TYPES = ('t5', 'mt5')
@@ -75,23 +78,38 @@ def _read_weights(loader, file: str) -> dict[str, np.ndarray]:
 # Reading HF files
 
 
+def model_dir(path: str) -> str:
+  """`path` as t5lite names a HF model directory: a local path made absolute (~ expanded), a URL
+  (gs://...) kept as it is. Every function here takes either."""
+  return os.fspath(files.to_path(path))
+
+
+def is_model_dir(path: str) -> bool:
+  """Whether `path` (local or a URL) holds a config.json, i.e. looks like a HF model directory;
+  checkpoint.init_from=hf:PATH is checked with it before anything is computed."""
+  return files.to_path(path).joinpath('config.json').is_file()
+
+
 def _require_dir(path: str) -> str:
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
+  path = model_dir(path)
+  if not files.to_path(path).is_dir():
     raise HFConversionError(f'{path}: no such directory (want a HuggingFace model directory with '
                             'config.json and model.safetensors or pytorch_model.bin)')
   return path
 
 
+def _exists(path: str, *parts: str) -> bool:
+  return files.to_path(path).joinpath(*parts).exists()
+
+
 def read_config(path: str) -> dict:
   """config.json of the HF model directory `path`."""
   path = _require_dir(path)
-  file = os.path.join(path, 'config.json')
-  if not os.path.exists(file):
+  file = files.join(path, 'config.json')
+  if not _exists(file):
     raise HFConversionError(f'{path}: no config.json, so not a HuggingFace model directory')
   try:
-    with open(file) as f:
-      config = json.load(f)
+    config = json.loads(files.read_text(file))
   except ValueError as e:
     raise HFConversionError(f'{file}: not valid JSON ({e})') from None
   if not isinstance(config, dict):
@@ -99,7 +117,8 @@ def read_config(path: str) -> dict:
   return config
 
 
-def _load_torch(file: str) -> dict[str, np.ndarray]:
+def _load_torch(file) -> dict[str, np.ndarray]:
+  """A .bin state dict; `file` a local path or a file object (a URL's bytes)."""
   import ml_dtypes  # pylint: disable=import-outside-toplevel  (ships with jax)
   import torch  # pylint: disable=import-outside-toplevel  (only .bin checkpoints need it)
   # weights_only=True: tensors and plain containers only; refuses to run pickled code.
@@ -117,30 +136,41 @@ def _load_torch(file: str) -> dict[str, np.ndarray]:
   return out
 
 
+def _loaders(url: bool):
+  """(safetensors loader, torch loader), each fn(file name) -> tensors. A local file is read in
+  place (safetensors maps it); a URL's file is downloaded into memory first, as neither library
+  reads gs:// itself."""
+  from safetensors import numpy as st  # pylint: disable=import-outside-toplevel
+  if not url:
+    return st.load_file, _load_torch
+  return (lambda f: st.load(files.read_bytes(f)),
+          lambda f: _load_torch(io.BytesIO(files.read_bytes(f))))
+
+
 def read_tensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of the HF model directory `path`, by HF name, in their stored dtypes."""
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  """All tensors of the HF model directory `path` (local or a URL), by HF name, in their stored
+  dtypes."""
   path = _require_dir(path)
-  for index_name, loader in (('model.safetensors.index.json', load_file),
-                             ('pytorch_model.bin.index.json', _load_torch)):
-    index_file = os.path.join(path, index_name)
-    if os.path.exists(index_file):
+  load_safetensors, load_torch = _loaders(files.is_url(path))
+  for index_name, loader in (('model.safetensors.index.json', load_safetensors),
+                             ('pytorch_model.bin.index.json', load_torch)):
+    index_file = files.join(path, index_name)
+    if _exists(index_file):
       try:
-        with open(index_file) as f:
-          shards = sorted(set(json.load(f)['weight_map'].values()))
+        shards = sorted(set(json.loads(files.read_text(index_file))['weight_map'].values()))
       except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise HFFileError(f'{index_file}: not an index with a weight_map ({type(e).__name__}: '
                           f'{e})') from None
       tensors = {}
       for shard in shards:
-        if not os.path.exists(os.path.join(path, shard)):
+        if not _exists(path, shard):
           raise HFConversionError(f'{index_file} lists the shard {shard}, which is not there')
-        tensors.update(_read_weights(loader, os.path.join(path, shard)))
+        tensors.update(_read_weights(loader, files.join(path, shard)))
       return tensors
-  if os.path.exists(os.path.join(path, 'model.safetensors')):
-    return _read_weights(load_file, os.path.join(path, 'model.safetensors'))
-  if os.path.exists(os.path.join(path, 'pytorch_model.bin')):
-    return _read_weights(_load_torch, os.path.join(path, 'pytorch_model.bin'))
+  if _exists(path, 'model.safetensors'):
+    return _read_weights(load_safetensors, files.join(path, 'model.safetensors'))
+  if _exists(path, 'pytorch_model.bin'):
+    return _read_weights(load_torch, files.join(path, 'pytorch_model.bin'))
   raise HFConversionError(f'{path}: no model.safetensors, pytorch_model.bin or a sharded index of '
                           'either (TensorFlow/Flax-only checkpoints are not read)')
 
@@ -534,14 +564,14 @@ def load_hf(path: str, scan_layers: bool = False) -> tuple[dict, dict]:
   model_fields = model_config_from_hf(config)  # config errors first: they say more
   tensors = read_tensors(path)
   model_fields = model_config_from_hf(config, tensors)
-  flat = hf_to_t5lite_flat(tensors, model_fields, scan_layers, source=os.path.abspath(path))
+  flat = hf_to_t5lite_flat(tensors, model_fields, scan_layers, source=model_dir(path))
   return model_fields, unflatten(flat)
 
 
 def save_hf(params: Mapping, model_cfg, out_dir: str, dtype: str = 'float32',
             dropout_rate: float = 0.0) -> list[str]:
-  """Writes model.safetensors, config.json and generation_config.json under `out_dir`, loadable
-  by T5ForConditionalGeneration.from_pretrained. Returns the written file names."""
+  """Writes model.safetensors, config.json and generation_config.json under `out_dir` (local or a
+  URL), loadable by T5ForConditionalGeneration.from_pretrained. Returns the written file names."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   if dtype == 'bfloat16':
     import ml_dtypes  # pylint: disable=import-outside-toplevel
@@ -552,19 +582,23 @@ def save_hf(params: Mapping, model_cfg, out_dir: str, dtype: str = 'float32',
     raise HFConversionError(f'dtype={dtype!r}: want float32 or bfloat16')
   tensors = t5lite_to_hf(params, model_cfg, np_dtype)
   config = hf_config_from_model_config(model_cfg, dropout_rate)
-  os.makedirs(out_dir, exist_ok=True)
-  # metadata format=pt: transformers refuses safetensors files without a known format tag.
-  save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  # generate() reads these; without decoder_start_token_id transformers 5.x cannot start decoding.
-  generation = {'decoder_start_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0}
-  with open(os.path.join(out_dir, 'generation_config.json'), 'w') as f:
-    json.dump(generation, f, indent=2, sort_keys=True)
+  # safetensors writes local files only: a URL's files are written locally, then uploaded.
+  with files.local_output(out_dir) as local:
+    os.makedirs(local, exist_ok=True)
+    # metadata format=pt: transformers refuses safetensors files without a known format tag.
+    save_file(tensors, os.path.join(local, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(local, 'config.json'), 'w') as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    # generate() reads these; without decoder_start_token_id transformers 5.x cannot start
+    # decoding.
+    generation = {'decoder_start_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0}
+    with open(os.path.join(local, 'generation_config.json'), 'w') as f:
+      json.dump(generation, f, indent=2, sort_keys=True)
   return ['model.safetensors', 'config.json', 'generation_config.json']
 
 
 def load_flat_for_init(path: str, scan_layers: bool) -> dict[str, np.ndarray]:
-  """{'/'-joined t5lite param name: float32 array} for checkpoint.init_from=hf:PATH."""
+  """{'/'-joined t5lite param name: float32 array} for checkpoint.init_from=hf:PATH; PATH local
+  or a URL (gs://...: the weights are read into memory, nothing is written locally)."""
   _, params = load_hf(path, scan_layers)
   return flatten(params)

@@ -6,19 +6,25 @@
 Prints n examples as text (sentinels as <extra_id_N>, UL2 mode tokens as [NLU]/[NLG]/[S2S]),
 then packs `--batches` batches of `--batch_size` rows and prints the fill ratio per
 feature, examples per row, and the tokens trimmed to fit and examples dropped.
-Runs offline on the embedded tasks.
+Runs offline on the embedded tasks. Info lines on stdout say what is slow while it happens
+(building the pipeline, which may train the embedded vocabulary on first use; packing batches,
+with a rate and an ETA).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import numpy as np
 
+from t5lite import logs
 from t5lite.data import catalog  # noqa: F401  pylint: disable=unused-import  (registers tasks)
 from t5lite.data import pipeline, tasks
 from t5lite.data import preprocessors as P
+
+log = logging.getLogger('t5lite.data.inspect')  # not __name__: '__main__' under python -m
 
 
 def parse_lengths(text: str) -> dict[str, int]:
@@ -69,6 +75,7 @@ def main(argv=None) -> int:
     for t, w in obj.leaf_rates():
       print(f'   {t.name}: rate {w:.3f}')
   # Examples one by one (unpacked, batch 1) so each row is one example.
+  log.info('inspect: building the pipeline (the first use of a vocabulary may train it) ...')
   vocab = _first_task(obj).output_features['targets'].vocabulary
   it = pipeline.make_task_iterator(obj, feature_lengths=args.lengths, global_batch_size=1,
                                    seed=args.seed, pack=False, split=args.split,
@@ -95,11 +102,14 @@ def main(argv=None) -> int:
                                    process_count=1)
   before = tasks.trimmed_token_counts()
   dropped_before = tasks.dropped_counts()
+  progress = logs.Progress('inspect: packing', args.batches, 'batches', logger=log)
   for _ in range(args.batches):
     try:
       next(it)
     except StopIteration:
       break
+    progress.update()
+  progress.finish()
   s = it.stats
   print(f'== packed: {s.batches} batches of {args.batch_size} rows, {s.examples} examples')
   for name, ratio in s.fill_ratio().items():

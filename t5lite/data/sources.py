@@ -6,16 +6,18 @@ resumable reading. Sources here:
 
   InMemorySource   {split: list of dicts}; for notebooks and tests
   FunctionSource   split -> list of dicts, called once per split (lazily)
-  TextLineSource   local text files, one example {'text': line} per non-blank line
-  JsonlSource      local JSON-lines files, one dict per non-blank line
-  TsvSource        local tab-separated files, one dict per line with the given field names
+  TextLineSource   text files, one example {'text': line} per non-blank line
+  JsonlSource      JSON-lines files, one dict per non-blank line
+  TsvSource        tab-separated files, one dict per line with the given field names
   TfdsSource       TFDS through `tfds.data_source` (array_record: random access, no TensorFlow);
                    tfrecord-only datasets go through tf.data when TensorFlow is installed
                    (`pip install t5lite[tf]`), and fail with that hint when it is not.
 
 File sources take, per split, a glob pattern or a list of them (several shards are
 read in sorted path order) and index line offsets once, so a 10 GB file is not
-held in memory. Bad input is a DataSourceError (a ValueError) in one line naming the
+held in memory. Files and patterns may be gs:// URLs (`pip install 't5lite[gcp]'`; read
+through t5lite.files / etils.epath); a URL pattern's wildcards (*, ?, [...]) may sit in
+any path component, but `**` is not supported there (epath refuses it on gs://). Bad input is a DataSourceError (a ValueError) in one line naming the
 file, and the line for malformed content: a pattern that matches nothing
 (DataFileNotFoundError, also a FileNotFoundError), an unreadable file or a split with
 no non-blank line (found when the split is opened, i.e. when a pipeline is built),
@@ -30,7 +32,12 @@ import glob as glob_lib
 import io
 import json
 import os
+import threading
 from typing import Any, Callable, Mapping, Sequence
+
+from t5lite import files
+
+_GLOB_CHARACTERS = frozenset('*?[')
 
 
 class DataSourceError(ValueError):
@@ -101,35 +108,81 @@ class FunctionSource(Source):
     return {**self.__dict__, '_cache': {}}
 
 
+def _glob_url(pattern: str) -> list[str]:
+  """Files matching a URL pattern: epath's glob from the last folder before the first
+  component with a wildcard (gs:// has no folders to list beyond prefixes)."""
+  scheme, rest = pattern.split('://', 1)
+  parts = rest.split('/')
+  first = next((i for i, p in enumerate(parts) if _GLOB_CHARACTERS & set(p)), None)
+  if first is None:  # a plain URL: the file itself, if it is there
+    return [pattern] if files.to_path(pattern).is_file() else []
+  if first == 0:
+    raise DataSourceError(f'{pattern!r}: a wildcard in the bucket name is not supported.')
+  if '**' in parts[first:]:
+    raise DataSourceError(f'{pattern!r}: ** is not supported in a URL pattern (etils.epath '
+                          'refuses it on gs://); list the folders, or use one * per level.')
+  base = files.to_path(f'{scheme}://' + '/'.join(parts[:first]))
+  return [os.fspath(p) for p in base.glob('/'.join(parts[first:])) if p.is_file()]
+
+
 def expand_patterns(patterns: str | Sequence[str], what: str = '') -> list[str]:
-  """Sorted files matching one or more glob patterns; FileNotFoundError if none match."""
+  """Sorted files matching one or more glob patterns (local, or gs:// URLs); FileNotFoundError
+  if none match."""
   patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
-  files: list[str] = []
+  result: list[str] = []
   for pattern in patterns:
-    matched = sorted(glob_lib.glob(os.fspath(pattern)))
+    text = os.fspath(pattern)
+    matched = sorted(_glob_url(text) if files.is_url(text) else glob_lib.glob(text))
     if not matched:
-      raise DataFileNotFoundError(f'{what}no file matches {os.fspath(pattern)!r}.')
-    files.extend(matched)
-  return files
+      raise DataFileNotFoundError(f'{what}no file matches {text!r}.')
+    result.extend(matched)
+  return result
 
 
 class _LineIndex(Sequence):
-  """Random access to the non-blank lines of several files through byte offsets."""
+  """Random access to the non-blank lines of several files through byte offsets.
 
-  def __init__(self, files: Sequence[str], parse: Callable[[str, str, int], Mapping[str, Any]]):
-    self._files = list(files)
+  A local file is opened for each read. A URL's file is opened once per process and kept open:
+  one HTTP request per example would be slow, and gcsfs's file object reads ahead in blocks, so
+  neighbouring lines come from memory. Those handles are shared by grain's reader threads (a
+  lock keeps seek + readline together) and are not pickled to grain's worker processes."""
+
+  def __init__(self, files_: Sequence[str], parse: Callable[[str, str, int], Mapping[str, Any]]):
+    self._files = list(files_)
     self._parse = parse
     self._index: list[tuple[int, int, int]] = []  # (file number, offset, line number)
+    self._handles: dict[int, Any] = {}
+    self._lock = threading.Lock()
     for f, path in enumerate(self._files):
       offset = 0
       try:
-        with open(path, 'rb') as fh:
+        with _open(path) as fh:
           for lineno, line in enumerate(fh, 1):
             if line.strip():
               self._index.append((f, offset, lineno))
             offset += len(line)
       except OSError as e:  # a directory, no permission...: named here, not deep in grain
         raise DataSourceError(f'{path}: cannot be read ({e.strerror or e}).') from None
+
+  def __getstate__(self):
+    return {**self.__dict__, '_handles': {}, '_lock': None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def _read_line(self, f: int, offset: int) -> bytes:
+    path = self._files[f]
+    if not files.is_url(path):
+      with open(path, 'rb') as fh:
+        fh.seek(offset)
+        return fh.readline()
+    with self._lock:
+      if f not in self._handles:
+        self._handles[f] = _open(path)
+      fh = self._handles[f]
+      fh.seek(offset)
+      return fh.readline()
 
   def __len__(self):
     return len(self._index)
@@ -140,9 +193,7 @@ class _LineIndex(Sequence):
     f, offset, lineno = self._index[i]
     path = self._files[f]
     try:
-      with open(path, 'rb') as fh:
-        fh.seek(offset)
-        raw = fh.readline()
+      raw = self._read_line(f, offset)
     except OSError as e:  # removed or made unreadable after it was indexed
       raise DataSourceError(f'{path}: cannot be read ({e.strerror or e}).') from None
     try:
@@ -151,6 +202,11 @@ class _LineIndex(Sequence):
       raise DataSourceError(f'{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at '
                             f'column {e.start + 1}); expected UTF-8 lines.') from None
     return self._parse(line, path, lineno)
+
+
+def _open(path: str):
+  """`path` opened for reading bytes: a local file, or a URL through etils.epath."""
+  return open(path, 'rb') if not files.is_url(path) else files.to_path(path).open('rb')
 
 
 class _FileSource(Source):

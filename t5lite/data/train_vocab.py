@@ -6,17 +6,24 @@
 Reads the raw examples of the task's source (or of every task of a mixture), takes the string
 fields named by --features (default: every string field), and trains a unigram model with T5's
 special ids (pad 0, eos 1, unk 2, no bos) through `vocab.train_sentencepiece`, which is
-deterministic. Use it with `--config.data.vocabulary=my_vocab.model` (100 sentinels are added on
+deterministic. --out may be a gs:// URL (`pip install 't5lite[gcp]'`), and so may the files of a
+file-backed task. Progress lines say how many texts have been read, then when training starts and
+how long it took. Use it with `--config.data.vocabulary=my_vocab.model` (100 sentinels are added on
 top, as in T5, so set model.vocab_size >= vocab_size + 100).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 from typing import Iterator, Sequence
 
+from t5lite import logs
 from t5lite.data import catalog  # noqa: F401  pylint: disable=unused-import  (registers tasks)
 from t5lite.data import tasks, vocab
+
+log = logging.getLogger('t5lite.data.train_vocab')  # not __name__: '__main__' under python -m
 
 
 def task_texts(name: str, split: str, features: Sequence[str] = (),
@@ -53,10 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   features = [f for f in args.features.split(',') if f]
   try:
-    texts = list(task_texts(args.task, args.split, features, args.max_examples))
+    progress = logs.Progress(f'train_vocab: reading {args.task}/{args.split}', args.max_examples
+                             or None, 'texts', logger=log)
+    texts = []
+    for text in task_texts(args.task, args.split, features, args.max_examples):
+      texts.append(text)
+      progress.update()
+    progress.finish()
     if not texts:
       raise ValueError(f'task {args.task!r} split {args.split!r} has no text')
+    log.info(f'train_vocab: training a {args.vocab_size}-piece SentencePiece model on '
+             f'{len(texts)} texts ({sum(map(len, texts))} characters) ...')
+    start = time.monotonic()
     vocab.train_sentencepiece(texts, args.out, args.vocab_size)
+    log.info(f'train_vocab: trained in {time.monotonic() - start:.1f}s; wrote {args.out}')
   except (tasks.UnknownNameError, KeyError, ValueError, RuntimeError) as e:
     print(f'train_vocab: {e}', file=sys.stderr)
     return 2

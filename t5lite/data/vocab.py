@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from t5lite import files
 from t5lite.data import embedded
 
 PAD_ID = 0
@@ -34,13 +35,9 @@ SENTINEL_TEXT = re.compile(r'<extra_id_(\d+)>')
 
 
 def _read_bytes(path: str) -> bytes:
-  """Reads a local file, or any path etils.epath understands (gs://...) if installed."""
-  try:
-    from etils import epath  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    with open(path, 'rb') as f:
-      return f.read()
-  return epath.Path(path).read_bytes()
+  """A local file or a URL (gs://..., with t5lite[gcp]): SentencePiece loads the model from
+  these bytes, so it never needs a local copy."""
+  return files.read_bytes(path)
 
 
 class _T5Ids:
@@ -223,7 +220,8 @@ def train_sentencepiece(texts: Sequence[str], model_path: str, vocab_size: int) 
     shuffling) and the trainer runs on one thread, so the same texts give a
     byte-identical model. The model is written to a temporary file in the same
     directory and then `os.replace`d, so concurrent readers (e.g. pytest-xdist
-    workers) see either no file or a complete one.
+    workers) see either no file or a complete one. A URL `model_path` (gs://...) is
+    uploaded in one piece (all-or-nothing there).
     """
   model_path = os.fspath(model_path)
   proto = io.BytesIO()
@@ -242,6 +240,9 @@ def train_sentencepiece(texts: Sequence[str], model_path: str, vocab_size: int) 
       num_threads=1,
       minloglevel=2,  # training logs go to stderr; keep test output readable
   )
+  if files.is_url(model_path):
+    files.write_bytes(model_path, proto.getvalue())
+    return
   directory = os.path.dirname(os.path.abspath(model_path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.model')
