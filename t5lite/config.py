@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from t5lite import fields
+from t5lite import fields, files
 from t5lite.checks import (Check, boolean, count, in_range, logical_rules, non_negative, positive,
                            regex_pairs, regexes, string, task, task_names)
 from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
@@ -479,14 +479,12 @@ def set_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> No
 
 
 def save_config(config, workdir: str) -> str:
-  """Writes the config (a ConfigDict or a RunConfig) as JSON, and the readable repr, to workdir."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  with open(path, 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
+  """Writes the config (a ConfigDict or a RunConfig) as JSON, and the readable repr, to workdir
+  (a local folder or a gs:// URL)."""
+  path = files.join(workdir, 'config.json')
+  files.write_text(path, json.dumps(config.to_dict(), indent=2, default=str))
   text = config if isinstance(config, ml_collections.ConfigDict) else config.as_config_dict()
-  with open(os.path.join(workdir, 'config.txt'), 'w') as f:
-    f.write(str(text))
+  files.write_text(files.join(workdir, 'config.txt'), str(text))
   return path
 
 
