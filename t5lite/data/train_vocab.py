@@ -60,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   features = [f for f in args.features.split(',') if f]
   try:
-    progress = logs.Progress(f'train_vocab: reading {args.task}/{args.split}', args.max_examples
-                             or None, 'texts', logger=log)
+    # No total: an example gives one text per string field.
+    progress = logs.Progress(f'train_vocab: reading {args.task}/{args.split}', None, 'texts',
+                             logger=log)
     texts = []
     for text in task_texts(args.task, args.split, features, args.max_examples):
       texts.append(text)
