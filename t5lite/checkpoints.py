@@ -51,6 +51,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import options as ocp_options
 
+from t5lite import files
+
 COMMIT_MARKER = 'commit_success.txt'  # orbax writes it last, just before the final rename
 TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax's suffix for a step still being written
 REJECTED_DIR = 'checkpoints_rejected'  # unreadable steps are moved here, next to checkpoints/
@@ -256,11 +258,10 @@ _told_no_checksums: set[str] = set()
 def read_checksums(step_dir: str) -> dict[str, dict] | None:
   """The checksums saved in the step at `step_dir`, or None for a step written before t5lite
   saved them."""
-  path = os.path.join(step_dir, CHECKSUMS_ITEM, CHECKSUMS_FILE)
-  if not os.path.exists(path):
+  path = files.to_path(step_dir) / CHECKSUMS_ITEM / CHECKSUMS_FILE
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)['arrays']
+  return json.loads(path.read_text())['arrays']
 
 
 def verify(step_dir: str, tree, label: str) -> None:
@@ -312,14 +313,15 @@ def _describe(e: BaseException) -> str:
 
 def _scan(directory: str) -> tuple[list[int], list[int], list[str]]:
   """(complete steps, step folders without the commit marker, interrupted saves' folder names)
-  in `directory`, each sorted; all empty when it does not exist."""
+  in `directory` (a local path or a URL), each sorted; all empty when it does not exist."""
   complete, incomplete, interrupted = [], [], []
-  if os.path.isdir(directory):
-    for name in sorted(os.listdir(directory)):
+  folder = files.to_path(directory)
+  if folder.is_dir():
+    for name in sorted(entry.name for entry in folder.iterdir()):
       if TMP_MARKER in name:
         interrupted.append(name)
-      elif name.isdigit() and os.path.isdir(os.path.join(directory, name)):
-        marked = os.path.exists(os.path.join(directory, name, COMMIT_MARKER))
+      elif name.isdigit() and (folder / name).is_dir():
+        marked = (folder / name / COMMIT_MARKER).exists()
         (complete if marked else incomplete).append(int(name))
   return sorted(complete), sorted(incomplete), interrupted
 
@@ -358,8 +360,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 0, async_save: bool = True, best_metric: str = '',
                best_mode: str = 'min', best_n: int = 1):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.workdir = files.join(workdir)  # absolute, or a URL as it is
+    self.directory = files.join(self.workdir, 'checkpoints')
     self._pending: int | None = None  # the step of the last save not yet known to have ended
     self._error: CheckpointSaveError | None = None  # sticky: every later call raises it again
     self._error_raised = False
@@ -458,7 +460,7 @@ class Checkpointer:
   def _save_failed(self, step: int, e: BaseException) -> CheckpointSaveError:
     try:
       done = complete_steps(self.directory)
-    except OSError:
+    except Exception:  # pylint: disable=broad-except  (a local OSError or a storage client's error)
       done = []
     newest = (f'the newest complete checkpoint, step {done[-1]} in {self.directory}, is intact'
               if done else 'no complete checkpoint was written before it')
@@ -515,6 +517,13 @@ class Checkpointer:
       log.info(f'checkpoints: ignoring {name}: a save that never finished (interrupted)')
     skipped = []
     for step in incomplete:
+      if files.is_url(self.directory):
+        # On an object store orbax writes a step in place and adds the marker last (there is no
+        # rename): a folder without it is a save that never finished, which orbax replaces when
+        # it saves that step again. Not an error, as the tmp folders above.
+        log.info(f'checkpoints: ignoring step {step}: it has no {COMMIT_MARKER}, a save that '
+                 'never finished (interrupted)')
+        continue
       skipped.append(f'step {step}: no {COMMIT_MARKER} (incomplete or partially copied)')
       log.warning(f'checkpoints: skipping step {step}: it has no {COMMIT_MARKER}, so it is '
                   'incomplete (e.g. a partial copy)')
@@ -562,11 +571,10 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> Restored:
     """Reads step `step` into the shardings that `abstract_state`'s structs carry, and checks it
     against its checksums and for non-finite values (CorruptCheckpointError)."""
-    step_dir = os.path.join(self.directory, str(step))
-    data_dir = os.path.join(step_dir, 'data')
-    if os.path.isdir(data_dir) and not os.path.exists(os.path.join(data_dir,
-                                                                   data_state_filename())):
-      written = sorted(n for n in os.listdir(data_dir) if n.startswith('process_'))
+    step_dir = files.join(self.directory, str(step))
+    data_dir = files.to_path(step_dir) / 'data'
+    if data_dir.is_dir() and not (data_dir / data_state_filename()).exists():
+      written = sorted(e.name for e in data_dir.iterdir() if e.name.startswith('process_'))
       raise CheckpointError(
           f'checkpoint step {step} in {self.directory} holds data-iterator states {written}, '
           f'none for this process ({data_state_filename()}): the data position is per process, '
@@ -620,20 +628,35 @@ class Checkpointer:
     each (`reasons[step]` says why, also in the folder's REASON.txt); kept rather than deleted,
     for a post-mortem. Process 0 moves; every process waits for it."""
     if jax.process_index() == 0:
-      rejected = os.path.join(self.workdir, REJECTED_DIR)
-      os.makedirs(rejected, exist_ok=True)
+      rejected = files.to_path(self.workdir) / REJECTED_DIR
+      rejected.mkdir(parents=True, exist_ok=True)
       for step, reason in sorted(reasons.items()):
-        target = os.path.join(rejected, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+        target = rejected / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
         n = 1
-        while os.path.exists(target):  # the same step rejected twice within a second
-          target = os.path.join(rejected, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}-{n}')
+        while target.exists():  # the same step rejected twice within a second
+          target = rejected / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}-{n}'
           n += 1
-        shutil.move(os.path.join(self.directory, str(step)), target)
-        with open(os.path.join(target, REASON_FILE), 'w') as f:
-          f.write(reason + '\n')
+        _move_step(files.to_path(self.directory) / str(step), target, reason)
         log.warning(f'checkpoints: {reason}; moved it to {target}')
     _barrier('t5lite_checkpoints_set_aside')
     self.manager.reload()
+
+
+def _move_step(source, target, reason: str) -> None:
+  """Moves the step folder `source` to `target` and writes REASON.txt there.
+
+  Locally one move (a rename). An object store has no rename, so the step is copied, REASON.txt written,
+  and only then is the original deleted, its commit marker first: at every moment one whole copy
+  exists, and if the deletion is cut short what is left in checkpoints/ has no marker, so it is
+  never restored (orbax replaces it when it saves that step again)."""
+  if not files.is_url(source):
+    shutil.move(source, target)
+    files.write_text(target / REASON_FILE, reason + '\n')
+    return
+  files.copy_tree(source, target)
+  files.write_text(target / REASON_FILE, reason + '\n')
+  (source / COMMIT_MARKER).unlink(missing_ok=True)
+  source.rmtree(missing_ok=True)
 
 
 def restore_as_numpy(workdir: str, step: int | None = None, check: bool = True) -> tuple[int, dict]:
@@ -656,7 +679,7 @@ def restore_as_numpy(workdir: str, step: int | None = None, check: bool = True) 
     state = ckpt.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
     if check:
-      verify(os.path.join(ckpt.directory, str(step)), state,
+      verify(files.join(ckpt.directory, str(step)), state,
              f'checkpoint step {step} in {ckpt.directory}')
     return step, jax.tree.map(np.asarray, state)
   finally:
@@ -674,26 +697,26 @@ def resolve_init_path(path: str) -> str:
   checkpoints directory (or the workdir above it), whose newest complete step is used.
   'hf:DIR' (a HuggingFace model directory) comes back as 'hf:' + its absolute path."""
   if path.startswith(HF_PREFIX):
-    hf_dir = os.path.abspath(os.path.expanduser(path[len(HF_PREFIX):]))
-    if not os.path.isfile(os.path.join(hf_dir, 'config.json')):
+    hf_dir = files.join(path[len(HF_PREFIX):])  # absolute, or a URL as it is (hf.py reads it)
+    if not (files.to_path(hf_dir) / 'config.json').is_file():
       raise CheckpointError(f'checkpoint.init_from={path}: no HuggingFace model there (want a '
                             'directory with config.json and model.safetensors or '
                             'pytorch_model.bin)')
     return HF_PREFIX + hf_dir
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'state')):
-    if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+  path = files.join(path)
+  if (files.to_path(path) / 'state').is_dir():
+    if not (files.to_path(path) / COMMIT_MARKER).exists():
       raise CheckpointError(f'checkpoint.init_from={path}: it has no {COMMIT_MARKER}, so it is '
                             'incomplete (an interrupted save or a partial copy)')
     return path
   directory = path
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    directory = os.path.join(path, 'checkpoints')
+  if (files.to_path(path) / 'checkpoints').is_dir():
+    directory = files.join(path, 'checkpoints')
   steps = complete_steps(directory)
   if not steps:
     raise CheckpointError(f'checkpoint.init_from={path}: no complete t5lite checkpoint there (want '
                           'a step directory, WORKDIR/checkpoints or WORKDIR)')
-  return os.path.join(directory, str(steps[-1]))
+  return files.join(directory, str(steps[-1]))
 
 
 def resolve_steps(spec: str, workdir: str | None) -> list[tuple[int, str]]:
@@ -712,7 +735,7 @@ def resolve_steps(spec: str, workdir: str | None) -> list[tuple[int, str]]:
     if not workdir:
       raise MissingCheckpointError(f'--checkpoint {spec} needs --workdir (the run whose '
                                    'checkpoints to read)')
-    where = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    where = files.join(workdir, 'checkpoints')
     steps = complete_steps(where)
     if spec.isdigit():
       if int(spec) not in steps:
@@ -724,7 +747,7 @@ def resolve_steps(spec: str, workdir: str | None) -> list[tuple[int, str]]:
       raise MissingCheckpointError(f'no complete checkpoint in {where}')
     elif spec == 'latest':
       steps = steps[-1:]
-    return [(s, os.path.join(where, str(s))) for s in steps]
+    return [(s, files.join(where, str(s))) for s in steps]
   try:
     path = resolve_init_path(spec)
   except CheckpointError as e:
@@ -782,7 +805,7 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
       raise CheckpointError(f'checkpoint.init_from={step_dir}: {e}') from None
     saved = {k: tuple(v.shape) for k, v in hf_params.items()}
   else:
-    state_dir = os.path.join(step_dir, 'state')
+    state_dir = files.join(step_dir, 'state')
     checkpointer = ocp.PyTreeCheckpointer()
     metadata = checkpointer.metadata(state_dir)
     metadata = getattr(metadata, 'item_metadata', metadata)  # orbax 0.12 wraps it in StepMetadata
