@@ -182,14 +182,16 @@ class _Output:
   append (an object is written whole), so a URL's text is kept in memory and the whole object
   is uploaded again at most every `upload_s` seconds and on close (after an error or a SIGTERM
   too): rewriting it after every batch would upload the file once per batch. A kill -9 loses at
-  most the last `upload_s` seconds of predictions, which the rerun decodes again."""
+  most the last `upload_s` seconds of predictions, which the rerun decodes again. The first batch
+  is uploaded at once, so a bucket that cannot be written fails the job after one batch, not at
+  its end."""
 
   def __init__(self, path: str, kept: bytes, upload_s: float = 30.0):
     self.path, self.upload_s = path, upload_s
     self.url = files.is_url(path)
     self._text = [kept.decode('utf-8')] if self.url else None
     self._dirty = False
-    self._last = time.monotonic()
+    self._last = -float('inf')  # the first write uploads
     self._file = None if self.url else open(os.fspath(files.to_path(path)), 'a', encoding='utf-8')
 
   def write(self, text: str) -> None:

@@ -201,3 +201,17 @@ def test_a_vocabulary_and_file_sources_on_gs(tmp_path, gcs, no_local_gs, monkeyp
     assert remote.decode(ids) == local.decode(ids)
   with pytest.raises(FileNotFoundError, match='cannot read a SentencePiece model'):
     vocab.get_vocabulary(f'{gcs.url}/missing.model')
+
+
+def test_a_gs_infer_output_is_uploaded_at_the_first_batch_then_at_most_every_upload_s(gcs):
+  # pylint: disable=protected-access
+  url = gcs.url + '/preds.jsonl'
+  out = infer._Output(url, b'{"kept": 0}\n', upload_s=3600)
+  out.write('{"batch": 1}\n')  # the first write: at once (a bucket that refuses fails early)
+  assert files.read_text(url) == '{"kept": 0}\n{"batch": 1}\n'
+  out.write('{"batch": 2}\n')  # within upload_s: kept in memory
+  assert files.read_text(url) == '{"kept": 0}\n{"batch": 1}\n'
+  out.close()  # the end (or an error, or SIGTERM: close runs in a finally)
+  assert files.read_text(url) == '{"kept": 0}\n{"batch": 1}\n{"batch": 2}\n'
+  infer._Output(gcs.url + '/empty.jsonl', b'').close()  # no inputs: an empty object
+  assert files.read_text(gcs.url + '/empty.jsonl') == ''
