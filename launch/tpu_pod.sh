@@ -87,7 +87,8 @@ run() {
 }
 
 errors=$(mktemp)
-trap 'rm -f "$errors"' EXIT
+files=$(mktemp)
+trap 'rm -f "$errors" "$files"' EXIT
 # Reads a state with a `describe` (which changes nothing, so it runs under --dry-run too): prints
 # it, or NOT_FOUND when the resource does not exist. Any other failure (no gcloud, not logged in, a
 # typo in the zone) stops the script with gcloud's message rather than being taken for "missing".
@@ -221,6 +222,23 @@ exec tail -n 100 --pid=\"\$pid\" -F $log; else tail -n 100 $log; \
 echo \"[tpu_pod] no run is going on \$(hostname)\"; fi"
 }
 
+# The files to ship, NUL-separated: in a git checkout what git tracks or would add (uncommitted
+# edits and new files included, whatever .gitignore names left out: venvs, local runs, caches);
+# elsewhere the whole folder less those usual suspects.
+ship_list() {
+  local repo=$1 file
+  if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$repo" ls-files -z --cached --others --exclude-standard |
+      while IFS= read -r -d '' file; do
+        # A tracked file deleted here is not shipped.
+        if [[ -e "$repo/$file" ]]; then printf '%s\0' "$file"; fi
+      done
+  else
+    (cd "$repo" && find . \( -name .venv -o -name .git -o -name __pycache__ -o -name .pytest_cache \
+      -o -name '*.egg-info' \) -prune -o -type f -print0)
+  fi
+}
+
 cmd_run() {
   local workdir version code tarball repo install inner start
   workdir=$(workdir_arg)
@@ -240,8 +258,8 @@ cmd_run() {
   code="~/$home/code/$version"
   repo=$(cd "$(dirname "$0")/.." && pwd)
   tarball=${TMPDIR:-/tmp}/t5lite-$version.tar.gz
-  run tar -czf "$tarball" -C "$repo" --exclude=.venv --exclude=.git --exclude=__pycache__ \
-    --exclude=.pytest_cache --exclude='*.egg-info' .
+  ship_list "$repo" >"$files"
+  run tar -czf "$tarball" -C "$repo" --null -T "$files"
   run "${tpu[@]}" scp "$tarball" "$name:t5lite-$version.tar.gz" --worker=all "${flags[@]}"
   # Refuses while a trainer still runs on any worker (two runs in one workdir would fight); then
   # unpacks, gets uv if absent, makes the 3.11 venv once, installs jax[tpu] and this code.

@@ -10,6 +10,7 @@ executed, not just read: a fake `curl` installs a fake `uv`, whose `venv` makes 
 import importlib.metadata
 import json
 import os
+import pathlib
 import re
 import shlex
 import signal
@@ -103,6 +104,14 @@ class Cloud:
 
   def __init__(self, tmp_path, node='NOT_FOUND', queued='NOT_FOUND'):
     self.tmp = tmp_path
+    # A small checkout to ship, with the script in it (the script ships the tree it lives in).
+    self.src = tmp_path / 'src'
+    for name, text in (('launch/tpu_pod.sh', pathlib.Path(TPU_POD).read_text()),
+                       ('configs/quickstart.py', 'CONFIG = 1\n'), ('setup.py', '# setup\n'),
+                       ('.venv/bin/python', 'not shipped\n')):
+      (self.src / name).parent.mkdir(parents=True, exist_ok=True)
+      (self.src / name).write_text(text)
+    self.script = self.src / 'launch' / 'tpu_pod.sh'
     self.home = tmp_path / 'worker'
     self.home.mkdir()
     local_bin, remote_bin = tmp_path / 'bin', tmp_path / 'remote_bin'
@@ -129,7 +138,7 @@ class Cloud:
     self.env.pop('PROJECT', None)
 
   def run(self, *args, check=True, timeout=30):
-    result = subprocess.run(['bash', TPU_POD, *args], cwd=self.tmp, env=self.env, text=True,
+    result = subprocess.run(['bash', self.script, *args], cwd=self.tmp, env=self.env, text=True,
                             capture_output=True, timeout=timeout)
     if check:
       assert result.returncode == 0, result
@@ -197,7 +206,8 @@ def test_a_missing_slice_is_created_then_the_code_installed_and_trained_on_every
   # On the worker: uv came through the installer (absent before), a Python 3.11 environment of its
   # own, jax[tpu] at the version this suite runs, this checkout with [gcp] from a versioned folder.
   (code,) = (cloud.home / 't5lite' / 'code').iterdir()
-  assert (code / 'launch' / 'tpu_pod.sh').exists() and not (code / '.git').exists()
+  assert (code / 'configs' / 'quickstart.py').read_text() == 'CONFIG = 1\n'
+  assert (code / 'launch' / 'tpu_pod.sh').exists() and not (code / '.venv').exists()
   venv = cloud.home / 't5lite' / 'venv'
   assert cloud.tools() == [
       'curl -LsSf https://astral.sh/uv/install.sh',
@@ -237,6 +247,27 @@ def test_a_ready_slice_is_reused_and_nothing_a_run_needs_is_deleted(tmp_path):
   assert log.count('trainer: step 1') == 2  # appended, never truncated
   for call in cloud.calls():
     assert not any(re.search(r'\brm\s+-\w*r', arg) for arg in call), call
+
+
+def test_a_git_checkout_ships_what_git_tracks_or_would_add(tmp_path):
+  cloud = Cloud(tmp_path, node='READY')
+  git = lambda *args: subprocess.run(['git', '-C', cloud.src, *args], check=True, timeout=30,
+                                     capture_output=True)
+  git('init', '-q')
+  (cloud.src / '.gitignore').write_text('.venv/\nruns/\n')
+  (cloud.src / 'gone.py').write_text('')
+  git('add', '.gitignore', 'launch', 'configs', 'setup.py', 'gone.py')
+  (cloud.src / 'gone.py').unlink()  # tracked, deleted in the working tree
+  (cloud.src / 'new.py').write_text('new\n')  # untracked, not ignored: an edit not yet added
+  (cloud.src / 'runs').mkdir()
+  (cloud.src / 'runs' / 'big.ckpt').write_text('ignored')
+  cloud.run('--detach', 'pod1', 'z', 'v4-8', 'rt', *TRAIN_ARGS)
+  cloud.wait_finished()
+  (code,) = (cloud.home / 't5lite' / 'code').iterdir()
+  shipped = sorted(str(p.relative_to(code)) for p in code.rglob('*') if p.is_file())
+  assert shipped == [
+      '.gitignore', 'configs/quickstart.py', 'launch/tpu_pod.sh', 'new.py', 'setup.py'
+  ]
 
 
 def test_a_preempted_slice_is_deleted_and_recreated(tmp_path):
