@@ -106,7 +106,7 @@ def test_infer_with_gs_input_and_output_equals_the_local_run(env, tmp_path, gcs,
 
 
 def test_convert_both_ways_through_gs(env, tmp_path, gcs, no_local_gs):
-  local, _ = run_copy(env, tmp_path, gcs, 4)
+  local, url = run_copy(env, tmp_path, gcs, 4)
   hf_url, back_url = gcs.url + '/hf', gcs.url + '/back'
   assert convert.main(['t5lite-to-hf', '--checkpoint', local, '--out', str(tmp_path / 'hf')]) == 0
   out = python(
@@ -115,6 +115,11 @@ def test_convert_both_ways_through_gs(env, tmp_path, gcs, no_local_gs):
       assert convert.main(['t5lite-to-hf', '--checkpoint', {local!r}, '--out', {hf_url!r}]) == 0
       assert convert.main(['hf-to-t5lite', '--model', {hf_url!r}, '--out', 'back']) == 0
       assert convert.main(['hf-to-t5lite', '--model', {hf_url!r}, '--out', {back_url!r}]) == 0
+      # The gs:// HF model evaluated straight from the bucket (hf:gs://..., read in memory).
+      from t5lite import eval
+      flags = ['--config', {env['config']!r}, '--workdir', {url!r}]
+      assert eval.main(flags + ['--checkpoint', '4']) == 0
+      assert eval.main(flags + ['--checkpoint', 'hf:' + {hf_url!r}]) == 0
       ''', gcs, tmp_path)
   assert f'reading the HuggingFace model {hf_url}' in out, out
   assert f'writing the HuggingFace model {hf_url}' in out, out
@@ -130,6 +135,11 @@ def test_convert_both_ways_through_gs(env, tmp_path, gcs, no_local_gs):
     for name, value in want.items():
       np.testing.assert_array_equal(got[name], value, err_msg=name)
   assert f'{back_url}/model_config.json' in gcs.objects()
+  # Its eval results (as step 0) are the trained checkpoint's (step 4), prediction for prediction.
+  from_hf, from_run = (
+      json.loads(files.read_text(f'{url}/eval/cli_echo/step_{step}.json')) for step in (0, 4))
+  assert from_hf['examples'] and from_hf['examples'] == from_run['examples']
+  assert from_hf['metrics'] == from_run['metrics']
   # checkpoint.init_from='hf:gs://...' reads through hf.load_flat_for_init: the same as locally.
   assert hf.is_model_dir(hf_url) and not hf.is_model_dir(back_url)
   from_gs = hf.load_flat_for_init(hf_url, False)
