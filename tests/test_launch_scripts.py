@@ -436,6 +436,12 @@ FAKE_SCONTROL = '''\
 #!/bin/bash
 echo "$*" >> "$FAKE_DIR/scontrol.calls"
 '''
+# scancel --signal=TERM JOBID: SLURM delivers the signal to the job's steps, here the fake srun.
+FAKE_SCANCEL = '''\
+#!/bin/bash
+echo "$*" >> "$FAKE_DIR/scancel.calls"
+kill -TERM "$(cat "$FAKE_DIR/srun.pid")"
+'''
 
 
 def _directive(name):
@@ -443,12 +449,15 @@ def _directive(name):
     return next(l.split('=', 1)[1].strip() for l in f if l.startswith(f'#SBATCH --{name}='))
 
 
-def _sbatch(tmp_path, signal_name=None, hold=True, **env):
+def _sbatch(tmp_path, signal_name=None, hold=True, keep_scancel=False, **env):
   """Runs the batch script with bash (as slurmstepd would) and, once the step runs, sends it
-  `signal_name`. Returns (exit status, stderr, srun argv, signals srun got, scontrol calls)."""
+  `signal_name`. Returns (exit status, stderr, srun argv, signals srun got, scontrol calls); the
+  scancel calls are in tmp_path / 'scancel.calls'."""
   bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir(parents=True)
-  for name, text in (('srun', FAKE_SRUN), ('scontrol', FAKE_SCONTROL)):
+  bin_dir.mkdir(parents=True, exist_ok=True)
+  for name, text in (('srun', FAKE_SRUN), ('scontrol', FAKE_SCONTROL), ('scancel', FAKE_SCANCEL)):
+    if keep_scancel and name == 'scancel':
+      continue
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
   if hold:
@@ -488,6 +497,7 @@ def test_the_time_limit_signal_saves_and_requeues(tmp_path):
       '--workdir', '/shared/r x'
   ]
   assert srun_signals == ['TERM']
+  assert (tmp_path / 'scancel.calls').read_text().splitlines() == ['--signal=TERM 4242']
   assert scontrol == ['requeue 4242']
   assert status == 0, stderr
   assert 'requeueing job 4242' in stderr
@@ -512,6 +522,15 @@ def test_sigterm_saves_and_requeues_only_when_asked(tmp_path):
   assert status == 0 and signals == ['TERM'] and scontrol == []
   assert 'without a requeue' in stderr
   status, _, _, signals, scontrol = _sbatch(tmp_path / 'b', 'TERM', T5LITE_REQUEUE_ON_TERM='1')
+  assert status == 0 and signals == ['TERM'] and scontrol == ['requeue 4242']
+
+
+def test_without_scancel_the_signal_goes_to_srun(tmp_path):
+  # A failing scancel (here: none that works) falls back to SIGTERM to srun itself.
+  (tmp_path / 'bin').mkdir()
+  (tmp_path / 'bin' / 'scancel').write_text('#!/bin/bash\nexit 1\n')
+  (tmp_path / 'bin' / 'scancel').chmod(0o755)
+  status, _, _, signals, scontrol = _sbatch(tmp_path, 'USR1', keep_scancel=True)
   assert status == 0 and signals == ['TERM'] and scontrol == ['requeue 4242']
 
 
