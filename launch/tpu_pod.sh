@@ -207,12 +207,12 @@ workdir_arg() {
   done
 }
 
-# On the workers: everything lives under ~/t5lite and nothing there is ever deleted. Each launch
-# unpacks into a new ~/t5lite/code/VERSION; ~/t5lite/venv, ~/t5lite/train.log (appended) and
-# ~/t5lite/train.pid (the running launch) stay.
+# On the workers ($HOME and ~ expand there, not here): everything lives under ~/t5lite and nothing
+# there is ever deleted. Each launch unpacks into a new ~/t5lite/code/VERSION; ~/t5lite/venv,
+# ~/t5lite/train.log (appended) and ~/t5lite/train.pid (the running launch) stay.
 home=t5lite
-log="~/$home/train.log"
-pidfile="~/$home/train.pid"
+log="\$HOME/$home/train.log"
+pidfile="\$HOME/$home/train.pid"
 running="pid=\$(cat $pidfile 2>/dev/null || true); \
 [ -n \"\$pid\" ] && kill -0 \"\$pid\" 2>/dev/null"
 
@@ -255,7 +255,7 @@ cmd_run() {
   ensure_slice
 
   version=$(date -u +%Y%m%d-%H%M%S)
-  code="~/$home/code/$version"
+  code="\$HOME/$home/code/$version"
   repo=$(cd "$(dirname "$0")/.." && pwd)
   tarball=${TMPDIR:-/tmp}/t5lite-$version.tar.gz
   ship_list "$repo" >"$files"
@@ -271,7 +271,7 @@ command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
 test -x ~/$home/venv/bin/python || uv venv --python $PYTHON_VERSION \
 --python-preference only-managed ~/$home/venv; \
 uv pip install -q --python ~/$home/venv/bin/python 'jax[tpu]==$JAX_VERSION' \
--e \"\$HOME/$home/code/$version[gcp]\""
+-e \"\$HOME/$home/code/${version}[gcp]\""
   run "${tpu[@]}" ssh "$name" --worker=all "${flags[@]}" --command="$install"
 
   # Detached: setsid + nohup, output appended to each worker's own log, so closing the ssh session
