@@ -259,6 +259,9 @@ cmd_run() {
   repo=$(cd "$(dirname "$0")/.." && pwd)
   tarball=${TMPDIR:-/tmp}/t5lite-$version.tar.gz
   ship_list "$repo" >"$files"
+  if ((dry_run)); then
+    echo "# $files: the $(tr -cd '\0' <"$files" | wc -c) files to ship, from ship_list $repo"
+  fi
   run tar -czf "$tarball" -C "$repo" --null -T "$files"
   run "${tpu[@]}" scp "$tarball" "$name:t5lite-$version.tar.gz" --worker=all "${flags[@]}"
   # Refuses while a trainer still runs on any worker (two runs in one workdir would fight); then
