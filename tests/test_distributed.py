@@ -1,4 +1,4 @@
-"""Multi-process start-up (t5lite/distributed.py), the local launcher and the TPU pod script.
+"""Multi-process start-up (t5lite/distributed.py) and the local launcher.
 
 The real multi-process checks start `python -m t5lite.launch.local` as a subprocess: 2 processes x
 4 CPU devices over loopback, the same path a TPU pod or a SLURM job takes through
@@ -7,7 +7,6 @@ The real multi-process checks start `python -m t5lite.launch.local` as a subproc
 import json
 import os
 import queue
-import shlex
 import signal
 import subprocess
 import sys
@@ -254,73 +253,7 @@ def test_sigterm_reaches_every_process(tmp_path):
   assert '[p0] got SIGTERM' in seen and '[p1] got SIGTERM' in seen, seen
 
 
-# ---- the TPU pod script ----------------------------------------------------------------------
-
-
-def _fake_gcloud(tmp_path, describe_fails: bool):
-  """A `gcloud` on PATH that logs its arguments, so the script can run without a cloud."""
-  bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir()
-  log = tmp_path / 'gcloud.log'
-  gcloud = bin_dir / 'gcloud'
-  gcloud.write_text(
-      textwrap.dedent(f'''\
-      #!/usr/bin/env bash
-      printf '%s\\n' "$*" >> {log}
-      [[ "$4" == describe ]] && exit {1 if describe_fails else 0}
-      exit 0
-  '''))
-  gcloud.chmod(0o755)
-  env = {
-      **os.environ, 'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', 'TMPDIR': str(tmp_path)
-  }
-  return env, log
-
-
-TRAIN_ARGS = [
-    '--config', 'configs/quickstart.py', '--workdir', 'gs://bucket/runs/a b',
-    '--config.train.steps=10'
-]
-
-
-def test_tpu_pod_dry_run_prints_every_command(tmp_path):
-  env, log = _fake_gcloud(tmp_path, describe_fails=True)
-  out = subprocess.run([
-      'bash', 'launch/tpu_pod.sh', '--dry-run', 'pod1', 'us-central2-b', 'v4-32',
-      'tpu-ubuntu2204-base', *TRAIN_ARGS
-  ], cwd=REPO, env=env, text=True, capture_output=True, timeout=30, check=True).stdout
-  assert not log.exists()  # nothing ran
-  commands = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith('+ ')]
-  gcloud = [c for c in commands if c[0] == 'gcloud']
-  verbs = [c[4] for c in gcloud]
-  assert verbs == ['describe', 'create', 'scp', 'ssh', 'ssh'], out
-  create = gcloud[1]
-  assert create[5] == 'pod1' and '--zone=us-central2-b' in create
-  assert '--accelerator-type=v4-32' in create and '--version=tpu-ubuntu2204-base' in create
-  assert all('--worker=all' in c for c in gcloud[2:])
-  assert 'pip install' in gcloud[3][-1]
-  train = gcloud[4][-1]
-  assert train.startswith('--command=')
-  # The remote shell gets the train arguments back exactly, spaces included.
-  remote = shlex.split(train[len('--command='):])
-  i = remote.index('t5lite.train')
-  assert remote[i + 1:i + 1 + len(TRAIN_ARGS)] == TRAIN_ARGS
-  assert 'T5LITE_DISTRIBUTED=auto' in remote
-
-
-def test_tpu_pod_runs_gcloud_and_reuses_an_existing_slice(tmp_path):
-  env, log = _fake_gcloud(tmp_path, describe_fails=False)
-  subprocess.run(['bash', 'launch/tpu_pod.sh', 'pod1', 'us-central2-b', 'v4-32', 'rt', *TRAIN_ARGS],
-                 cwd=REPO, env=env, text=True, capture_output=True, timeout=60, check=True)
-  verbs = [line.split()[3] for line in log.read_text().splitlines()]
-  assert verbs == ['describe', 'scp', 'ssh', 'ssh']  # exists: no create
-  assert (tmp_path / 't5lite-src.tar.gz').stat().st_size > 0
-
-
-def test_tpu_pod_usage():
-  result = subprocess.run(['bash', 'launch/tpu_pod.sh', 'only-a-name'], cwd=REPO, text=True,
-                          capture_output=True, timeout=30)
-  assert result.returncode == 2 and 'Usage: launch/tpu_pod.sh' in result.stderr
+# ---- the launch scripts' syntax (their behaviour: tests/test_launch_scripts.py) -----------
 
 
 def test_wrapper_script_and_sbatch_syntax():
