@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 from absl import flags as absl_flags
 from ml_collections import config_flags
 
-from t5lite import checkpoints, distributed, host_memory, partitioning
+from t5lite import checkpoints, distributed, files, host_memory, partitioning
 from t5lite import config as config_lib
 from t5lite.models.t5 import make_model
 
@@ -31,6 +31,8 @@ ErrorKind = tuple[type, str, int]  # (exception class, message prefix, exit code
 COMMON_ERRORS: tuple[ErrorKind, ...] = (
     (config_lib.ConfigError, 'config error', 2),
     (checkpoints.CheckpointError, 'checkpoint error', 1),
+    # A gs:// path without gcsfs: the message says `pip install 't5lite[gcp]'`.
+    (files.MissingFileSystemError, 'error', 2),
 )
 HELP_FLAGS = ('-h', '--help', '-help', '--helpfull', '-?')
 
@@ -141,7 +143,34 @@ def parse(argv: Sequence[str], job_flags: Sequence[Flag] = (), usage: str = '',
 
 
 def _is_local(path: str) -> bool:
-  return '://' not in path  # gs://... and other remote paths are checked by their first write
+  return not files.is_url(path)
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0]}' if text else type(error).__name__
+
+
+def _check_url_folder(url: str, flag: str, must_exist: bool) -> None:
+  """A URL folder, checked with a few requests and no write: its file system is installed
+  (files.MissingFileSystemError otherwise), its bucket exists and can be reached, it is not an
+  object (a file), and (`must_exist`) it holds something. Permission to write shows at the
+  first write, the workdir lock's, before anything slow."""
+  path = files.to_path(url)  # MissingFileSystemError: run_main prints how to install it
+  scheme, _, rest = url.partition('://')
+  bucket = f'{scheme}://{rest.split("/", 1)[0]}'
+  try:
+    if not files.to_path(bucket).exists():
+      raise config_lib.ConfigError(f'{flag} {url}: the bucket {bucket} does not exist (or these '
+                                   'credentials cannot see it)')
+    if path.is_file():
+      raise config_lib.ConfigError(f'{flag} {url}: is a file, not a folder')
+    if must_exist and not path.is_dir():
+      raise config_lib.ConfigError(f'{flag} {url}: no such folder')
+  except config_lib.ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (credentials, network: one line)
+    raise config_lib.ConfigError(f'{flag} {url}: cannot be read ({_one_line(e)})') from None
 
 
 def _probe_writable(folder: str, what: str) -> None:
@@ -157,8 +186,10 @@ def _probe_writable(folder: str, what: str) -> None:
 
 def check_folder(path: str, flag: str, writable: bool = True, must_exist: bool = False) -> None:
   """--workdir and the like: not a file; when it does not exist yet, its nearest existing parent
-  takes its place (the job creates it); that folder must be writable when `writable`."""
+  takes its place (the job creates it); that folder must be writable when `writable`. A URL
+  (gs://...): see _check_url_folder."""
   if not _is_local(path):
+    _check_url_folder(path, flag, must_exist)
     return
   if os.path.exists(path) and not os.path.isdir(path):
     raise config_lib.ConfigError(f'{flag} {path}: is a file, not a folder')
@@ -176,8 +207,17 @@ def check_folder(path: str, flag: str, writable: bool = True, must_exist: bool =
 
 def check_output_file(path: str, flag: str) -> None:
   """An output file: its folder exists and takes new files, and the file (if there) is a
-  writable file. Checked before anything slow (a model) is loaded."""
+  writable file. Checked before anything slow (a model) is loaded. A URL: its bucket exists and
+  it is not a folder."""
   if not _is_local(path):
+    _check_url_folder(path.rstrip('/').rsplit('/', 1)[0], flag, must_exist=False)
+    try:
+      if files.to_path(path).is_dir():
+        raise config_lib.ConfigError(f'{flag} {path}: is a folder, not a file')
+    except config_lib.ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise config_lib.ConfigError(f'{flag} {path}: cannot be read ({_one_line(e)})') from None
     return
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):

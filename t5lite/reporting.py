@@ -1,6 +1,12 @@
 """Metrics out: one printed line, TensorBoard events and WORKDIR/metrics.jsonl; FLOPs and MFU.
 
-Only process 0 writes. Model FLOPs are counted from the shapes (matmuls only, the standard
+Only process 0 writes. WORKDIR may be a URL (gs://...): an object cannot be appended to, so there
+metrics.jsonl is kept in memory and uploaded whole (and the TensorBoard event file, which
+tensorboardX's gs:// writer also uploads whole) at most every `flush_s` seconds, at every
+checkpoint (`flush()`, called by train.py before each save, so that a resumed run finds every
+line up to its checkpoint) and at the end. Locally each line is appended and flushed at once.
+
+Model FLOPs are counted from the shapes (matmuls only, the standard
 convention of Kaplan et al. 2020 / PaLM's MFU): a training step costs 3x the forward pass
 (backward = 2x forward); rematerialisation is not counted, as MFU measures useful work.
 """
@@ -13,6 +19,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from t5lite import files
 
 # Dense bf16 peak FLOP/s per device from vendor data sheets, looked up by jax device_kind.
 log = logging.getLogger(__name__)
@@ -101,34 +109,72 @@ def peak_flops_per_device(configured: float, dtype: str) -> tuple[float, str]:
 class MetricWriter:
   """Writes a dict of scalars per logged step; a no-op on processes other than 0."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True, purge_step: int | None = None):
+  def __init__(self, workdir: str, tensorboard: bool = True, purge_step: int | None = None,
+               flush_s: float = 60.0):
     """`purge_step`: the first step a resumed run logs again. TensorBoard event files are
     append-only; the purge marker makes TensorBoard drop the earlier run's events from that step
-    on, so replayed steps show once (metrics.jsonl is trimmed the same way, in train.py)."""
+    on, so replayed steps show once (metrics.jsonl is trimmed the same way, in train.py).
+    `flush_s`: on a URL workdir, the most seconds between two uploads (see the module
+    docstring); unused locally."""
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    self._remote = files.is_url(workdir)
+    self._lines: list[str] = []  # a URL's metrics.jsonl, uploaded whole
+    self._dirty = False
+    self._flush_s, self._flushed_at = flush_s, time.monotonic()
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    if self._remote:
+      self._path = files.to_path(workdir) / 'metrics.jsonl'
+      if self._path.exists():
+        self._lines = [
+            line if line.endswith('\n') else line + '\n'
+            for line in self._path.read_text().splitlines()
+        ]
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     if tensorboard:
       from tensorboardX import SummaryWriter  # imported lazily: optional at run time
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
+      self._tb = SummaryWriter(files.join(workdir, 'tensorboard'), purge_step=purge_step)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.active:
       return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
     if self._tb is not None:
       for key, value in metrics.items():
         self._tb.add_scalar(f'train/{key}', float(value), int(step))
-      self._tb.flush()
+    if self._remote:
+      self._lines.append(json.dumps(record) + '\n')
+      self._dirty = True
+      if time.monotonic() - self._flushed_at >= self._flush_s:
+        self.flush()
+    else:
+      self._jsonl.write(json.dumps(record) + '\n')
+      self._jsonl.flush()
+      if self._tb is not None:
+        self._tb.flush()
     log.info(format_line(step, metrics))
 
+  def flush(self) -> None:
+    """Everything written so far is in the files (on a URL: uploaded whole, if anything
+    changed since the last upload)."""
+    if not self.active:
+      return
+    if self._remote and self._dirty:
+      files.write_text(self._path, ''.join(self._lines))
+      self._dirty = False
+    if self._tb is not None:
+      self._tb.flush()
+    self._flushed_at = time.monotonic()
+
   def close(self) -> None:
+    if not self.active:
+      return
+    if self._remote:
+      self.flush()
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:

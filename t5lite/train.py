@@ -7,12 +7,14 @@ step, which also keeps a device-side watch of non-finite and dead steps -> the l
 stdout, TensorBoard and WORKDIR/metrics.jsonl, validate, evaluate tasks, save asynchronously (a
 failed save stops the run at the next step); a SIGTERM saves and exits 0 at the step boundary
 (docs/checkpoints.md, docs/reliability.md).
+
+--workdir may be a URL (gs://bucket/run, with `pip install 't5lite[gcp]'`): every file of the
+run goes through t5lite.files (etils.epath) and orbax, none through a local path.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Sequence
@@ -20,7 +22,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from t5lite import checkpoints, cli, multihost, optim, partitioning, reporting, trainer
+from t5lite import checkpoints, cli, files, logs, multihost, optim, partitioning, reporting, trainer
 from t5lite import workdir as workdir_lib
 from t5lite import config as config_lib
 from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
@@ -66,11 +68,10 @@ def trim_metrics(workdir: str, step: int) -> None:
   order: the resumed run logs the later steps again, so the file ends up as an uninterrupted
   run's would. A step logged twice (a file from before the workdir lock, when two trainers could
   share a workdir) keeps its last line."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if jax.process_index() != 0 or not os.path.exists(path):
+  path = files.to_path(workdir) / 'metrics.jsonl'
+  if jax.process_index() != 0 or not path.exists():
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = path.read_text().splitlines(keepends=True)
   by_step = {}
   for line in lines:
     try:
@@ -81,8 +82,20 @@ def trim_metrics(workdir: str, step: int) -> None:
       by_step[logged] = line if line.endswith('\n') else line + '\n'
   kept = [by_step[s] for s in sorted(by_step)]
   if kept != lines:
-    with open(path, 'w') as f:
-      f.writelines(kept)
+    files.write_text(path, ''.join(kept))
+
+
+def save_config(config, workdir: str) -> None:
+  """WORKDIR/config.json and config.txt, as config.save_config writes them locally; written
+  through t5lite.files so that a URL workdir gets them too (by process 0 only: one shared copy)."""
+  if not files.is_url(workdir):
+    config_lib.save_config(config, workdir)
+    return
+  if jax.process_index() != 0:
+    return
+  files.write_text(files.join(workdir, 'config.json'),
+                   json.dumps(config.to_dict(), indent=2, default=str))
+  files.write_text(files.join(workdir, 'config.txt'), str(config))
 
 
 def check_health(watch, values: dict[str, float], step: int, cfg, ckpt) -> None:
@@ -209,7 +222,7 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
   lock = lock_workdir(workdir, k.lock_stale_minutes)
   iterator = ckpt = watcher = writer = evaluate_tasks = None  # closed in `finally`
   try:
-    config_lib.save_config(config, workdir)
+    save_config(config, workdir)
     config_dict = json.loads(json.dumps(config.to_dict(), default=str))
     tx, schedule = optim.make_optimizer(cfg)
     iterator, vocabulary = build_data(cfg)
@@ -241,20 +254,25 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
       return []
 
     # --- the loop
-    history, run_start = [], time.perf_counter()
+    history = []
     for step in range(start_step + 1, t.steps + 1):
       tokens = int(
           np.sum(batch.get('encoder_input_tokens', 0) > 0)
           + np.sum(batch['decoder_loss_weights'] > 0))
-      state, metrics, watch = step_fn(state, partitioning.host_to_global(batch, batch_sharding),
-                                      watch)
+      if step == start_step + 1:
+        # The first call compiles (minutes for a large model): say so before and after.
+        with logs.compiling('the train step', log):
+          state, metrics, watch = step_fn(state, partitioning.host_to_global(batch, batch_sharding),
+                                          watch)
+          jax.block_until_ready(metrics)
+      else:
+        state, metrics, watch = step_fn(state, partitioning.host_to_global(batch, batch_sharding),
+                                        watch)
       # Where the data stands after this step's batch: a checkpoint of `step` resumes with the
       # batch of step + 1. Read before the next() below, which already fetches that batch.
       data_state = iterator.get_state()
       if step == start_step + 1:  # the first step includes compilation: time from its end
-        jax.block_until_ready(metrics)
         throughput.start()
-        log.info(f'compiled and ran step {step} in {time.perf_counter() - run_start:.1f}s')
       else:
         throughput.count(tokens)
       if step < t.steps:
@@ -282,6 +300,9 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
         writer.write(step, values)
         history.append({'step': step, **values})
       if do_save:
+        # On a URL, metrics.jsonl is uploaded whole now and then (reporting.MetricWriter): at
+        # every checkpoint at the latest, so a run resumed from it finds every line up to it.
+        writer.flush()
         save(ckpt, step, state, data_state, config_dict, values)
       if stop:
         ckpt.wait()

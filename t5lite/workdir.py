@@ -12,8 +12,11 @@ host name and pid namespace, so the pid means the same process), or it has not b
 `stale_minutes` (a host that died, wherever it was; host clocks must agree to within that).
 
 Two runs starting together: on a local disk the lease is created with O_EXCL, so exactly one
-creates it. Taking over a stale lease, and any start on gs:// (no exclusive create there), writes
-the lease, waits a moment and reads it back: the last writer wins and the others raise
+creates it. On gs:// (through gcsfs) the first lease is uploaded with GCS's precondition
+ifGenerationMatch=0 (create only if absent), which the real service enforces: the second run gets
+412 and reads the first one's lease. epath itself offers no exclusive create, and other stores (or
+an emulator that ignores preconditions) may not enforce it, so on a URL the lease is also read
+back after a pause, as when taking over a stale lease: the last writer wins and the others raise
 WorkdirBusyError. The refresh thread also reads the lease back each time, so a run whose lease was
 overwritten anyway notices it (`lock.lost`) instead of writing on next to another run.
 
@@ -89,6 +92,22 @@ def _process_alive(pid: int, start: str | None) -> bool:
   return start is None or now_start == start
 
 
+def _create_object(url: str, text: str) -> bool:
+  """Uploads `text` to `url` only if no object is there (GCS's ifGenerationMatch=0, through
+  gcsfs); False if one is. Where the file system offers no such upload (not gcsfs), a plain
+  upload, True: the caller's read-back settles a race then."""
+  import fsspec  # pylint: disable=import-outside-toplevel  (epath's gs:// backend brings it)
+  fs, path = fsspec.core.url_to_fs(url)
+  if type(fs).__module__.split('.')[0] != 'gcsfs':
+    epath.Path(url).write_text(text)
+    return True
+  try:
+    fs.pipe_file(path, text.encode('utf-8'), mode='create')
+  except FileExistsError:  # HTTP 412: the precondition failed, another run created it first
+    return False
+  return True
+
+
 def _when(t: float) -> str:
   return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))
 
@@ -148,8 +167,11 @@ class WorkdirLock:
         tmp.unlink()
 
   def _create(self, lease: dict) -> bool:
-    """Local disks: writes the lease only if there is none. O_EXCL makes this exact: of two runs
-    that both saw no lease, one creates it and the other reads it."""
+    """Writes the lease only if there is none; False when there is one. Local disks: O_EXCL
+    makes this exact: of two runs that both saw no lease, one creates it and the other reads it.
+    gs://: GCS's create-if-absent precondition (see the module docstring)."""
+    if not self._local:
+      return _create_object(os.fspath(self.path), json.dumps(lease))
     try:
       fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -190,6 +212,10 @@ class WorkdirLock:
   # ---- acquire and release ------------------------------------------------------------------
 
   def _prepare_workdir(self) -> None:
+    if not self._local:
+      # An object store has no folders to make; and gcsfs's makedirs would create a missing
+      # bucket (a typo in --workdir) rather than fail. cli.check_folder checks the bucket.
+      return
     try:
       if self.workdir.exists() and not self.workdir.is_dir():
         raise WorkdirError(f'workdir {self.workdir} is a file, not a directory: remove it or use '
@@ -225,6 +251,8 @@ class WorkdirLock:
         if self._create(lease):
           return self._start(lease)
         current = self._read()  # another run created it first
+      elif current is None and not self._create(lease):
+        current = self._read()  # another run created it first (a gs:// precondition failed)
       if current is not None:
         reason = self._stale_reason(current)
         if reason is None:
@@ -232,7 +260,8 @@ class WorkdirLock:
         log.warning('Taking over the workdir lock %s from %s: %s.', self.path,
                     self._describe(current), reason)
       begin = time.monotonic()
-      self._write(lease)
+      if current is not None:
+        self._write(lease)
       # Another run may have judged the same lease stale and be writing its own: give its write
       # time to land (a few times as long as ours took), then the last writer holds the lease.
       time.sleep(max(self.settle_s, 3 * (time.monotonic() - begin)))
