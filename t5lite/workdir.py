@@ -92,15 +92,17 @@ def _process_alive(pid: int, start: str | None) -> bool:
   return start is None or now_start == start
 
 
-def _create_object(url: str, text: str) -> bool:
+def _create_object(url: str, text: str) -> bool | None:
   """Uploads `text` to `url` only if no object is there (GCS's ifGenerationMatch=0, through
-  gcsfs); False if one is. Where the file system offers no such upload (not gcsfs), a plain
-  upload, True: the caller's read-back settles a race then."""
-  import fsspec  # pylint: disable=import-outside-toplevel  (epath's gs:// backend brings it)
-  fs, path = fsspec.core.url_to_fs(url)
+  gcsfs): True if it did, False if there is one. None, writing nothing, where the file system
+  offers no such upload (not gcsfs)."""
+  try:
+    import fsspec  # pylint: disable=import-outside-toplevel  (epath's gs:// backend brings it)
+    fs, path = fsspec.core.url_to_fs(url)
+  except (ImportError, ValueError):
+    return None
   if type(fs).__module__.split('.')[0] != 'gcsfs':
-    epath.Path(url).write_text(text)
-    return True
+    return None
   try:
     fs.pipe_file(path, text.encode('utf-8'), mode='create')
   except FileExistsError:  # HTTP 412: the precondition failed, another run created it first
@@ -171,7 +173,11 @@ class WorkdirLock:
     makes this exact: of two runs that both saw no lease, one creates it and the other reads it.
     gs://: GCS's create-if-absent precondition (see the module docstring)."""
     if not self._local:
-      return _create_object(os.fspath(self.path), json.dumps(lease))
+      created = _create_object(os.fspath(self.path), json.dumps(lease))
+      if created is None:  # no create-if-absent on this store: the caller's read-back settles it
+        self._write(lease)
+        return True
+      return created
     try:
       fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -212,7 +218,7 @@ class WorkdirLock:
   # ---- acquire and release ------------------------------------------------------------------
 
   def _prepare_workdir(self) -> None:
-    if not self._local:
+    if '://' in os.fspath(self.workdir):
       # An object store has no folders to make; and gcsfs's makedirs would create a missing
       # bucket (a typo in --workdir) rather than fail. cli.check_folder checks the bucket.
       return
