@@ -19,6 +19,19 @@ import nbformat
 NOTEBOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'quickstart.ipynb')
 
 
+def _merge_streams(outputs):
+  """One output per run of stdout (or stderr) lines, as Jupyter shows them: the kernel sends one
+  per flush, hundreds for a training log, and each costs the saved file its JSON overhead."""
+  merged = []
+  for output in outputs:
+    if (merged and output.output_type == 'stream' and merged[-1].output_type == 'stream'
+        and merged[-1].name == output.name):
+      merged[-1].text += output.text
+    else:
+      merged.append(output)
+  return merged
+
+
 def main(path=NOTEBOOK):
   notebook = nbformat.read(path, as_version=4)
   os.environ['XLA_FLAGS'] = ''  # one CPU device, as in a Colab CPU runtime
@@ -27,6 +40,9 @@ def main(path=NOTEBOOK):
     # Colab's working folder is /content; the notebook's runs go to ./t5lite_runs under it.
     nbclient.NotebookClient(notebook, timeout=3600, kernel_name='python3', record_timing=False,
                             resources={'metadata': {'path': cwd}}).execute()
+  for cell in notebook.cells:
+    if cell.cell_type == 'code':
+      cell.outputs = _merge_streams(cell.outputs)
   nbformat.write(notebook, path)
   print(f'{path}: executed in {time.time() - start:.0f} s, '
         f'{os.path.getsize(path) / 1024:.0f} KiB with outputs')
