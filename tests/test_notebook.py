@@ -17,15 +17,15 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import nbclient
 import nbformat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'docs', 'notebooks', 'quickstart.ipynb')
-# What setup.py reads to build the package.
-SOURCES = ('setup.py', 'pyproject.toml', 'README.md', 't5lite', 'configs')
+# What a build of the package reads (those that exist are copied).
+SOURCES = ('setup.py', 'setup.cfg', 'pyproject.toml', 'MANIFEST.in', 'README.md', 'LICENSE',
+           't5lite', 'configs')
 KERNEL = 't5lite-test-venv'
 
 # Appended to the executed copy: which files the kernel's t5lite modules came from.
@@ -41,6 +41,8 @@ def _copy_sources(dest):
   os.makedirs(dest)
   for name in SOURCES:
     source = os.path.join(REPO, name)
+    if not os.path.exists(source):
+      continue
     if os.path.isdir(source):
       shutil.copytree(source, os.path.join(dest, name),
                       ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
@@ -55,7 +57,10 @@ def _venv(path):
   python = os.path.join(path, 'bin', 'python')
   site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
                         check=True, capture_output=True, text=True).stdout.strip()
-  outer = sorted({sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']})
+  # This interpreter's package folders (a venv's, a user site): not the checkout, which pytest
+  # or an old-style editable install may have put on sys.path.
+  outer = [p for p in sys.path if os.path.basename(p) in ('site-packages', 'dist-packages')]
+  assert outer, sys.path
   with open(os.path.join(site, 'outer_environment.pth'), 'w') as f:
     f.write(''.join(p + '\n' for p in outer))
   return python
