@@ -171,3 +171,16 @@ def test_install_cell_installs_t5lite_from_repo_url(tmp_path, monkeypatch):
   assert not errors, errors
   where = json.loads(_stdout(notebook.cells[-1]))
   assert where['files'] and all(_is_under(f, venv) for f in where['files']), where
+
+
+def test_committed_notebook_carries_its_outputs():
+  """Opened on GitHub or in Colab, the notebook shows its run: every code cell executed, in
+  order, no errors, the three plots as PNGs, at a size a repository carries."""
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(notebook)
+  code = [c for c in notebook.cells if c.cell_type == 'code']
+  assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+  outputs = [o for c in code for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == 'error']
+  assert len([o for o in outputs if 'image/png' in o.get('data', {})]) == 3
+  assert os.path.getsize(NOTEBOOK) < 400_000
