@@ -316,6 +316,7 @@ def _scan(directory: str) -> tuple[list[int], list[int], list[str]]:
   in `directory` (a local path or a URL), each sorted; all empty when it does not exist."""
   complete, incomplete, interrupted = [], [], []
   folder = files.to_path(directory)
+  _forget_listings(folder)
   if folder.is_dir():
     for name in sorted(entry.name for entry in folder.iterdir()):
       if TMP_MARKER in name:
@@ -324,6 +325,20 @@ def _scan(directory: str) -> tuple[list[int], list[int], list[str]]:
         marked = (folder / name / COMMIT_MARKER).exists()
         (complete if marked else incomplete).append(int(name))
   return sorted(complete), sorted(incomplete), interrupted
+
+
+def _forget_listings(folder) -> None:
+  """gcsfs (epath's gs:// backend) caches folder listings for the life of the process, and
+  only its own writes refresh them: without this, `eval --watch` would never see the steps a
+  trainer saves, nor a trainer the steps orbax's tensorstore wrote. A scan is rare and lists
+  little, so the whole cache is dropped."""
+  if not files.is_url(folder):
+    return
+  try:
+    from etils.epath import backend  # pylint: disable=import-outside-toplevel
+    backend.fsspec_backend.fs(os.fspath(folder)).invalidate_cache()
+  except Exception:  # pylint: disable=broad-except  (another backend: no such cache)
+    pass
 
 
 def complete_steps(directory: str) -> list[int]:

@@ -137,12 +137,13 @@ def test_kill_9_on_gcs_resumes_bitwise_with_every_file_in_the_bucket(tmp_path, g
   assert any(o.startswith('tensorboard/events.out.tfevents.') for o in objects), objects
   assert any(o.startswith('checkpoints/12/state/') for o in objects), objects
   assert 'lock.json' not in objects  # released at the end
-  assert checkpoints.complete_steps(f'{url}/checkpoints') == [3, 6, 9, 12]
+  # The same steps as the local run kept (checkpoint.keep drops the oldest).
+  kept = checkpoints.complete_steps(os.path.join(uninterrupted, 'checkpoints'))
+  assert kept[-1] == 12 and checkpoints.complete_steps(f'{url}/checkpoints') == kept
   assert_no_local_gs_folder(str(tmp_path))
 
   # eval's and infer's --checkpoint, and init_from, read the same run from the bucket.
-  assert checkpoints.resolve_steps('all',
-                                   url) == [(s, f'{url}/checkpoints/{s}') for s in (3, 6, 9, 12)]
+  assert checkpoints.resolve_steps('all', url) == [(s, f'{url}/checkpoints/{s}') for s in kept]
   assert checkpoints.resolve_steps(url, None) == [(12, f'{url}/checkpoints/12')]
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -262,3 +263,15 @@ def test_bad_gs_workdirs_give_one_line(gcs, monkeypatch, tmp_path):
       'error: ') and "pip install 't5lite[gcp]'" in stderr.getvalue()
   assert len(stderr.getvalue().strip().splitlines()) == 1, stderr.getvalue()
   assert_no_local_gs_folder(str(tmp_path), os.getcwd())
+
+
+def test_a_scan_sees_steps_that_another_process_wrote(gcs):
+  """eval --watch polls complete_steps while a trainer (another process, another client) saves:
+  gcsfs's listing cache must not hide the new step."""
+  import gcsfs  # pylint: disable=import-outside-toplevel
+  directory = f'{gcs.url}/checkpoints'
+  files.write_text(f'{directory}/1/{checkpoints.COMMIT_MARKER}', 'done')
+  assert checkpoints.complete_steps(directory) == [1]
+  other = gcsfs.GCSFileSystem(skip_instance_cache=True)
+  other.pipe(f'{directory[len("gs://"):]}/2/{checkpoints.COMMIT_MARKER}', b'done')
+  assert checkpoints.complete_steps(directory) == [1, 2]
