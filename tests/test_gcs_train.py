@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from etils import epath
 
-from t5lite import checkpoints, cli, files, workdir as workdir_lib
+from t5lite import checkpoints, cli, files, train, workdir as workdir_lib
 from t5lite import config as config_lib
 
-from test_checkpoints import REPO, assert_trees_equal, logged_losses, train_command, uninterrupted  # pylint: disable=unused-import
+from test_checkpoints import QUICKSTART, REPO, assert_trees_equal, logged_losses, train_command, uninterrupted  # pylint: disable=unused-import
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -250,6 +250,13 @@ def test_bad_gs_workdirs_give_one_line(gcs, monkeypatch, tmp_path):
   with pytest.raises(config_lib.ConfigError, match='no such folder'):
     cli.check_folder(f'{gcs.url}/nothing-here', '--workdir', must_exist=True)
   cli.check_folder(f'{gcs.url}/new-run', '--workdir')  # a new folder in a bucket that exists
+  stderr = io.StringIO()
+  with redirect_stderr(stderr):  # the train command checks --workdir before building anything
+    code = train.main(['--config', QUICKSTART, '--workdir', 'gs://no-such-bucket-t5/run'])
+  assert code == 2 and stderr.getvalue().strip().splitlines() == [
+      'config error: --workdir gs://no-such-bucket-t5/run: the bucket gs://no-such-bucket-t5 does '
+      'not exist (or these credentials cannot see it)'
+  ], stderr.getvalue()
   # Without gcsfs (and tensorflow): exit 2 and how to install it, no traceback.
   real_find_spec = files.importlib.util.find_spec
   monkeypatch.setattr(
