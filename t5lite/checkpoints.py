@@ -311,6 +311,7 @@ class Checkpointer:
 
   def _complete_steps(self) -> tuple[list[int], list[str]]:
     """(steps with orbax's commit marker, descriptions of what was skipped)."""
+    _forget_listings(self.directory)  # orbax lists through gcsfs too
     self.manager.reload()  # restore() reads through the manager: let it see the same folders
     complete, incomplete, interrupted = _scan(self.directory)
     for name in interrupted:
@@ -440,6 +441,9 @@ class Checkpointer:
         _move_step(files.to_path(self.directory) / str(step), target, reason)
         log.warning(f'checkpoints: {reason}; moved it to {target}')
     _barrier('t5lite_checkpoints_set_aside')
+    # Every process's orbax must see the moved steps gone (gcsfs caches listings per process),
+    # or one would skip a save of that step that the others make.
+    _forget_listings(self.directory)
     self.manager.reload()
 
 
