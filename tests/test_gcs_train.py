@@ -8,6 +8,7 @@ bucket and exits 0; init_from, eval's --checkpoint and a rejected step read and 
 the workdir lock holds there; bad URLs give one line.
 """
 import io
+import json
 import os
 import random
 import re
@@ -282,3 +283,26 @@ def test_a_scan_sees_steps_that_another_process_wrote(gcs):
   other = gcsfs.GCSFileSystem(skip_instance_cache=True)
   other.pipe(f'{directory[len("gs://"):]}/2/{checkpoints.COMMIT_MARKER}', b'done')
   assert checkpoints.complete_steps(directory) == [1, 2]
+
+
+def test_metrics_on_gcs_are_uploaded_whole_at_flush_and_close(gcs):
+  """An object cannot be appended to: the writer keeps metrics.jsonl whole and uploads it at
+  flush() (train.py calls it before every checkpoint) and close(); a resumed writer keeps the
+  lines already in the bucket. (TensorBoard's events in the bucket: the kill -9 test; here,
+  tensorboardX's gs:// writer would upload once more at interpreter exit, after the emulator is
+  gone, and retry for 2 minutes.)"""
+  from t5lite import reporting  # pylint: disable=import-outside-toplevel
+  path = files.to_path(f'{gcs.url}/metrics.jsonl')
+  first = reporting.MetricWriter(gcs.url, tensorboard=False, flush_s=3600)
+  first.write(1, {'loss': 3.0})
+  assert not path.exists()  # not yet: the next upload is at flush() or close()
+  first.write(2, {'loss': 2.0})
+  first.flush()
+  assert [l['step'] for l in map(json.loads, path.read_text().splitlines())] == [1, 2]
+  first.write(3, {'loss': 1.0})
+  first.close()
+  resumed = reporting.MetricWriter(gcs.url, tensorboard=False)
+  resumed.write(4, {'loss': 0.5})
+  resumed.close()
+  records = [json.loads(l) for l in path.read_text().splitlines()]
+  assert [(r['step'], r['loss']) for r in records] == [(1, 3.0), (2, 2.0), (3, 1.0), (4, 0.5)]
