@@ -102,7 +102,6 @@ def _scan(directory: str) -> tuple[list[int], list[int], list[str]]:
   in `directory` (a local path or a URL), each sorted; all empty when it does not exist."""
   complete, incomplete, interrupted = [], [], []
   folder = files.to_path(directory)
-  _forget_listings(folder)
   if folder.is_dir():
     for name in sorted(entry.name for entry in folder.iterdir()):
       if TMP_MARKER in name:
@@ -111,20 +110,6 @@ def _scan(directory: str) -> tuple[list[int], list[int], list[str]]:
         marked = (folder / name / COMMIT_MARKER).exists()
         (complete if marked else incomplete).append(int(name))
   return sorted(complete), sorted(incomplete), interrupted
-
-
-def _forget_listings(folder) -> None:
-  """gcsfs (epath's gs:// backend) caches folder listings for the life of the process, and
-  only its own writes refresh them: without this, `eval --watch` would never see the steps a
-  trainer saves, nor a trainer the steps orbax's tensorstore wrote. A scan is rare and lists
-  little, so the whole cache is dropped."""
-  if not files.is_url(folder):
-    return
-  try:
-    from etils.epath import backend  # pylint: disable=import-outside-toplevel
-    backend.fsspec_backend.fs(os.fspath(folder)).invalidate_cache()
-  except Exception:  # pylint: disable=broad-except  (another backend: no such cache)
-    pass
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -311,7 +296,6 @@ class Checkpointer:
 
   def _complete_steps(self) -> tuple[list[int], list[str]]:
     """(steps with orbax's commit marker, descriptions of what was skipped)."""
-    _forget_listings(self.directory)  # orbax lists through gcsfs too
     self.manager.reload()  # restore() reads through the manager: let it see the same folders
     complete, incomplete, interrupted = _scan(self.directory)
     for name in interrupted:
@@ -441,9 +425,8 @@ class Checkpointer:
         _move_step(files.to_path(self.directory) / str(step), target, reason)
         log.warning(f'checkpoints: {reason}; moved it to {target}')
     _barrier('t5lite_checkpoints_set_aside')
-    # Every process's orbax must see the moved steps gone (gcsfs caches listings per process),
-    # or one would skip a save of that step that the others make.
-    _forget_listings(self.directory)
+    # Every process's orbax must see the moved steps gone, or one would skip a save of that step
+    # that the others make (listings are never cached: t5lite/files.py).
     self.manager.reload()
 
 

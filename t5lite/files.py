@@ -19,11 +19,17 @@ import shutil
 import tempfile
 from typing import Iterator, Union
 
+import fsspec
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
 
 GCP_EXTRA = "pip install 't5lite[gcp]'"
+
+# gcsfs caches each folder listing for the life of the process and refreshes it only after its
+# own writes: `eval --watch` would never see the steps a trainer saves, nor a trainer the steps
+# that tensorstore (under orbax) wrote. t5lite lists rarely and little, so it lists afresh.
+fsspec.config.conf.setdefault('gcs', {}).setdefault('use_listings_cache', False)
 
 
 class MissingFileSystemError(ImportError):

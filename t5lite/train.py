@@ -86,16 +86,10 @@ def trim_metrics(workdir: str, step: int) -> None:
 
 
 def save_config(config, workdir: str) -> None:
-  """WORKDIR/config.json and config.txt, as config.save_config writes them locally; written
-  through t5lite.files so that a URL workdir gets them too (by process 0 only: one shared copy)."""
-  if not files.is_url(workdir):
+  """WORKDIR/config.json and config.txt: by every process on a local disk (each host may have its
+  own), by process 0 only on a URL (one shared copy)."""
+  if not files.is_url(workdir) or jax.process_index() == 0:
     config_lib.save_config(config, workdir)
-    return
-  if jax.process_index() != 0:
-    return
-  files.write_text(files.join(workdir, 'config.json'),
-                   json.dumps(config.to_dict(), indent=2, default=str))
-  files.write_text(files.join(workdir, 'config.txt'), str(config))
 
 
 def check_health(watch, values: dict[str, float], step: int, cfg, ckpt) -> None:

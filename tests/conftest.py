@@ -7,6 +7,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import dataclasses
 import socket
+from http import HTTPStatus
 
 import pytest
 
@@ -40,13 +41,41 @@ def _emulator_env(endpoint: str) -> dict:
       'GOOGLE_CLOUD_PROJECT': 't5lite-test',
       # gcsfs's bucket-layout lookup needs real credentials and warns at every call without them
       'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
+      # a fixed token keeps tensorstore from probing for Google credentials (the emulator takes any)
+      'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',
   }
+
+
+def _send_generations() -> None:
+  """The emulator leaves out the x-goog-generation / x-goog-metageneration headers that GCS
+  sends with every media download; tensorstore's OCDBT manifest reads need them (without them, a
+  save of a real model fails with 'Malformed StorageGeneration'). Added here, as GCS does."""
+  from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
+  original = objects.download
+  if getattr(original, 't5lite_generations', False):
+    return
+
+  def download(request, response, storage, *args, **kwargs):
+    original(request, response, storage, *args, **kwargs)
+    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+      response['x-goog-generation'] = str(obj['generation'])
+      response['x-goog-metageneration'] = str(obj['metageneration'])
+
+  download.t5lite_generations = True
+  objects.download = download  # objects.get(alt=media) calls it through the module
+  for _, handlers in server.HANDLERS:
+    for method, handler in list(handlers.items()):
+      if handler is original:
+        handlers[method] = download
 
 
 @pytest.fixture(scope='session')
 def gcs_endpoint():
   """One emulator per test process, started in-process on a free port of 127.0.0.1."""
   from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
+  _send_generations()
   with socket.socket() as probe:
     probe.bind(('127.0.0.1', 0))
     port = probe.getsockname()[1]

@@ -14,15 +14,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from contextlib import redirect_stderr
-from http import HTTPStatus
 
 import jax
 import numpy as np
 import pytest
-from etils import epath
 
 from t5lite import checkpoints, cli, files, train, workdir as workdir_lib
 from t5lite import config as config_lib
@@ -30,39 +27,9 @@ from t5lite import config as config_lib
 from test_checkpoints import QUICKSTART, REPO, assert_trees_equal, logged_losses, train_command, uninterrupted  # pylint: disable=unused-import
 
 
-@pytest.fixture(scope='session', autouse=True)
-def emulator_sends_generations(gcs_endpoint):
-  """The emulator leaves out the x-goog-generation / x-goog-metageneration headers that GCS sends
-  with every media download; tensorstore's OCDBT manifest reads need them (without them, a save
-  of a real model fails with 'Malformed StorageGeneration'). Added here, as GCS does."""
-  del gcs_endpoint
-  from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
-  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
-  original = objects.download
-  if getattr(original, 't5lite_generations', False):
-    yield
-    return
-
-  def download(request, response, storage, *args, **kwargs):
-    original(request, response, storage, *args, **kwargs)
-    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
-      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
-      response['x-goog-generation'] = str(obj['generation'])
-      response['x-goog-metageneration'] = str(obj['metageneration'])
-
-  download.t5lite_generations = True
-  objects.download = download  # objects.get(alt=media) calls it through the module
-  for _, handlers in server.HANDLERS:
-    for method, handler in list(handlers.items()):
-      if handler is original:
-        handlers[method] = download
-  yield
-
-
 def gcs_env(gcs) -> dict:
-  # One device as test_checkpoints' runs; a fixed token keeps tensorstore from probing the GCE
-  # metadata server for credentials (the emulator takes any).
-  return dict(gcs.env, XLA_FLAGS='', JAX_PLATFORMS='cpu', GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator')
+  # One device, as test_checkpoints' runs.
+  return dict(gcs.env, XLA_FLAGS='', JAX_PLATFORMS='cpu')
 
 
 def gcs_train(gcs, cwd, steps, every, *extra, timeout=300):
