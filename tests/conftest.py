@@ -7,6 +7,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import dataclasses
 import socket
+import sys
 from http import HTTPStatus
 
 import pytest
@@ -71,6 +72,18 @@ def _send_generations() -> None:
         handlers[method] = download
 
 
+def _quiet_disconnects(httpd) -> None:
+  """A client that hangs up before the emulator has answered (tensorstore cancels reads it no
+  longer needs) makes the server print a BrokenPipeError traceback; any other error still prints."""
+  original = httpd.handle_error
+
+  def handle_error(request, client_address):
+    if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+      original(request, client_address)
+
+  httpd.handle_error = handle_error
+
+
 @pytest.fixture(scope='session')
 def gcs_endpoint():
   """One emulator per test process, started in-process on a free port of 127.0.0.1."""
@@ -81,6 +94,7 @@ def gcs_endpoint():
     port = probe.getsockname()[1]
   server = create_server('127.0.0.1', port, in_memory=True, default_bucket=GCS_BUCKET)
   server.start()
+  _quiet_disconnects(server._api._httpd)  # pylint: disable=protected-access
   endpoint = f'http://127.0.0.1:{port}'
   saved = {k: os.environ.get(k) for k in _emulator_env(endpoint)}
   os.environ.update(_emulator_env(endpoint))
