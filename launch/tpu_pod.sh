@@ -254,7 +254,9 @@ cmd_run() {
   fi
   ensure_slice
 
-  version=$(date -u +%Y%m%d-%H%M%S)
+  # One folder per launch, never reused: the time alone repeats for two launches in one second,
+  # and unpacking into a folder a running trainer imports from would change its code under it.
+  version=$(date -u +%Y%m%d-%H%M%S)-$$
   code="\$HOME/$home/code/$version"
   repo=$(cd "$(dirname "$0")/.." && pwd)
   tarball=${TMPDIR:-/tmp}/t5lite-$version.tar.gz
