@@ -142,10 +142,6 @@ def parse(argv: Sequence[str], job_flags: Sequence[Flag] = (), usage: str = '',
   return Invocation(config_flag.value, flag_values['workdir'].value, options)
 
 
-def _is_local(path: str) -> bool:
-  return not files.is_url(path)
-
-
 def _one_line(error: BaseException) -> str:
   text = str(error).strip().splitlines()
   return f'{type(error).__name__}: {text[0]}' if text else type(error).__name__
@@ -188,7 +184,7 @@ def check_folder(path: str, flag: str, writable: bool = True, must_exist: bool =
   """--workdir and the like: not a file; when it does not exist yet, its nearest existing parent
   takes its place (the job creates it); that folder must be writable when `writable`. A URL
   (gs://...): see _check_url_folder."""
-  if not _is_local(path):
+  if files.is_url(path):
     _check_url_folder(path, flag, must_exist)
     return
   if os.path.exists(path) and not os.path.isdir(path):
@@ -209,7 +205,7 @@ def check_output_file(path: str, flag: str) -> None:
   """An output file: its folder exists and takes new files, and the file (if there) is a
   writable file. Checked before anything slow (a model) is loaded. A URL: its bucket exists and
   it is not a folder."""
-  if not _is_local(path):
+  if files.is_url(path):
     _check_url_folder(path.rstrip('/').rsplit('/', 1)[0], flag, must_exist=False)
     try:
       if files.to_path(path).is_dir():

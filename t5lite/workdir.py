@@ -35,6 +35,8 @@ import time
 
 from etils import epath
 
+from t5lite import files
+
 log = logging.getLogger(__name__)
 
 LEASE_NAME = 'lock.json'
@@ -130,7 +132,7 @@ class WorkdirLock:
                        f'({self.stale_s} s)')
     self.settle_s = settle_s
     self.lost = False  # set by the refresh thread when another run has overwritten our lease
-    self._local = '://' not in os.fspath(self.workdir)
+    self._local = not files.is_url(self.workdir)
     self._lease: dict | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
@@ -218,7 +220,7 @@ class WorkdirLock:
   # ---- acquire and release ------------------------------------------------------------------
 
   def _prepare_workdir(self) -> None:
-    if '://' in os.fspath(self.workdir):
+    if files.is_url(self.workdir):
       # An object store has no folders to make; and gcsfs's makedirs would create a missing
       # bucket (a typo in --workdir) rather than fail. cli.check_folder checks the bucket.
       return
