@@ -256,11 +256,12 @@ def build(config, devices=None) -> Built:
   host_memory.keep_freed_memory(config.keep_host_memory, devices[0].platform if devices else None)
   import jax  # pylint: disable=import-outside-toplevel  (after the allocator settings)
   devices = tuple(devices if devices is not None else jax.devices())
-  shape = config_lib.validate(config, len(devices))
+  shape = config_lib.validate(config, len(devices), partitioning.num_slices(devices))
   cfg = config_lib.resolve(config)
-  mesh = partitioning.make_mesh(shape, devices)
+  mesh = partitioning.make_mesh(shape, devices, config_lib.dcn_shape(cfg.mesh))
   rules = partitioning.rules_tuple(cfg.partitioning.rules)
-  return Built(cfg=cfg, mesh=mesh, rules=rules, model=make_model(cfg.model), devices=devices)
+  return Built(cfg=cfg, mesh=mesh, rules=rules, model=make_model(cfg.model, devices[0].platform),
+               devices=devices)
 
 
 class Stopped(BaseException):

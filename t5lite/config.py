@@ -131,12 +131,23 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """The device mesh; data * fsdp * tensor must equal the device count."""
-  data: int = field(-1, 'Data parallelism; -1: whatever the other axes leave of the device count.')
+  """The device mesh. Within one slice (the devices joined by fast interconnect, ICI: a TPU
+  slice, or all devices when there is one) data * fsdp * tensor must equal its device count;
+  across slices (data-center network, DCN: TPU multislice) each axis is further multiplied by its
+  dcn_* size, and dcn_data * dcn_fsdp * dcn_tensor must equal the number of slices."""
+  data: int = field(
+      -1, 'Data parallelism within a slice; -1: whatever the other axes leave of its devices.')
   fsdp: int = field(
       1, 'Fully sharded data parallelism: parameters and optimizer state are split '
       'along embed (ZeRO-3 style), the batch along data+fsdp.')
   tensor: int = field(1, 'Tensor parallelism over heads, mlp and vocab.')
+  dcn_data: int = field(
+      1, 'Multislice: slices that split the batch (data parallelism over DCN, the usual '
+      'choice: one gradient all-reduce per step crosses the slow network).')
+  dcn_fsdp: int = field(
+      1, 'Multislice: slices that also split the parameters (fsdp over DCN: every layer\'s '
+      'all-gather crosses the slow network; for models too big for one slice).')
+  dcn_tensor: int = field(1, 'Multislice: tensor parallelism over DCN (rarely worth it).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -656,9 +667,29 @@ RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
                      _eval_task, _keep_best_needs_eval)
 
+DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with at most one -1 filled so that the product is `num_devices`."""
+
+def dcn_shape(mesh_cfg) -> tuple[int, int, int]:
+  """(dcn_data, dcn_fsdp, dcn_tensor): how many slices each mesh axis spans (1, 1, 1: one)."""
+  dims = tuple(getattr(mesh_cfg, a, 1) for a in DCN_AXES)
+  for axis, dim in zip(DCN_AXES, dims):
+    if not isinstance(dim, int) or dim < 1:
+      raise ConfigError(f'config.mesh.{axis}={dim!r}: must be a positive int')
+  return dims
+
+
+def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) of the whole mesh: each axis's size within a slice (at most one -1,
+  filled so that the product is a slice's device count) times its dcn_* size."""
+  dcn = dcn_shape(mesh_cfg)
+  slices = dcn[0] * dcn[1] * dcn[2]
+  if slices != num_slices:
+    raise ConfigError(
+        f'config.mesh: dcn_data*dcn_fsdp*dcn_tensor = {dcn[0]}*{dcn[1]}*{dcn[2]} = {slices}, but '
+        f'the devices form {num_slices} slice(s); make the product {num_slices} (usually '
+        f'mesh.dcn_data={num_slices})')
+  num_devices //= num_slices
   dims = [getattr(mesh_cfg, a) for a in MESH_AXES]
   for axis, dim in zip(MESH_AXES, dims):
     if not isinstance(dim, int) or (dim < 1 and dim != -1):
@@ -668,18 +699,18 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   known = 1
   for d in dims:
     known *= d if d != -1 else 1
+  where = f'{num_devices} devices' + (' per slice' if num_slices > 1 else '')
   if -1 in dims:
     if num_devices % known:
       raise ConfigError(f'config.mesh: the fixed axes multiply to {known}, which does not divide '
-                        f'the {num_devices} devices; choose sizes whose product divides '
-                        f'{num_devices}')
+                        f'the {where}; choose sizes whose product divides {num_devices}')
     dims[dims.index(-1)] = num_devices // known
   product = dims[0] * dims[1] * dims[2]
   if product != num_devices:
     raise ConfigError(
         f'config.mesh: data*fsdp*tensor = {dims[0]}*{dims[1]}*{dims[2]} = {product}, but there are '
-        f'{num_devices} devices; make the product {num_devices} (set one axis to -1 to fill it)')
-  return tuple(dims)
+        f'{where}; make the product {num_devices} (set one axis to -1 to fill it)')
+  return tuple(d * n for d, n in zip(dims, dcn))
 
 
 def _batches_divide(c, shape: tuple[int, int, int]) -> None:
@@ -712,9 +743,10 @@ def _all_floats_finite(config) -> None:
         raise ConfigError(f'config.{name}={value} is not a finite number')
 
 
-def validate(config, num_devices: int) -> tuple[int, int, int]:
+def validate(config, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
   """Checks everything that can be checked without compute (a ConfigDict's keys, each field, the
-  rules between fields, the mesh and the batch sizes); returns the resolved mesh shape."""
+  rules between fields, the mesh and the batch sizes); returns the resolved mesh shape (whole
+  axes: within-slice size times dcn_* size)."""
   if isinstance(config, ml_collections.ConfigDict):
     check_keys(config)
   _all_floats_finite(config)
@@ -722,6 +754,6 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
     check(_value(config, dotted), dotted)
   for rule in RULES:
     rule(config)
-  shape = mesh_shape(config.mesh, num_devices)
+  shape = mesh_shape(config.mesh, num_devices, num_slices)
   _batches_divide(config, shape)
   return shape

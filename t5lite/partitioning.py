@@ -48,15 +48,29 @@ DEFAULT_RULES = (
 )
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A GSPMD-style (Auto axis types) mesh over `devices` (default: all)."""
+def make_mesh(
+    shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
+    dcn_shape: Sequence[int] = (1, 1, 1)) -> Mesh:
+  """A GSPMD-style (Auto axis types) mesh over `devices` (default: all) with axes MESH_AXES of
+  sizes `shape`. `dcn_shape` > 1 (multislice): axis i spans dcn_shape[i] slices, each holding
+  shape[i] / dcn_shape[i] devices of it, so the inner (ICI) part of every axis stays in a slice."""
   devices = list(devices if devices is not None else jax.devices())
-  if jax.process_count() > 1 or devices[0].platform != 'cpu':
+  dcn_shape = tuple(int(n) for n in dcn_shape)
+  if any(n > 1 for n in dcn_shape):
+    ici_shape = tuple(s // n for s, n in zip(shape, dcn_shape))
+    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+  elif jax.process_count() > 1 or devices[0].platform != 'cpu':
     # Orders devices so that the inner axes stay within a host / ICI ring.
     grid = mesh_utils.create_device_mesh(tuple(shape), devices=devices)
   else:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """How many slices (ICI domains joined by DCN) `devices` form: distinct `slice_index`es (TPU
+  multislice); 1 for devices without one (CPU, GPU, a single slice)."""
+  return len({getattr(d, 'slice_index', 0) or 0 for d in devices})
 
 
 def rules_tuple(rules: Rules) -> tuple:

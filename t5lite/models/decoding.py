@@ -378,6 +378,13 @@ def _compiled(model, cfg: DecodeConfig, use_cache: bool, prefix_lm: bool, mesh, 
   return partitioning.jit(run, mesh, rules)
 
 
+def jitted_decode(model: nn.Module, cfg: DecodeConfig, mesh, rules, *, prefix_lm: bool = False,
+                  use_cache: bool = True) -> partitioning.Partitioned:
+  """The jitted `(params, batch, rng) -> DecodeOutput` that `decode` calls, for ahead-of-time
+  lowering from ShapeDtypeStructs (t5lite.aot); `batch` holds only the inputs `decode` keeps."""
+  return _compiled(model, cfg, use_cache, prefix_lm, mesh, partitioning.rules_tuple(rules))
+
+
 @functools.lru_cache(maxsize=16)
 def _param_shardings(model, mesh, rules):
   """From the logical axis names the parameters carry (traced abstractly, nothing allocated)."""

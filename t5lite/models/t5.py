@@ -15,13 +15,16 @@ training path.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from t5lite.models import kernels as kernels_lib
 from t5lite.models import layers
+from t5lite.models.kernels import matmul
 from t5lite.models.presets import ModelConfig
 
 _REMAT_POLICIES = {
@@ -266,7 +269,16 @@ class DecoderOnly(nn.Module):
     return _logits(self, x)
 
 
-def make_model(cfg: ModelConfig) -> nn.Module:
+def make_model(cfg: ModelConfig, platform: str | None = None) -> nn.Module:
+  """The flax module of `cfg`, its `kernels` resolved for `platform` (default: this process's
+  default backend; t5lite.aot passes 'tpu' when compiling for a TPU topology on a CPU host).
+
+  On CPU with bfloat16 the tuned kernels need bf16 x bf16 -> f32 dots: probed here, once, on the
+  real backend, so that no probe runs while a step is traced."""
+  kernels = kernels_lib.resolve(cfg.kernels, platform or jax.default_backend())
+  if kernels == 'tuned' and cfg.dtype != 'float32':
+    matmul.mixed_precision_supported()
+  cfg = dataclasses.replace(cfg, kernels=kernels)
   if cfg.architecture == 'encoder_decoder':
     return EncoderDecoder(cfg)
   if cfg.architecture == 'decoder_only':
