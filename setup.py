@@ -48,7 +48,9 @@ setup(
             'gcsfs>=2024.2.0',
             'google-cloud-storage>=2.14',
             # the tree's one formatter (pyproject.toml; tests/test_format.py)
-            'yapf>=0.40'
+            'yapf>=0.40',
+            # ahead-of-time compiles for TPU topologies on the CPU host (tests/test_aot.py)
+            'jax[tpu]',
         ],
         'tf': ['tensorflow>=2.16'],  # TFDS catalog builders, tfds mock data
         'hf': ['torch>=2.2', 'transformers>=4.40', 'safetensors>=0.4'],  # HuggingFace interop
@@ -56,5 +58,8 @@ setup(
         # gs:// paths: gcsfs under etils.epath; google-cloud-storage for TensorBoard event files
         'gcp': ['gcsfs>=2024.2.0', 'google-cloud-storage>=2.14'],
         'tensorboard': ['tensorboard>=2.16'],  # `tensorboard --logdir WORKDIR`
+        # python -m t5lite.aot: XLA's TPU compiler, libtpu, at the version the installed jax pins
+        # (the one a pod running this jax uses); no TPU needed to compile for one.
+        'aot': ['jax[tpu]'],
     },
 )
