@@ -92,6 +92,9 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
     raise AotError('compiling for a TPU topology needs libtpu (about 140 MB): '
                    "pip install 't5lite[aot]'")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) meant to keep two processes off
+  # the same TPU chips; compiling touches no chip, so several compiling processes may share it.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   options = dict(chip.topology_options)
   if num_slices > 1:
     options['num_slices'] = num_slices

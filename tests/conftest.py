@@ -4,6 +4,10 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# libtpu (test extra, for t5lite.aot's TPU compiles): no TPU metadata-server queries, and no
+# machine-wide lock file, so that xdist workers and their subprocesses can all compile at once.
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 import dataclasses
 import socket
