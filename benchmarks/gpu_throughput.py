@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_throughput.py                     # base and large, bf16, 128 x 512 -> 114
     python benchmarks/gpu_throughput.py --models base --remat minimal --microbatches 2
-    python benchmarks/gpu_throughput.py --quick             # tiny stand-ins on CPU, seconds
+    python benchmarks/gpu_throughput.py --quick             # tiny stand-ins on CPU, ~1 minute
     python benchmarks/gpu_throughput.py --json /tmp/gpu_throughput.json
 
 Each row builds the train step the way `python -m t5lite.train` does: base_config() with the
