@@ -119,3 +119,62 @@ def test_attention_layer_dropout_drops_and_rescales():
   # Standard error of the mean over 4000 draws is ~1.6% of a draw's spread.
   spread = float(jnp.std(dropped, axis=0).max())
   np.testing.assert_allclose(dropped.mean(0), plain, atol=5 * spread / np.sqrt(4000))
+
+
+@pytest.mark.parametrize('bias_shape', ['shared', 'batched', 'decode'])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_xla_path_matches_tuned_and_numpy(bias_shape, dtype):
+  """kernels='xla' (jax.nn.dot_product_attention, autodiff) against the tuned custom VJP, and in
+  float32 against numpy: T5's unscaled logits, the bias as the layers pass it ([1, h, q, k]; per
+  example; [b, h, 1, k] in cached decoding), and a fully masked (padding) row, which must stay
+  finite and get the same uniform weights as with MASK_BIAS."""
+  q, k, v, bias, mask, d_out = inputs(bias_batch=1 if bias_shape == 'shared' else 4)
+  mask[1, :, 0] = False  # fully masked rows (row 1 of example 0 is one already)
+  if bias_shape == 'decode':  # one query per example
+    q, bias, mask, d_out = q[:, :1], bias[:, :, :1], mask[:, :, :1], d_out[:, :1]
+  dtype = jnp.dtype(dtype)
+  run = lambda kernels: vjp(
+      lambda *a: attention.dot_product_attention(*a, mask, dtype, kernels=kernels), q, k, v, bias,
+      d_out)
+  (out, grads), (want_out, want_grads) = run('xla'), run('tuned')
+  assert out.dtype == dtype and grads[3].dtype == jnp.float32
+  for got in [out] + list(grads):
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(out, numpy_attention(q, k, v, bias, mask), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, want_grads):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    return
+  # bfloat16: the forward numbers are the tuned ones (bf16 x bf16 -> f32 logits, float32
+  # softmax, weights rounded to bf16, f32 accumulation of the output) up to the output's rounding;
+  # the gradients round at other places, so both are held to float32 truth.
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
+                             rtol=1e-2, atol=1e-2)
+  truth_out, truth_grads = vjp(lambda *a: attention.reference_attention(*a, mask, jnp.float32), q,
+                               k, v, bias, d_out)
+  for name, got, want, truth in zip(['out', 'q', 'k', 'v', 'bias'], [out] + list(grads),
+                                    [want_out] + list(want_grads), [truth_out] + list(truth_grads)):
+    error = lambda x, t=truth: float(
+        jnp.linalg.norm(x.astype(jnp.float32) - t) / jnp.linalg.norm(t))
+    assert error(got) < 1.5 * error(want) + 1e-3, (name, error(got), error(want))
+
+
+def test_xla_path_is_jax_attention_without_dropout(monkeypatch):
+  """'xla' is jax.nn.dot_product_attention where it applies (no dropout), with scale 1 (T5's
+  logits are unscaled), and the einsum formulation with dropout, which it lacks."""
+  calls = []
+  jax_attention = jax.nn.dot_product_attention
+
+  def counting(*args, **kwargs):
+    calls.append(kwargs.get('scale'))
+    return jax_attention(*args, **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', counting)
+  q, k, v, bias, mask, _ = inputs()
+  out = attention.dot_product_attention(q, k, v, bias, mask, jnp.float32, kernels='xla')
+  assert calls == [1.0]
+  keep = np.ones((4, 3, 6, 10), np.float32)  # dropout that keeps everything: the same numbers
+  dropped = attention.dot_product_attention(q, k, v, bias, mask, jnp.float32, keep, kernels='xla')
+  assert calls == [1.0]
+  np.testing.assert_allclose(dropped, out, rtol=1e-5, atol=1e-6)

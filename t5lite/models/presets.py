@@ -86,9 +86,11 @@ class ModelConfig:
       'none', 'Recompute in the backward pass to save memory: none; minimal (keep the weight '
       'matmuls\' results); full (keep nothing, the most compute).', choices=REMAT_POLICIES)
   kernels: str = field(
-      'auto', 'auto: the hand-written custom VJPs tuned on XLA:CPU (t5lite/models/kernels/, the '
-      'fastest step on CPU); xla: the plain jnp formulations differentiated by JAX autodiff '
-      '(easier to read and change; numerically equal up to rounding).', choices=KERNELS)
+      'auto', 'auto: on CPU the hand-written custom VJPs tuned on XLA:CPU (t5lite/models/kernels/, '
+      'the fastest step there), on TPU and GPU the xla path; xla: the plain formulations '
+      '(jnp.einsum with float32 accumulation, jax.nn.dot_product_attention, the norm formula) '
+      'differentiated by JAX autodiff, on every platform (numerically equal up to rounding).',
+      choices=KERNELS)
 
   def __post_init__(self):
     if self.attention_dim is None:  # frozen: set through object, as dataclasses do themselves

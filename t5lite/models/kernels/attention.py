@@ -24,8 +24,12 @@ stacking a scan's outputs). (Chunking the forward pass too measured no faster.)
 In bfloat16 every dot takes bfloat16 operands and accumulates in float32 (the operand orders of
 `matmul.ATTENTION_*`, which XLA:CPU's bf16 kernels take); scores, softmax and sums are float32.
 
-With `kernels='xla'` (t5lite/models/kernels/__init__.py) `dot_product_attention` is
-`reference_attention` on plain einsums: the same forward numbers, autodiff's backward.
+With `kernels='xla'` (t5lite/models/kernels/__init__.py, what 'auto' is on TPU and GPU)
+`dot_product_attention` is `jax.nn.dot_product_attention` (`xla_attention`), differentiated by
+autodiff: the same forward numbers (its logits are bf16 x bf16 -> f32 dots, its softmax float32,
+its weights rounded to the operands' dtype), in the formulation its maintainers keep fused for
+each backend. It has no dropout, so with attention dropout 'xla' is `reference_attention` on
+plain einsums instead.
 """
 from __future__ import annotations
 
@@ -52,9 +56,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
   q [b, q, h, d]; k, v [b, k, h, d]; bias (float, differentiable) broadcastable to [b, h, q, k]
   with batch 1 or b; mask (bool) broadcastable to [b, h, q, k]; `dropout_keep` [b, h, q, k]
   multiplies the weights (0 where dropped, 1 / keep_rate elsewhere). Returns [b, q, h, d] in
-  `dtype`. `kernels` selects this module's custom VJP ('auto') or `reference_attention` ('xla').
+  `dtype`. `kernels` selects this module's custom VJP ('tuned') or the plain formulations
+  ('xla': `xla_attention`, or `reference_attention` with dropout); 'auto' is resolved by
+  `kernels.plain` (normally `t5.make_model` has resolved it for the target platform).
   """
   if kernels_lib.plain(kernels):
+    if dropout_keep is None:
+      return xla_attention(q, k, v, bias, mask, dtype)
     return reference_attention(q, k, v, bias, mask, dtype, dropout_keep, kernels)
   dtype = jnp.dtype(dtype)
   if dtype != _F32 and not matmul.mixed_precision_supported():
@@ -67,9 +75,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
   return _attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), bias, mask, keep, chunks)
 
 
+def xla_attention(q, k, v, bias, mask, dtype):
+  """`jax.nn.dot_product_attention` with T5's conventions: no 1 / sqrt(head_dim) scaling (T5
+  folds it into the query initialisation), the float32 relative-position bias added to the
+  float32 logits, the boolean mask. Autodiff differentiates it.
+
+  A fully masked (padding) query row stays finite, as with MASK_BIAS: the function replaces
+  masked logits (jnp.where) by -0.7 * float32 max rather than adding -inf, so such a row's
+  logits are all equal and its softmax is uniform, as `_forward`'s is (tests/test_attention.py
+  checks the values and gradients of such rows against the tuned path).
+
+  `implementation='xla'`: the formulation checked against the tuned one here. (Left to choose,
+  jax may pick cuDNN's fused kernel on GPUs in future; that one takes the bias in the operands'
+  dtype and is untested here.)"""
+  dtype = jnp.dtype(dtype)
+  q, k, v = (x.astype(dtype) for x in (q, k, v))
+  bias = None if bias is None else bias.astype(_F32)
+  out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=1.0, implementation='xla')
+  return out.astype(dtype)
+
+
 def reference_attention(q, k, v, bias, mask, dtype, dropout_keep=None, kernels: str = 'auto'):
-  """The plain formulation (autodiff backward of the softmax): the tests' reference, the path for
-  CPUs without bfloat16 dots, and with `kernels='xla'` (its einsums plain too) the 'xla' path."""
+  """The plain formulation on einsums (autodiff backward of the softmax): the tests' reference,
+  the path for CPUs without bfloat16 dots, and with `kernels='xla'` (its einsums plain too) the
+  'xla' path when attention has dropout (which `xla_attention` lacks)."""
   logits = matmul.einsum(matmul.ATTENTION_LOGITS, q, k, dtype, _F32, kernels)
   if bias is not None:
     logits = logits + bias

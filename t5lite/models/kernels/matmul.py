@@ -19,9 +19,9 @@ below). `einsum` does the same for attention's activation x activation einsums. 
 benchmarks/train_throughput.py (docs/performance.md). On GPU and TPU the same formulation is what
 the hardware does anyway.
 
-Each function takes `kernels` (t5lite/models/kernels/__init__.py): 'auto' is the above; 'xla' is
-the same einsum, operands in `dtype` and a float32 result (`plain_einsum`), differentiated by
-JAX's autodiff, with no probe.
+Each function takes `kernels` (t5lite/models/kernels/__init__.py): 'tuned' (what 'auto' is on
+CPU) is the above; 'xla' (what 'auto' is on TPU and GPU) is the same einsum, operands in `dtype`
+and a float32 result (`plain_einsum`), differentiated by JAX's autodiff, with no probe.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def plain_einsum(spec, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax
   """The einsum `spec[0]` of a and b cast to `dtype`, accumulated and returned in float32, then
   cast to `out_dtype` (default `dtype`): `einsum`'s forward numbers, with autodiff's backward.
 
-  On a CPU without bf16 x bf16 -> f32 dots, bfloat16 fails here at run time ('auto' probes)."""
+  On a CPU without bf16 x bf16 -> f32 dots, bfloat16 fails here at run time ('tuned' probes)."""
   dtype = jnp.dtype(dtype)
   return jnp.einsum(spec[0], a.astype(dtype), b.astype(dtype),
                     preferred_element_type=_F32).astype(out_dtype or dtype)
@@ -183,6 +183,11 @@ def mixed_precision_supported() -> bool:
   back to a dot implementation that fails at run time (UNIMPLEMENTED: 'BF16 x BF16 = F32'), so on
   a CPU every form used here is run once, forward and backward, on tiny operands (once per
   process); if any fails, the matmuls keep bfloat16 results (slower on such a CPU, but correct).
+
+  `t5.make_model` calls this at start-up when it resolves the kernels to 'tuned' in bfloat16, so
+  that the probe runs on the real backend before any step is traced; the tuned paths' calls while
+  tracing then only read the cache. (A layer built directly, outside make_model, probes at its
+  first trace instead.) With 'xla', the resolution on TPU and GPU, nothing calls it.
   """
   return _probe(jax.default_backend())
 

@@ -1,7 +1,8 @@
 """T5's RMS norm, x / rms(x) * scale over the last axis in float32, with a hand-written backward.
 
-`rms_norm` is the custom VJP ('auto'); `reference_rms_norm` the plain formula that autodiff
-differentiates ('xla'); `normalize` picks one by `kernels` (t5lite/models/kernels/__init__.py).
+`rms_norm` is the custom VJP ('tuned', what 'auto' is on CPU); `reference_rms_norm` the plain
+formula that autodiff differentiates ('xla', what 'auto' is on TPU and GPU); `normalize` picks one
+by `kernels` (t5lite/models/kernels/__init__.py).
 """
 from __future__ import annotations
 
