@@ -10,7 +10,8 @@ hold two formulations of the same computation:
 - 'xla': the plain formulations (`jnp.einsum` with float32 accumulation, attention through
   `jax.nn.dot_product_attention` where it applies, i.e. without attention dropout),
   differentiated by JAX's autodiff, with the same operand and result dtypes: what TPU and GPU
-  compilers are built to fuse, and the reading copy. It probes nothing: on a CPU without bf16 x bf16 -> f32 dots, bfloat16 needs 'tuned'.
+  compilers are built to fuse, and the reading copy. It probes nothing: on a CPU without
+  bf16 x bf16 -> f32 dots, bfloat16 needs 'tuned'.
 
 `model.kernels` (the config) is 'auto' or 'xla'; `resolve` turns 'auto' into 'tuned' on CPU and
 'xla' on TPU and GPU, for the platform the step is compiled for (which, for an ahead-of-time
