@@ -58,13 +58,24 @@ def make_mesh(
   dcn_shape = tuple(int(n) for n in dcn_shape)
   if any(n > 1 for n in dcn_shape):
     ici_shape = tuple(s // n for s, n in zip(shape, dcn_shape))
-    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+    grid = _physical_layout(mesh_utils.create_hybrid_device_mesh, ici_shape, dcn_shape,
+                            devices=devices)
   elif jax.process_count() > 1 or devices[0].platform != 'cpu':
     # Orders devices so that the inner axes stay within a host / ICI ring.
-    grid = mesh_utils.create_device_mesh(tuple(shape), devices=devices)
+    grid = _physical_layout(mesh_utils.create_device_mesh, tuple(shape), devices=devices)
   else:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
+
+
+def _physical_layout(create, *args, devices):
+  """`create(*args, devices=...)` (a mesh_utils layout of the devices by their physical
+  coordinates); when no product of whole physical axes matches an axis (fsdp=64 on a 16x16
+  slice), again with a physical axis split between two mesh axes, which jax allows on request."""
+  try:
+    return create(*args, devices=devices)
+  except NotImplementedError:
+    return create(*args, devices=devices, allow_split_physical_axes=True)
 
 
 def num_slices(devices: Sequence[jax.Device]) -> int:
