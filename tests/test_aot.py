@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5lite import aot, cli
+from t5lite import aot, cli, partitioning
 from t5lite import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +44,7 @@ def run_tool(*args):
 
 
 def test_the_quickstart_compiles_for_v5e_2x2_and_reports_its_memory():
-  done = run_tool('--config', 'configs/quickstart.py', '--topology', 'v5e:2x2', '--steps', 'train',
-                  '--json')
+  done = run_tool('--config', 'configs/quickstart.py', '--topology', 'v5e:2x2', '--json')
   assert done.returncode == 0, done.stderr
   assert 'Failed to find host bounds' not in done.stderr  # libtpu's start-up noise is held back
   report = json.loads(done.stdout)
@@ -60,6 +59,9 @@ def test_the_quickstart_compiles_for_v5e_2x2_and_reports_its_memory():
   assert tiny * 4 <= train['arguments'] <= tiny * 4 * 1.3 + MIB
   assert train['aliased'] >= tiny * 4
   assert train['hbm'] == 16 * 2**30 and train['fits'] is True
+  assert set(report['steps']) == {'train', 'eval', 'decode'}  # every step, by default
+  for step in report['steps'].values():
+    assert tiny * 4 <= step['arguments'] and step['fits'] is True  # eval and decode take params
   assert report['step_seconds_at_peak'] == pytest.approx(report['train_flops_per_step'] /
                                                          (4 * 197e12))
 
@@ -94,6 +96,13 @@ def test_two_slices_make_a_hybrid_mesh_whose_data_axis_crosses_the_dcn():
   assert list(slices) == [0, 0, 0, 0, 1, 1, 1, 1]  # each slice holds one half of the data axis
   compiled = aot.compile_steps(built, ('train',))
   assert compiled['train'].memory_analysis().argument_size_in_bytes > 0
+
+
+def test_an_fsdp_axis_of_64_on_a_16x16_slice_splits_a_physical_axis():
+  # No product of whole physical axes (16, 16) is 64: the layout splits one, as jax allows.
+  mesh = partitioning.make_mesh((4, 64, 1), aot.topology_devices('v5e:16x16'))
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 64, 'tensor': 1}
+  assert len({d.id for d in mesh.devices.flat}) == 256
 
 
 def test_slices_without_a_dcn_axis_are_refused_with_the_fix():
