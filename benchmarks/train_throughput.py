@@ -103,9 +103,9 @@ def build_config(shape: Shape, dtype: str, scan: bool = False):
   """The t5lite ConfigDict of a row: configs/quickstart.py with the shape's model and lengths and
   AdamW set here (whatever optimizer the quickstart uses), so both frameworks run the same update.
   Needs no jax, so the HF worker can call it too."""
-  from t5lite import config as config_lib  # pylint: disable=import-outside-toplevel
+  from t5lite import config_files  # pylint: disable=import-outside-toplevel
   from t5lite.models.presets import model_config  # pylint: disable=import-outside-toplevel
-  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'quickstart.py'))
+  config = config_files.load_config_file(os.path.join(ROOT, 'configs', 'quickstart.py'))
   if shape.size != 'quickstart':
     config.model = model_config(shape.size, variant='v1_1', vocab_size=shape.vocab)
   if shape.layers is not None:

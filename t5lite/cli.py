@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from t5lite import checkpoints, distributed, files, host_memory, partitioning
 from t5lite import config as config_lib
+from t5lite import config_files
 from t5lite.models.t5 import make_model
 
 ErrorKind = tuple[type, str, int]  # (exception class, message prefix, exit code)
@@ -106,9 +107,9 @@ def _check_overrides(argv: Sequence[str]) -> None:
     i += 1
   if spec is None:
     raise config_lib.ConfigError('--config is required, e.g. --config configs/quickstart.py')
-  config = config_lib.load_config_file(spec)
+  config = config_files.load_config_file(spec)
   for dotted, value in overrides:
-    config_lib.set_override(config, dotted, value)
+    config_files.set_override(config, dotted, value)
 
 
 def parse(argv: Sequence[str], job_flags: Sequence[Flag] = (), usage: str = '',

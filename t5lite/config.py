@@ -1,28 +1,25 @@
-"""Configs: every field declared once; loading `configs/*.py:arg`, overrides, checks, resolution.
+"""Configs: every field declared once; key checks, validation, resolution.
 
 Each config section is a frozen dataclass below whose fields carry their default and documentation
 (`t5lite.fields.field`); `RunConfig` lists the sections in order. `base_config()` builds the
 `ml_collections.ConfigDict` that config files edit (`get_config(arg=None) -> ConfigDict`), overrides
-come as `--config.section.field=value`, `validate()` checks everything before any compute (a table
-of per-field checks plus a few cross-field rules; every problem raises `ConfigError`, whose message
-names the field and what would be valid), and `resolve()` turns the checked ConfigDict into a typed
-`RunConfig` once, at start-up. docs/configs.md's field reference is generated from the declarations
-(`python -m t5lite.config --update-docs`).
+come as `--config.section.field=value` (loading and overrides: t5lite/config_files.py),
+`validate()` checks everything before any compute (a table of per-field checks plus a few
+cross-field rules; every problem raises `ConfigError`, whose message names the field and what
+would be valid), and `resolve()` turns the checked ConfigDict into a typed `RunConfig` once, at
+start-up. docs/configs.md's field reference is generated from the declarations
+(`python -m t5lite.config_docs --update-docs`).
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import importlib.util
-import json
 import math
-import os
 from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from t5lite import fields, files
+from t5lite import fields
 from t5lite.checks import (Check, boolean, count, in_range, logical_rules, non_negative, positive,
                            regex_pairs, regexes, string, task, task_names)
 from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
@@ -361,7 +358,7 @@ def _declared() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and overrides
+# Keys (loading a config file and overriding its fields: t5lite/config_files.py)
 
 
 def _unknown_key(parts: Sequence[str], depth: int, siblings: Sequence[str]) -> ConfigError:
@@ -387,116 +384,6 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
       for key in config[name].keys():
         if key not in names:
           raise _unknown_key([name, key], 1, sorted(names))
-
-
-def _assignment_line(path: str, key: str) -> int | None:
-  """The first line of the config file at `path` that sets `key` (`x.key = ...`, `x['key'] = ...`
-  or `x.update(key=...)`), to point at a typo; None when none does it that plainly."""
-  with open(path, encoding='utf-8') as f:
-    tree = ast.parse(f.read())
-  lines = []
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr == key:
-      lines.append(node.lineno)
-    elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store)
-          and isinstance(node.slice, ast.Constant) and node.slice.value == key):
-      lines.append(node.lineno)
-    elif isinstance(node, ast.keyword) and node.arg == key:
-      lines.append(node.lineno)
-  return min(lines, default=None)
-
-
-def _raised_at(error: BaseException, path: str) -> str:
-  """' line N' of the deepest traceback frame in the file at `path` ('' when none is)."""
-  line, tb = '', error.__traceback__
-  while tb is not None:
-    if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
-      line = f' line {tb.tb_lineno}'
-    tb = tb.tb_next
-  return line
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/file.py[:arg]` -> get_config(arg), its keys checked against the declarations.
-
-  Every problem is a ConfigError naming the file (and the line where it can): a syntax error, an
-  exception in the file or in get_config, a result that is not a ConfigDict, an undeclared key
-  (the error's note says where the file sets it; cli prints it before the message)."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise ConfigError(f'--config: no config file at {path!r}; pass a path such as '
-                      'configs/quickstart.py')
-  try:
-    module_spec = importlib.util.spec_from_file_location('t5lite_user_config', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, 'get_config'):
-      raise ConfigError(f'--config: {path} defines no get_config(arg=None) function')
-    config = module.get_config(arg or None)
-  except ConfigError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (the user's code: any error is theirs)
-    if isinstance(e, SyntaxError) and os.path.abspath(e.filename or '') == os.path.abspath(path):
-      where, what = f' line {e.lineno}', e.msg
-    else:
-      where, what = _raised_at(e, path), f'{type(e).__name__}: {" ".join(str(e).split())}'
-    raise ConfigError(f'--config: {path}{where}: {what}') from None
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f'--config: {path}: get_config returned a {type(config).__name__}, not an '
-                      'ml_collections.ConfigDict (start from t5lite.config.base_config())')
-  try:
-    check_keys(config)
-  except ConfigError as e:
-    line = _assignment_line(path, e.key)
-    e.add_note(f'--config: {path}' + (f' line {line}' if line else ''))
-    raise
-  return config
-
-
-def _parse_value(raw: str):
-  try:
-    return ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    return raw  # a bare word is a string: --config.optimizer.name=adamw
-
-
-def _type_name(value) -> str:
-  return type(value).__name__
-
-
-def set_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
-  """Applies `config.<dotted> = raw`, checking that the key exists and the type fits."""
-  parts = dotted.split('.')
-  node = config
-  for depth, part in enumerate(parts):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      siblings = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      raise _unknown_key(parts, depth, siblings)
-    if depth < len(parts) - 1:
-      node = node[part]
-  key, old = parts[-1], node[parts[-1]]
-  value = _parse_value(raw)
-  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  if isinstance(old, tuple) and isinstance(value, list):
-    value = tuple(value)
-  if isinstance(old, str) and not isinstance(value, str):
-    value = raw  # --config.model.size=11 should still be the string '11'
-  type_ok = old is None or type(value) is type(old)
-  if not type_ok or isinstance(old, ml_collections.ConfigDict):
-    raise ConfigError(f'config.{dotted}: expected {_type_name(old)} (like {old!r}), got '
-                      f'{_type_name(value)} {raw!r}')
-  node[key] = value
-
-
-def save_config(config, workdir: str) -> str:
-  """Writes the config (a ConfigDict or a RunConfig) as JSON, and the readable repr, to workdir
-  (a local folder or a gs:// URL)."""
-  path = files.join(workdir, 'config.json')
-  files.write_text(path, json.dumps(config.to_dict(), indent=2, default=str))
-  text = config if isinstance(config, ml_collections.ConfigDict) else config.as_config_dict()
-  files.write_text(files.join(workdir, 'config.txt'), str(text))
-  return path
 
 
 # ---------------------------------------------------------------------------------------------

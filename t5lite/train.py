@@ -25,6 +25,7 @@ import numpy as np
 from t5lite import checkpoints, cli, files, logs, multihost, optim, partitioning, reporting, trainer
 from t5lite import workdir as workdir_lib
 from t5lite import config as config_lib
+from t5lite import config_files
 from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
 from t5lite.data import converters, pipeline, sources, vocab
 from t5lite.evaluation import evaluator as evaluator_lib
@@ -89,7 +90,7 @@ def save_config(config, workdir: str) -> None:
   """WORKDIR/config.json and config.txt: by every process on a local disk (each host may have its
   own), by process 0 only on a URL (one shared copy)."""
   if not files.is_url(workdir) or jax.process_index() == 0:
-    config_lib.save_config(config, workdir)
+    config_files.save_config(config, workdir)
 
 
 def check_health(watch, values: dict[str, float], step: int, cfg, ckpt) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from t5lite import aot, cli, partitioning
 from t5lite import config as config_lib
+from t5lite import config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2**20
@@ -67,7 +68,7 @@ def test_the_quickstart_compiles_for_v5e_2x2_and_reports_its_memory():
 
 
 def small_config(**mesh):
-  config = config_lib.load_config_file('configs/pretrain_c4.py:small')
+  config = config_files.load_config_file('configs/pretrain_c4.py:small')
   config.data.inputs_length = 64  # short sequences: a faster compile, the same parameters
   config.train.batch_size = 8
   for axis, size in mesh.items():
@@ -87,7 +88,7 @@ def test_t5_1_1_small_fsdp_over_v5e_2x2_holds_a_quarter_of_the_params_per_chip()
 
 
 def test_two_slices_make_a_hybrid_mesh_whose_data_axis_crosses_the_dcn():
-  config = config_lib.load_config_file('configs/quickstart.py')
+  config = config_files.load_config_file('configs/quickstart.py')
   config.mesh.dcn_data = 2
   devices = aot.topology_devices('v5e:2x2', num_slices=2)
   built = cli.build(config, devices)
@@ -106,13 +107,13 @@ def test_an_fsdp_axis_of_64_on_a_16x16_slice_splits_a_physical_axis():
 
 
 def test_slices_without_a_dcn_axis_are_refused_with_the_fix():
-  config = config_lib.load_config_file('configs/quickstart.py')
+  config = config_files.load_config_file('configs/quickstart.py')
   with pytest.raises(config_lib.ConfigError, match=r'mesh.dcn_data=2'):
     cli.build(config, aot.topology_devices('v5e:2x2', num_slices=2))
 
 
 def test_local_devices_compile_every_step_without_an_hbm_verdict():
-  config = config_lib.load_config_file('configs/quickstart.py')
+  config = config_files.load_config_file('configs/quickstart.py')
   config.mesh.fsdp = 2
   config.mesh.tensor = 2
   report = aot.run(config, 'local', steps=('train', 'eval', 'decode'))

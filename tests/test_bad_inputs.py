@@ -20,6 +20,7 @@ import pytest
 
 from t5lite import checkpoints, cli, convert, hf, infer, train, trainer
 from t5lite import config as config_lib
+from t5lite import config_files
 from t5lite import eval as eval_lib
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
@@ -56,7 +57,7 @@ def env(tmp_path_factory):
   root = tmp_path_factory.mktemp('bad_inputs')
   config_path = root / 'tiny.py'
   config_path.write_text(TINY)
-  config = config_lib.load_config_file(str(config_path))
+  config = config_files.load_config_file(str(config_path))
   model_config = ModelConfig.from_config(config.model)
   model = make_model(model_config)
   example = {

@@ -9,6 +9,7 @@ import pytest
 
 import t5lite.data.catalog  # noqa: F401  (registers the built-in tasks that validate names)
 from t5lite import config as config_lib
+from t5lite import config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, 'configs', 'quickstart.py')
@@ -16,9 +17,9 @@ QUICKSTART = os.path.join(REPO, 'configs', 'quickstart.py')
 
 def load(*overrides):
   """The quickstart config with `section.field=value` overrides, applied like the command line."""
-  config = config_lib.load_config_file(QUICKSTART)
+  config = config_files.load_config_file(QUICKSTART)
   for override in overrides:
-    config_lib.set_override(config, *override.split('=', 1))
+    config_files.set_override(config, *override.split('=', 1))
   return config
 
 
@@ -161,7 +162,7 @@ def test_unknown_key_in_a_config_file_is_an_error_like_an_override(tmp_path):
                   '  c.train.stepz = 3\n'
                   '  return c\n')
   with pytest.raises(config_lib.ConfigError) as from_file:
-    config_lib.load_config_file(str(path))
+    config_files.load_config_file(str(path))
   with pytest.raises(config_lib.ConfigError) as from_flag:
     load('train.stepz=3')
   assert str(from_file.value) == str(from_flag.value)
@@ -208,8 +209,8 @@ def test_resolved_config_round_trips_to_the_config_dict():
 
 def test_save_config_writes_either_form(tmp_path):
   c = load('train.steps=7')
-  config_lib.save_config(c, str(tmp_path / 'a'))
-  config_lib.save_config(config_lib.resolve(c), str(tmp_path / 'b'))
+  config_files.save_config(c, str(tmp_path / 'a'))
+  config_files.save_config(config_lib.resolve(c), str(tmp_path / 'b'))
   a = json.load(open(tmp_path / 'a' / 'config.json'))
   b = json.load(open(tmp_path / 'b' / 'config.json'))
   assert a['train'] == b['train'] and a['train']['steps'] == 7
@@ -275,7 +276,7 @@ def test_init_from_hf_shape_check_reads_either_form(tmp_path):
   hf_cfg = hf.hf_config_from_model_config(c.model)
   hf_cfg['d_model'] = c.model.d_model * 2
   (tmp_path / 'config.json').write_text(json.dumps(hf_cfg))
-  config_lib.set_override(c, 'checkpoint.init_from', f'hf:{tmp_path}')
+  config_files.set_override(c, 'checkpoint.init_from', f'hf:{tmp_path}')
   messages = []
   for cfg in (c, config_lib.resolve(c)):
     with pytest.raises(config_lib.ConfigError) as info:

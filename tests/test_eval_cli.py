@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from t5lite import checkpoints, eval as eval_lib, infer, trainer
-from t5lite import config as config_lib
+from t5lite import config_files
 from t5lite.models import decoding
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
@@ -59,7 +59,7 @@ def env(tmp_path_factory):
   root = tmp_path_factory.mktemp('cli')
   path = root / 'cli_config.py'
   path.write_text(CONFIG)
-  config = config_lib.load_config_file(str(path))
+  config = config_files.load_config_file(str(path))
   model = make_model(ModelConfig.from_config(config.model))
   example = {
       'encoder_input_tokens': np.ones((1, 16), np.int32), 'decoder_input_tokens': np.ones((1, 8),
@@ -174,7 +174,7 @@ def test_infer_order_resume_and_counted_warnings(env, tmp_path, capsys, monkeypa
   assert [(r['line'], r['input'], r.get('target')) for r in records
          ] == [(n, e['inputs'], e.get('targets')) for n, e in expected]
   # Each prediction is the model's greedy decode of that input alone.
-  config = config_lib.load_config_file(env['config'])
+  config = config_files.load_config_file(env['config'])
   vocab = eval_lib.evaluator_lib.config_vocabulary(config)
   model = make_model(ModelConfig.from_config(config.model))
   params = jax.device_get(env['state'].params)

@@ -9,13 +9,14 @@ import pytest
 
 from t5lite import checkpoints, train
 from t5lite import config as config_lib
+from t5lite import config_files
 from t5lite.data import pipeline
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
 
 
 def eval_config(steps, **checkpoint):
-  c = config_lib.load_config_file(
+  c = config_files.load_config_file(
       os.path.join(os.path.dirname(__file__), '..', 'configs', 'quickstart.py'))
   c.model.dtype = 'float32'
   c.train.update(steps=steps, batch_size=8, log_every=100)
@@ -104,6 +105,6 @@ def test_eval_config_errors(override, message):
   config = eval_config(4)
   config.checkpoint.every_steps = 10
   for key, value in override.items():
-    config_lib.set_override(config, key, repr(value))
+    config_files.set_override(config, key, repr(value))
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(config, 8)

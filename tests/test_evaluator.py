@@ -13,6 +13,7 @@ import flax.linen as nn
 import pytest
 
 from t5lite import config as config_lib
+from t5lite import config_files
 from t5lite import metrics, partitioning, trainer
 from t5lite.data import tasks, vocab as vocab_lib
 from t5lite.data import preprocessors as P
@@ -178,7 +179,7 @@ def test_config_checks():
                               ('decode.method', 'beams', "did you mean 'beam'"),
                               ('infer.on_too_long', 'cut', 'infer.on_too_long')]:
     bad = c.copy_and_resolve_references()
-    config_lib.set_override(bad, key, value)
+    config_files.set_override(bad, key, value)
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.validate(bad, 8)
 

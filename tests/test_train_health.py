@@ -10,6 +10,7 @@ import pytest
 import t5lite.data.catalog  # noqa: F401  (registers the built-in tasks the configs name)
 from t5lite import checks
 from t5lite import config as config_lib
+from t5lite import config_files
 from t5lite import optim, partitioning, trainer
 from t5lite.losses import cross_entropy_sums
 from t5lite.models.presets import ModelConfig
@@ -268,7 +269,7 @@ def test_numeric_checks_still_accept_finite_numbers():
 @pytest.mark.parametrize('raw', ['1e999', '-1e999'])  # the command line's only way to inf
 def test_a_non_finite_learning_rate_fails_validation(raw):
   config = config_lib.base_config()
-  config_lib.set_override(config, 'optimizer.learning_rate', raw)
+  config_files.set_override(config, 'optimizer.learning_rate', raw)
   assert not math.isfinite(config.optimizer.learning_rate)  # 1e999 parses as inf
   with pytest.raises(config_lib.ConfigError) as info:
     config_lib.validate(config, 1)

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from t5lite import config as config_lib
+from t5lite import config_files
 from t5lite import train
 from t5lite.data import catalog, embedded, pipeline, preprocessors, tasks, train_vocab, vocab
 from t5lite.data.catalog import common
@@ -45,7 +45,7 @@ def test_span_corruption_over_bytes_re_merges_to_the_text():
 
 
 def test_training_with_bytes_and_a_missing_vocabulary_file(tmp_path, capsys):
-  c = config_lib.load_config_file(
+  c = config_files.load_config_file(
       os.path.join(os.path.dirname(__file__), '..', 'configs', 'quickstart.py'))
   c.data.vocabulary = 'byte'
   c.model.vocab_size = 384
