@@ -28,7 +28,7 @@ def get_config(arg=None):
   if size == 'ul2_20b':
     c.model.update(UL2_20B)
     c.model.size = 'ul2_20b'
-    c.model.attention_dim = None
+    c.model.attention_dim = UL2_20B['num_heads'] * UL2_20B['head_dim']
   c.model.dtype = 'bfloat16'
   c.model.scan_layers = True
   c.model.remat_policy = 'full'
