@@ -142,3 +142,19 @@ def test_without_libtpu_the_tool_says_how_to_install_it(monkeypatch):
                       if name == 'libtpu' else real(name, *a))
   with pytest.raises(aot.AotError, match=r"pip install 't5lite\[aot\]'"):
     aot.topology_devices('v5e:2x2')
+
+
+@pytest.mark.parametrize(
+    'size, shape',
+    [
+        ('small', (512, 1024, 6, 64, 8, 8)),
+        ('xxl', (4096, 10240, 64, 64, 24, 24)),
+        ('ul2_20b', (4096, 16384, 16, 256, 32, 32)),  # UL2-20B's shape (Tay et al. 2022)
+    ])
+def test_the_scaling_configs_build_the_published_shapes(size, shape):
+  config = config_files.load_config_file(f'configs/pretrain_c4.py:{size}')
+  built = cli.build(config, jax.devices()[:1])
+  params = partitioning.abstract_params(built.model, built.mesh, built.rules)[0]
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert count == t5_1_1_params(*shape, 32128)
+  assert built.cfg.data.inputs_length == 512 and built.cfg.model.remat_policy == 'full'
