@@ -306,7 +306,18 @@ class Embed(nn.Module):
                                 (self.num_embeddings, self.features), jnp.float32)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+    # The lookup gathers whole rows, so the table is all-gathered over what shards `embed` (fsdp,
+    # as FSDP does for every matmul weight) and stays split over `vocab` (tensor: each device
+    # looks up the ids of its own rows, an all-reduce adds the parts); the ids and the rows keep
+    # the batch's sharding. Left to itself, XLA's partitioner keeps `embed` sharded over fsdp in
+    # the looked-up rows (and in their gradient, the scatter-add's updates), where the batch wants
+    # fsdp, and on a mesh with data and fsdp both > 1 can only reshard them by a full replication
+    # ("Involuntary full rematerialization", per lookup and per gradient; tests/test_no_remat.py).
+    table = constrain(self.embedding, ('vocab', None))
+    ids = constrain(ids, ('act_batch',) + ('act_length',) * (ids.ndim - 1))
+    rows = jnp.take(table, ids, axis=0)
+    return constrain(rows, ('act_batch',) + ('act_length',) * (ids.ndim - 1) +
+                     ('act_embed',)).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return matmul.dense(x, self.embedding, self.dtype, transpose_kernel=True, out_dtype=jnp.float32,
