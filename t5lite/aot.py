@@ -13,7 +13,8 @@ arguments, outputs, temporaries and their total against the chip's HBM (CHIPS be
 FLOPs per step (t5lite.reporting's formula, the one behind the logged MFU) and the step time
 that implies at the chip's published bf16 peak: a lower bound, reached at 100% MFU.
 
-`--topology local` compiles for this host's own devices instead (CPU, or a GPU on a GPU host):
+`--topology local` compiles for this host's own devices instead (CPU, or a GPU on a GPU host, whose
+memory limit jax reports is then the HBM of the verdict):
 XLA cannot target a GPU from a host without one, so that is the GPU path. The same idea ships in
 MaxText as its train_compile tool.
 """
@@ -212,16 +213,28 @@ def step_report(compiled, hbm: int | None) -> StepReport:
                     code=m.generated_code_size_in_bytes, hbm=hbm)
 
 
+def _memory_limit(device) -> int | None:
+  """What XLA may allocate on a local accelerator (a GPU's or TPU's memory_stats); None on CPU."""
+  try:
+    stats = device.memory_stats()
+  except (NotImplementedError, RuntimeError):
+    stats = None
+  return (stats or {}).get('bytes_limit')
+
+
 def run(config, topology: str, num_slices: int = 1, steps: Sequence[str] = STEPS) -> dict:
   """Compiles `steps` of `config` for `num_slices` slices of `topology` ('local': this host's
   devices); returns the report as a JSON-ready dict (also what --json prints)."""
   if topology == 'local':
-    devices, chip_name, chip = jax.devices(), jax.devices()[0].device_kind, None
-    peak = reporting.KNOWN_PEAK_FLOPS.get(chip_name, 0.0)
+    devices = jax.devices()
+    chip_name, hbm = devices[0].device_kind, _memory_limit(devices[0])
+    peak = next(
+        (flops for kind, flops in reporting.KNOWN_PEAK_FLOPS.items() if chip_name.startswith(kind)),
+        0.0)
   else:
     chip_name, chip = chip_of(topology)
     devices = topology_devices(topology, num_slices)
-    peak = chip.peak_flops
+    hbm, peak = chip.hbm_bytes, chip.peak_flops
   built = cli.build(config, devices)
   cfg = built.cfg
   compiled = compile_steps(built, steps)
@@ -241,13 +254,12 @@ def run(config, topology: str, num_slices: int = 1, steps: Sequence[str] = STEPS
           'kernels': built.model.cfg.kernels, 'remat_policy': cfg.model.remat_policy,
           'scan_layers': cfg.model.scan_layers
       }, 'batch_size': cfg.train.batch_size, 'microbatches': cfg.train.microbatches,
-      'lengths': train_lengths, 'optimizer': cfg.optimizer.name,
-      'hbm_per_device_bytes': chip.hbm_bytes if chip else None, 'train_flops_per_step': flops,
-      'peak_flops_per_device': peak,
+      'lengths': train_lengths, 'optimizer': cfg.optimizer.name, 'hbm_per_device_bytes': hbm,
+      'train_flops_per_step': flops, 'peak_flops_per_device': peak,
       'step_seconds_at_peak': flops / (peak * len(devices)) if peak else None, 'steps': {}
   }
   for name, executable in compiled.items():
-    r = step_report(executable, chip.hbm_bytes if chip else None)
+    r = step_report(executable, hbm)
     report['steps'][name] = {**dataclasses.asdict(r), 'total': r.total, 'fits': r.fits}
   return report
 
