@@ -14,9 +14,8 @@ FLOPs per step (t5lite.reporting's formula, the one behind the logged MFU) and t
 that implies at the chip's published bf16 peak: a lower bound, reached at 100% MFU.
 
 `--topology local` compiles for this host's own devices instead (CPU, or a GPU on a GPU host, whose
-memory limit jax reports is then the HBM of the verdict):
-XLA cannot target a GPU from a host without one, so that is the GPU path. The same idea ships in
-MaxText as its train_compile tool.
+memory limit as jax reports it is then the HBM of the verdict): XLA cannot target a GPU from a host
+without one, so that is the GPU path. The same idea ships in MaxText as its train_compile tool.
 """
 from __future__ import annotations
 
