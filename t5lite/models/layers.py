@@ -30,9 +30,16 @@ def param_init(stddev: float, axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
 
 
-def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-  """Sharding constraint by logical names; a no-op when no mesh/rules are active."""
-  return nn.with_logical_constraint(x, axes)
+def constrain(x: jax.Array, axes: tuple[str | None, ...], rules=None) -> jax.Array:
+  """Sharding constraint by logical names (under `rules`, default the active ones); a no-op when
+  no mesh/rules are active."""
+  return nn.with_logical_constraint(x, axes, rules)
+
+
+def _mesh_axes(spec) -> tuple[str, ...]:
+  """The mesh axes of a one-entry PartitionSpec, as a tuple (none: ())."""
+  axes = spec[0] if spec else None
+  return () if axes is None else tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
 class RMSNorm(nn.Module):
@@ -306,18 +313,25 @@ class Embed(nn.Module):
                                 (self.num_embeddings, self.features), jnp.float32)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    # The lookup gathers whole rows, so the table is all-gathered over what shards `embed` (fsdp,
-    # as FSDP does for every matmul weight) and stays split over `vocab` (tensor: each device
-    # looks up the ids of its own rows, an all-reduce adds the parts); the ids and the rows keep
-    # the batch's sharding. Left to itself, XLA's partitioner keeps `embed` sharded over fsdp in
-    # the looked-up rows (and in their gradient, the scatter-add's updates), where the batch wants
-    # fsdp, and on a mesh with data and fsdp both > 1 can only reshard them by a full replication
-    # ("Involuntary full rematerialization", per lookup and per gradient; tests/test_no_remat.py).
-    table = constrain(self.embedding, ('vocab', None))
-    ids = constrain(ids, ('act_batch',) + ('act_length',) * (ids.ndim - 1))
-    rows = jnp.take(table, ids, axis=0)
-    return constrain(rows, ('act_batch',) + ('act_length',) * (ids.ndim - 1) +
-                     ('act_embed',)).astype(self.dtype)
+    # The table stays in its parameter sharding ([vocab/tensor, embed/fsdp]): each device looks up
+    # its ids in its own rows and columns (an all-reduce over tensor adds the vocab parts), the ids
+    # split over the batch axes that `embed` does not use (data), so that the rows come out
+    # [batch/data, length, embed/fsdp]; the batch's sharding, [batch/(data, fsdp), ...], is then
+    # one all-to-all over fsdp away. Left to itself, XLA's partitioner keeps fsdp on `embed` but
+    # also splits the ids over fsdp, and on a mesh with data and fsdp both > 1 can reshard the
+    # rows (and the gradient's updates) only by a full replication ("Involuntary full
+    # rematerialization", per lookup and per gradient; tests/test_no_remat.py).
+    rules = nn.get_logical_axis_rules()
+    batch = _mesh_axes(nn.logical_to_mesh_axes(('act_batch',), rules))
+    embed = _mesh_axes(nn.logical_to_mesh_axes(('embed',), rules))
+    lookup_rules = (('lookup_batch', tuple(a for a in batch if a not in embed)
+                     or None), ('lookup_embed', embed or None))
+    length = ('act_length',) * (ids.ndim - 1)
+    ids = constrain(ids, ('lookup_batch',) + (None,) * (ids.ndim - 1), lookup_rules)
+    rows = jnp.take(self.embedding, ids, axis=0)
+    rows = constrain(rows, ('lookup_batch',) + (None,) * (ids.ndim - 1) + ('lookup_embed',),
+                     lookup_rules)
+    return constrain(rows, ('act_batch',) + length + ('act_embed',)).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return matmul.dense(x, self.embedding, self.dtype, transpose_kernel=True, out_dtype=jnp.float32,
