@@ -4,13 +4,15 @@
 
 Each row runs one `python -m t5lite.aot ... --steps train --json` in a fresh process (the command
 is printed in the table, so any row can be reproduced alone) and reports the mesh, the batch,
-per-chip memory against HBM, and the step time the model FLOPs imply at the chip's bf16 peak.
+per-chip memory against HBM, and the step time the model FLOPs imply at the chip's bf16 peak. A
+row that does not fit is compiled again with the batch in 2, then 4 microbatches.
 Compiling needs no TPU, only libtpu (`pip install -e '.[aot]'`); the compile time of each row on
 this host is printed too. The machine's CPU is named in the output.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import subprocess
@@ -36,6 +38,36 @@ def row_flags(model: str, chips: int, batch: int) -> list[str]:
   ]
 
 
+def compile_row(model: str, name: str, topology: str, flags: list[str]) -> dict | None:
+  """One `python -m t5lite.aot --json` in its own process; prints the row, returns the report."""
+  command = ['python', '-m', 't5lite.aot', '--topology', topology, '--steps', 'train', *flags]
+  start = time.perf_counter()
+  done = subprocess.run(command + ['--json'], capture_output=True, text=True, check=False)
+  seconds = time.perf_counter() - start
+  shown = ' '.join(command)
+  if done.returncode != 0:
+    error = (done.stderr.strip().splitlines() or ['?'])[-1]
+    print(f'| {model} | {name} | | | | | | | error: {error} | | {seconds:.0f} | `{shown}` |',
+          flush=True)
+    return None
+  r = json.loads(done.stdout[done.stdout.index('{'):])
+  s, mesh = r['steps']['train'], r['mesh']
+  print(
+      f'| {model} | {name} | {mesh["data"]}, {mesh["fsdp"]} | {r["batch_size"]} '
+      f'(x{r["microbatches"]}) | {r["model"]["params"] / 1e9:.2f}B | {s["arguments"] / GIB:.2f} | '
+      f'{s["temporaries"] / GIB:.2f} | {s["total"] / GIB:.1f} / {s["hbm"] / GIB:.0f} | '
+      f'{"yes" if s["fits"] else "NO"} | {r["step_seconds_at_peak"] * 1e3:.0f} ms | '
+      f'{seconds:.0f} | `{shown}` |', flush=True)
+  return {'command': shown, 'compile_seconds': seconds, **r}
+
+
+def libtpu_version() -> str:
+  try:
+    return importlib.metadata.version('libtpu')
+  except importlib.metadata.PackageNotFoundError:
+    return 'not installed'
+
+
 def cpu_name() -> str:
   try:
     with open('/proc/cpuinfo') as f:
@@ -56,7 +88,9 @@ def main() -> int:
   args = parser.parse_args()
   models = args.only.split(',') if args.only else MODELS
   wanted = args.topologies.split(',') if args.topologies else [t for _, t, _ in SLICES]
-  print(f'# compiled on {cpu_name()}, python {platform.python_version()}', flush=True)
+  print(
+      f'# compiled on {cpu_name()}, python {platform.python_version()}, libtpu '
+      f'{libtpu_version()}', flush=True)
   print('| model | slice | mesh (data, fsdp) | batch | params | args GiB | temp GiB | total / HBM '
         'GiB | fits | step at peak | compile s | command |')
   print('|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
@@ -65,26 +99,17 @@ def main() -> int:
     for name, topology, chips in SLICES:
       if topology not in wanted:
         continue
-      flags = row_flags(model, chips, args.batch)
-      command = ['python', '-m', 't5lite.aot', '--topology', topology, '--steps', 'train', *flags]
-      start = time.perf_counter()
-      done = subprocess.run(command + ['--json'], capture_output=True, text=True, check=False)
-      seconds = time.perf_counter() - start
-      shown = ' '.join(command)
-      if done.returncode != 0:
-        error = (done.stderr.strip().splitlines() or ['?'])[-1]
-        print(f'| {model} | {name} | | | | | | | error: {error} | | {seconds:.0f} | `{shown}` |',
-              flush=True)
-        continue
-      r = json.loads(done.stdout[done.stdout.index('{'):])
-      reports.append({'command': shown, 'compile_seconds': seconds, **r})
-      s, mesh = r['steps']['train'], r['mesh']
-      print(
-          f'| {model} | {name} | {mesh["data"]}, {mesh["fsdp"]} | {r["batch_size"]} | '
-          f'{r["model"]["params"] / 1e9:.2f}B | {s["arguments"] / GIB:.2f} | '
-          f'{s["temporaries"] / GIB:.2f} | {s["total"] / GIB:.1f} / {s["hbm"] / GIB:.0f} | '
-          f'{"yes" if s["fits"] else "NO"} | {r["step_seconds_at_peak"] * 1e3:.0f} ms | '
-          f'{seconds:.0f} | `{shown}` |', flush=True)
+      # The batch as given first; when that does not fit, the same batch in 2, then 4
+      # microbatches (gradient accumulation: activations of a half or a quarter at a time).
+      for microbatches in (1, 2, 4):
+        flags = row_flags(model, chips, args.batch)
+        if microbatches > 1:
+          flags.append(f'--config.train.microbatches={microbatches}')
+        report = compile_row(model, name, topology, flags)
+        if report is not None:
+          reports.append(report)
+        if report is None or report['steps']['train']['fits']:
+          break
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(reports, f, indent=1)
