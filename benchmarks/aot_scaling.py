@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from t5lite import reporting
+
 GIB = 2**30
 # (slice name, topology, chips)
 SLICES = (('v5e-16', 'v5e:4x4', 16), ('v5e-256', 'v5e:16x16', 256), ('v4-64', 'v4:2x4x4', 32),
@@ -66,17 +68,6 @@ def libtpu_version() -> str:
     return importlib.metadata.version('libtpu')
   except importlib.metadata.PackageNotFoundError:
     return 'not installed'
-
-
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown CPU'
 
 
 def main() -> int:

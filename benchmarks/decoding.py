@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from t5lite import reporting
 from t5lite.models import decoding
 from t5lite.models.presets import ModelConfig, model_config
 from t5lite.models.t5 import make_model
@@ -55,13 +55,7 @@ def random_params(model, seed=0):
 
 
 def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return (f'{cpu}, {os.cpu_count()} cores; jax {jax.__version__} devices: '
+  return (f'{reporting.cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} devices: '
           f'{", ".join(str(d) for d in jax.devices())}')
 
 

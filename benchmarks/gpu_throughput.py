@@ -145,12 +145,8 @@ def run_model(size: str, args) -> dict:
 
 def machine() -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  from t5lite import reporting  # pylint: disable=import-outside-toplevel
+  cpu = reporting.cpu_name()
   device = jax.devices()[0]
   return dict(platform=device.platform, device_kind=device.device_kind,
               device_count=jax.device_count(), cpu=cpu, cpu_count=os.cpu_count(),

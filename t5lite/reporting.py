@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import time
 
 import jax
@@ -89,6 +90,15 @@ def measure_matmul_peak(dtype: str, m: int = 2048, k: int = 512, n: int = 1024,
     matmul(a, b).block_until_ready()
     times.append(time.perf_counter() - start)
   return 2.0 * m * k * n / min(times)
+
+
+def cpu_name() -> str:
+  """The host CPU's model name (/proc/cpuinfo), for the machine line of logs and benchmarks."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
 
 
 def peak_flops_per_device(configured: float, dtype: str) -> tuple[float, str]:
