@@ -129,11 +129,8 @@ def batch_spec(cfg, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
   lengths, packing): the converter itself is run on a one-example placeholder."""
   d = cfg.data
   lengths = converters.feature_lengths(d.converter, d.inputs_length, d.targets_length)
-  kind = {'decoder': 'decoder', 'prefix_lm': 'prefix_lm'}.get(d.converter, 'encdec')
   example = {'inputs': np.ones(2, np.int32), 'targets': np.ones(2, np.int32)}
-  if kind == 'decoder':
-    lengths = {'targets': lengths['targets']}
-  features = converters.Converter(kind, lengths)([example], [[0]], d.pack)
+  features = converters.Converter(d.converter, lengths)([example], [[0]], d.pack)
   return {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype) for k, v in features.items()}
 
 
@@ -144,6 +141,9 @@ def _with_sharding(tree, sharding):
 def compile_steps(built: cli.Built, steps: Sequence[str] = STEPS) -> dict[str, Any]:
   """{step name: compiled executable} for the run `built` describes, compiled for its mesh's
   devices from abstract inputs: nothing is allocated or run on them."""
+  unknown = [name for name in steps if name not in STEPS]
+  if unknown:  # before minutes of compiling the others
+    raise AotError(f'--steps: unknown step(s) {", ".join(unknown)}; valid: {", ".join(STEPS)}')
   cfg, mesh, rules, model = built.cfg, built.mesh, built.rules, built.model
   batch_sharding = partitioning.batch_sharding(mesh, rules)
   train_batch = batch_spec(cfg, cfg.train.batch_size // cfg.train.microbatches)
@@ -163,10 +163,8 @@ def compile_steps(built: cli.Built, steps: Sequence[str] = STEPS) -> dict[str, A
                              batch_sharding)
       step = trainer.make_eval_step(model, shardings.params, mesh, rules)
       compiled[name] = step.lower(state.params, batch).compile()
-    elif name == 'decode':
-      compiled[name] = _compile_decode(built, state.params, batch_sharding)
     else:
-      raise AotError(f'--steps: unknown step {name!r}; valid: {", ".join(STEPS)}')
+      compiled[name] = _compile_decode(built, state.params, batch_sharding)
   return compiled
 
 

@@ -128,9 +128,11 @@ def test_local_devices_compile_every_step_without_an_hbm_verdict():
     ('gpu', 'not supported without a GPU'),
     ('v9:2x2', 'expected GENERATION:SHAPE'),
     ('v5e:3x3', 'libtpu refused it'),
+    ('local --steps train,backward', 'unknown step(s) backward'),
 ])
 def test_bad_topologies_get_one_line_and_exit_2(topology, message, capsys):
-  code = aot.main(['--config', 'configs/quickstart.py', '--topology', topology])
+  topology, *extra = topology.split()
+  code = aot.main(['--config', 'configs/quickstart.py', '--topology', topology, *extra])
   assert code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message in err[0]
