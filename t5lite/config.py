@@ -65,6 +65,18 @@ class DataConfig:
       'sentinels = 384); or a path to a SentencePiece .model (+ 100 '
       'sentinels).')
   sp_vocab_size: int = field(1948, 'Embedded SentencePiece size; + 100 sentinels = 2048.')
+  source: str = field(
+      '', "Train on files with no Python: FORMAT:PATTERN with FORMAT jsonl, tsv, text, parquet "
+      "or arrayrecord (globs and gs:// allowed; '{split}' in PATTERN is replaced by the split "
+      'name), or hf:DIR (a HuggingFace `datasets` save_to_disk directory or Parquet/Arrow files). '
+      "It replaces data.task (docs/data.md); '': data.task.")
+  source_fields: str = field(
+      'inputs=inputs,targets=targets', 'data.source: feature=column pairs, e.g. '
+      "'inputs=question,targets=answer'; span_corruption and prefix_lm read only `inputs`.")
+  objective: str = field(
+      'supervised', 'data.source: supervised (inputs -> targets as given), span_corruption '
+      "(T5's, noise 0.15, mean span 3) or prefix_lm (a random split of each text).",
+      choices=('supervised', 'span_corruption', 'prefix_lm'))
   reset_position: bool = field(
       False, 'When the data pipeline changed since the checkpoint (another task '
       'or mixture, rates, lengths, seed, batch size), resume the model but read '
@@ -184,7 +196,8 @@ class CheckpointConfig:
       '', 'Fine-tuning: when WORKDIR has no checkpoint yet, take the params '
       "(only: optimizer state and step start fresh) from another run's "
       'checkpoint, a step directory or a WORKDIR/checkpoints directory (its '
-      'newest step); `hf:DIR` for a HuggingFace T5 (docs/hf.md). The '
+      'newest step); `hf:DIR` for a HuggingFace T5 (docs/hf.md); `t5x:DIR/checkpoint_N` for a '
+      'T5X checkpoint (docs/migrating.md). The '
       "workdir's own checkpoints always win, so a preempted fine-tune resumes "
       "where it stopped. '': a random init.")
   init_rename: tuple = field((), '(regex, replacement) pairs applied in order (re.sub) to the '
@@ -226,6 +239,13 @@ class EvalConfig:
                        'WORKDIR/eval/<task>/step_<N>.json and TensorBoard under WORKDIR/eval. '
                        "() = none; e.g. ('docstring_kind', 'fill_word').")
   num_examples_to_save: int = field(5, 'Example predictions kept in each step_<N>.json.')
+  max_inputs_length: int = field(
+      1024, "Metric evaluation reads each task's own lengths from its data (the longest example, "
+      'rounded up to a multiple of 8), capped here; longer examples are truncated and counted.')
+  max_targets_length: int = field(512, 'The same cap for the targets (and the decode length).')
+  length_normalize: bool = field(
+      False, 'Rank classification (score-mode tasks): rank the choices by their mean log-'
+      'likelihood per target token instead of the sum, so longer answers are not penalised.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +265,13 @@ class DecodeOptions:
 class InferConfig:
   """Batch inference (`python -m t5lite.infer`): JSONL in, JSONL out, resumable."""
   batch_size: int = field(0, '0 = eval.batch_size, else train.batch_size.')
+  mode: str = field(
+      'decode', 'decode: generate targets for each input; score: the log-likelihood of each '
+      "line's given target (target_key) under the model, per example.",
+      choices=('decode', 'score'))
+  length_normalize: bool = field(
+      False, 'score: also divide each log-likelihood by its target token count (the mean per '
+      'token).')
   input_key: str = field('inputs', 'The JSONL field holding the input text.')
   target_key: str = field('targets', 'Copied to the output when present.')
   on_too_long: str = field(
@@ -272,6 +299,10 @@ class RunConfig:
       't5lite/host_memory.py): no page faults on XLA\'s per-step '
       'buffers, T5.1.1-small steps ~1.3x faster; the process keeps its '
       'peak memory.')
+  imports: tuple = field(
+      (), 'Python modules imported before the config is validated, so that the tasks and '
+      "mixtures they register can be named (T5X's --module_import, which adds to this list), "
+      "e.g. ('my_project.tasks',).")
   train: TrainConfig = _section(TrainConfig)
   optimizer: OptimizerConfig = _section(OptimizerConfig)
   schedule: ScheduleConfig = _section(ScheduleConfig)
@@ -459,6 +490,11 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('infer.batch_size', non_negative),
     ('infer.on_too_long', choice),
     ('infer.on_bad_line', choice),
+    ('infer.length_normalize', boolean),
+    ('eval.max_inputs_length', positive),
+    ('eval.max_targets_length', positive),
+    ('eval.length_normalize', boolean),
+    ('data.source', string("FORMAT:PATTERN or hf:DIR ('' reads data.task)")),
     ('checkpoint.keep_best_mode', choice),
     ('checkpoint.keep_best_n', positive),
     ('partitioning.rules', logical_rules),

@@ -2,6 +2,10 @@
 
     python -m t5lite.convert hf-to-t5lite --model HF_DIR --out WORKDIR [--scan_layers]
     python -m t5lite.convert t5lite-to-hf --checkpoint PATH --out HF_DIR [--dtype bfloat16]
+    python -m t5lite.convert t5x-to-t5lite --checkpoint T5X_DIR/checkpoint_N --out WORKDIR
+
+t5x-to-t5lite (the reading and the name mapping are in t5lite/t5x.py) writes WORKDIR the same way
+as hf-to-t5lite; `--config.checkpoint.init_from=t5x:T5X_DIR/checkpoint_N` converts in memory.
 
 hf-to-t5lite writes WORKDIR/checkpoints/0/ the way a training run writes its checkpoints (orbax
 `state` item holding {'params': ...}, `config` item holding {'model': ...}), so
@@ -146,6 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   a.add_argument('--out', required=True, help='directory for the t5lite checkpoint')
   a.add_argument('--scan_layers', action='store_true',
                  help='write layers stacked on a leading axis (config.model.scan_layers=True)')
+  t = sub.add_parser('t5x-to-t5lite', help='T5X checkpoint -> t5lite checkpoint (a workdir)')
+  t.add_argument('--checkpoint', required=True,
+                 help='a T5X checkpoint directory, DIR/checkpoint_N (orbax or legacy format)')
+  t.add_argument('--out', required=True, help='directory for the t5lite checkpoint')
+  t.add_argument('--scan_layers', action='store_true',
+                 help='write layers stacked on a leading axis (config.model.scan_layers=True)')
   b = sub.add_parser('t5lite-to-hf', help='t5lite checkpoint -> HF T5 directory')
   b.add_argument('--checkpoint', required=True,
                  help='t5lite workdir, its checkpoints/ directory or a step directory')
@@ -159,6 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       model = hf_to_t5lite(args.model, args.out, args.scan_layers)
       out = os.fspath(files.to_path(args.out))
       print(f'wrote a t5lite checkpoint of {hf.model_dir(args.model)} '
+            f'({model["variant"]}) to {files.join(out, "checkpoints", "0")} and its model '
+            f'config to {files.join(out, "model_config.json")}')
+      print('fine-tune from it with these overrides:')
+      print(' '.join(_overrides(model) + [f'--config.checkpoint.init_from={out}']))
+    elif args.command == 't5x-to-t5lite':
+      from t5lite import t5x  # pylint: disable=import-outside-toplevel
+      model = t5x.to_t5lite_workdir(args.checkpoint, args.out, args.scan_layers)
+      out = os.fspath(files.to_path(args.out))
+      print(f'wrote a t5lite checkpoint of the T5X checkpoint {args.checkpoint} '
             f'({model["variant"]}) to {files.join(out, "checkpoints", "0")} and its model '
             f'config to {files.join(out, "model_config.json")}')
       print('fine-tune from it with these overrides:')
