@@ -4,8 +4,8 @@ Each config section is a frozen dataclass below whose fields carry their default
 (`t5lite.fields.field`); `RunConfig` lists the sections in order. `base_config()` builds the
 `ml_collections.ConfigDict` that config files edit (`get_config(arg=None) -> ConfigDict`), overrides
 come as `--config.section.field=value` (loading and overrides: t5lite/config_files.py),
-`validate()` checks everything before any compute (a table of per-field checks plus a few
-cross-field rules; every problem raises `ConfigError`, whose message names the field and what
+`validate()` checks everything before any compute (a table of per-field checks plus the
+cross-field rules of t5lite/config_rules.py; every problem raises `ConfigError`, naming the field and what
 would be valid), and `resolve()` turns the checked ConfigDict into a typed `RunConfig` once, at
 start-up. docs/configs.md's field reference is generated from the declarations
 (`python -m t5lite.config_docs --update-docs`).
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import ml_collections
 
@@ -23,6 +23,9 @@ from t5lite import fields
 from t5lite.checks import (Check, boolean, count, in_range, logical_rules, non_negative, positive,
                            regex_pairs, regexes, string, task, task_names)
 from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
+# Re-exported: the cross-field rules and the mesh shape (t5lite/config_rules.py).
+from t5lite.config_rules import (DCN_AXES, EVAL_VALUES, RULES, batches_divide, dcn_shape,  # pylint: disable=unused-import
+                                 mesh_shape)
 from t5lite.models import presets
 
 # Re-exported: the mesh axes and the default rules live with the rest of sharding.
@@ -31,7 +34,6 @@ from t5lite.partitioning import DEFAULT_RULES, MESH_AXES  # pylint: disable=unus
 OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('rsqrt', 'cosine', 'wsd', 'constant')
 CONVERTERS = ('encdec', 'decoder', 'prefix_lm')
-EVAL_VALUES = ('eval/loss', 'eval/accuracy')  # what in-training evaluation logs (t5lite/train.py)
 
 # ---------------------------------------------------------------------------------------------
 # The declarations: one frozen dataclass per section, in the order of `RunConfig`.
@@ -450,6 +452,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
       for name in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'num_decoder_layers',
                    'relative_attention_num_buckets', 'relative_attention_max_distance')),
     ('model.dropout_rate', in_range(0, 1, hi_open=True)),
+    ('model.relpos_per_layer', boolean),
     ('data.task', task),
     ('data.inputs_length', positive),
     ('data.num_workers', non_negative),
@@ -516,146 +519,6 @@ def _value(config, dotted: str):
   return getattr(getattr(config, section), name)
 
 
-def _encoder_layers(c) -> None:
-  if c.model.architecture == 'encoder_decoder':
-    positive(c.model.num_encoder_layers, 'model.num_encoder_layers')
-
-
-def _attention_dim(c) -> None:
-  m = c.model
-  if m.attention_dim != m.num_heads * m.head_dim:
-    raise ConfigError(
-        f'config.model.attention_dim={m.attention_dim} but model.num_heads * model.head_dim = '
-        f'{m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim}; set model.attention_dim='
-        f'{m.num_heads * m.head_dim} or change num_heads/head_dim so their product is '
-        f'{m.attention_dim}')
-
-
-def _converter_fits_architecture(c) -> None:
-  architecture = c.model.architecture
-  wanted = ('encdec',) if architecture == 'encoder_decoder' else ('decoder', 'prefix_lm')
-  if c.data.converter not in wanted:
-    raise ConfigError(f'config.data.converter={c.data.converter!r} does not feed '
-                      f'model.architecture={architecture!r}; use data.converter in '
-                      f'{", ".join(wanted)}')
-
-
-def _hf_shapes(c) -> None:
-  """init_from=hf:DIR: its config.json must give config.model's shape (read now, before any
-  compute; fields such as relative_attention_max_distance change no param shape)."""
-  init_from = c.checkpoint.init_from
-  if not init_from.startswith('hf:'):
-    return
-  from t5lite import hf  # pylint: disable=import-outside-toplevel  (the optional [hf] extra)
-  model = dataclasses.asdict(c.model) if dataclasses.is_dataclass(c.model) else c.model
-  try:
-    problems = hf.config_mismatches(init_from[len('hf:'):], model)
-  except hf.HFConversionError as e:
-    raise ConfigError(f'config.checkpoint.init_from={init_from}: {e}') from None
-  if problems:
-    raise ConfigError(f'config.checkpoint.init_from={init_from}: config.model does not match '
-                      'the HF model: ' + '; '.join(problems) + ' (python -m t5lite.convert '
-                      'hf-to-t5lite prints the overrides)')
-
-
-def _eval_task(c) -> None:
-  if c.eval.every_steps and c.eval.task:
-    task(c.eval.task, 'eval.task')
-
-
-def _keep_best_needs_eval(c) -> None:
-  e, k = c.eval, c.checkpoint
-  if not k.keep_best_metric:
-    return
-  if not e.every_steps:
-    raise ConfigError(f'config.checkpoint.keep_best_metric={k.keep_best_metric!r} needs '
-                      'evaluation: set eval.every_steps > 0')
-  by_task = k.keep_best_metric.split('/')
-  if not (len(by_task) == 3 and by_task[0] == 'eval' and by_task[1] in e.tasks):
-    # eval/<task>/<metric> of a metric task is named by the task's metric fns: checked when it is
-    # first logged; the validation values are known now.
-    if k.keep_best_metric not in EVAL_VALUES:
-      close = difflib.get_close_matches(k.keep_best_metric, EVAL_VALUES, n=1)
-      hint = f" (did you mean '{close[0]}'?)" if close else ''
-      raise ConfigError(f'config.checkpoint.keep_best_metric={k.keep_best_metric!r} is not '
-                        f'valid{hint}; valid: {", ".join(EVAL_VALUES)}')
-  if k.every_steps % e.every_steps:
-    raise ConfigError(f'config.checkpoint.every_steps={k.every_steps} is not a multiple of '
-                      f'eval.every_steps={e.every_steps}: a checkpoint without '
-                      f'{k.keep_best_metric} cannot be ranked; make it a multiple')
-
-
-# Rules that relate fields, run after the per-field checks.
-RULES: tuple[Callable[[Any], None],
-             ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
-                     _eval_task, _keep_best_needs_eval)
-
-DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
-
-
-def dcn_shape(mesh_cfg) -> tuple[int, int, int]:
-  """(dcn_data, dcn_fsdp, dcn_tensor): how many slices each mesh axis spans (1, 1, 1: one)."""
-  dims = tuple(getattr(mesh_cfg, a, 1) for a in DCN_AXES)
-  for axis, dim in zip(DCN_AXES, dims):
-    if not isinstance(dim, int) or dim < 1:
-      raise ConfigError(f'config.mesh.{axis}={dim!r}: must be a positive int')
-  return dims
-
-
-def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) of the whole mesh: each axis's size within a slice (at most one -1,
-  filled so that the product is a slice's device count) times its dcn_* size."""
-  dcn = dcn_shape(mesh_cfg)
-  slices = dcn[0] * dcn[1] * dcn[2]
-  if slices != num_slices:
-    raise ConfigError(
-        f'config.mesh: dcn_data*dcn_fsdp*dcn_tensor = {dcn[0]}*{dcn[1]}*{dcn[2]} = {slices}, but '
-        f'the devices form {num_slices} slice(s); make the product {num_slices} (usually '
-        f'mesh.dcn_data={num_slices})')
-  num_devices //= num_slices
-  dims = [getattr(mesh_cfg, a) for a in MESH_AXES]
-  for axis, dim in zip(MESH_AXES, dims):
-    if not isinstance(dim, int) or (dim < 1 and dim != -1):
-      raise ConfigError(f'config.mesh.{axis}={dim!r}: must be a positive int or -1')
-  if dims.count(-1) > 1:
-    raise ConfigError('config.mesh: at most one of data, fsdp, tensor may be -1')
-  known = 1
-  for d in dims:
-    known *= d if d != -1 else 1
-  where = f'{num_devices} devices' + (' per slice' if num_slices > 1 else '')
-  if -1 in dims:
-    if num_devices % known:
-      raise ConfigError(f'config.mesh: the fixed axes multiply to {known}, which does not divide '
-                        f'the {where}; choose sizes whose product divides {num_devices}')
-    dims[dims.index(-1)] = num_devices // known
-  product = dims[0] * dims[1] * dims[2]
-  if product != num_devices:
-    raise ConfigError(
-        f'config.mesh: data*fsdp*tensor = {dims[0]}*{dims[1]}*{dims[2]} = {product}, but there are '
-        f'{where}; make the product {num_devices} (set one axis to -1 to fill it)')
-  return tuple(d * n for d, n in zip(dims, dcn))
-
-
-def _batches_divide(c, shape: tuple[int, int, int]) -> None:
-  """The train batch (per microbatch) and the eval batch split evenly over data * fsdp."""
-  t = c.train
-  data_parallel = shape[0] * shape[1]
-  if t.batch_size % t.microbatches:
-    raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
-                      f'train.microbatches={t.microbatches}')
-  per_pass = t.batch_size // t.microbatches
-  if per_pass % data_parallel:
-    raise ConfigError(
-        f'config.train.batch_size={t.batch_size} (per microbatch {per_pass}) is not divisible by '
-        f'the data-parallel size mesh.data*mesh.fsdp = {shape[0]}*{shape[1]} = {data_parallel}; '
-        f'use a batch size that is a multiple of {data_parallel * t.microbatches}')
-  eval_batch = c.eval.batch_size or t.batch_size
-  if (c.eval.every_steps or c.eval.tasks) and eval_batch % data_parallel:
-    raise ConfigError(f'config.eval.batch_size={eval_batch} is not divisible by the data-parallel '
-                      f'size mesh.data*mesh.fsdp = {data_parallel}; use a multiple of '
-                      f'{data_parallel}')
-
-
 def _all_floats_finite(config) -> None:
   """No field may hold inf or nan (e.g. learning_rate=1e999), whether or not it has a check."""
   for section, names in _declared().items():
@@ -678,5 +541,5 @@ def validate(config, num_devices: int, num_slices: int = 1) -> tuple[int, int, i
   for rule in RULES:
     rule(config)
   shape = mesh_shape(config.mesh, num_devices, num_slices)
-  _batches_divide(config, shape)
+  batches_divide(config, shape)
   return shape
