@@ -47,7 +47,11 @@ def forward_flops_per_example(model_cfg, inputs_length: int, targets_length: int
   (masking does not skip work). For decoder-only models, `targets_length` is the sequence.
   """
   d, ff, inner = model_cfg.d_model, model_cfg.d_ff, model_cfg.num_heads * model_cfg.head_dim
-  mlp_mats = 3 if model_cfg.variant == 'v1_1' else 2
+  # Gated MLPs have wi_0, wi_1, wo; relu has wi, wo. (ModelConfig.gated's rule, spelled out for
+  # the config.model ConfigDict too: '' takes the variant's activation, gated only for v1_1.)
+  activation = (model_cfg.mlp_activation
+                or ('gated-gelu' if model_cfg.variant == 'v1_1' else 'relu'))
+  mlp_mats = 3 if activation.startswith('gated-') else 2
   mlp = 2 * d * ff * mlp_mats
   projections = 2 * 4 * d * inner  # q, k, v, out
 

@@ -43,7 +43,8 @@ def test_choices_are_the_module_constants():
   choices = {doc.name: doc.choices for doc in fields.describe(ModelConfig) if doc.choices}
   assert choices == {
       'variant': presets.VARIANTS, 'architecture': presets.ARCHITECTURES, 'dtype': presets.DTYPES,
-      'remat_policy': presets.REMAT_POLICIES, 'kernels': presets.KERNELS
+      'remat_policy': presets.REMAT_POLICIES, 'kernels': presets.KERNELS,
+      'mlp_activation': presets.MLP_ACTIVATION_CHOICES
   }
   assert presets.KERNELS == ('auto', 'xla')
 

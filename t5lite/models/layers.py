@@ -82,7 +82,8 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
 
 
 class RelativePositionBias(nn.Module):
-  """One learned bias per (bucket, head); one instance per stack, shared by all its layers."""
+  """One learned bias per (bucket, head); one instance per stack, shared by all its layers (T5),
+  or one per self-attention layer (UMT5, `relpos_per_layer`)."""
   num_buckets: int
   max_distance: int
   num_heads: int
@@ -273,9 +274,10 @@ class MultiHeadAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """T5 v1.0: ReLU MLP (`wi`, `wo`); v1.1: gated GELU, gelu(x W0) * (x W1) then `wo`."""
+  """T5's MLP. `activation` relu (T5 v1.0): relu(x wi) then `wo`; gated-X (T5.1.1 gated-gelu,
+  UL2 gated-silu, gated-relu): X(x wi_0) * (x wi_1) then `wo` (presets.MLP_ACTIVATIONS)."""
   d_ff: int
-  gated_gelu: bool
+  activation: str
   dtype: Dtype
   dropout_rate: float
   deterministic: bool
@@ -284,16 +286,19 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d_model = x.shape[-1]
-    if self.gated_gelu:
-      # tanh-approximate GELU, as in T5.1.1 ("gelu_new" in HuggingFace); both matmuls and the
-      # gate in one custom VJP (matmul.gated_gelu).
+    if self.activation.startswith('gated-'):
+      # Both matmuls and the gate in one custom VJP (matmul.gated).
       kernel = lambda name: Kernel((d_model, self.d_ff),
                                    ('embed', 'mlp'), d_model**-0.5, name=name)()
-      h = matmul.gated_gelu(x, kernel('wi_0'), kernel('wi_1'), self.dtype, self.kernels)
-    else:
+      h = matmul.gated(x, kernel('wi_0'), kernel('wi_1'), self.dtype,
+                       self.activation[len('gated-'):], self.kernels)
+    elif self.activation == 'relu':
       h = nn.relu(
           Dense(self.d_ff, ('embed', 'mlp'), d_model**-0.5, self.dtype, kernels=self.kernels,
                 name='wi')(x))
+    else:
+      raise ValueError(f'unknown MLP activation {self.activation!r}; valid: relu, gated-gelu, '
+                       'gated-silu, gated-relu')
     h = constrain(h, ('act_batch', 'act_length', 'act_mlp'))
     if self.dropout_rate > 0 and not self.deterministic:
       h = nn.Dropout(self.dropout_rate)(h, deterministic=False)

@@ -23,6 +23,11 @@ VARIANTS = ('v1_0', 'v1_1')
 ARCHITECTURES = ('encoder_decoder', 'decoder_only')
 REMAT_POLICIES = ('none', 'minimal', 'full')
 DTYPES = ('bfloat16', 'float32')
+# The MLP's activation: relu (T5 v1.0), gated-gelu (T5.1.1, mT5, ByT5), gated-silu (UL2),
+# gated-relu; the gated ones are act(x W0) * (x W1), HF T5Config's `is_gated_act` forms.
+MLP_ACTIVATIONS = ('relu', 'gated-gelu', 'gated-silu', 'gated-relu')
+MLP_ACTIVATION_CHOICES = ('',) + MLP_ACTIVATIONS  # '': the variant's
+VARIANT_ACTIVATION = {'v1_0': 'relu', 'v1_1': 'gated-gelu'}
 # KERNELS = ('auto', 'xla'), from t5lite.models.kernels (where the switch is read).
 
 # name: (d_model, d_ff, num_heads, head_dim, num_encoder_layers, num_decoder_layers)
@@ -69,6 +74,13 @@ class ModelConfig:
       'filled in with it). T5 lets it differ from d_model (v1.0 "3B"/"11B").')
   num_encoder_layers: int = field(2, 'Encoder layers; ignored by decoder_only.')
   num_decoder_layers: int = field(2, 'Decoder layers.')
+  mlp_activation: str = field(
+      '', "The MLP's activation: '' takes the variant's (v1_0: relu, v1_1: gated-gelu); "
+      'gated-X is X(x W0) * (x W1) (gated-silu: UL2; gated-gelu uses the tanh approximation).',
+      choices=MLP_ACTIVATION_CHOICES)
+  relpos_per_layer: bool = field(
+      False, 'Every layer\'s self-attention learns its own relative position bias (UMT5); '
+      'False: one bias per stack, shared by all its layers (T5).')
   relative_attention_num_buckets: int = field(
       32, 'Relative position buckets per direction pair (half exact distances, half log-spaced).')
   relative_attention_max_distance: int = field(
@@ -103,8 +115,14 @@ class ModelConfig:
     return cls(**{k: v for k, v in dict(cfg).items() if k in names})
 
   @property
-  def gated_gelu(self) -> bool:
-    return self.variant == 'v1_1'
+  def activation(self) -> str:
+    """The MLP's activation, one of MLP_ACTIVATIONS: `mlp_activation`, or the variant's."""
+    return self.mlp_activation or VARIANT_ACTIVATION[self.variant]
+
+  @property
+  def gated(self) -> bool:
+    """Whether the MLP has two input matrices (`wi_0`, `wi_1`) rather than one (`wi`)."""
+    return self.activation.startswith('gated-')
 
   @property
   def tie_logits(self) -> bool:

@@ -34,13 +34,33 @@ _REMAT_POLICIES = {
 }
 
 
+def _relpos(cfg: ModelConfig, bidirectional: bool) -> layers.RelativePositionBias:
+  """A stack's relative position bias or, with `relpos_per_layer`, one layer's (UMT5)."""
+  return layers.RelativePositionBias(cfg.relative_attention_num_buckets,
+                                     cfg.relative_attention_max_distance, cfg.num_heads,
+                                     bidirectional=bidirectional, name='relpos_bias')
+
+
+def _self_bias(relpos: layers.RelativePositionBias, length: int, cache_length: int = 0,
+               index=None):
+  """Self-attention's position bias: [1, heads, length, length]; in cached decoding (`index`, the
+  [batch] positions of the one new query each), the rows [batch, heads, 1, cache_length]."""
+  if index is not None:
+    return relpos(1, cache_length, query_positions=index)
+  return relpos(length, length)
+
+
 class EncoderLayer(nn.Module):
+  """Self-attention, MLP; pre-norm residual. With `relpos_per_layer` the layer adds its own
+  position bias to `bias` (whose `bias` is then None); else the stack's is in `bias`."""
   cfg: ModelConfig
   deterministic: bool
 
   @nn.compact
   def __call__(self, x, bias):
     c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    if c.relpos_per_layer:
+      bias = bias._replace(bias=_self_bias(_relpos(c, True), x.shape[1]))
     dropout = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_attention_norm')(x)
     h = layers.MultiHeadAttention(c.num_heads, c.head_dim, dtype, c.dropout_rate,
@@ -48,7 +68,7 @@ class EncoderLayer(nn.Module):
                                                                                            bias)
     x = x + dropout(h)
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_mlp_norm')(x)
-    h = layers.MlpBlock(c.d_ff, c.gated_gelu, dtype, c.dropout_rate, self.deterministic,
+    h = layers.MlpBlock(c.d_ff, c.activation, dtype, c.dropout_rate, self.deterministic,
                         kernels=c.kernels, name='mlp')(h)
     x = layers.constrain(x + dropout(h), ('act_batch', 'act_length', 'act_embed'))
     return x, None
@@ -58,7 +78,8 @@ class DecoderLayer(nn.Module):
   """Self-attention, cross-attention (when `cross_bias` is given), MLP; all pre-norm residual.
 
   `decode` / `prefill` / `cache_length` select the cached decoding modes (module docstring);
-  `encoded` may then be None in `decode` mode, the encoder's keys/values being cached.
+  `encoded` may then be None in `decode` mode, the encoder's keys/values being cached. With
+  `relpos_per_layer` the layer adds its own position bias to `self_bias` (as EncoderLayer).
   """
   cfg: ModelConfig
   deterministic: bool
@@ -74,13 +95,16 @@ class DecoderLayer(nn.Module):
         c.num_heads, c.head_dim, dtype, c.dropout_rate, self.deterministic, decode=self.decode,
         prefill=self.prefill, cross=cross, cache_length=self.cache_length, kernels=c.kernels,
         name=name)
+    if c.relpos_per_layer:
+      self_bias = self_bias._replace(bias=_self_bias(
+          _relpos(c, False), x.shape[1], self.cache_length, cache_index if self.decode else None))
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_self_attention_norm')(x)
     x = x + dropout(attention('self_attention', False)(h, h, self_bias, cache_index))
     if cross_bias is not None:
       h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_cross_attention_norm')(x)
       x = x + dropout(attention('encoder_decoder_attention', True)(h, encoded, cross_bias))
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_mlp_norm')(x)
-    h = layers.MlpBlock(c.d_ff, c.gated_gelu, dtype, c.dropout_rate, self.deterministic,
+    h = layers.MlpBlock(c.d_ff, c.activation, dtype, c.dropout_rate, self.deterministic,
                         kernels=c.kernels, name='mlp')(h)
     x = layers.constrain(x + dropout(h), ('act_batch', 'act_length', 'act_embed'))
     return x, None
@@ -123,9 +147,8 @@ class Encoder(nn.Module):
   def __call__(self, embedded, segments, deterministic: bool):
     c = self.cfg
     length = embedded.shape[1]
-    relpos = layers.RelativePositionBias(c.relative_attention_num_buckets,
-                                         c.relative_attention_max_distance, c.num_heads,
-                                         bidirectional=True, name='relpos_bias')(length, length)
+    # One bias for the stack (T5), or none here: each layer learns its own (relpos_per_layer).
+    relpos = None if c.relpos_per_layer else _self_bias(_relpos(c, True), length)
     bias = layers.AttentionBias(relpos, layers.attention_mask(segments, segments))
     x = nn.Dropout(c.dropout_rate, deterministic=deterministic)(embedded)
     x = _run_layers(self, EncoderLayer, c.num_encoder_layers, c, deterministic, x, bias)
@@ -150,20 +173,20 @@ class Decoder(nn.Module):
                prefill_lengths=None, cache_length: int = 0):
     c = self.cfg
     batch, length = embedded.shape[:2]
-    relpos = layers.RelativePositionBias(c.relative_attention_num_buckets,
-                                         c.relative_attention_max_distance, c.num_heads,
-                                         bidirectional=False, name='relpos_bias')
+    # One bias for the stack (T5), or none here: each layer learns its own (relpos_per_layer).
+    relpos = None if c.relpos_per_layer else _relpos(c, False)
+    stack_bias = lambda *args: None if relpos is None else _self_bias(relpos, *args)
     extra, cache_kwargs = (), {}
     if decode:
       index = self.get_variable('cache', 'cache_index')
       written = jnp.arange(cache_length)[None, :] <= index[:, None]
-      self_bias = layers.AttentionBias(relpos(1, cache_length, query_positions=index),
+      self_bias = layers.AttentionBias(stack_bias(1, cache_length, index),
                                        written[:, None, None, :])
       self.put_variable('cache', 'cache_index', index + 1)
       extra, cache_kwargs = (index,), dict(decode=True, cache_length=cache_length)
     else:
       self_bias = layers.AttentionBias(
-          relpos(length, length),
+          stack_bias(length),
           layers.attention_mask(segments, segments, causal=True, bidirectional_q=causal_attention,
                                 bidirectional_k=causal_attention))
       if prefill:

@@ -63,11 +63,20 @@ def _as_3d(x: jax.Array) -> jax.Array:
   return x.reshape((-1,) + x.shape[-2:]) if x.ndim >= 3 else x.reshape((1, -1, x.shape[-1]))
 
 
-def gated_gelu(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype,
-               kernels: str = 'auto') -> jax.Array:
-  """T5.1.1's gated GELU, gelu(x @ w0) * (x @ w1) (tanh approximation), x[..., d], w [d, f]:
-  both matmuls in `dtype` with float32 accumulation, the gate applied to the float32 results,
-  the result in `dtype`.
+# The gated MLPs' activations (HF T5Config's dense_act_fn of the `gated-X` forms; T5.1.1's GELU is
+# the tanh approximation, HF's "gelu_new").
+GATE_ACTIVATIONS = {
+    'gelu': functools.partial(jax.nn.gelu, approximate=True),
+    'silu': jax.nn.silu,
+    'relu': jax.nn.relu,
+}
+
+
+def gated(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype, activation: str = 'gelu',
+          kernels: str = 'auto') -> jax.Array:
+  """A gated MLP's hidden layer, act(x @ w0) * (x @ w1), x[..., d], w [d, f], `activation` a
+  GATE_ACTIVATIONS key (gelu: T5.1.1; silu: UL2): both matmuls in `dtype` with float32
+  accumulation, the gate applied to the float32 results, the result in `dtype`.
 
   One custom VJP for the pair: the forward pass saves both pre-activations rounded to `dtype`
   (as two `dense` calls would) but gates the unrounded ones, and the backward pass computes both
@@ -75,39 +84,49 @@ def gated_gelu(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype,
   gate: T5.1.1-small bf16 step 2.38 -> 2.26 s (interleaved A/B in one process).
 
   'xla' gates the two float32 results of `plain_einsum`: the same forward numbers."""
+  if activation not in GATE_ACTIVATIONS:
+    raise ValueError(f'unknown gate activation {activation!r}; valid: '
+                     f'{", ".join(GATE_ACTIVATIONS)}')
   dtype = jnp.dtype(dtype)
   if kernels_lib.plain(kernels):
     x3 = _as_3d(x)
-    h = _gelu_gate(plain_einsum(DENSE, x3, w0, dtype, _F32),
-                   plain_einsum(DENSE, x3, w1, dtype, _F32)).astype(dtype)
+    h = _gate(plain_einsum(DENSE, x3, w0, dtype, _F32), plain_einsum(DENSE, x3, w1, dtype, _F32),
+              activation).astype(dtype)
     return h.reshape(x.shape[:-1] + h.shape[-1:])
   if dtype != _F32 and not mixed_precision_supported():
-    return _gelu_gate(dense(x, w0, dtype), dense(x, w1, dtype)).astype(dtype)
-  h = _gated_gelu(_as_3d(x), w0, w1, dtype.name)
+    return _gate(dense(x, w0, dtype), dense(x, w1, dtype), activation).astype(dtype)
+  h = _gated(_as_3d(x), w0, w1, dtype.name, activation)
   return h.reshape(x.shape[:-1] + h.shape[-1:])
 
 
-def _gelu_gate(a0, a1):
-  return jax.nn.gelu(a0, approximate=True) * a1
+def gated_gelu(x: jax.Array, w0: jax.Array, w1: jax.Array, dtype,
+               kernels: str = 'auto') -> jax.Array:
+  """T5.1.1's gated GELU, gelu(x @ w0) * (x @ w1) (tanh approximation): `gated` with gelu."""
+  return gated(x, w0, w1, dtype, 'gelu', kernels)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gated_gelu(x, w0, w1, dtype_name):
-  return _gated_gelu_fwd(x, w0, w1, dtype_name)[0]
+def _gate(a0, a1, activation):
+  return GATE_ACTIVATIONS[activation](a0) * a1
 
 
-def _gated_gelu_fwd(x, w0, w1, dtype_name):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gated(x, w0, w1, dtype_name, activation):
+  return _gated_fwd(x, w0, w1, dtype_name, activation)[0]
+
+
+def _gated_fwd(x, w0, w1, dtype_name, activation):
   xc, w0c, w1c = (a.astype(dtype_name) for a in (x, w0, w1))
   a0 = jnp.einsum(DENSE[0], xc, w0c, preferred_element_type=_F32)
   a1 = jnp.einsum(DENSE[0], xc, w1c, preferred_element_type=_F32)
-  h = _gelu_gate(a0, a1).astype(dtype_name)
+  h = _gate(a0, a1, activation).astype(dtype_name)
   saved = (xc, w0c, w1c, a0.astype(dtype_name), a1.astype(dtype_name))
   return h, (saved, jnp.zeros((), x.dtype))
 
 
-def _gated_gelu_bwd(dtype_name, residuals, d_h):
+def _gated_bwd(dtype_name, activation, residuals, d_h):
   (xc, w0c, w1c, a0, a1), x_like = residuals
-  _, gate_pullback = jax.vjp(_gelu_gate, a0.astype(_F32), a1.astype(_F32))
+  _, gate_pullback = jax.vjp(lambda u, v: _gate(u, v, activation), a0.astype(_F32),
+                             a1.astype(_F32))
   d_a0, d_a1 = (g.astype(dtype_name) for g in gate_pullback(d_h.astype(_F32)))
   (d_x_spec, _), (d_w_spec, _) = DENSE[1], DENSE[2]  # operand orders 'gb' and 'ag'
   d_x = (jnp.einsum(d_x_spec, d_a0, w0c, preferred_element_type=_F32)
@@ -117,7 +136,7 @@ def _gated_gelu_bwd(dtype_name, residuals, d_h):
   return d_x.astype(x_like.dtype), d_w0, d_w1
 
 
-_gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
+_gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 def einsum(spec, a: jax.Array, b: jax.Array, dtype, out_dtype=None,
