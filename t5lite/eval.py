@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Sequence
 
-from t5lite import checkpoints, cli, files, multihost, partitioning
+from t5lite import checkpoints, cli, files, init_from, multihost, partitioning
 from t5lite import config as config_lib
 from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
 from t5lite.data import tasks as tasks_lib
@@ -71,7 +71,7 @@ def run(config, workdir: str, checkpoint: str = 'latest', watch: bool = False,
   def evaluate(step: int, path: str, skip_unreadable: bool = False) -> None:
     start = time.perf_counter()
     try:
-      params, error = checkpoints.load_params(path, abstract), None
+      params, error = init_from.load_params(path, abstract), None
     except checkpoints.CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (e.g. deleted by retention meanwhile)

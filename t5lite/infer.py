@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from t5lite import checkpoints, cli, files, logs, partitioning
+from t5lite import checkpoints, cli, files, init_from, logs, partitioning
 from t5lite import config as config_lib
 from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
 from t5lite.data import tasks as tasks_lib
@@ -274,7 +274,7 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
              if records else f'{where}: no inputs; {output} is empty')
     return counts
   log.info(f'reading the params of {target[0][1]}')
-  params = checkpoints.load_params(target[0][1],
+  params = init_from.load_params(target[0][1],
                                    partitioning.abstract_params(model, mesh, rules)[0])
   decode_cfg = evaluator_lib.decode_config(cfg, targets_length)
   key = ('encoder_input_tokens'

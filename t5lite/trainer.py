@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5lite import checkpoints, losses, partitioning
+from t5lite import init_from as init_lib  # initial_state has an argument named init_from
 
 
 @flax.struct.dataclass
@@ -106,8 +107,8 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   if not init_from:
     return InitialState(state, shardings, 0, None, 'fresh initialisation')
   source = checkpoints.resolve_init_path(init_from)
-  loaded = checkpoints.load_params_for_init(source, abstract.params, init_rename, init_ignore)
-  state = state.replace(params=checkpoints.merge_init_params(state.params, loaded))
+  loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore)
+  state = state.replace(params=init_lib.merge_init_params(state.params, loaded))
   fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
   return InitialState(
       state, shardings, 0, None,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5lite import checkpoints, cli, convert, hf, infer, train, trainer
+from t5lite import checkpoints, cli, convert, hf, infer, init_from, train, trainer
 from t5lite import config as config_lib
 from t5lite import config_files
 from t5lite import eval as eval_lib
@@ -231,7 +231,7 @@ def test_infer_on_an_empty_input_checks_the_checkpoint_then_writes_an_empty_outp
     code, line = run_job(capsys, infer.main, argv + flags)
     assert code == 2 and line.startswith(f'infer: {message}'), line
     assert not output.exists()
-  monkeypatch.setattr(checkpoints, 'load_params', no_model)  # nothing to decode: never loaded
+  monkeypatch.setattr(init_from, 'load_params', no_model)  # nothing to decode: never loaded
   assert infer.main(argv + ['--workdir', env['run']]) == 0
   assert 'no inputs' in capsys.readouterr().out
   assert output.read_bytes() == b''

@@ -19,7 +19,7 @@ import pytest
 from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from t5lite import checkpoints
+from t5lite import checkpoints, init_from
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_DATA = os.path.join('state', 'ocdbt.process_0', 'd')
@@ -261,11 +261,11 @@ def test_load_params_for_init_verifies_the_params(tmp_path):
   state = make_state(mesh, 1)
   save_steps(tmp_path, {1: state})
   target = abstract(state['params'])
-  loaded = checkpoints.load_params_for_init(str(tmp_path), target)
+  loaded = init_from.load_params_for_init(str(tmp_path), target)
   assert_bitwise_equal(loaded, state['params'])
   flip(largest_data_file(tmp_path / 'checkpoints' / '1'), 0)
   with pytest.raises(checkpoints.CorruptCheckpointError, match=r'init_from=.*checksum'):
-    checkpoints.load_params_for_init(str(tmp_path), target)
+    init_from.load_params_for_init(str(tmp_path), target)
 
 
 def many_arrays(mesh: Mesh, seed: int) -> dict:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5lite import checkpoints, cli, files, train, workdir as workdir_lib
+from t5lite import checkpoints, cli, files, init_from, train, workdir as workdir_lib
 from t5lite import config as config_lib
 
 from test_checkpoints import QUICKSTART, REPO, assert_trees_equal, logged_losses, train_command, uninterrupted  # pylint: disable=unused-import
@@ -116,7 +116,7 @@ def test_kill_9_on_gcs_resumes_bitwise_with_every_file_in_the_bucket(tmp_path, g
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           state_ref['params'])
-  loaded = checkpoints.load_params_for_init(url, abstract)
+  loaded = init_from.load_params_for_init(url, abstract)
   assert_trees_equal(loaded, state_ref['params'])
 
 

@@ -19,7 +19,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from t5lite import checkpoints, convert, hf, train
+from t5lite import checkpoints, convert, hf, init_from, train
 from t5lite.models import decoding
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
@@ -291,7 +291,7 @@ def test_convert_cli_round_trip_and_errors(hf_models, tmp_path, capsys):
   # checkpoint.init_from=WORKDIR reads it like a training run's checkpoint.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
-  loaded = checkpoints.load_params_for_init(workdir, abstract)
+  loaded = init_from.load_params_for_init(workdir, abstract)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), loaded, params)
 
   back = str(tmp_path / 'hf')

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from t5lite import checkpoints, train
+from t5lite import checkpoints, init_from, train
 from t5lite.config import ConfigError, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def test_finetune_starts_from_the_params_with_a_fresh_optimizer_and_resume_wins(
 
 def test_loader_matches_the_restored_params(run_a):
   workdir_a, state_a = run_a
-  loaded = checkpoints.load_params_for_init(workdir_a, abstract_of(state_a['params']))
+  loaded = init_from.load_params_for_init(workdir_a, abstract_of(state_a['params']))
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), loaded,
                state_a['params'])
 
@@ -86,30 +86,30 @@ def test_rename_maps_checkpoint_names_onto_the_model(run_a):
   workdir_a, state_a = run_a
   abstract = abstract_of(state_a['params'], lambda t: rename_top(t, 'encoder', 'enc'))
   with pytest.raises(checkpoints.CheckpointError) as e:
-    checkpoints.load_params_for_init(workdir_a, abstract)
+    init_from.load_params_for_init(workdir_a, abstract)
   message = str(e.value)
   assert 'model params not in the checkpoint' in message and 'enc/' in message
   assert 'checkpoint params the model has no place for' in message and 'encoder/' in message
   assert 'init_rename' in message and 'init_ignore' in message
   assert '... and' in message  # only the first few are listed
 
-  loaded = checkpoints.load_params_for_init(workdir_a, abstract, rename=(('^encoder/', 'enc/'),))
+  loaded = init_from.load_params_for_init(workdir_a, abstract, rename=(('^encoder/', 'enc/'),))
   expected = rename_top(state_a['params'], 'encoder', 'enc')
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), loaded, expected)
 
 
 def test_shape_mismatch_names_the_param_and_both_shapes(run_a):
   workdir_a, state_a = run_a
-  name, x = next((checkpoints._path_name(p), x)  # pylint: disable=protected-access
+  name, x = next((init_from._path_name(p), x)  # pylint: disable=protected-access
                  for p, x in jax.tree_util.tree_leaves_with_path(state_a['params']) if x.ndim == 2)
 
   def widen(tree):
     return jax.tree_util.tree_map_with_path(lambda p, s: jax.ShapeDtypeStruct(
         (s.shape[0], s.shape[1] * 2), s.dtype, sharding=s.sharding)
-                                            if checkpoints._path_name(p) == name else s, tree)  # pylint: disable=protected-access
+                                            if init_from._path_name(p) == name else s, tree)  # pylint: disable=protected-access
 
   with pytest.raises(checkpoints.CheckpointError) as e:
-    checkpoints.load_params_for_init(workdir_a, abstract_of(state_a['params'], widen))
+    init_from.load_params_for_init(workdir_a, abstract_of(state_a['params'], widen))
   assert (f'{name}: checkpoint {x.shape} vs model {(x.shape[0], x.shape[1] * 2)}'
           in str(e.value)), str(e.value)
 
@@ -124,11 +124,11 @@ def test_ignore_keeps_fresh_params_and_drops_checkpoint_ones(run_a):
 
   abstract = abstract_of(state_a['params'], add_head)
   with pytest.raises(checkpoints.CheckpointError, match='new_head/kernel'):
-    checkpoints.load_params_for_init(workdir_a, abstract)
-  loaded = checkpoints.load_params_for_init(workdir_a, abstract, ignore=('^new_head/',))
+    init_from.load_params_for_init(workdir_a, abstract)
+  loaded = init_from.load_params_for_init(workdir_a, abstract, ignore=('^new_head/',))
   assert isinstance(loaded['new_head']['kernel'], jax.ShapeDtypeStruct)
   fresh = jax.tree.map(lambda s: np.full(s.shape, 7.0, s.dtype), abstract)
-  merged = checkpoints.merge_init_params(fresh, loaded)
+  merged = init_from.merge_init_params(fresh, loaded)
   assert np.all(merged['new_head']['kernel'] == 7.0)
   np.testing.assert_array_equal(np.asarray(merged['encoder']['relpos_bias']['rel_embedding']),
                                 state_a['params']['encoder']['relpos_bias']['rel_embedding'])
@@ -136,8 +136,8 @@ def test_ignore_keeps_fresh_params_and_drops_checkpoint_ones(run_a):
   # An ignore rule also drops checkpoint params the model no longer has.
   dropped = abstract_of(state_a['params'], lambda t: {k: v for k, v in t.items() if k != 'decoder'})
   with pytest.raises(checkpoints.CheckpointError, match='no place for'):
-    checkpoints.load_params_for_init(workdir_a, dropped)
-  loaded = checkpoints.load_params_for_init(workdir_a, dropped, ignore=('^decoder/',))
+    init_from.load_params_for_init(workdir_a, dropped)
+  loaded = init_from.load_params_for_init(workdir_a, dropped, ignore=('^decoder/',))
   assert set(loaded) == set(dropped)
 
 
