@@ -9,9 +9,10 @@ Anything else t5lite cannot compute the same way (UMT5's per-layer position bias
 activation, tied-but-not-rescaled outputs, layer_norm_epsilon != 1e-6, ...) raises
 HFConversionError naming the HF field and its value: a silently different model is worse than none.
 
-Files: model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin (+ index),
-read with torch.load(weights_only=True), which refuses pickled code. Only numpy, safetensors and
-(for .bin only) torch are needed; transformers is not imported here.
+The files themselves (config.json, safetensors / torch weights, local or gs://) are read and
+written by t5lite/hf_files.py; this module maps what they hold. Its names (HFConversionError,
+read_config, read_tensors, model_dir, is_model_dir, ...) are re-exported here. transformers is
+not imported.
 
 Layouts. HF's nn.Linear weight is [out, in]; t5lite kernels are [in, out], attention ones split
 per head: query/key/value [d_model, heads, head_dim], out [heads, head_dim, d_model]. HF's head
@@ -28,15 +29,15 @@ So here: rescaling comes from `scale_decoder_outputs` when the file has it, else
 """
 from __future__ import annotations
 
-import io
-import json
-import os
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from t5lite import files
+# Re-exported: callers use hf.HFConversionError, hf.read_config, ... (one import for HF interop).
+from t5lite.hf_files import (  # pylint: disable=unused-import
+    HFConversionError, HFFileError, is_model_dir, model_dir, numpy_dtype, read_config, read_tensors,
+    write_model_dir)
 
 HF_PREFIX = 'hf:'  # checkpoint.init_from=hf:PATH
 MODEL_TYPES = ('t5', 'mt5')
@@ -52,127 +53,6 @@ LAYER_NORM_EPSILON = 1e-6  # t5lite's RMSNorm epsilon (fixed)
 IGNORED = ('decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight',)
 # Copies of `shared` that some (older) checkpoints also store; accepted when bitwise equal.
 EMBEDDING_COPIES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
-
-
-class HFConversionError(ValueError):
-  """The HF checkpoint/config (or the t5lite params) cannot be converted; the message says why."""
-
-
-class HFFileError(HFConversionError):
-  """A weights file that cannot be read (truncated, corrupt): the message names the file."""
-
-
-def _read_weights(loader, file: str) -> dict[str, np.ndarray]:
-  """loader(file), with any failure to read it (safetensors' and torch's own errors included) as
-  one HFFileError naming the file."""
-  try:
-    return loader(file)
-  except HFConversionError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (each loader has its own error types)
-    raise HFFileError(f'{file}: cannot read the weights ({type(e).__name__}: '
-                      f'{" ".join(str(e).split())}); is the file complete?') from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading HF files
-
-
-def model_dir(path: str) -> str:
-  """`path` as t5lite names a HF model directory: a local path made absolute (~ expanded), a URL
-  (gs://...) kept as it is. Every function here takes either."""
-  return os.fspath(files.to_path(path))
-
-
-def is_model_dir(path: str) -> bool:
-  """Whether `path` (local or a URL) holds a config.json, i.e. looks like a HF model directory;
-  checkpoint.init_from=hf:PATH is checked with it before anything is computed."""
-  return files.to_path(path).joinpath('config.json').is_file()
-
-
-def _require_dir(path: str) -> str:
-  path = model_dir(path)
-  if not files.to_path(path).is_dir():
-    raise HFConversionError(f'{path}: no such directory (want a HuggingFace model directory with '
-                            'config.json and model.safetensors or pytorch_model.bin)')
-  return path
-
-
-def _exists(path: str, *parts: str) -> bool:
-  return files.to_path(path).joinpath(*parts).exists()
-
-
-def read_config(path: str) -> dict:
-  """config.json of the HF model directory `path`."""
-  path = _require_dir(path)
-  file = files.join(path, 'config.json')
-  if not _exists(file):
-    raise HFConversionError(f'{path}: no config.json, so not a HuggingFace model directory')
-  try:
-    config = json.loads(files.read_text(file))
-  except ValueError as e:
-    raise HFConversionError(f'{file}: not valid JSON ({e})') from None
-  if not isinstance(config, dict):
-    raise HFConversionError(f'{file}: not a JSON object')
-  return config
-
-
-def _load_torch(file) -> dict[str, np.ndarray]:
-  """A .bin state dict; `file` a local path or a file object (a URL's bytes)."""
-  import ml_dtypes  # pylint: disable=import-outside-toplevel  (ships with jax)
-  import torch  # pylint: disable=import-outside-toplevel  (only .bin checkpoints need it)
-  # weights_only=True: tensors and plain containers only; refuses to run pickled code.
-  state = torch.load(file, map_location='cpu', weights_only=True)
-  out = {}
-  for name, t in state.items():
-    if not isinstance(t, torch.Tensor):
-      raise HFConversionError(f'{file}: entry {name!r} is a {type(t).__name__}, not a tensor '
-                              '(want a plain state dict)')
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the bits, view as ml_dtypes'
-      out[name] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    else:
-      out[name] = t.numpy()
-  return out
-
-
-def _loaders(url: bool):
-  """(safetensors loader, torch loader), each fn(file name) -> tensors. A local file is read in
-  place (safetensors maps it); a URL's file is downloaded into memory first, as neither library
-  reads gs:// itself."""
-  from safetensors import numpy as st  # pylint: disable=import-outside-toplevel
-  if not url:
-    return st.load_file, _load_torch
-  return (lambda f: st.load(files.read_bytes(f)),
-          lambda f: _load_torch(io.BytesIO(files.read_bytes(f))))
-
-
-def read_tensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of the HF model directory `path` (local or a URL), by HF name, in their stored
-  dtypes."""
-  path = _require_dir(path)
-  load_safetensors, load_torch = _loaders(files.is_url(path))
-  for index_name, loader in (('model.safetensors.index.json', load_safetensors),
-                             ('pytorch_model.bin.index.json', load_torch)):
-    index_file = files.join(path, index_name)
-    if _exists(index_file):
-      try:
-        shards = sorted(set(json.loads(files.read_text(index_file))['weight_map'].values()))
-      except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise HFFileError(f'{index_file}: not an index with a weight_map ({type(e).__name__}: '
-                          f'{e})') from None
-      tensors = {}
-      for shard in shards:
-        if not _exists(path, shard):
-          raise HFConversionError(f'{index_file} lists the shard {shard}, which is not there')
-        tensors.update(_read_weights(loader, files.join(path, shard)))
-      return tensors
-  if _exists(path, 'model.safetensors'):
-    return _read_weights(load_safetensors, files.join(path, 'model.safetensors'))
-  if _exists(path, 'pytorch_model.bin'):
-    return _read_weights(load_torch, files.join(path, 'pytorch_model.bin'))
-  raise HFConversionError(f'{path}: no model.safetensors, pytorch_model.bin or a sharded index of '
-                          'either (TensorFlow/Flax-only checkpoints are not read)')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,29 +452,11 @@ def save_hf(params: Mapping, model_cfg, out_dir: str, dtype: str = 'float32',
             dropout_rate: float = 0.0) -> list[str]:
   """Writes model.safetensors, config.json and generation_config.json under `out_dir` (local or a
   URL), loadable by T5ForConditionalGeneration.from_pretrained. Returns the written file names."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  if dtype == 'bfloat16':
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
-    np_dtype = ml_dtypes.bfloat16
-  elif dtype == 'float32':
-    np_dtype = np.float32
-  else:
-    raise HFConversionError(f'dtype={dtype!r}: want float32 or bfloat16')
-  tensors = t5lite_to_hf(params, model_cfg, np_dtype)
+  tensors = t5lite_to_hf(params, model_cfg, numpy_dtype(dtype))
   config = hf_config_from_model_config(model_cfg, dropout_rate)
-  # safetensors writes local files only: a URL's files are written locally, then uploaded.
-  with files.local_output(out_dir) as local:
-    os.makedirs(local, exist_ok=True)
-    # metadata format=pt: transformers refuses safetensors files without a known format tag.
-    save_file(tensors, os.path.join(local, 'model.safetensors'), metadata={'format': 'pt'})
-    with open(os.path.join(local, 'config.json'), 'w') as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    # generate() reads these; without decoder_start_token_id transformers 5.x cannot start
-    # decoding.
-    generation = {'decoder_start_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0}
-    with open(os.path.join(local, 'generation_config.json'), 'w') as f:
-      json.dump(generation, f, indent=2, sort_keys=True)
-  return ['model.safetensors', 'config.json', 'generation_config.json']
+  # generate() reads these; without decoder_start_token_id transformers 5.x cannot start decoding.
+  generation = {'decoder_start_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0}
+  return write_model_dir(out_dir, tensors, config, generation)
 
 
 def load_flat_for_init(path: str, scan_layers: bool) -> dict[str, np.ndarray]:
