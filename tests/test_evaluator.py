@@ -85,10 +85,10 @@ def setup():
   return c, mesh, model, params, sharded
 
 
-def split_examples(name):
-  """Token ids of each validation example as the task makes them (trimmed, EOS appended)."""
+def split_examples(name, lengths=None):
+  """Token ids of each validation example as the task makes them (EOS appended; trimmed to
+  `lengths` when given)."""
   task = tasks.get_task(name)
-  lengths = {'inputs': INPUTS, 'targets': TARGETS}
   return [
       task.process(ex, task.context(lengths, np.random.default_rng(0)))
       for ex in task.examples('validation')
@@ -104,13 +104,16 @@ def test_each_example_once_and_metrics_equal_a_per_example_loop(setup, tmp_path)
   vocab = vocab_lib.embedded_vocabulary()
   cfg = evaluator_lib.decode_config(c, TARGETS)
 
-  # Generation: every example decoded alone (row 0 of a zero batch, no mesh) with decode().
+  # Generation: every example decoded alone (row 0 of a zero batch, no mesh) with decode(),
+  # whole: the evaluator reads the task at its own lengths, not data.*_length.
   gen = results['evtest_gen']
   examples = split_examples('evtest_gen')
   assert gen.num_examples == len(examples) == 13
+  assert max(len(ex['targets']) for ex in examples) > TARGETS  # longer than training's
+  inputs_length, targets_length = gen.lengths['inputs'], gen.lengths['targets']
   predictions, targets, log_likelihoods = [], [], []
   for ex in examples:
-    rows = np.zeros((BATCH, INPUTS), np.int32)
+    rows = np.zeros((BATCH, inputs_length), np.int32)
     rows[0, :len(ex['inputs'])] = ex['inputs']
     tokens = np.asarray(
         decoding.decode(model, params, {'encoder_input_tokens': rows}, cfg,
@@ -118,7 +121,8 @@ def test_each_example_once_and_metrics_equal_a_per_example_loop(setup, tmp_path)
     predictions.append(lower(vocab.decode(tokens)))
     targets.append(lower(vocab.decode(ex['targets'])))
     batch = {
-        'encoder_input_tokens': rows[:1], 'decoder_target_tokens': np.zeros((1, TARGETS), np.int32)
+        'encoder_input_tokens': rows[:1],
+        'decoder_target_tokens': np.zeros((1, targets_length), np.int32)
     }
     batch['decoder_target_tokens'][0, :len(ex['targets'])] = ex['targets']
     batch['decoder_input_tokens'] = np.roll(batch['decoder_target_tokens'], 1, axis=1)
@@ -171,6 +175,56 @@ def test_max_batches_and_the_training_hook(setup, tmp_path):
   assert values == {f'eval/evtest_gen/{k}': v for k, v in record['metrics'].items()}
   c.eval.tasks = ()
   assert evaluator_lib.build_metric_evaluation(c, model, mesh, c.partitioning.rules, '') is None
+
+
+def test_each_task_at_its_own_lengths_with_caps_and_a_truncation_count(setup, tmp_path):
+  """A task is evaluated at its split's longest example (EOS included, rounded up to 8) whatever
+  data.inputs_length is; eval.max_*_length caps it and the examples over a cap are counted."""
+  c, mesh, model, _, sharded = setup
+  vocab = vocab_lib.embedded_vocabulary()
+  gen = tasks.get_task('evtest_gen').source.get('validation')
+  in_sizes = [len(vocab.encode(e['inputs'])) + 1 for e in gen]  # + EOS
+  out_sizes = [len(vocab.encode(e['targets'])) + 1 for e in gen]
+  round8 = lambda n: (n + 7) // 8 * 8
+  found = evaluator_lib.task_lengths(tasks.get_task('evtest_gen'), 'validation', (1024, 512))
+  assert (found.inputs, found.targets) == (round8(max(in_sizes)), round8(max(out_sizes)))
+  assert found.truncated == 0 and found.longest_inputs == max(in_sizes)
+
+  cap_in, cap_out = sorted(in_sizes)[len(in_sizes) // 2], min(out_sizes)
+  over = sum(i > cap_in or t > cap_out for i, t in zip(in_sizes, out_sizes))
+  assert 0 < over < len(gen)  # the caps cut some examples, not all
+  capped = c.copy_and_resolve_references()
+  capped.data.update(inputs_length=64, targets_length=64)  # the training lengths play no part
+  capped.eval.update(tasks=('evtest_gen',), max_inputs_length=cap_in, max_targets_length=cap_out)
+  capped.reporting.tensorboard = False
+  ev = evaluator_lib.Evaluator(capped, model, mesh, c.partitioning.rules, workdir=str(tmp_path),
+                               verbose=False)
+  result = ev.evaluate(sharded, step=1)['evtest_gen']
+  assert result.lengths == {'inputs': cap_in, 'targets': cap_out}
+  assert result.truncated_examples == over and result.num_examples == len(gen)
+  record = json.load(open(tmp_path / 'eval' / 'evtest_gen' / 'step_1.json'))
+  assert record['truncated_examples'] == over and record['lengths'] == result.lengths
+  assert f'{over} truncated' in evaluator_lib.format_table(1, {'evtest_gen': result})
+  # Truncated targets keep their EOS: the scored target is the capped one.
+  assert all(len(vocab.encode(t)) + 1 <= cap_out for t in result.targets)
+
+
+def test_length_normalized_rank_classification(setup, tmp_path):
+  """eval.length_normalize ranks by the mean log-likelihood per option token: the scores of
+  scoring.rank_classification(length_normalize=True)."""
+  c, mesh, model, params, sharded = setup
+  c = c.copy_and_resolve_references()
+  c.eval.update(tasks=('evtest_cls',), length_normalize=True)
+  c.reporting.tensorboard = False
+  ev = evaluator_lib.Evaluator(c, model, mesh, c.partitioning.rules, verbose=False)
+  cls = ev.evaluate(sharded, step=2)['evtest_cls']
+  examples = split_examples('evtest_cls')
+  ranked = scoring.rank_classification(model, params, [ex['inputs'][:-1] for ex in examples],
+                                       [('yes', 'no')] * 11, vocab_lib.embedded_vocabulary(),
+                                       inputs_length=INPUTS, targets_length=TARGETS,
+                                       batch_size=BATCH, length_normalize=True)
+  np.testing.assert_allclose(np.asarray(cls.scores), np.stack(ranked.scores), rtol=1e-4)
+  assert not np.allclose(ranked.scores, np.stack(ranked.log_likelihoods))  # a real division
 
 
 def test_config_checks():

@@ -5,8 +5,11 @@
     # -> W/eval/<task>/step_<step>.json, TensorBoard scalars in W/eval, a printed table
 
 For each task, one ordered pass (shuffle=False, repeat=False) over `eval.split` with the
-unpacked encoder-decoder converter, so each row is one example: inputs and targets trimmed to
-data.inputs_length / data.targets_length with EOS, as in training. The pipeline zero-pads the last
+unpacked encoder-decoder converter, so each row is one example. Each task is evaluated at its own
+lengths, as seqio's evaluator does: the longest inputs and targets of its split (EOS included,
+rounded up to a multiple of 8), capped at eval.max_inputs_length / eval.max_targets_length.
+Examples longer than a cap are trimmed to it (EOS kept) and counted in the task's
+`truncated_examples`, which the result file and the log report (`task_lengths`). The pipeline zero-pads the last
 batch; padding rows are recognised by their all-zero targets (a real target always holds EOS) and
 never reach a metric, so every example counts exactly once. A task's metric fns (names or
 functions, `t5lite.metrics`) come in two kinds, as in seqio:
@@ -68,6 +71,8 @@ class TaskResult:
   raw_predictions: list[str]  # detokenized, before postprocessing
   scores: list[Any]  # per-option scores (rank) or target log-likelihoods; may be empty
   seconds: float
+  lengths: dict[str, int] = dataclasses.field(default_factory=dict)  # {'inputs', 'targets'}
+  truncated_examples: int = 0  # longer than eval.max_inputs_length / max_targets_length
 
   @property
   def num_examples(self) -> int:
@@ -79,6 +84,46 @@ def lengths(config) -> tuple[int, int]:
   d = config.data
   encdec = converters.feature_lengths('encdec', d.inputs_length, d.targets_length)
   return encdec['inputs'], encdec['targets']
+
+
+def _round_up(n: int, multiple: int = 8) -> int:
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskLengths:
+  """A task's evaluation lengths: `inputs`/`targets` (tokens, EOS included), the longest example's
+  (`longest_*`, before the caps), and how many examples a cap cuts (`truncated`)."""
+  inputs: int
+  targets: int
+  longest_inputs: int
+  longest_targets: int
+  truncated: int
+
+
+def task_lengths(task, split: str, caps: tuple[int, int], vocabulary=None,
+                 seed: int = 0) -> TaskLengths:
+  """The lengths a task's split needs: every example through the task's steps untrimmed (EOS
+  appended where the feature adds it), the longest of each feature rounded up to a multiple of
+  8 and capped at `caps` (inputs, targets). A feature the task lacks gets its cap."""
+  features = task.output_features
+  if vocabulary is not None:
+    features = {k: f.replace(vocabulary=vocabulary) for k, f in features.items()}
+  longest = {'inputs': 0, 'targets': 0}
+  truncated = 0
+  for i, example in enumerate(task.examples(split, None, features)):
+    # No sequence_length: trim() keeps everything; the rng is the one infer's --task uses.
+    example = task.process(example, task.context(None, np.random.default_rng([seed, 2, i]),
+                                                 features))
+    if example is None:  # dropped (drop_invalid): never evaluated
+      continue
+    sizes = {k: len(example[k]) for k in longest if k in example}
+    truncated += any(sizes[k] > cap for k, cap in zip(('inputs', 'targets'), caps) if k in sizes)
+    for k, n in sizes.items():
+      longest[k] = max(longest[k], n)
+  fitted = [min(cap, _round_up(longest[k])) if longest[k] else cap
+            for k, cap in zip(('inputs', 'targets'), caps)]
+  return TaskLengths(fitted[0], fitted[1], longest['inputs'], longest['targets'], truncated)
 
 
 def config_vocabulary(config):
@@ -173,15 +218,29 @@ class Evaluator:
     self.verbose = verbose
     names = config.eval.tasks if tasks is None else tasks
     self.tasks = [tasks_lib.get_task(n) for n in names]
-    self.inputs_length, self.targets_length = lengths(config)
+    self.caps = (config.eval.max_inputs_length, config.eval.max_targets_length)
     self.batch_size = config.eval.batch_size or config.train.batch_size
-    self.decode_cfg = decode_config(config, self.targets_length)
     self.prefix_lm = config.data.converter == 'prefix_lm'
     self.vocabulary = config_vocabulary(config)
     self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
     self._log_likelihood = _log_likelihood_fn(model, mesh, self.rules)
     self._tb = None
     self._compiled: set = set()  # the jitted programs already run once (their compile logged)
+    self._lengths: dict[str, TaskLengths] = {}
+
+  def task_lengths(self, task) -> TaskLengths:
+    """The task's evaluation lengths (measured once per task: its split does not change)."""
+    if task.name not in self._lengths:
+      found = task_lengths(task, self.config.eval.split, self.caps, self.vocabulary,
+                           self.config.train.seed)
+      if found.truncated:
+        log.info(f'warning: eval {task.name}: {found.truncated} example(s) are longer than '
+                 f'eval.max_inputs_length={self.caps[0]} / eval.max_targets_length='
+                 f'{self.caps[1]} (the longest: {found.longest_inputs} input and '
+                 f'{found.longest_targets} target tokens) and are truncated; raise the caps to '
+                 'evaluate them whole')
+      self._lengths[task.name] = found
+    return self._lengths[task.name]
 
   def _first_run(self, key, what: str):
     """logs.compiling around the first call of a program (a large model's compile takes
@@ -191,7 +250,7 @@ class Evaluator:
     self._compiled.add(key)
     return logs.compiling(what, log)
 
-  def _total(self, task) -> int | None:
+  def _total(self, task, sequence_length) -> int | None:
     """How many examples one pass over the eval split holds (at most eval.max_batches batches),
     for the progress lines; None (no ETA) when examples may be dropped on the way."""
     if task.drop_invalid:
@@ -199,9 +258,7 @@ class Evaluator:
     features = ({k: f.replace(vocabulary=self.vocabulary) for k, f in task.output_features.items()}
                 if self.vocabulary is not None else None)
     # The list the pipeline reads (cached in the task), after its dataset-level steps.
-    total = len(
-        task.examples(self.config.eval.split,
-                      {'inputs': self.inputs_length, 'targets': self.targets_length}, features))
+    total = len(task.examples(self.config.eval.split, sequence_length, features))
     if self.config.eval.max_batches:
       total = min(total, self.config.eval.max_batches * self.batch_size)
     return total
@@ -217,23 +274,25 @@ class Evaluator:
       return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
-  def decode_rows(self, params, local_inputs: np.ndarray, batch_number: int) -> np.ndarray:
+  def decode_rows(self, params, local_inputs: np.ndarray, batch_number: int,
+                  decode_cfg: decoding.DecodeConfig) -> np.ndarray:
     """Decoded tokens [global rows, max_decode_length] of each process's input rows."""
     key = ('encoder_input_tokens'
            if self.model.cfg.architecture == 'encoder_decoder' else 'decoder_prompt_tokens')
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.decode.seed), batch_number)
-    out = decoding.decode(self.model, params, self._global({key: local_inputs}), self.decode_cfg,
+    out = decoding.decode(self.model, params, self._global({key: local_inputs}), decode_cfg,
                           rng, prefix_lm=self.prefix_lm, mesh=self.mesh, rules=self.rules)
     return self._gather(out.tokens)
 
-  def _features(self, pairs: list[tuple[np.ndarray, np.ndarray] | None], targets_length: int):
+  def _features(self, pairs: list[tuple[np.ndarray, np.ndarray] | None], inputs_length: int,
+                targets_length: int):
     """Scoring features for (input ids, target ids) rows; None rows are all padding."""
     real = [i for i, p in enumerate(pairs) if p is not None]
     examples = [{'inputs': pairs[i][0], 'targets': pairs[i][1]} for i in real]
     if self.model.cfg.architecture == 'encoder_decoder':
-      features = converters.encdec_features(examples, self.inputs_length, targets_length, False)
+      features = converters.encdec_features(examples, inputs_length, targets_length, False)
     else:
-      features = converters.prefix_lm_features(examples, self.inputs_length, targets_length, False)
+      features = converters.prefix_lm_features(examples, inputs_length, targets_length, False)
       if not self.prefix_lm:
         del features['decoder_causal_attention']
     out = {}
@@ -243,9 +302,9 @@ class Evaluator:
       out[k] = full
     return out
 
-  def score_rows(self, params, pairs, targets_length: int) -> np.ndarray:
+  def score_rows(self, params, pairs, inputs_length: int, targets_length: int) -> np.ndarray:
     """Log-likelihood of each row's target ([global rows], replicated to every process)."""
-    features = self._features(pairs, targets_length)
+    features = self._features(pairs, inputs_length, targets_length)
     scores = self._log_likelihood(params, self._global(features))
     return np.asarray(jax.device_get(scores))
 
@@ -261,23 +320,27 @@ class Evaluator:
     option_ids = [
         np.asarray(list(vocabulary.encode(o)) + [vocabulary.eos_id], np.int32) for o in options
     ] if options else []
-    option_length = -(-max((len(o) for o in option_ids), default=1) // 8) * 8
+    option_length = _round_up(max((len(o) for o in option_ids), default=1))
+    found = self.task_lengths(task)
+    inputs_length, targets_length = found.inputs, found.targets
+    sequence_length = {'inputs': inputs_length, 'targets': targets_length}
+    decode_cfg = decode_config(self.config, targets_length)
     iterator = pipeline.make_task_iterator(
-        task, feature_lengths={'inputs': self.inputs_length,
-                               'targets': self.targets_length}, global_batch_size=self.batch_size,
+        task, feature_lengths=sequence_length, global_batch_size=self.batch_size,
         seed=self.config.train.seed, pack=False, split=self.config.eval.split, shuffle=False,
         repeat=False, converter='encdec', vocabulary=self.vocabulary)
     p, count = jax.process_index(), jax.process_count()
     rows = self.batch_size // count
     zeros = {
-        'encoder_input_tokens': np.zeros((rows, self.inputs_length), np.int32),
-        'decoder_target_tokens': np.zeros((rows, self.targets_length), np.int32)
+        'encoder_input_tokens': np.zeros((rows, inputs_length), np.int32),
+        'decoder_target_tokens': np.zeros((rows, targets_length), np.int32)
     }
     kept: dict[str, list[np.ndarray]] = {
         'index': [], 'inputs': [], 'targets': [], 'tokens': [], 'scores': []
     }
     seen, batches = 0, 0
-    progress = logs.Progress(f'eval {task.name}', self._total(task), 'examples', logger=log)
+    progress = logs.Progress(f'eval {task.name}', self._total(task, sequence_length), 'examples',
+                             logger=log)
     for batch in multihost.lockstep(iterator, limit=self.config.eval.max_batches, padding=zeros):
       inputs, targets = batch['encoder_input_tokens'], batch['decoder_target_tokens']
       real = targets[:, 0] != 0
@@ -290,19 +353,20 @@ class Evaluator:
       for k, v in local.items():
         kept[k].append(v)
       if predict_fns:
-        with self._first_run('decode', 'the decode step'):
-          kept['tokens'].append(self.decode_rows(params, inputs, batches))
+        with self._first_run(('decode', inputs_length, targets_length), 'the decode step'):
+          kept['tokens'].append(self.decode_rows(params, inputs, batches, decode_cfg))
       if options:
         pairs = [
             (_strip(inputs[r]), o) if real[r] else None for r in range(rows) for o in option_ids
         ]
-        with self._first_run(('score', option_length), 'the scoring step'):
+        with self._first_run(('score', inputs_length, option_length), 'the scoring step'):
           kept['scores'].append(
-              self.score_rows(params, pairs, option_length).reshape(-1, len(options)))
+              self.score_rows(params, pairs, inputs_length,
+                              option_length).reshape(-1, len(options)))
       elif score_fns:
         pairs = [(_strip(inputs[r]), _strip(targets[r])) if real[r] else None for r in range(rows)]
-        with self._first_run(('score', self.targets_length), 'the scoring step'):
-          kept['scores'].append(self.score_rows(params, pairs, self.targets_length))
+        with self._first_run(('score', inputs_length, targets_length), 'the scoring step'):
+          kept['scores'].append(self.score_rows(params, pairs, inputs_length, targets_length))
       batches += 1
       progress.update(int((local['index'] >= 0).sum()))  # every process's real rows
     progress.finish()
@@ -317,8 +381,7 @@ class Evaluator:
     decode_text = vocabulary.decode
     in_vocab = self.vocabulary or task.output_features['inputs'].vocabulary
     inputs_text = [in_vocab.decode(r) for r in take['inputs']]
-    examples = split_examples(task, self.config.eval.split, take['index'],
-                              {'inputs': self.inputs_length, 'targets': self.targets_length},
+    examples = split_examples(task, self.config.eval.split, take['index'], sequence_length,
                               self.vocabulary)
     targets = postprocess_all(task, [decode_text(r) for r in take['targets']], examples, True)
     raw, predictions, scores, results = [], [], [], {}
@@ -328,6 +391,10 @@ class Evaluator:
       for fn in predict_fns:
         results.update(fn(targets, predictions))
     if score_fns:
+      if options and self.config.eval.length_normalize:
+        # The mean log-likelihood per option token (EOS included), as scoring.rank_classification's
+        # length_normalize ranks.
+        take['scores'] = take['scores'] / np.asarray([len(o) for o in option_ids], np.float32)
       scores = [s.tolist() if np.ndim(s) else float(s) for s in take['scores']]
       score_targets = targets
       if options:
@@ -341,7 +408,7 @@ class Evaluator:
         results.update(fn(score_targets, scores))
     return TaskResult(task.name, {k: float(v) for k, v in results.items()}, inputs_text, targets,
                       predictions, raw, scores,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, dict(sequence_length), found.truncated)
 
   # --- all tasks, writing -------------------------------------------------------------------
 
@@ -364,8 +431,11 @@ class Evaluator:
           'split': self.config.eval.split,
           'num_examples': r.num_examples,
           'metrics': r.metrics,
+          'lengths': r.lengths,
+          'truncated_examples': r.truncated_examples,
           'seconds': round(r.seconds, 3),
-          'decode': {**dataclasses.asdict(self.decode_cfg), 'seed': self.config.decode.seed},
+          'decode': {**dataclasses.asdict(decode_config(self.config, r.lengths['targets'])),
+                     'seed': self.config.decode.seed},
           'examples': [{
               'input': r.inputs[i], 'target': r.targets[i],
               **({'prediction': r.predictions[i], 'raw_prediction': r.raw_predictions[i]}
@@ -403,8 +473,9 @@ def format_table(step: int, results: dict[str, TaskResult]) -> str:
   lines = [f'eval at step {step}:', f'  {"task":<24} {"metric":<20} {"value":>9}  examples']
   for name, r in results.items():
     for i, (metric, value) in enumerate(sorted(r.metrics.items())):
+      cut = f', {r.truncated_examples} truncated' if r.truncated_examples else ''
       lines.append(f'  {name if i == 0 else "":<24} {metric:<20} {value:>9.3f}'
-                   + (f'  {r.num_examples} ({r.seconds:.1f}s)' if i == 0 else ''))
+                   + (f'  {r.num_examples} ({r.seconds:.1f}s{cut})' if i == 0 else ''))
   return '\n'.join(lines)
 
 
