@@ -3,7 +3,14 @@
 
 Decodes every input with config.decode and writes one JSON object per input, in input order:
 `{"index": i, "line": n, "input": ..., "prediction": ..., "target": ...}` (`line`: the input
-file's line number; `target` when the input has one). --checkpoint is as for t5lite.eval (latest,
+file's line number; `target` when the input has one).
+
+`--mode score` (infer.mode=score) decodes nothing: it scores each line's given target instead,
+`{"index", "line", "input", "target", "log_likelihood", "num_tokens", "score"}` with
+log_likelihood = sum over the target's tokens (EOS included) of log p(token | input, the target
+before it), num_tokens those tokens, and score the log-likelihood, or its mean per token with
+infer.length_normalize (T5X's `score_batch`, seqio's normalize_by_target_length). Every line needs
+a target (infer.target_key); a target longer than data.targets_length follows infer.on_too_long. --checkpoint is as for t5lite.eval (latest,
 N, a path, hf:DIR; latest and N read --workdir's checkpoints).
 
 Input: JSON lines, each an object with the text under infer.input_key (default "inputs") and
@@ -48,6 +55,7 @@ from t5lite.data import catalog  # pylint: disable=unused-import  (registers the
 from t5lite.data import tasks as tasks_lib
 from t5lite.data import vocab as vocab_lib
 from t5lite.evaluation import evaluator as evaluator_lib
+from t5lite.evaluation import scoring
 from t5lite.models import decoding
 
 log = logging.getLogger('t5lite.infer')  # not __name__: '__main__' under python -m
@@ -76,8 +84,10 @@ def _parse_line(raw: bytes, input_key: str):
   return value, None
 
 
-def read_jsonl(path: str, input_key: str, target_key: str, on_bad_line: str):
-  """([{'line', 'input', 'target'?}], number of bad lines skipped)."""
+def read_jsonl(path: str, input_key: str, target_key: str, on_bad_line: str,
+               need_target: bool = False):
+  """([{'line', 'input', 'target'?}], number of bad lines skipped); with `need_target` a line
+  without a target string is a bad line."""
   records, bad = [], 0
   try:
     # bytes: a line that is not UTF-8 is a bad line, named like the others
@@ -87,6 +97,9 @@ def read_jsonl(path: str, input_key: str, target_key: str, on_bad_line: str):
   with f:
     for number, raw in enumerate(f, 1):
       value, problem = _parse_line(raw, input_key)
+      if need_target and value is not None and not isinstance(value.get(target_key), str):
+        problem = (f'no {target_key!r} string to score (infer.mode=score; set infer.target_key to '
+                   'the field holding the target)')
       if problem:
         if on_bad_line == 'error':
           raise InferError(f'{path}: line {number}: {problem}; fix the line or set '
@@ -124,29 +137,34 @@ def read_task(name: str, split: str, vocabulary, seed: int):
     }
     if 'targets' in example:
       record['target'] = features['targets'].vocabulary.decode(example['targets'])
+      record['target_ids'] = [int(t) for t in example['targets']]
     records.append(record)
   return records
 
 
-def fit_inputs(records, vocabulary, length: int, on_too_long: str, where: str) -> int:
-  """Sets record['ids'] (EOS included, at most `length`); returns how many were truncated."""
+def fit_inputs(records, vocabulary, length: int, on_too_long: str, where: str,
+               feature: str = 'input') -> int:
+  """Sets record['ids'] (record['target_ids'] for feature='target'): EOS included, at most
+  `length`; returns how many were truncated."""
+  key, field = ('ids', 'inputs_length') if feature == 'input' else ('target_ids', 'targets_length')
   cut = 0
   for i, r in enumerate(records):
-    ids = r.get('ids')
+    ids = r.get(key)
     if ids is None:
-      ids = vocab_lib.encode_with_sentinels(vocabulary, r['input']) + [vocabulary.eos_id]
+      ids = vocab_lib.encode_with_sentinels(vocabulary, r[feature]) + [vocabulary.eos_id]
     if len(ids) > length:
       at = f'line {r["line"]}' if 'line' in r else f'example {i}'
       if on_too_long == 'error':
-        raise InferError(f'{where}: {at}: the input has {len(ids)} tokens (EOS included), more '
-                         f'than data.inputs_length={length}; raise data.inputs_length or set '
+        raise InferError(f'{where}: {at}: the {feature} has {len(ids)} tokens (EOS included), '
+                         f'more than data.{field}={length}; raise data.{field} or set '
                          'infer.on_too_long=truncate')
       cut += 1
       if cut & (cut - 1) == 0:
-        log.info(f'warning: {where}: {at}: {len(ids)} tokens, truncated to data.inputs_length='
-                 f'{length} ({cut} truncated so far)')
+        noun = 'tokens' if feature == 'input' else 'target tokens'
+        log.info(f'warning: {where}: {at}: {len(ids)} {noun}, truncated to data.{field}={length} '
+                 f'({cut} truncated so far)')
       ids = ids[:length - 1] + [vocabulary.eos_id]
-    r['ids'] = ids
+    r[key] = ids
   return cut
 
 
@@ -165,7 +183,8 @@ def resume(output: str, records) -> tuple[int, bytes]:
       break
     if not isinstance(record, dict) or record.get('index') != done:
       break
-    if done >= len(records) or record.get('input') != records[done]['input']:
+    if done >= len(records) or record.get('input') != records[done]['input'] or record.get(
+        'target') != records[done].get('target'):
       raise InferError(f'--output {output}: line {done + 1} was written for another input; '
                        'remove the file or choose another --output')
     done, keep = done + 1, keep + len(raw) + 1
@@ -222,6 +241,24 @@ def _full_batch_to_global(array: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
+def score_rows(model, params, chunk, cfg, lengths: tuple[int, int], batch_size: int, mesh,
+               rules) -> np.ndarray:
+  """[len(chunk)]: each record's summed target log-likelihood, one padded batch of the converter
+  layout training uses (`scoring.build_pair_batches`: a pair per record, one option each)."""
+  batches, _ = scoring.build_pair_batches(
+      model, [r['ids'] for r in chunk], [[r['target_ids']] for r in chunk], batch_size=batch_size,
+      add_eos=False, prefix_lm=cfg.data.converter == 'prefix_lm', inputs_length=lengths[0],
+      targets_length=lengths[1])
+  return scoring.score_batch(model, params, batches[0], mesh, rules)[:len(chunk)]
+
+
+def _score_fields(log_likelihood: float, num_tokens: int, length_normalize: bool) -> dict:
+  return {
+      'log_likelihood': log_likelihood, 'num_tokens': num_tokens,
+      'score': log_likelihood / num_tokens if length_normalize else log_likelihood
+  }
+
+
 def _check_task(name: str, split: str) -> None:
   try:
     task = tasks_lib.get_task(name)
@@ -247,10 +284,12 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
     raise config_lib.ConfigError('--checkpoint all is for t5lite.eval; give latest, N or a path')
   cfg, model, mesh, rules = built.cfg, built.model, built.mesh, built.rules
   i_cfg = cfg.infer
+  scoring_mode = i_cfg.mode == 'score'
   inputs_length, targets_length = evaluator_lib.lengths(cfg)
   vocabulary = evaluator_lib.config_vocabulary(cfg)
   if input is not None:
-    records, skipped = read_jsonl(input, i_cfg.input_key, i_cfg.target_key, i_cfg.on_bad_line)
+    records, skipped = read_jsonl(input, i_cfg.input_key, i_cfg.target_key, i_cfg.on_bad_line,
+                                  need_target=scoring_mode)
     where = input
   else:
     records, skipped, where = read_task(task, split, vocabulary, cfg.train.seed), 0, task
@@ -260,6 +299,12 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
     raise config_lib.ConfigError('data.vocabulary=task needs --task (a file has no task to take '
                                  'a vocabulary from)')
   truncated = fit_inputs(records, vocabulary, inputs_length, i_cfg.on_too_long, where)
+  if scoring_mode:
+    missing = [i for i, r in enumerate(records) if 'target' not in r]
+    if missing:  # --task: a task without targets
+      raise InferError(f'{where}: example {missing[0]} has no target to score (infer.mode=score)')
+    truncated += fit_inputs(records, vocabulary, targets_length, i_cfg.on_too_long, where,
+                            feature='target')
   done, kept = resume(output, records)
   counts = {'written': 0, 'resumed': done, 'truncated': truncated, 'skipped': skipped}
   batch_size = i_cfg.batch_size or cfg.eval.batch_size or cfg.train.batch_size
@@ -293,12 +338,17 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
         rows[r, :len(record['ids'])] = record['ids']
       rng = jax.random.fold_in(jax.random.PRNGKey(cfg.decode.seed), begin // batch_size)
       first = begin == start  # the first decode compiles: minutes for a large model
-      with logs.compiling('the decode step', log) if first else contextlib.nullcontext():
-        tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)},
-                                 decode_cfg, rng, prefix_lm=cfg.data.converter == 'prefix_lm',
-                                 mesh=mesh, rules=rules).tokens
-        tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1 else np.asarray(
-            multihost_utils.process_allgather(tokens, tiled=True)))
+      what = 'the scoring step' if scoring_mode else 'the decode step'
+      with logs.compiling(what, log) if first else contextlib.nullcontext():
+        if scoring_mode:
+          scores = score_rows(model, params, chunk, cfg, (inputs_length, targets_length),
+                              batch_size, mesh, rules)
+        else:
+          tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)},
+                                   decode_cfg, rng, prefix_lm=cfg.data.converter == 'prefix_lm',
+                                   mesh=mesh, rules=rules).tokens
+          tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1 else
+                    np.asarray(multihost_utils.process_allgather(tokens, tiled=True)))
       lines = []
       for r, record in enumerate(chunk):
         index = begin + r
@@ -306,10 +356,16 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
           continue
         entry = {
             'index': index, **({'line': record['line']} if 'line' in record else {}),
-            'input': record['input'], 'prediction': vocabulary.decode(tokens[r])
+            'input': record['input']
         }
-        if 'target' in record:
+        if scoring_mode:
           entry['target'] = record['target']
+          entry.update(_score_fields(float(scores[r]), len(record['target_ids']),
+                                     i_cfg.length_normalize))
+        else:
+          entry['prediction'] = vocabulary.decode(tokens[r])
+          if 'target' in record:
+            entry['target'] = record['target']
         lines.append(json.dumps(entry, ensure_ascii=False) + '\n')
       if out is not None:
         out.write(''.join(lines))
@@ -319,9 +375,11 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
   finally:
     if out is not None:
       out.close()
-  log.info(
-      f'wrote {counts["written"]} predictions to {output} ({done} were already there); '
-      f'{truncated} input(s) truncated to {inputs_length} tokens, {skipped} bad line(s) skipped')
+  noun = 'scores' if scoring_mode else 'predictions'
+  cut = (f'{truncated} input(s)/target(s) truncated to {inputs_length}/{targets_length} tokens'
+         if scoring_mode else f'{truncated} input(s) truncated to {inputs_length} tokens')
+  log.info(f'wrote {counts["written"]} {noun} to {output} ({done} were already there); {cut}, '
+           f'{skipped} bad line(s) skipped')
   return counts
 
 
@@ -331,6 +389,8 @@ FLAGS = (
     cli.Flag('task', None, 'a registered task whose split to decode (or --input)', str),
     cli.Flag('split', 'validation', '--task: the split to read'),
     cli.Flag('output', None, 'where the predictions go, one JSON line per input', str),
+    cli.Flag('mode', None, 'decode | score: sets config.infer.mode (score: the log-likelihood of '
+             'each given target)', str),
 )
 
 
@@ -340,6 +400,9 @@ def main(argv: Sequence[str]) -> int:
     options = dict(invocation.options)
     if options['output'] is None:
       raise config_lib.ConfigError('--output FILE.jsonl is required')
+    mode = options.pop('mode')
+    if mode is not None:  # checked with the rest of the config (a choice field)
+      invocation.config.infer.mode = mode
     if invocation.workdir:  # read only: the run whose checkpoints --checkpoint latest / N name
       cli.check_folder(invocation.workdir, '--workdir', writable=False, must_exist=True)
     run(invocation.config, workdir=invocation.workdir, **options)

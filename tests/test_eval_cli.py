@@ -228,3 +228,43 @@ def test_infer_bad_input_errors_name_the_line(env, tmp_path, capsys, lines, flag
   assert run_infer(env, tmp_path, tmp_path / 'in.jsonl', tmp_path / 'o.jsonl', *flags) == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / 'o.jsonl').exists()
+
+
+def test_infer_score_mode_gives_each_targets_log_likelihood(env, tmp_path, capsys):
+  """--mode score: per line, the summed log-likelihood of the given target (EOS included) under
+  the checkpoint's model, computed here by hand for each example alone; length_normalize divides
+  by the target's token count. A line without a target is an error naming it."""
+  from t5lite.evaluation import scoring  # pylint: disable=import-outside-toplevel
+  save(env, tmp_path, 4)
+  pairs = [(f'say word number {i}', ('yes', 'no', 'the file')[i % 3]) for i in range(10)]
+  write_inputs(tmp_path / 'in.jsonl', [json.dumps({'inputs': a, 'targets': b}) for a, b in pairs])
+  out = tmp_path / 'scores.jsonl'
+  assert run_infer(env, tmp_path, tmp_path / 'in.jsonl', out, '--mode', 'score',
+                   '--config.infer.length_normalize=True') == 0
+  records = [json.loads(l) for l in open(out)]
+  assert [(r['input'], r['target']) for r in records] == pairs
+  config = config_files.load_config_file(env['config'])
+  vocab = eval_lib.evaluator_lib.config_vocabulary(config)
+  model = make_model(ModelConfig.from_config(config.model))
+  params = jax.device_get(env['state'].params)
+  for record, (source, target) in zip(records, pairs):
+    ids, target_ids = vocab.encode(source) + [1], vocab.encode(target) + [1]
+    assert len(ids) <= 16 and len(target_ids) <= 8  # nothing truncated
+    batch = {'encoder_input_tokens': np.zeros((1, 16), np.int32),
+             'decoder_target_tokens': np.zeros((1, 8), np.int32)}
+    batch['encoder_input_tokens'][0, :len(ids)] = ids
+    batch['decoder_target_tokens'][0, :len(target_ids)] = target_ids
+    batch['decoder_input_tokens'] = np.roll(batch['decoder_target_tokens'], 1, axis=1)
+    batch['decoder_input_tokens'][:, 0] = 0
+    batch['decoder_loss_weights'] = (batch['decoder_target_tokens'] > 0).astype(np.int32)
+    expected = float(scoring.score_batch(model, params, batch)[0])
+    assert record['num_tokens'] == len(target_ids)
+    np.testing.assert_allclose(record['log_likelihood'], expected, rtol=1e-5)
+    np.testing.assert_allclose(record['score'], expected / len(target_ids), rtol=1e-5)
+    assert record['log_likelihood'] < 0
+  write_inputs(tmp_path / 'bad.jsonl', [json.dumps({'inputs': 'say a', 'targets': 'a'}),
+                                        json.dumps({'inputs': 'say b'})])
+  capsys.readouterr()
+  assert run_infer(env, tmp_path, tmp_path / 'bad.jsonl', tmp_path / 'b.jsonl', '--mode',
+                   'score') == 2
+  assert "line 2: no 'targets' string to score" in capsys.readouterr().err
