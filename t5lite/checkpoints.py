@@ -477,12 +477,21 @@ def restore_as_numpy(workdir: str, step: int | None = None, check: bool = True) 
 # Initialising a new run's params from another run's checkpoint (fine-tuning)
 
 HF_PREFIX = 'hf:'  # checkpoint.init_from=hf:DIR: a HuggingFace T5 model directory (t5lite/hf.py)
+T5X_PREFIX = 't5x:'  # checkpoint.init_from=t5x:DIR/checkpoint_N: a T5X checkpoint (t5lite/t5x.py)
 
 
 def resolve_init_path(path: str) -> str:
   """The step directory that `checkpoint.init_from` names: a step directory itself, or a
   checkpoints directory (or the workdir above it), whose newest complete step is used.
-  'hf:DIR' (a HuggingFace model directory) comes back as 'hf:' + its absolute path."""
+  'hf:DIR' (a HuggingFace model directory) comes back as 'hf:' + its absolute path, and so does
+  't5x:DIR' (a T5X checkpoint_N, or the folder of them: init_from.py reads it with t5lite/t5x.py,
+  which says what is wrong with one that is not a T5X checkpoint)."""
+  if path.startswith(T5X_PREFIX):
+    t5x_dir = files.join(path[len(T5X_PREFIX):])
+    if not files.to_path(t5x_dir).is_dir():
+      raise CheckpointError(f'checkpoint.init_from={path}: no such directory (want a T5X checkpoint '
+                            'directory, T5X_DIR/checkpoint_N)')
+    return T5X_PREFIX + t5x_dir
   if path.startswith(HF_PREFIX):
     hf_dir = files.join(path[len(HF_PREFIX):])  # absolute, or a URL as it is (hf.py reads it)
     if not (files.to_path(hf_dir) / 'config.json').is_file():

@@ -1,22 +1,31 @@
 """Fine-tuning's params: read another run's checkpoint (or a converted one) onto a new model.
 
-`checkpoint.init_from` names a t5lite step directory, checkpoints directory or workdir, or
-`hf:DIR` (a HuggingFace T5, converted in memory by t5lite/hf.py); checkpoints.resolve_init_path
-finds the step. `load_params_for_init` reads only its params, renamed and filtered by
+`checkpoint.init_from` names a t5lite step directory, checkpoints directory or workdir,
+`hf:DIR` (a HuggingFace T5, converted in memory by t5lite/hf.py) or `t5x:DIR/checkpoint_N` (a
+T5X checkpoint, converted in memory by t5lite/t5x.py); checkpoints.resolve_init_path finds the
+step. `load_params_for_init` reads only its params, renamed and filtered by
 checkpoint.init_rename / init_ignore, checked name by name and shape by shape against the new
 model, onto the new model's shardings; `merge_init_params` fills the ignored ones from a fresh
 init. `load_params` is the same without renames, for eval and infer.
+
+From a T5X checkpoint, a run whose optimizer is Adafactor also takes T5X's Adafactor statistics
+and step count (`load_adafactor_for_init`): T5X's and optax's Adafactor keep the same second
+moments, and its decay 1 - (t+1)^-0.8 only continues with the step it was at (from a step count
+of 0 the first update would overwrite the statistics whole). The learning-rate schedule, the
+run's step and its data start at 0, as for any init_from.
 """
 from __future__ import annotations
 
 import re
 
 import jax
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from t5lite import files
-from t5lite.checkpoints import (HF_PREFIX, CheckpointError, _flat_shapes, resolve_init_path,
-                                verify)
+from t5lite.checkpoints import (HF_PREFIX, T5X_PREFIX, CheckpointError, _flat_shapes,
+                                resolve_init_path, verify)
 
 def _path_name(path) -> str:
   """'encoder/layers_0/.../kernel' for a jax key path: the names that init_rename/ignore see."""
@@ -38,6 +47,20 @@ def _listing(title: str, items: list[str], first: int = 5) -> str:
   return f'\n  {len(items)} {title}:\n    ' + '\n    '.join(items[:first]) + more
 
 
+def _renamed(saved, rename) -> tuple[dict[str, str], list[str]]:
+  """({new name: checkpoint name}, collisions) after checkpoint.init_rename."""
+  renamed = {}
+  collisions = []
+  for old in sorted(saved):
+    new = old
+    for pattern, replacement in rename:
+      new = re.sub(pattern, replacement, new)
+    if new in renamed:
+      collisions.append(f'{renamed[new]} and {old} -> {new}')
+    renamed[new] = old
+  return renamed, collisions
+
+
 def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
   """Reads only the params of the checkpoint at `path` (see resolve_init_path) onto the shardings
   that `abstract_params` (ShapeDtypeStructs) carry, for a fine-tuning run's first step.
@@ -55,8 +78,17 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
   """
   step_dir = resolve_init_path(path)
   wanted = {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  hf_params = None
-  if step_dir.startswith(HF_PREFIX):
+  hf_params = None  # or T5X params: both converted in memory
+  if step_dir.startswith(T5X_PREFIX):
+    # A T5X checkpoint's params, converted in memory as t5x-to-t5lite does (t5lite/t5x.py).
+    from t5lite import t5x  # pylint: disable=import-outside-toplevel
+    scanned = any(re.match(r'(encoder|decoder)/layers/', n) for n in wanted)
+    try:
+      hf_params = t5x.load(step_dir[len(T5X_PREFIX):], scanned)[1]
+    except t5x.T5XError as e:
+      raise CheckpointError(f'checkpoint.init_from={step_dir}: {e}') from None
+    saved = {k: tuple(v.shape) for k, v in hf_params.items()}
+  elif step_dir.startswith(HF_PREFIX):
     # HuggingFace weights, converted in memory to t5lite names in this model's layout (scanned
     # or not); then the same rename/ignore/shape checks and placement as a t5lite checkpoint.
     from t5lite import hf  # pylint: disable=import-outside-toplevel  (the optional [hf] extra)
@@ -75,15 +107,7 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
         k[len('params/'):]: v for k, v in _flat_shapes(metadata).items() if k.startswith('params/')
     }
 
-  renamed = {}  # new name -> checkpoint name
-  collisions = []
-  for old in sorted(saved):
-    new = old
-    for pattern, replacement in rename:
-      new = re.sub(pattern, replacement, new)
-    if new in renamed:
-      collisions.append(f'{renamed[new]} and {old} -> {new}')
-    renamed[new] = old
+  renamed, collisions = _renamed(saved, rename)
   needed = {n for n in wanted if not _matches(n, ignore)}
   missing = sorted(n for n in needed if n not in renamed)
   extra = sorted(n if renamed[n] == n else f'{n} (from {renamed[n]})' for n in renamed
@@ -147,3 +171,81 @@ def load_params(path: str, abstract_params):
 def merge_init_params(fresh, loaded):
   """`loaded` (from load_params_for_init) with its ignored leaves taken from `fresh`."""
   return jax.tree.map(lambda f, x: f if isinstance(x, jax.ShapeDtypeStruct) else x, fresh, loaded)
+
+
+def load_adafactor_for_init(path: str, abstract_opt_state, abstract_params, rename=(), ignore=()):
+  """(optimizer state, note) for a run initialised from the T5X checkpoint `path` (t5x:...), or
+  (None, '') when there is nothing to carry: `path` is not a T5X checkpoint, or this run's
+  optimizer is not Adafactor (its state holds no optax FactoredState).
+
+  The state has `abstract_opt_state`'s structure: every FactoredState's count is T5X's step and
+  its v_row / v_col / v hold T5X's statistics of the param loaded into each param
+  (t5x.adafactor_stats; `rename` / `ignore` as for load_params_for_init), on the shardings the
+  structs carry; every other leaf (an ignored param's statistics, the schedule's count) is the
+  ShapeDtypeStruct itself, for merge_init_params to fill from the fresh state. `note` says what
+  was not carried (T5X's first moment, which t5lite's Adafactor does not keep)."""
+  step_dir = resolve_init_path(path)
+  if not step_dir.startswith(T5X_PREFIX):
+    return None, ''
+  factored_state = optax.FactoredState
+  is_factored = lambda x: isinstance(x, factored_state)
+  if not any(is_factored(x) for x in jax.tree.leaves(abstract_opt_state, is_leaf=is_factored)):
+    return None, ''
+  from t5lite import t5x  # pylint: disable=import-outside-toplevel
+  try:
+    ckpt = t5x.Checkpoint(step_dir[len(T5X_PREFIX):])
+    fields = t5x.model_fields(ckpt.shapes, '', ckpt.path)
+    step = t5x.step(ckpt)
+    renamed, _ = _renamed(_t5lite_names(ckpt, abstract_params), rename)
+    params = {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(abstract_params)}
+
+    def place(x, struct):
+      x = x.astype(struct.dtype)
+      return (jax.make_array_from_callback(struct.shape, struct.sharding, lambda i: x[i])
+              if struct.sharding is not None else jax.numpy.asarray(x))
+
+    def fill(node):
+      if not is_factored(node):
+        return node
+      stats = {'v': {}, 'v_row': {}, 'v_col': {}}
+      leaves = {k: _by_name(getattr(node, k)) for k in stats}
+      for name, param in params.items():
+        if _matches(name, ignore) or name not in renamed:
+          continue
+        if any(name not in leaves[k] for k in stats):
+          raise CheckpointError(f'the Adafactor state has no statistics for {name}')
+        structs = {k: leaves[k][name] for k in stats}
+        shapes = {k: s.shape for k, s in structs.items()}
+        values = t5x.adafactor_stats(ckpt, renamed[name], fields['num_heads'],
+                                     {'param': param.shape, **shapes})
+        for k in stats:
+          stats[k][name] = place(values[k], structs[k])
+      filled = {
+          k: jax.tree_util.tree_map_with_path(
+              lambda p, s, k=k: stats[k].get(_path_name(p), s), getattr(node, k)) for k in stats
+      }
+      count = node.count
+      count = place(np.asarray(step, np.int32), count) if hasattr(count, 'shape') else count
+      return node._replace(count=count, **filled)
+
+    state = jax.tree.map(fill, abstract_opt_state, is_leaf=is_factored)
+    note = ('; T5X\'s first moment m is not carried (t5lite\'s Adafactor keeps none)'
+            if t5x.first_moment_used(ckpt) else '')
+  except t5x.T5XError as e:
+    raise CheckpointError(f'checkpoint.init_from={step_dir}: {e}') from None
+  return state, note
+
+
+def _t5lite_names(ckpt, abstract_params) -> list[str]:
+  """The T5X checkpoint's params under their t5lite names, stacked when the model scans."""
+  from t5lite import t5x  # pylint: disable=import-outside-toplevel
+  names = list(t5x.param_map(ckpt.shapes))
+  scanned = any(re.match(r'(encoder|decoder)/layers/', _path_name(p))
+                for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params))
+  if scanned:
+    names = sorted({re.sub(r'^(encoder|decoder)/layers_\d+/', r'\1/layers/', n) for n in names})
+  return names
+
+
+def _by_name(tree) -> dict:
+  return {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(tree)}

@@ -11,7 +11,8 @@ the same update as one full batch. The loss arithmetic is `t5lite.losses`.
 
 `initial_state` decides where a run starts: the newest readable checkpoint of the run's own
 workdir, else a fresh initialisation, with its params then taken from `init_from` if given
-(fine-tuning: optimizer state and step stay fresh; the workdir's own checkpoints always win).
+(fine-tuning: optimizer state and step stay fresh, except T5X's Adafactor statistics for an
+Adafactor run; the workdir's own checkpoints always win).
 """
 from __future__ import annotations
 
@@ -110,6 +111,15 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore)
   state = state.replace(params=init_lib.merge_init_params(state.params, loaded))
   fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
+  # From a T5X checkpoint an Adafactor run also continues T5X's Adafactor statistics (init_from.py).
+  opt_state, note = init_lib.load_adafactor_for_init(source, abstract.opt_state, abstract.params,
+                                                     init_rename, init_ignore)
+  if opt_state is not None:
+    state = state.replace(opt_state=init_lib.merge_init_params(state.opt_state, opt_state))
+    return InitialState(
+        state, shardings, 0, None,
+        f'initialised params and Adafactor statistics from {source} ({fresh} kept fresh by '
+        f'init_ignore{note}); the step, the data and the learning-rate schedule start at 0')
   return InitialState(
       state, shardings, 0, None,
       f'initialised params from {source} ({fresh} kept fresh by init_ignore); '
