@@ -1,13 +1,18 @@
 """HuggingFace T5 <-> t5lite: weights and config, both ways, exactly, or a refusal that says why.
 
-Supported: `T5ForConditionalGeneration` / `MT5ForConditionalGeneration` checkpoints of
-  - T5 v1.0 (feed_forward_proj 'relu', lm_head tied to `shared`, logits rescaled by d_model**-0.5)
-    <-> t5lite variant 'v1_0';
-  - T5.1.1 / Flan-T5 / mT5 (gated tanh-GELU 'gelu_new', untied lm_head, no rescaling)
-    <-> t5lite variant 'v1_1'.
-Anything else t5lite cannot compute the same way (UMT5's per-layer position bias, another gated
-activation, tied-but-not-rescaled outputs, layer_norm_epsilon != 1e-6, ...) raises
-HFConversionError naming the HF field and its value: a silently different model is worse than none.
+Supported: `T5ForConditionalGeneration` / `MT5ForConditionalGeneration` /
+`UMT5ForConditionalGeneration` checkpoints, whose
+  - output layer is tied to `shared` with logits rescaled by d_model**-0.5 (T5 v1.0)
+    <-> t5lite variant 'v1_0', or untied and not rescaled (T5.1.1 / Flan-T5 / mT5 / UMT5)
+    <-> variant 'v1_1';
+  - MLP (feed_forward_proj) is 'relu', 'gated-gelu' (tanh-GELU, 'gelu_new'), 'gated-silu' (UL2)
+    or 'gated-relu' <-> model.mlp_activation ('' when it is the variant's own: v1_0 relu,
+    v1_1 gated-gelu);
+  - relative position bias is one per stack (t5, mt5) or one per self-attention layer (umt5)
+    <-> model.relpos_per_layer False / True.
+Anything else t5lite cannot compute the same way (tied-but-not-rescaled outputs, another
+activation, layer_norm_epsilon != 1e-6, ...) raises HFConversionError naming the HF field and
+its value: a silently different model is worse than none.
 
 The files themselves (config.json, safetensors / torch weights, local or gs://) are read and
 written by t5lite/hf_files.py; this module maps what they hold. Its names (HFConversionError,
@@ -17,15 +22,19 @@ not imported.
 Layouts. HF's nn.Linear weight is [out, in]; t5lite kernels are [in, out], attention ones split
 per head: query/key/value [d_model, heads, head_dim], out [heads, head_dim, d_model]. HF's head
 split is `view(..., heads, head_dim)` on the out axis, so a transpose plus reshape maps one onto
-the other: bitwise exact, both ways. HF keeps a stack's relative position bias in block 0's
-self-attention ([buckets, heads]) and shares it with the other blocks, as t5lite's one
-`relpos_bias` table per stack does. HF attention has no 1/sqrt(d) either, so nothing is rescaled.
+the other: bitwise exact, both ways. T5 / mT5 keep a stack's relative position bias in block
+0's self-attention ([buckets, heads]) and share it with the other blocks, as t5lite's one
+`relpos_bias` table per stack does; UMT5 has one in every block's self-attention
+(transformers' UMT5Attention with has_relative_attention_bias=True), t5lite's per-layer
+`layers_<i>/relpos_bias` (relpos_per_layer). HF attention has no 1/sqrt(d) either, so nothing is
+rescaled.
 
 transformers 5.x note (measured with 5.23): T5Config always sets tie_word_embeddings=True in the
 model and keeps the old flag's meaning as `scale_decoder_outputs`; from_pretrained unties lm_head
 when the file holds an lm_head.weight that differs from shared.weight. MT5 in 5.x never rescales.
-So here: rescaling comes from `scale_decoder_outputs` when the file has it, else from
-`tie_word_embeddings` (default True), never for model_type mt5; tying comes from the tensors.
+UMT5Config does the same. So here: rescaling comes from `scale_decoder_outputs` when the file has
+it, else from `tie_word_embeddings` (default True), never for model_type mt5; tying comes from
+the tensors.
 """
 from __future__ import annotations
 
@@ -34,20 +43,28 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from t5lite.models import presets
 # Re-exported: callers use hf.HFConversionError, hf.read_config, ... (one import for HF interop).
 from t5lite.hf_files import (  # pylint: disable=unused-import
     HFConversionError, HFFileError, is_model_dir, model_dir, numpy_dtype, read_config, read_tensors,
     write_model_dir)
 
 HF_PREFIX = 'hf:'  # checkpoint.init_from=hf:PATH
-MODEL_TYPES = ('t5', 'mt5')
-ARCHITECTURES = ('T5ForConditionalGeneration', 'MT5ForConditionalGeneration')
+MODEL_TYPES = ('t5', 'mt5', 'umt5')
+ARCHITECTURES = ('T5ForConditionalGeneration', 'MT5ForConditionalGeneration',
+                 'UMT5ForConditionalGeneration')
 # The t5lite config.model fields that a HF config determines (all others keep the user's values).
 MODEL_FIELDS = ('variant', 'vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim',
-                'attention_dim', 'num_encoder_layers', 'num_decoder_layers',
-                'relative_attention_num_buckets', 'relative_attention_max_distance')
-# All the tanh approximation of GELU that t5lite's gated MLP computes (nn.gelu(approximate=True)).
+                'attention_dim', 'num_encoder_layers', 'num_decoder_layers', 'mlp_activation',
+                'relpos_per_layer', 'relative_attention_num_buckets',
+                'relative_attention_max_distance')
+# Their values in configs written before they existed (a t5lite checkpoint's saved config.model).
+LATER_FIELDS = {'mlp_activation': '', 'relpos_per_layer': False}
+# All the tanh approximation of GELU that t5lite's gated gelu computes (nn.gelu(approximate=True)).
 TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh')
+# HF dense_act_fn -> the t5lite gate activation of a gated MLP (gated-X); silu's other HF name is
+# swish (transformers' ACT2FN maps both to nn.SiLU).
+GATED_ACTS = {**{g: 'gelu' for g in TANH_GELUS}, 'silu': 'silu', 'swish': 'silu', 'relu': 'relu'}
 LAYER_NORM_EPSILON = 1e-6  # t5lite's RMSNorm epsilon (fixed)
 # HF ignores this one on load (cross-attention has no position bias); old checkpoints carry it.
 IGNORED = ('decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight',)
@@ -85,6 +102,29 @@ def _scale_field(config: dict) -> str:
   return f'tie_word_embeddings={config.get("tie_word_embeddings", True)!r}'
 
 
+def _activation(config: dict, model_type) -> str:
+  """The MLP activation (presets.MLP_ACTIVATIONS) of a HF T5 config, as transformers derives it:
+  from feed_forward_proj, unless the file also stores the derived dense_act_fn / is_gated_act
+  (which then win, as they do in transformers 5.x)."""
+  proj = config.get('feed_forward_proj', 'relu' if model_type == 't5' else 'gated-gelu')
+  parts = str(proj).split('-')
+  gated, act = parts[0] == 'gated', parts[-1]
+  if proj == 'gated-gelu':
+    act = 'gelu_new'  # transformers' backwards-compatible meaning: the tanh approximation
+  act = config.get('dense_act_fn', act)
+  gated = config.get('is_gated_act', gated)
+  what = f'feed_forward_proj={proj!r} (dense_act_fn={act!r}, is_gated_act={gated!r})'
+  if gated and act not in GATED_ACTS:
+    raise HFConversionError(
+        f'config.json {what}: a gated MLP with activation {act!r}; t5lite\'s gated MLPs are '
+        f'{", ".join(a for a in presets.MLP_ACTIVATIONS if a.startswith("gated-"))} (gelu: the '
+        'tanh approximation, gelu_new)')
+  if not gated and act != 'relu':
+    raise HFConversionError(f'config.json {what}: a non-gated MLP with activation {act!r}; '
+                            't5lite\'s non-gated MLP is ReLU only')
+  return f'gated-{GATED_ACTS[act]}' if gated else 'relu'
+
+
 def model_config_from_hf(config: dict, tensors: Mapping[str, np.ndarray] | None = None) -> dict:
   """The t5lite config.model fields (MODEL_FIELDS) of a HF T5 config.json.
 
@@ -92,13 +132,9 @@ def model_config_from_hf(config: dict, tensors: Mapping[str, np.ndarray] | None 
   as transformers 5.x does). Raises HFConversionError naming the HF field t5lite cannot follow.
   """
   model_type = config.get('model_type')
-  if model_type == 'umt5':
-    raise HFConversionError(
-        'config.json model_type=umt5: UMT5 gives every layer its own relative attention bias, '
-        't5lite shares one table per stack (T5 / mT5 layout); not convertible')
   if model_type not in MODEL_TYPES:
     raise HFConversionError(f'config.json model_type={model_type!r}: not a T5 model (t5lite '
-                            f'converts model_type {" or ".join(MODEL_TYPES)})')
+                            f'converts model_type {", ".join(MODEL_TYPES)})')
   archs = config.get('architectures') or []
   if archs and archs[0] not in ARCHITECTURES:
     raise HFConversionError(f'config.json architectures={archs!r}: t5lite converts '
@@ -110,35 +146,10 @@ def model_config_from_hf(config: dict, tensors: Mapping[str, np.ndarray] | None 
   if epsilon != LAYER_NORM_EPSILON:
     raise HFConversionError(f'config.json layer_norm_epsilon={epsilon!r}: t5lite\'s RMS norm uses '
                             f'{LAYER_NORM_EPSILON} (as every released T5); not convertible')
-
-  # The MLP, as transformers derives it: from feed_forward_proj, unless the file also stores the
-  # derived dense_act_fn / is_gated_act (which then win, as they do in transformers 5.x).
-  proj = config.get('feed_forward_proj', 'gated-gelu' if model_type == 'mt5' else 'relu')
-  parts = str(proj).split('-')
-  gated, act = parts[0] == 'gated', parts[-1]
-  if proj == 'gated-gelu':
-    act = 'gelu_new'  # transformers' backwards-compatible meaning: the tanh approximation
-  act = config.get('dense_act_fn', act)
-  gated = config.get('is_gated_act', gated)
-  what = f'feed_forward_proj={proj!r} (dense_act_fn={act!r}, is_gated_act={gated!r})'
-  if gated and act not in TANH_GELUS:
-    raise HFConversionError(f'config.json {what}: a gated MLP with activation {act!r}; t5lite\'s '
-                            'gated MLP (v1_1) is tanh-GELU (gelu_new) only')
-  if not gated and act != 'relu':
-    raise HFConversionError(f'config.json {what}: a non-gated MLP with activation {act!r}; '
-                            't5lite\'s non-gated MLP (v1_0) is ReLU only')
-  variant = 'v1_1' if gated else 'v1_0'
+  activation = _activation(config, model_type)
 
   # Output layer. t5lite v1_0: tied and rescaled; v1_1: untied, not rescaled. Nothing else.
-  scale = _rescales_outputs(config)
-  if variant == 'v1_1' and scale:
-    raise HFConversionError(
-        f'config.json {_scale_field(config)}: logits rescaled by d_model**-0.5 with a gated-GELU '
-        f'MLP ({what}); t5lite\'s v1_1 has an untied, unscaled lm_head; not convertible')
-  if variant == 'v1_0' and not scale:
-    raise HFConversionError(
-        f'config.json {_scale_field(config)}: logits not rescaled with a ReLU MLP; t5lite\'s v1_0 '
-        'ties lm_head to the embedding and rescales by d_model**-0.5; not convertible')
+  variant = 'v1_0' if _rescales_outputs(config) else 'v1_1'
   if tensors is not None and 'shared.weight' in tensors:
     head = tensors.get('lm_head.weight')
     untied = head is not None and not (head.shape == tensors['shared.weight'].shape
@@ -149,14 +160,16 @@ def model_config_from_hf(config: dict, tensors: Mapping[str, np.ndarray] | None 
           'without rescaling, which t5lite cannot represent (v1_1 has an untied lm_head)')
     if variant == 'v1_0' and untied:
       raise HFConversionError(
-          f'tensor lm_head.weight differs from shared.weight with {_scale_field(config)} and '
-          f'{what}: an untied lm_head with a ReLU MLP and rescaled logits, which t5lite cannot '
-          'represent (v1_0 ties them)')
+          f'tensor lm_head.weight differs from shared.weight with {_scale_field(config)}: an '
+          'untied lm_head with rescaled logits, which t5lite cannot represent (v1_0 ties them)')
 
   num_layers = _int_field(config, 'num_layers')
   heads, head_dim = _int_field(config, 'num_heads'), _int_field(config, 'd_kv')
   return {
       'variant': variant,
+      # '' when it is the variant's own, as a preset of that variant has it.
+      'mlp_activation': '' if activation == presets.VARIANT_ACTIVATION[variant] else activation,
+      'relpos_per_layer': model_type == 'umt5',
       'vocab_size': _int_field(config, 'vocab_size'),
       'd_model': _int_field(config, 'd_model'),
       'd_ff': _int_field(config, 'd_ff'),
@@ -172,9 +185,13 @@ def model_config_from_hf(config: dict, tensors: Mapping[str, np.ndarray] | None 
 
 
 def _fields(model_cfg) -> dict:
-  """MODEL_FIELDS of a ModelConfig, a ConfigDict or a dict."""
+  """MODEL_FIELDS of a ModelConfig, a ConfigDict or a dict (LATER_FIELDS may be absent: a config
+  saved before they existed), plus 'activation', the MLP's resolved activation."""
 
   def get(key):
+    if key in LATER_FIELDS and (key not in model_cfg if hasattr(model_cfg, 'keys') else
+                                not hasattr(model_cfg, key)):
+      return LATER_FIELDS[key]
     return model_cfg[key] if hasattr(model_cfg, 'keys') else getattr(model_cfg, key)
 
   out = {k: get(k) for k in MODEL_FIELDS if k != 'attention_dim'}
@@ -186,18 +203,26 @@ def _fields(model_cfg) -> dict:
   if architecture != 'encoder_decoder':
     raise HFConversionError(f'model.architecture={architecture!r}: HF T5ForConditionalGeneration '
                             'is an encoder-decoder; only encoder_decoder models convert')
-  if out['variant'] not in ('v1_0', 'v1_1'):
+  if out['variant'] not in presets.VARIANTS:
     raise HFConversionError(f'model.variant={out["variant"]!r}: want v1_0 or v1_1')
+  out['activation'] = out['mlp_activation'] or presets.VARIANT_ACTIVATION[out['variant']]
+  if out['activation'] not in presets.MLP_ACTIVATIONS:
+    raise HFConversionError(f'model.mlp_activation={out["mlp_activation"]!r}: want one of '
+                            f'{", ".join(presets.MLP_ACTIVATION_CHOICES)}')
   return out
 
 
 def hf_config_from_model_config(model_cfg, dropout_rate: float = 0.0) -> dict:
-  """config.json for T5ForConditionalGeneration, read the same by transformers 4.x and 5.x."""
+  """config.json for T5ForConditionalGeneration (UMT5ForConditionalGeneration with
+  relpos_per_layer), read the same by transformers 4.x and 5.x."""
   c = _fields(model_cfg)
   v1_0 = c['variant'] == 'v1_0'
+  gated = c['activation'].startswith('gated-')
+  act = c['activation'].split('-')[-1]
+  umt5 = bool(c['relpos_per_layer'])
   return {
-      'architectures': ['T5ForConditionalGeneration'],
-      'model_type': 't5',
+      'architectures': ['UMT5ForConditionalGeneration' if umt5 else 'T5ForConditionalGeneration'],
+      'model_type': 'umt5' if umt5 else 't5',
       'vocab_size': c['vocab_size'],
       'd_model': c['d_model'],
       'd_kv': c['head_dim'],
@@ -210,9 +235,10 @@ def hf_config_from_model_config(model_cfg, dropout_rate: float = 0.0) -> dict:
       'dropout_rate': dropout_rate,
       'layer_norm_epsilon': LAYER_NORM_EPSILON,
       'initializer_factor': 1.0,
-      'feed_forward_proj': 'relu' if v1_0 else 'gated-gelu',
-      'dense_act_fn': 'relu' if v1_0 else 'gelu_new',
-      'is_gated_act': not v1_0,
+      'feed_forward_proj': c['activation'],
+      # T5Config's derivation, written out: gated-gelu means the tanh approximation.
+      'dense_act_fn': 'gelu_new' if act == 'gelu' else act,
+      'is_gated_act': gated,
       # 4.x: ties (and rescales) iff True; 5.x: rescales iff True, ties iff no separate lm_head.
       'tie_word_embeddings': v1_0,
       'is_encoder_decoder': True,
@@ -232,9 +258,13 @@ def config_mismatches(path: str, model_config) -> list[str]:
   architecture = model_config['architecture'] if 'architecture' in model_config else None
   if architecture not in (None, 'encoder_decoder'):
     return [f'model.architecture={architecture!r} but a HF T5 is an encoder_decoder']
+  # The MLP is compared as computed: '' and the variant's own activation are the same MLP.
+  resolve = lambda c: c['mlp_activation'] or presets.VARIANT_ACTIVATION.get(c['variant'])
   return [
-      f'model.{k}={have[k]!r} but {path}/config.json gives {want[k]!r}' for k in MODEL_FIELDS
-      if have[k] != want[k]
+      f'model.{k}={have[k]!r} but {path}/config.json gives {want[k]!r}' +
+      (f' ({resolve(want)})' if k == 'mlp_activation' and not want[k] else '')
+      for k in MODEL_FIELDS
+      if (resolve(have) != resolve(want) if k == 'mlp_activation' else have[k] != want[k])
   ]
 
 
@@ -266,16 +296,22 @@ def weight_map(model_cfg) -> list[tuple[str, str, str, tuple, tuple]]:
     add(f'{hf}.o.weight', f'{name}/out/kernel', 'out', 'out')
 
   def mlp(hf, name):
-    for wi in (('wi',) if c['variant'] == 'v1_0' else ('wi_0', 'wi_1')):
+    for wi in (('wi_0', 'wi_1') if c['activation'].startswith('gated-') else ('wi',)):
       add(f'{hf}.DenseReluDense.{wi}.weight', f'{name}/{wi}/kernel', 'dense', 'wi')
     add(f'{hf}.DenseReluDense.wo.weight', f'{name}/wo/kernel', 'dense', 'wo')
 
-  rel_shape = (c['relative_attention_num_buckets'], h)
+  def relpos(hf, name):
+    shape = (c['relative_attention_num_buckets'], h)
+    entries.append((f'{hf}.0.SelfAttention.relative_attention_bias.weight',
+                    f'{name}/relpos_bias/rel_embedding', 'copy', shape, shape))
+
   for stack, n in (('encoder', c['num_encoder_layers']), ('decoder', c['num_decoder_layers'])):
-    entries.append((f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
-                    f'{stack}/relpos_bias/rel_embedding', 'copy', rel_shape, rel_shape))
+    if not c['relpos_per_layer']:  # T5 / mT5: block 0's table, shared by the stack
+      relpos(f'{stack}.block.0.layer', stack)
     for i in range(n):
       hf, t5 = f'{stack}.block.{i}.layer', f'{stack}/layers_{i}'
+      if c['relpos_per_layer']:  # UMT5: every block's self-attention has its own table
+        relpos(hf, t5)
       if stack == 'encoder':
         attention(f'{hf}.0.SelfAttention', f'{t5}/attention')
         add(f'{hf}.0.layer_norm.weight', f'{t5}/pre_attention_norm/scale', 'copy', 'norm')
@@ -336,8 +372,8 @@ def hf_to_t5lite_flat(tensors: Mapping[str, np.ndarray], model_cfg, scan_layers:
     if re.fullmatch(
         r'(en|de)coder\.block\.[1-9]\d*\.layer\.0\.SelfAttention\.'
         r'relative_attention_bias\.weight', name):
-      extra.append(f'{name}: a per-layer relative attention bias (as in UMT5); t5lite shares '
-                   'block 0\'s table across a stack')
+      extra.append(f'{name}: a per-layer relative attention bias (as in UMT5) in a checkpoint '
+                   'whose config.json says one per stack (model_type t5 / mt5)')
     elif name in EMBEDDING_COPIES:
       extra.append(f'{name}: differs from shared.weight; t5lite shares one embedding')
     else:

@@ -201,15 +201,12 @@ def test_sharded_safetensors_and_pytorch_bin_read_the_same(tmp_path):
 
 
 @pytest.mark.parametrize('kind,edit,expected', [
-    ('v1_1', {'model_type': 'umt5'}, 'model_type=umt5: UMT5 gives every layer its own'),
     ('v1_1', {'model_type': 'bert'}, "model_type='bert': not a T5 model"),
-    ('v1_1', {'feed_forward_proj': 'gated-silu', 'dense_act_fn': 'silu'
-             }, "feed_forward_proj='gated-silu'"),
+    ('v1_1', {'feed_forward_proj': 'gated-gelu', 'dense_act_fn': 'gelu'
+             }, "feed_forward_proj='gated-gelu' (dense_act_fn='gelu', is_gated_act=True)"),
     ('v1_1', {'feed_forward_proj': 'gelu', 'dense_act_fn': 'gelu', 'is_gated_act': False},
      "feed_forward_proj='gelu' (dense_act_fn='gelu', is_gated_act=False): a non-gated MLP"),
     ('v1_1', {'layer_norm_epsilon': 1e-5}, 'layer_norm_epsilon=1e-05'),
-    ('v1_1', {'scale_decoder_outputs': True}, 'scale_decoder_outputs=True: logits rescaled'),
-    ('v1_0', {'scale_decoder_outputs': False}, 'scale_decoder_outputs=False: logits not rescaled'),
     ('v1_0', {'num_heads': None}, 'config.json has no num_heads'),
     ('v1_0', {'architectures': ['T5EncoderModel']}, "architectures=['T5EncoderModel']"),
 ])
