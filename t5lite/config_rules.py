@@ -83,10 +83,44 @@ def _keep_best_needs_eval(c) -> None:
                       f'{k.keep_best_metric} cannot be ranked; make it a multiple')
 
 
+def _vocabulary_fits_init(c) -> None:
+  """init_from: the fine-tune's vocabulary must be the one the model was trained with (by size,
+  kind and model-file sha256 where recorded; by size alone where not), before any compute: a
+  converted Flan-T5 fed the embedded 2k vocabulary trains on the wrong tokens (t5lite/data/
+  hf_vocab.py)."""
+  init_from, d = c.checkpoint.init_from, c.data
+  if not init_from or init_from.startswith('t5x:'):  # T5X checkpoints record no vocabulary
+    return
+  # pylint: disable=import-outside-toplevel  (the data stack and orbax: only when validating)
+  from t5lite import checkpoints
+  from t5lite.data import hf_vocab, tasks, vocab
+  try:
+    data = hf_vocab.record_of_spec(d.vocabulary, d.sp_vocab_size)
+    if data is None and not d.source:  # 'task': the vocabulary of the task's targets
+      found = tasks.get(d.task)
+      leaf = found if isinstance(found, tasks.Task) else found.tasks[0]
+      feature = leaf.output_features.get('targets') or next(iter(leaf.output_features.values()))
+      data = hf_vocab.record(feature.vocabulary, f'task ({leaf.name})')
+    if init_from.startswith('hf:'):
+      directory = init_from[len('hf:'):]
+      model = (hf_vocab.record(vocab.load_hf_tokenizer(directory), init_from)
+               if vocab.has_hf_tokenizer(directory) else None)
+    else:
+      step_dir = checkpoints.resolve_init_path(init_from)
+      model, _ = hf_vocab.model_tokenizer(hf_vocab.read_saved_config(step_dir))
+  except checkpoints.CheckpointError:
+    return  # a missing or incomplete init_from is named when the run starts
+  except (FileNotFoundError, ValueError, tasks.UnknownNameError) as e:
+    raise ConfigError(f'{e}') from None
+  problem = hf_vocab.init_mismatch(data, model, c.model.vocab_size, init_from)
+  if problem:
+    raise ConfigError(problem)
+
+
 # Rules that relate fields, run after the per-field checks.
 RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
-                     _eval_task, _keep_best_needs_eval)
+                     _vocabulary_fits_init, _eval_task, _keep_best_needs_eval)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
 

@@ -11,13 +11,19 @@ hf-to-t5lite writes WORKDIR/checkpoints/0/ the way a training run writes its che
 `state` item holding {'params': ...}, `config` item holding {'model': ...}), so
 `--config.checkpoint.init_from=WORKDIR` reads it and so does t5lite-to-hf; it also writes
 WORKDIR/model_config.json and prints the `--config.model.*` overrides that build the same model.
-(`--config.checkpoint.init_from=hf:HF_DIR` skips this step and converts in memory.)
+(`--config.checkpoint.init_from=hf:HF_DIR` skips this step and converts in memory.) When HF_DIR
+holds a tokenizer (spiece.model, tokenizer.json or a ByT5Tokenizer config), its identity (kind,
+size, sha256 of the file) is recorded in both and `--config.data.vocabulary=hf:HF_DIR` is printed
+too; a fine-tune on another vocabulary is refused (t5lite/config_rules.py).
 
 t5lite-to-hf reads PATH (a workdir, its checkpoints/ directory or one step directory; the newest
 complete step is used), takes the model config from the checkpoint's saved config, and writes
 model.safetensors, config.json and generation_config.json for
-`T5ForConditionalGeneration.from_pretrained(HF_DIR)`. Only the params are read, never the
-optimizer state.
+`T5ForConditionalGeneration.from_pretrained(HF_DIR)`, and the tokenizer files (spiece.model,
+tokenizer_config.json, special_tokens_map.json; t5lite/data/hf_vocab.py) of the vocabulary the
+checkpoint records (a training run's data.vocabulary, a conversion's tokenizer) or --vocabulary
+names, for `AutoTokenizer.from_pretrained(HF_DIR)`. Only the params are read, never the optimizer
+state.
 
 Every path may be a gs:// URL (pip install 't5lite[gcp]'): an HF model on gs:// is read into
 memory, an HF --out on gs:// is written locally and then uploaded, and t5lite checkpoints are read
@@ -39,6 +45,7 @@ from typing import Sequence
 
 from t5lite import cli, files, hf
 from t5lite import config as config_lib
+from t5lite.data import hf_vocab, vocab
 
 log = logging.getLogger('t5lite.convert')  # not __name__: '__main__' under python -m
 
@@ -49,6 +56,21 @@ class ConvertError(Exception):
 
 def _overrides(model: dict) -> list[str]:
   return [f'--config.model.{k}={model[k]}' for k in hf.MODEL_FIELDS + ('scan_layers',)]
+
+
+def _hf_tokenizer(model_path: str, model_vocab_size: int) -> dict | None:
+  """The record (t5lite/data/hf_vocab.py) of the tokenizer in the HF directory, None if none."""
+  if not vocab.has_hf_tokenizer(model_path):
+    return None
+  spec = vocab.HF_PREFIX + hf.model_dir(model_path)
+  try:
+    rec = hf_vocab.record(vocab.load_hf_tokenizer(model_path), spec)
+  except (OSError, ValueError, RuntimeError) as e:
+    raise ConvertError(f'--model {model_path}: its tokenizer cannot be read: {e}') from None
+  if rec['vocab_size'] > model_vocab_size:
+    raise ConvertError(f'--model {model_path}: its tokenizer has {rec["vocab_size"]} ids, more '
+                       f'than the model\'s {model_vocab_size} embedding rows')
+  return rec
 
 
 def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
@@ -63,6 +85,7 @@ def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
     raise ConvertError(f'--out {out}: it already holds checkpoints; choose an empty directory')
   log.info(f'reading the HuggingFace model {hf.model_dir(model_path)} ...')
   fields, params = hf.load_hf(model_path, scan_layers)  # all checks before anything is written
+  tokenizer = _hf_tokenizer(model_path, fields['vocab_size'])
 
   # Imported here: JAX/orbax start-up is not needed for the checks above.
   from t5lite import checkpoints  # pylint: disable=import-outside-toplevel
@@ -73,7 +96,7 @@ def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
   hf_config = hf.read_config(model_path)
   source = {
       'hf_model': hf.model_dir(model_path), 'model_type': hf_config.get('model_type'),
-      'architectures': hf_config.get('architectures')
+      'architectures': hf_config.get('architectures'), 'tokenizer': tokenizer
   }
   log.info(f'writing the t5lite checkpoint {files.join(out, "checkpoints", "0")} ...')
   ckpt = checkpoints.Checkpointer(out, async_save=False)
@@ -119,8 +142,38 @@ def _read_step(step_dir: str) -> tuple[dict, dict]:
   return config, jax.tree.map(np.asarray, restored)
 
 
-def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32') -> tuple[str, dict]:
-  """Writes the t5lite checkpoint `checkpoint` as a HF T5 under `out`; (step dir, model block)."""
+def _vocabulary_for_hf(config: dict, spec: str | None, step_dir: str):
+  """(the t5lite vocabulary to write beside the model or None, what the output line says of it):
+  `spec` (--vocabulary; 'none' writes none), else the one the checkpoint's config records."""
+  data = config.get('data') if isinstance(config.get('data'), dict) else {}
+  sp_size = int(data.get('sp_vocab_size', vocab.DEFAULT_SP_VOCAB_SIZE))
+  if spec == 'none':
+    return None, 'no tokenizer files (--vocabulary none)'
+  rec, where = None, '--vocabulary'
+  if spec is None:
+    rec, where = hf_vocab.model_tokenizer(config)
+    if rec is None:
+      return None, (f'no tokenizer files: {step_dir} records no vocabulary t5lite can read '
+                    f'({where}); pass --vocabulary (as data.vocabulary) to write them')
+    spec = rec['vocabulary']
+  try:
+    vocabulary = vocab.get_vocabulary(spec, sp_size)
+  except FileNotFoundError as e:
+    raise ConvertError(f'{e} ({where}); pass --vocabulary') from None
+  if vocabulary is None:
+    raise ConvertError(f'vocabulary {spec!r} ({where}) names no one vocabulary; pass --vocabulary')
+  if rec is not None and hf_vocab.mismatch(hf_vocab.record(vocabulary, spec), rec):
+    now = hf_vocab.describe(hf_vocab.record(vocabulary, spec))
+    raise ConvertError(f'the vocabulary {where} was {hf_vocab.describe(rec)}, but {spec} is now '
+                       f'{now}; pass --vocabulary')
+  return vocabulary, f'its tokenizer ({spec})'
+
+
+def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32',
+                 vocabulary: str | None = None) -> tuple[str, dict, str]:
+  """Writes the t5lite checkpoint `checkpoint` as a HF T5 under `out`, with the tokenizer files
+  of `vocabulary` (a data.vocabulary value; None: the one the checkpoint records; 'none': none);
+  (step dir, model block, what was said of the tokenizer)."""
   if not files.to_path(checkpoint).exists():
     raise ConvertError(f'--checkpoint {checkpoint}: no such path')
   for name in ('config.json', 'model.safetensors'):
@@ -135,9 +188,18 @@ def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32') -> tuple[str
   log.info(f'reading the params of {step_dir} ...')
   config, params = _read_step(step_dir)
   model = config['model']
+  tokenizer, said = _vocabulary_for_hf(config, vocabulary, step_dir)
+  if tokenizer is not None and tokenizer.vocab_size > int(model['vocab_size']):
+    raise ConvertError(f'the vocabulary {tokenizer!r} has more ids than the model\'s '
+                       f'{model["vocab_size"]} embedding rows; pass --vocabulary')
   log.info(f'writing the HuggingFace model {os.fspath(files.to_path(out))} ...')
   hf.save_hf(params, model, out, dtype, dropout_rate=float(model.get('dropout_rate', 0.0)))
-  return step_dir, model
+  if tokenizer is None:
+    log.warning(f'{said}: AutoTokenizer.from_pretrained will not find the model\'s tokenizer')
+  else:
+    names = hf_vocab.write_tokenizer(tokenizer, out)
+    said += f': {", ".join(names)}'
+  return step_dir, model, said
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   b.add_argument('--out', required=True, help='directory for the HF model')
   b.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                  help='dtype of the written tensors (t5lite params are float32)')
+  b.add_argument(
+      '--vocabulary', default=None,
+      help='the tokenizer to write, as data.vocabulary (embedded, byte, hf:DIR, a '
+      '.model path) or none; default: the one the checkpoint records')
   args = parser.parse_args(argv)
 
   def body():
@@ -171,8 +237,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f'wrote a t5lite checkpoint of {hf.model_dir(args.model)} '
             f'({model["variant"]}) to {files.join(out, "checkpoints", "0")} and its model '
             f'config to {files.join(out, "model_config.json")}')
+      tokenizer = json.loads(files.read_text(files.join(out, 'model_config.json')))
+      tokenizer = tokenizer['converted_from']['tokenizer']
+      vocabulary = []
+      if tokenizer is None:
+        print(f'{hf.model_dir(args.model)} holds no tokenizer (spiece.model, tokenizer.json): '
+              '--config.data.vocabulary must name the one the model was trained with '
+              f'({model["vocab_size"]} embedding rows)')
+      else:
+        print(f'its tokenizer: {hf_vocab.describe(tokenizer)}')
+        vocabulary = [f'--config.data.vocabulary={tokenizer["vocabulary"]}']
       print('fine-tune from it with these overrides:')
-      print(' '.join(_overrides(model) + [f'--config.checkpoint.init_from={out}']))
+      print(' '.join(_overrides(model) + vocabulary + [f'--config.checkpoint.init_from={out}']))
     elif args.command == 't5x-to-t5lite':
       from t5lite import t5x  # pylint: disable=import-outside-toplevel
       model = t5x.to_t5lite_workdir(args.checkpoint, args.out, args.scan_layers)
@@ -183,9 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       print('fine-tune from it with these overrides:')
       print(' '.join(_overrides(model) + [f'--config.checkpoint.init_from={out}']))
     else:
-      step_dir, model = t5lite_to_hf(args.checkpoint, args.out, args.dtype)
+      step_dir, model, said = t5lite_to_hf(args.checkpoint, args.out, args.dtype, args.vocabulary)
       print(f'wrote a HuggingFace T5ForConditionalGeneration ({model["variant"]}) of {step_dir} '
-            f'to {os.fspath(files.to_path(args.out))}')
+            f'to {os.fspath(files.to_path(args.out))}, with {said}')
 
   errors = [(files.MissingFileSystemError, 'convert error', 2),
             (hf.HFFileError, 'convert error', 1), (ConvertError, 'convert error', 2),

@@ -4,6 +4,11 @@ Ids (as in T5/seqio): pad 0, eos 1, unk 2, no bos. `extra_ids` sentinel ids sit
 above the SentencePiece pieces and count down from the top of the vocabulary:
 `<extra_id_0>` is `vocab_size - 1`, `<extra_id_1>` is `vocab_size - 2`, ...
 
+`load_hf_tokenizer(DIR)` (data.vocabulary='hf:DIR') reads a HuggingFace tokenizer directory:
+its spiece.model through sentencepiece (what T5Tokenizer wraps, and what seqio read when T5 was
+trained), a ByT5Tokenizer config as ByteVocabulary, or else its tokenizer.json through `tokenizers`
+when that follows T5's id layout. t5lite/data/hf_vocab.py writes vocabularies the other way.
+
 `embedded_vocabulary()` trains a small unigram model on the embedded stdlib
 corpus on first use and caches it on disk, so the quickstart runs with no
 network and no pre-built asset.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import os
 import re
 import tempfile
@@ -182,6 +188,118 @@ class ByteVocabulary(_T5Ids):
     return ''.join(pieces)
 
 
+# HuggingFace tokenizer directories (data.vocabulary='hf:DIR'): the files read, and T5's special
+# tokens as T5Tokenizer names them, at t5lite's ids 0, 1, 2.
+HF_PREFIX = 'hf:'
+HF_SPIECE = 'spiece.model'
+HF_TOKENIZER_JSON = 'tokenizer.json'
+HF_TOKENIZER_CONFIG = 'tokenizer_config.json'
+HF_SPECIAL = {'pad_token': '<pad>', 'eos_token': '</s>', 'unk_token': '<unk>'}
+
+
+def _exists(directory: str, name: str) -> bool:
+  return files.to_path(directory).joinpath(name).is_file()
+
+
+def _tokenizer_config(directory: str) -> dict:
+  if not _exists(directory, HF_TOKENIZER_CONFIG):
+    return {}
+  path = files.join(directory, HF_TOKENIZER_CONFIG)
+  try:
+    return json.loads(files.read_text(path))
+  except ValueError as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from None
+
+
+def has_hf_tokenizer(directory: str) -> bool:
+  """Whether `directory` holds tokenizer files `load_hf_tokenizer` can read."""
+  return (_exists(directory, HF_SPIECE) or _exists(directory, HF_TOKENIZER_JSON)
+          or _tokenizer_config(directory).get('tokenizer_class') == 'ByT5Tokenizer')
+
+
+def _extra_ids(config: dict, default: int) -> int:
+  """tokenizer_config.json's `extra_ids`, else the number of `<extra_id_N>` special tokens it
+  lists, else `default`."""
+  if 'extra_ids' in config and int(config['extra_ids']) > 0:
+    return int(config['extra_ids'])
+  names = list(config.get('additional_special_tokens') or [])
+  names += [t.get('content', '') for t in (config.get('added_tokens_decoder') or {}).values()]
+  found = {int(m.group(1)) for m in map(SENTINEL_TEXT.fullmatch, names) if m}
+  return len(found) or default
+
+
+class TokenizersVocabulary(_T5Ids):
+  """A `tokenizers` tokenizer.json with T5's id layout (pad 0, eos 1, unk 2, `<extra_id_N>` at
+  vocab_size - 1 - N), as a t5lite vocabulary; any other layout is refused by name."""
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=import-outside-toplevel  (the optional [hf] extra)
+    self._path = path
+    self._tok = tokenizers.Tokenizer.from_str(files.read_text(path))
+    # Special-token text ('</s>', '<extra_id_0>') is encoded as text, as SentencePiece does;
+    # encode_with_sentinels reads '<extra_id_N>' itself.
+    self._tok.encode_special_tokens = True
+    size = self._tok.get_vocab_size(with_added_tokens=True)
+    sentinels = {}
+    for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+      match = SENTINEL_TEXT.fullmatch(token)
+      if match:
+        sentinels[int(match.group(1))] = i
+    self._extra_ids = len(sentinels)
+    specials = [self._tok.token_to_id(t) for t in HF_SPECIAL.values()]
+    wrong = [
+        f'{t}={i}' for t, i in zip(HF_SPECIAL.values(), specials)
+        if i != {'<pad>': PAD_ID, '</s>': EOS_ID, '<unk>': UNK_ID}[t]
+    ]
+    wrong += [f'<extra_id_{n}>={i}' for n, i in sorted(sentinels.items()) if i != size - 1 - n]
+    if wrong:
+      raise ValueError(f'{path}: not T5\'s id layout (pad 0, eos 1, unk 2, <extra_id_N> = '
+                       f'vocabulary size {size} - 1 - N): {", ".join(wrong[:4])}')
+    self._size = size
+
+  def __repr__(self) -> str:
+    return f'TokenizersVocabulary({self._path!r}, vocab_size={self.vocab_size})'
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  @property
+  def sp_vocab_size(self) -> int:
+    return self._size - self._extra_ids
+
+  def encode(self, text: str) -> list[int]:
+    """Text -> ids, no EOS (the tokenizer's post-processor, which appends it, is not run)."""
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Skips pad, stops at the first EOS, shows sentinels as <extra_id_N>."""
+    kept = []
+    for i in map(int, ids):
+      if i == EOS_ID:
+        break
+      if i != PAD_ID:
+        kept.append(i if i < self._size else UNK_ID)
+    return self._tok.decode(kept, skip_special_tokens=False)
+
+
+def load_hf_tokenizer(directory: str):
+  """The t5lite vocabulary of the HF tokenizer in `directory` (order: spiece.model, ByT5Tokenizer, tokenizer.json; docs/hf.md)."""
+  if not files.to_path(directory).is_dir():
+    raise FileNotFoundError(f'{directory}: no such directory')
+  config = _tokenizer_config(directory)
+  if _exists(directory, HF_SPIECE):
+    return SentencePieceVocabulary(files.join(directory, HF_SPIECE),
+                                   _extra_ids(config, DEFAULT_EXTRA_IDS))
+  if config.get('tokenizer_class') == 'ByT5Tokenizer':
+    return ByteVocabulary(_extra_ids(config, 125))
+  if _exists(directory, HF_TOKENIZER_JSON):
+    return TokenizersVocabulary(files.join(directory, HF_TOKENIZER_JSON))
+  raise FileNotFoundError(
+      f'{directory}: no tokenizer there (want {HF_SPIECE}, {HF_TOKENIZER_JSON}, or '
+      f'a {HF_TOKENIZER_CONFIG} naming ByT5Tokenizer)')
+
+
 def encode_with_sentinels(vocabulary, text: str) -> list[int]:
   """Token ids of `text` with each `<extra_id_N>` written in it as sentinel N's id (as
     HuggingFace's T5 tokenizer reads them); vocabulary.encode alone would spell them out."""
@@ -289,8 +407,15 @@ def get_vocabulary(spec: str = 'embedded', sp_vocab_size: int = DEFAULT_SP_VOCAB
   """The vocabulary `config.data.vocabulary` names, or None to keep the task's own:
     'embedded' -> the embedded SentencePiece model of `sp_vocab_size` pieces (+100 sentinels);
     'task' -> None (each output feature keeps the vocabulary its task declares);
-    'byte' -> ByteVocabulary (ByT5); anything else -> a SentencePiece model path (local, or
-    gs:// etc. through etils.epath) with 100 sentinels."""
+    'byte' -> ByteVocabulary (ByT5); 'hf:DIR' -> the HuggingFace tokenizer in DIR
+    (load_hf_tokenizer); anything else -> a SentencePiece model path (local, or gs:// etc.
+    through etils.epath) with 100 sentinels."""
+  if spec.startswith(HF_PREFIX):
+    try:
+      return load_hf_tokenizer(spec[len(HF_PREFIX):])
+    except (OSError, ValueError, RuntimeError) as e:
+      # FileNotFoundError whatever the cause: callers turn it into a one-line config error.
+      raise FileNotFoundError(f'data.vocabulary={spec!r}: {e}') from None
   if spec == 'embedded':
     return embedded_vocabulary(sp_vocab_size)
   if spec == 'task':
@@ -302,4 +427,5 @@ def get_vocabulary(spec: str = 'embedded', sp_vocab_size: int = DEFAULT_SP_VOCAB
   except (OSError, RuntimeError) as e:
     raise FileNotFoundError(
         f'data.vocabulary={spec!r}: cannot read a SentencePiece model there ({e}); give a '
-        "path to a .model file, or one of 'embedded', 'task', 'byte'") from None
+        "path to a .model file, hf:DIR (a HuggingFace tokenizer directory), or one of "
+        "'embedded', 'task', 'byte'") from None
