@@ -489,8 +489,8 @@ def resolve_init_path(path: str) -> str:
   if path.startswith(T5X_PREFIX):
     t5x_dir = files.join(path[len(T5X_PREFIX):])
     if not files.to_path(t5x_dir).is_dir():
-      raise CheckpointError(f'checkpoint.init_from={path}: no such directory (want a T5X checkpoint '
-                            'directory, T5X_DIR/checkpoint_N)')
+      raise CheckpointError(f'checkpoint.init_from={path}: no such directory (want a T5X '
+                            'checkpoint directory, T5X_DIR/checkpoint_N)')
     return T5X_PREFIX + t5x_dir
   if path.startswith(HF_PREFIX):
     hf_dir = files.join(path[len(HF_PREFIX):])  # absolute, or a URL as it is (hf.py reads it)

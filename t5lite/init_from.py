@@ -27,6 +27,7 @@ from t5lite import files
 from t5lite.checkpoints import (HF_PREFIX, T5X_PREFIX, CheckpointError, _flat_shapes,
                                 resolve_init_path, verify)
 
+
 def _path_name(path) -> str:
   """'encoder/layers_0/.../kernel' for a jax key path: the names that init_rename/ignore see."""
   parts = []
@@ -221,8 +222,8 @@ def load_adafactor_for_init(path: str, abstract_opt_state, abstract_params, rena
         for k in stats:
           stats[k][name] = place(values[k], structs[k])
       filled = {
-          k: jax.tree_util.tree_map_with_path(
-              lambda p, s, k=k: stats[k].get(_path_name(p), s), getattr(node, k)) for k in stats
+          k: jax.tree_util.tree_map_with_path(lambda p, s, k=k: stats[k].get(_path_name(p), s),
+                                              getattr(node, k)) for k in stats
       }
       count = node.count
       count = place(np.asarray(step, np.int32), count) if hasattr(count, 'shape') else count
@@ -240,8 +241,9 @@ def _t5lite_names(ckpt, abstract_params) -> list[str]:
   """The T5X checkpoint's params under their t5lite names, stacked when the model scans."""
   from t5lite import t5x  # pylint: disable=import-outside-toplevel
   names = list(t5x.param_map(ckpt.shapes))
-  scanned = any(re.match(r'(encoder|decoder)/layers/', _path_name(p))
-                for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params))
+  scanned = any(
+      re.match(r'(encoder|decoder)/layers/', _path_name(p))
+      for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params))
   if scanned:
     names = sorted({re.sub(r'^(encoder|decoder)/layers_\d+/', r'\1/layers/', n) for n in names})
   return names

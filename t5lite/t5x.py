@@ -108,8 +108,8 @@ class Checkpoint:
       metadata = json.loads(files.read_text(files.join(state, '_METADATA')))
       tree = metadata['tree_metadata']
     except (ValueError, KeyError, TypeError) as e:
-      raise T5XError(f'{state}/_METADATA: not orbax tree metadata ({type(e).__name__}: {e})'
-                     ) from None
+      raise T5XError(
+          f'{state}/_METADATA: not orbax tree metadata ({type(e).__name__}: {e})') from None
     driver = 'zarr3' if metadata.get('use_zarr3') else 'zarr'
     for entry in tree.values():
       keys = [str(k['key']) for k in entry['key_metadata']]
@@ -130,8 +130,7 @@ class Checkpoint:
       raise T5XError(f'{file}: not a T5X msgpack checkpoint ({type(e).__name__}: {e})') from None
 
     def walk(node, prefix):
-      if isinstance(node, dict) and 'driver' in node and 'kvstore' in node or (
-          isinstance(node, dict) and node.get('driver') in ('zarr', 'zarr3')):
+      if isinstance(node, dict) and node.get('driver') in ('zarr', 'zarr3'):  # a spec
         self._specs[prefix] = self._legacy_spec(node)
       elif isinstance(node, dict):
         for k, v in node.items():
@@ -240,12 +239,11 @@ def model_fields(shapes: dict[str, tuple], mlp_activation: str = '',
     raise T5XError(f'{source}: no target/ params (not a T5X TrainState)')
   unknown = sorted(n for n in params if t5lite_name(n) is None)
   if unknown:
-    hint = (' (a scanned T5X model, stacked layers: not read; convert it with scan_layers=False '
-            'in T5X first)' if any('/layers/' in n or n.count('encoder/encoder') for n in unknown)
-            else '')
+    scanned = any(re.search(r'/layers/|(en|de)coder/(en|de)coder/', n) for n in unknown)
+    hint = ' (layers stacked by T5X\'s scan_layers=True: not read)' if scanned else ''
     raise T5XError(f'{source}: params outside t5x.examples.t5.network\'s layout{hint}: '
-                   + ', '.join(unknown[:5]) + (f' ... and {len(unknown) - 5} more'
-                                                if len(unknown) > 5 else ''))
+                   + ', '.join(unknown[:5])
+                   + (f' ... and {len(unknown) - 5} more' if len(unknown) > 5 else ''))
 
   def need(name):
     if name not in params:
@@ -386,8 +384,8 @@ def _t5x_names(ckpt: Checkpoint, name: str) -> list[tuple[str, str]]:
   return [mapping[f'{m[1]}/layers_{i}/{m[2]}'] for i in range(count)]
 
 
-def adafactor_stats(ckpt: Checkpoint, name: str, heads: int, shapes: dict[str, tuple]
-                   ) -> dict[str, np.ndarray]:
+def adafactor_stats(ckpt: Checkpoint, name: str, heads: int,
+                    shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
   """{'v_row', 'v_col', 'v'} for the t5lite param `name` in the shapes optax's Adafactor state
   gives them (`shapes`: the param's own under 'param', and the three statistics'), from the T5X
   statistics of the param(s) behind it. Copied as they are where both factor the same array the
@@ -422,8 +420,9 @@ def adafactor_stats(ckpt: Checkpoint, name: str, heads: int, shapes: dict[str, t
 
 def first_moment_used(ckpt: Checkpoint) -> bool:
   """Whether T5X kept a first moment `m` (beta1 set): t5lite's Adafactor has none to carry it."""
-  return any(n.startswith('state/param_states/') and n.endswith('/m') and s != (1,)
-             for n, s in ckpt.shapes.items())
+  return any(
+      n.startswith('state/param_states/') and n.endswith('/m') and s != (1,)
+      for n, s in ckpt.shapes.items())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ if not os.path.isdir(DATA):  # the shared checkout lives beside the repository
 T511 = os.path.join(DATA, 't511_tiny', 'checkpoint_3')
 T510 = os.path.join(DATA, 't510_tiny', 'checkpoint_3')
 LEGACY = os.path.join(DATA, 't511_tiny_legacy', 'checkpoint_3')
-CASES = {'t511_orbax': ('t511_tiny', T511), 't510_orbax': ('t510_tiny', T510),
-         't511_legacy': ('t511_tiny', LEGACY)}
+CASES = {
+    't511_orbax': ('t511_tiny', T511), 't510_orbax': ('t510_tiny', T510),
+    't511_legacy': ('t511_tiny', LEGACY)
+}
 SHAPE = dict(vocab_size=128, d_model=40, d_ff=56, num_heads=4, head_dim=6, attention_dim=24,
              num_encoder_layers=2, num_decoder_layers=3, relative_attention_num_buckets=32,
              relative_attention_max_distance=128)  # README: both tiny models
@@ -65,8 +67,7 @@ def test_logits_greedy_and_scores_match_t5x(converted):
 
   greedy = decoding.decode(model, params, {'encoder_input_tokens': inputs['encoder_input_tokens']},
                            decoding.DecodeConfig(method='greedy', max_decode_length=6, eos_id=1))
-  np.testing.assert_array_equal(np.asarray(greedy.tokens), np.load(os.path.join(ref,
-                                                                                'greedy.npy')))
+  np.testing.assert_array_equal(np.asarray(greedy.tokens), np.load(os.path.join(ref, 'greedy.npy')))
 
   batch = {**inputs, 'decoder_loss_weights': real.astype(np.float32)}
   np.testing.assert_allclose(scoring.score_batch(model, params, batch),
@@ -85,9 +86,11 @@ def test_legacy_and_orbax_formats_hold_the_same_arrays():
 
 def test_layouts_against_the_raw_t5x_arrays():
   ckpt = t5x.Checkpoint(T511)
-  raw = ckpt.read(['target/encoder/layers_1/attention/query/kernel',
-                   'target/decoder/layers_2/encoder_decoder_attention/out/kernel',
-                   'target/decoder/relpos_bias/rel_embedding', 'target/decoder/logits_dense/kernel'])
+  raw = ckpt.read([
+      'target/encoder/layers_1/attention/query/kernel',
+      'target/decoder/layers_2/encoder_decoder_attention/out/kernel',
+      'target/decoder/relpos_bias/rel_embedding', 'target/decoder/logits_dense/kernel'
+  ])
   flat = t5x.load(T511)[1]
   q = flat['encoder/layers_1/attention/query/kernel']  # [emb, heads, head_dim]
   assert q.shape == (40, 4, 6)
@@ -116,16 +119,17 @@ def test_activation_override_and_refusals(tmp_path):
     t5x.Checkpoint(str(tmp_path))
   # The folder above checkpoint_N: its highest checkpoint.
   assert t5x.Checkpoint(os.path.dirname(T511)).path == T511
+  # eval's and infer's --checkpoint take t5x: too (step 0, read by init_from.load_params).
+  assert checkpoints.resolve_steps('t5x:' + T511, None) == [(0, 't5x:' + T511)]
 
 
 def abstract_params(fields, scan=False):
   model = model_of(fields, scan)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
-                         jnp.zeros((1, 4), jnp.int32))['params'])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
-                      jax.tree.map(lambda x: getattr(x, 'value', x), shapes,
-                                   is_leaf=lambda x: hasattr(x, 'value')))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
+      (1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))['params'])
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
+      jax.tree.map(lambda x: getattr(x, 'value', x), shapes, is_leaf=lambda x: hasattr(x, 'value')))
 
 
 def test_init_from_t5x_loads_the_params_or_names_the_mismatch(tmp_path):
@@ -136,26 +140,27 @@ def test_init_from_t5x_loads_the_params_or_names_the_mismatch(tmp_path):
   for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(expected)):
     assert np.array_equal(np.asarray(x), y), p
   wider = abstract_params({**fields, 'd_ff': 64})
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r'decoder/layers_0/mlp/wo/kernel: checkpoint \(56, 40\) vs model '
-                     r'\(64, 40\)'):
+  with pytest.raises(
+      checkpoints.CheckpointError,
+      match=r'decoder/layers_0/mlp/wo/kernel: checkpoint \(56, 40\) vs model '
+      r'\(64, 40\)'):
     init_from.load_params_for_init('t5x:' + T511, wider)
   with pytest.raises(checkpoints.CheckpointError, match='no such directory'):
     init_from.load_params_for_init('t5x:' + str(tmp_path / 'nope'), target)
   with pytest.raises(checkpoints.CheckpointError, match='not a T5X checkpoint'):
     init_from.load_params_for_init('t5x:' + str(tmp_path), target)
   assert t5x.config_mismatches(T511, {**presets.model_config('tiny').to_dict(), **fields}) == []
-  assert t5x.config_mismatches(T511, {**presets.model_config('tiny').to_dict()})[0] == (
-      f'model.vocab_size=32128 but {T511} gives 128')
+  assert t5x.config_mismatches(T511, {**presets.model_config('tiny').to_dict()
+                                     })[0] == (f'model.vocab_size=32128 but {T511} gives 128')
 
 
 @pytest.mark.parametrize('min_dim', [128, 32])
 def test_adafactor_state_has_optax_structure_and_t5x_values(min_dim):
   fields = {'variant': 'v1_1', **SHAPE}
   params = abstract_params(fields)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adafactor(lambda step: 0.01, min_dim_size_to_factor=min_dim,
-                                   momentum=None))
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.adafactor(lambda step: 0.01, min_dim_size_to_factor=min_dim, momentum=None))
   abstract = jax.eval_shape(tx.init, params)
   state, note = init_from.load_adafactor_for_init('t5x:' + T511, abstract, params)
   assert note == ''  # beta1=None: T5X's m is a placeholder
@@ -165,31 +170,36 @@ def test_adafactor_state_has_optax_structure_and_t5x_values(min_dim):
     assert got.shape == want.shape and got.dtype == want.dtype, p
     left += isinstance(got, jax.ShapeDtypeStruct)
   assert left == 1
-  factored = next(s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
-      x, optax.FactoredState)) if isinstance(s, optax.FactoredState))
+  factored = next(
+      s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.FactoredState))
+      if isinstance(s, optax.FactoredState))
   assert int(factored.count) == 3  # T5X's step: Adafactor's decay continues from it
-  schedule = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
-      x, optax.ScaleByScheduleState)) if isinstance(s, optax.ScaleByScheduleState)]
+  schedule = [
+      s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+      if isinstance(s, optax.ScaleByScheduleState)
+  ]
   assert schedule and all(isinstance(s.count, jax.ShapeDtypeStruct) for s in schedule)  # fresh
 
   raw = t5x.Checkpoint(T511).read([
-      f'state/param_states/{n}/{s}' for n in ('encoder/layers_0/mlp/wi_0/kernel',
-                                              'decoder/layers_1/self_attention/query/kernel',
-                                              'encoder/relpos_bias/rel_embedding')
-      for s in ('v', 'v_row', 'v_col')
+      f'state/param_states/{n}/{s}'
+      for n in ('encoder/layers_0/mlp/wi_0/kernel', 'decoder/layers_1/self_attention/query/kernel',
+                'encoder/relpos_bias/rel_embedding') for s in ('v', 'v_row', 'v_col')
   ])
   stat = lambda n, s: raw[f'state/param_states/{n}/{s}']
   # Unfactored in both: T5X's v in t5lite's layout.
   q = factored.v['decoder']['layers_1']['self_attention']['query']['kernel']
   np.testing.assert_array_equal(
-      np.asarray(q), stat('decoder/layers_1/self_attention/query/kernel', 'v').reshape(40, 4, 6))
+      np.asarray(q),
+      stat('decoder/layers_1/self_attention/query/kernel', 'v').reshape(40, 4, 6))
   np.testing.assert_array_equal(np.asarray(factored.v['encoder']['relpos_bias']['rel_embedding']),
                                 stat('encoder/relpos_bias/rel_embedding', 'v').T)
   wi = 'encoder/layers_0/mlp/wi_0/kernel'  # [40, 56], factored by T5X (min_dim_size_to_factor 32)
   row, col = stat(wi, 'v_row'), stat(wi, 'v_col')
   assert row.shape == (40,) and col.shape == (56,)
-  got = {s: np.asarray(getattr(factored, s)['encoder']['layers_0']['mlp']['wi_0']['kernel'])
-         for s in ('v', 'v_row', 'v_col')}
+  got = {
+      s: np.asarray(getattr(factored, s)['encoder']['layers_0']['mlp']['wi_0']['kernel'])
+      for s in ('v', 'v_row', 'v_col')
+  }
   if min_dim == 32:  # optax factors it the same way: the statistics as they are
     np.testing.assert_array_equal(got['v_row'], row)
     np.testing.assert_array_equal(got['v_col'], col)
@@ -224,11 +234,10 @@ def _tiny_sentencepiece(tmp_path) -> str:
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(0)
   words = [''.join(rng.choice(list('abcdefgh'), rng.randint(1, 6))) for _ in range(2000)]
-  spm.SentencePieceTrainer.train(sentence_iterator=iter([' '.join(words[i:i + 20])
-                                                         for i in range(0, 2000, 20)]),
-                                 model_prefix=str(tmp_path / 'sp'), vocab_size=28,
-                                 model_type='unigram', pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                 hard_vocab_limit=False, minloglevel=2)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([' '.join(words[i:i + 20]) for i in range(0, 2000, 20)]),
+      model_prefix=str(tmp_path / 'sp'), vocab_size=28, model_type='unigram', pad_id=0, eos_id=1,
+      unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
   return str(tmp_path / 'sp.model')
 
 
@@ -240,16 +249,16 @@ def test_finetune_from_t5x_runs_and_starts_from_its_params(tmp_path, capsys):
   c = quickstart.get_config()
   c.model.update(variant='v1_1', size='custom', dtype='float32', **SHAPE)
   c.data.update(vocabulary=_tiny_sentencepiece(tmp_path), inputs_length=16)
-  c.train.update(steps=2, batch_size=8, log_every=1)
+  c.train.update(steps=1, batch_size=8, log_every=1)
   c.schedule.update(name='constant', warmup_steps=100)  # step 1's learning rate is 0
   c.eval.every_steps = 0
   c.reporting.update(tensorboard=False, peak_flops_per_device=1e11)
-  c.checkpoint.update(every_steps=1, keep=0, async_save=False, init_from='t5x:' + T511)
+  c.checkpoint.update(every_steps=0, async_save=False, init_from='t5x:' + T511)
   workdir = str(tmp_path / 'run')
   train.run(c, workdir)
   out = capsys.readouterr().out
   assert f'initialised params and Adafactor statistics from t5x:{T511}' in out
-  step, state = checkpoints.restore_as_numpy(workdir, step=1)
+  step, state = checkpoints.restore_as_numpy(workdir)
   assert step == 1 and int(state['step']) == 1
   # lr 0 at the first step: its checkpoint holds T5X's params bit for bit.
   expected = t5x.load(T511)[1]
@@ -257,6 +266,6 @@ def test_finetune_from_t5x_runs_and_starts_from_its_params(tmp_path, capsys):
   assert sorted(got) == sorted(expected)
   for name, x in expected.items():
     assert np.array_equal(got[name], x), name
-  _, last = checkpoints.restore_as_numpy(workdir, step=2)
-  counts = [int(x) for x in jax.tree.leaves(last['opt_state']) if np.ndim(x) == 0]
-  assert 3 + 2 in counts and 2 in counts  # Adafactor's count went on from T5X's 3; the schedule's from 0
+  counts = sorted(int(x) for x in jax.tree.leaves(state['opt_state']) if np.ndim(x) == 0)
+  # Adafactor's count went on from T5X's 3; the schedule's (and the run's step) from 0.
+  assert counts == [1, 3 + 1], counts
