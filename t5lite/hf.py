@@ -71,7 +71,6 @@ IGNORED = ('decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weig
 # Copies of `shared` that some (older) checkpoints also store; accepted when bitwise equal.
 EMBEDDING_COPIES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
 
-
 # ---------------------------------------------------------------------------------------------
 # Config: HF config.json <-> t5lite config.model fields
 
@@ -189,10 +188,9 @@ def _fields(model_cfg) -> dict:
   saved before they existed), plus 'activation', the MLP's resolved activation."""
 
   def get(key):
-    if key in LATER_FIELDS and (key not in model_cfg if hasattr(model_cfg, 'keys') else
-                                not hasattr(model_cfg, key)):
-      return LATER_FIELDS[key]
-    return model_cfg[key] if hasattr(model_cfg, 'keys') else getattr(model_cfg, key)
+    if hasattr(model_cfg, 'keys'):
+      return model_cfg[key] if key in model_cfg or key not in LATER_FIELDS else LATER_FIELDS[key]
+    return getattr(model_cfg, key)
 
   out = {k: get(k) for k in MODEL_FIELDS if k != 'attention_dim'}
   out['attention_dim'] = out['num_heads'] * out['head_dim']
@@ -260,12 +258,15 @@ def config_mismatches(path: str, model_config) -> list[str]:
     return [f'model.architecture={architecture!r} but a HF T5 is an encoder_decoder']
   # The MLP is compared as computed: '' and the variant's own activation are the same MLP.
   resolve = lambda c: c['mlp_activation'] or presets.VARIANT_ACTIVATION.get(c['variant'])
-  return [
-      f'model.{k}={have[k]!r} but {path}/config.json gives {want[k]!r}' +
-      (f' ({resolve(want)})' if k == 'mlp_activation' and not want[k] else '')
-      for k in MODEL_FIELDS
-      if (resolve(have) != resolve(want) if k == 'mlp_activation' else have[k] != want[k])
-  ]
+  problems = []
+  for k in MODEL_FIELDS:
+    if k == 'mlp_activation':
+      if resolve(have) != resolve(want):
+        said = f'{want[k]!r}' + ('' if want[k] else f' (the variant\'s {resolve(want)})')
+        problems.append(f'model.{k}={have[k]!r} but {path}/config.json gives {said}')
+    elif have[k] != want[k]:
+      problems.append(f'model.{k}={have[k]!r} but {path}/config.json gives {want[k]!r}')
+  return problems
 
 
 # ---------------------------------------------------------------------------------------------

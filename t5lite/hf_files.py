@@ -16,6 +16,7 @@ import numpy as np
 
 from t5lite import files
 
+
 class HFConversionError(ValueError):
   """The HF checkpoint/config (or the t5lite params) cannot be converted; the message says why."""
 

@@ -26,22 +26,24 @@ DIMS = dict(d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2, num_decoder_
 # cls, HF config fields, and the t5lite fields the conversion must give.
 KINDS = {
     # UMT5 as released (google/umt5-*: gated-gelu, untied lm_head).
-    'umt5': ('UMT5', dict(vocab_size=160, feed_forward_proj='gated-gelu', tie_word_embeddings=False),
+    'umt5': ('UMT5', dict(vocab_size=160, feed_forward_proj='gated-gelu',
+                          tie_word_embeddings=False),
              dict(variant='v1_1', mlp_activation='', relpos_per_layer=True)),
     # UMT5 with T5 v1.0's ReLU MLP and tied, rescaled logits: every field of the mapping at once.
     'umt5_v1_0': ('UMT5', dict(vocab_size=128, feed_forward_proj='relu', tie_word_embeddings=True),
                   dict(variant='v1_0', mlp_activation='', relpos_per_layer=True)),
     # UL2's MLP (T5Config feed_forward_proj 'gated-silu', untied).
-    'gated_silu': ('T5', dict(vocab_size=128, feed_forward_proj='gated-silu',
-                              tie_word_embeddings=False),
+    'gated_silu': ('T5',
+                   dict(vocab_size=128, feed_forward_proj='gated-silu', tie_word_embeddings=False),
                    dict(variant='v1_1', mlp_activation='gated-silu', relpos_per_layer=False)),
-    'gated_relu': ('T5', dict(vocab_size=128, feed_forward_proj='gated-relu',
-                              tie_word_embeddings=False),
+    'gated_relu': ('T5',
+                   dict(vocab_size=128, feed_forward_proj='gated-relu', tie_word_embeddings=False),
                    dict(variant='v1_1', mlp_activation='gated-relu', relpos_per_layer=False)),
 }
 HF_ATTRS = ('vocab_size', 'd_model', 'd_kv', 'd_ff', 'num_layers', 'num_decoder_layers',
             'num_heads', 'relative_attention_num_buckets', 'relative_attention_max_distance',
-            'layer_norm_epsilon', 'dense_act_fn', 'is_gated_act', 'is_encoder_decoder', 'model_type')
+            'layer_norm_epsilon', 'dense_act_fn', 'is_gated_act', 'is_encoder_decoder',
+            'model_type')
 
 
 def build_hf(kind, seed=0):
@@ -50,8 +52,8 @@ def build_hf(kind, seed=0):
   cls, spec, _ = KINDS[kind]
   spec = {**spec, **DIMS}
   torch.manual_seed(seed)
-  model = getattr(transformers, f'{cls}ForConditionalGeneration')(
-      getattr(transformers, f'{cls}Config')(**spec))
+  model = getattr(transformers,
+                  f'{cls}ForConditionalGeneration')(getattr(transformers, f'{cls}Config')(**spec))
   with torch.no_grad():
     # Position-bias tables larger than HF's init, each layer's its own values, so that a wrong
     # bucket or a table taken from the wrong layer shows in the logits.
@@ -103,9 +105,8 @@ def hf_logits(model, enc, dec_in, tgt):
                  decoder_attention_mask=torch.tensor(tgt > 0)).logits.numpy()
 
 
-@pytest.mark.parametrize('kind,scan_layers', [('umt5', False), ('umt5', True),
-                                              ('umt5_v1_0', False), ('gated_silu', False),
-                                              ('gated_relu', True)])
+@pytest.mark.parametrize('kind,scan_layers', [('umt5', False), ('umt5', True), ('umt5_v1_0', False),
+                                              ('gated_silu', False), ('gated_relu', True)])
 def test_logits_match_transformers(hf_models, kind, scan_layers):
   model, path = hf_models[kind]
   fields, params = hf.load_hf(path, scan_layers=scan_layers)
@@ -180,9 +181,10 @@ def random_t5lite_params(cfg, seed=0):
   return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 
 
-@pytest.mark.parametrize('variant,mlp_activation,relpos_per_layer',
-                         [('v1_1', '', True), ('v1_0', 'gated-silu', True),
-                          ('v1_1', 'gated-relu', False), ('v1_1', 'relu', False)])
+@pytest.mark.parametrize('variant,mlp_activation,relpos_per_layer', [('v1_1', '', True),
+                                                                     ('v1_0', 'gated-silu', True),
+                                                                     ('v1_1', 'gated-relu', False),
+                                                                     ('v1_1', 'relu', False)])
 def test_t5lite_to_hf_to_t5lite_is_bitwise(variant, mlp_activation, relpos_per_layer, tmp_path):
   for scan_layers in (False, True):
     cfg = ModelConfig(vocab_size=96, d_model=16, d_ff=24, num_heads=2, head_dim=8,
@@ -210,29 +212,33 @@ def test_relpos_per_layer_params_and_unchanged_defaults():
                       num_encoder_layers=2, num_decoder_layers=3, dtype='float32', **kw)
     return {n: tuple(x.shape) for n, x in hf.flatten(random_t5lite_params(cfg)).items()}
 
+  relpos = lambda names: {n for n in names if 'relpos' in n}
   shared = tree()
-  assert {n for n in shared if 'relpos' in n} == {'encoder/relpos_bias/rel_embedding',
-                                                  'decoder/relpos_bias/rel_embedding'}
+  assert relpos(shared) == {
+      'encoder/relpos_bias/rel_embedding', 'decoder/relpos_bias/rel_embedding'
+  }
   per_layer = tree(relpos_per_layer=True)
-  assert {n for n in per_layer if 'relpos' in n} == (
-      {f'encoder/layers_{i}/relpos_bias/rel_embedding' for i in range(2)}
-      | {f'decoder/layers_{i}/relpos_bias/rel_embedding' for i in range(3)})
-  assert set(shared) - {n for n in shared if 'relpos' in n} == (
-      set(per_layer) - {n for n in per_layer if 'relpos' in n})
+  want = [
+      f'{stack}/layers_{i}/relpos_bias/rel_embedding'
+      for stack, n in (('encoder', 2), ('decoder', 3)) for i in range(n)
+  ]
+  assert relpos(per_layer) == set(want)
+  assert set(shared) - relpos(shared) == set(per_layer) - relpos(per_layer)
   scanned = tree(relpos_per_layer=True, scan_layers=True)
   assert scanned['decoder/layers/relpos_bias/rel_embedding'] == (3, 32, 2)
   assert 'decoder/relpos_bias/rel_embedding' not in scanned
   gated = tree(mlp_activation='gated-silu', variant='v1_0')
-  assert gated['encoder/layers_0/mlp/wi_1/kernel'] == (16, 24) and 'logits_dense/kernel' not in gated
+  assert gated['encoder/layers_0/mlp/wi_1/kernel'] == (16, 24)
+  assert 'logits_dense/kernel' not in gated  # v1_0: tied
   relu = tree(mlp_activation='relu')
   assert 'encoder/layers_0/mlp/wi/kernel' in relu and 'logits_dense/kernel' in relu
 
 
 @pytest.mark.parametrize('edit,expected', [
-    ({'feed_forward_proj': 'gated-gelu', 'dense_act_fn': 'gelu'},
-     "a gated MLP with activation 'gelu'; t5lite's gated MLPs are gated-gelu, gated-silu"),
-    ({'feed_forward_proj': 'silu', 'dense_act_fn': 'silu', 'is_gated_act': False},
-     "a non-gated MLP with activation 'silu'"),
+    ({'feed_forward_proj': 'gated-gelu', 'dense_act_fn': 'gelu'
+     }, "a gated MLP with activation 'gelu'; t5lite's gated MLPs are gated-gelu, gated-silu"),
+    ({'feed_forward_proj': 'silu', 'dense_act_fn': 'silu', 'is_gated_act': False
+     }, "a non-gated MLP with activation 'silu'"),
 ])
 def test_activations_t5lite_cannot_compute_are_refused(edit, expected):
   config = json.loads(build_hf('gated_silu').config.to_json_string(use_diff=False))
@@ -245,7 +251,22 @@ def test_an_old_saved_config_without_the_new_fields_converts_as_before():
   """A t5lite checkpoint's config.model saved before mlp_activation / relpos_per_layer existed."""
   cfg = ModelConfig(vocab_size=64, d_model=16, d_ff=24, num_heads=2, head_dim=8,
                     num_encoder_layers=1, num_decoder_layers=1, dtype='float32')
-  old = {k: v for k, v in dataclasses.asdict(cfg).items()
-         if k not in ('mlp_activation', 'relpos_per_layer')}
+  old = {
+      k: v for k, v in dataclasses.asdict(cfg).items()
+      if k not in ('mlp_activation', 'relpos_per_layer')
+  }
   assert hf.hf_config_from_model_config(old) == hf.hf_config_from_model_config(cfg)
   assert [e[0] for e in hf.weight_map(old)] == [e[0] for e in hf.weight_map(cfg)]
+
+
+def test_init_from_hf_checks_the_mlp_as_computed(hf_models):
+  """checkpoint.init_from=hf:DIR's check: '' and the variant's own activation are one MLP."""
+  fields = hf.load_hf(hf_models['umt5'][1])[0]
+  assert hf.config_mismatches(hf_models['umt5'][1], dict(fields, mlp_activation='gated-gelu')) == []
+  problems = hf.config_mismatches(
+      hf_models['gated_silu'][1],
+      dict(fields, relpos_per_layer=False, mlp_activation='', vocab_size=128))
+  assert problems == [
+      f"model.mlp_activation='' but {hf_models['gated_silu'][1]}/config.json "
+      "gives 'gated-silu'"
+  ]

@@ -41,8 +41,7 @@ def _relpos(cfg: ModelConfig, bidirectional: bool) -> layers.RelativePositionBia
                                      bidirectional=bidirectional, name='relpos_bias')
 
 
-def _self_bias(relpos: layers.RelativePositionBias, length: int, cache_length: int = 0,
-               index=None):
+def _self_bias(relpos: layers.RelativePositionBias, length: int, cache_length: int = 0, index=None):
   """Self-attention's position bias: [1, heads, length, length]; in cached decoding (`index`, the
   [batch] positions of the one new query each), the rows [batch, heads, 1, cache_length]."""
   if index is not None:
@@ -96,8 +95,9 @@ class DecoderLayer(nn.Module):
         prefill=self.prefill, cross=cross, cache_length=self.cache_length, kernels=c.kernels,
         name=name)
     if c.relpos_per_layer:
-      self_bias = self_bias._replace(bias=_self_bias(
-          _relpos(c, False), x.shape[1], self.cache_length, cache_index if self.decode else None))
+      index = cache_index if self.decode else None
+      relpos = _self_bias(_relpos(c, False), x.shape[1], self.cache_length, index)
+      self_bias = self_bias._replace(bias=relpos)
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_self_attention_norm')(x)
     x = x + dropout(attention('self_attention', False)(h, h, self_bias, cache_index))
     if cross_bias is not None:
@@ -180,8 +180,8 @@ class Decoder(nn.Module):
     if decode:
       index = self.get_variable('cache', 'cache_index')
       written = jnp.arange(cache_length)[None, :] <= index[:, None]
-      self_bias = layers.AttentionBias(stack_bias(1, cache_length, index),
-                                       written[:, None, None, :])
+      mask = written[:, None, None, :]
+      self_bias = layers.AttentionBias(stack_bias(1, cache_length, index), mask)
       self.put_variable('cache', 'cache_index', index + 1)
       extra, cache_kwargs = (index,), dict(decode=True, cache_length=cache_length)
     else:

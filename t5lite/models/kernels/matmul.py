@@ -125,8 +125,7 @@ def _gated_fwd(x, w0, w1, dtype_name, activation):
 
 def _gated_bwd(dtype_name, activation, residuals, d_h):
   (xc, w0c, w1c, a0, a1), x_like = residuals
-  _, gate_pullback = jax.vjp(lambda u, v: _gate(u, v, activation), a0.astype(_F32),
-                             a1.astype(_F32))
+  _, gate_pullback = jax.vjp(lambda u, v: _gate(u, v, activation), a0.astype(_F32), a1.astype(_F32))
   d_a0, d_a1 = (g.astype(dtype_name) for g in gate_pullback(d_h.astype(_F32)))
   (d_x_spec, _), (d_w_spec, _) = DENSE[1], DENSE[2]  # operand orders 'gb' and 'ag'
   d_x = (jnp.einsum(d_x_spec, d_a0, w0c, preferred_element_type=_F32)
