@@ -29,6 +29,12 @@ table is [heads, buckets] in T5X and [buckets, heads] in t5lite (a transpose); e
 is the same array under another name (`*_layer_norm` -> `*_norm`, `encoder_norm` /
 `decoder_norm` -> `final_norm`, `decoder/logits_dense` -> `logits_dense`). Neither scales
 attention logits by 1/sqrt(head_dim) nor the input embedding by sqrt(emb_dim).
+
+Optimizer state: `adafactor_stats` maps T5X's Adafactor second moments onto optax's Adafactor
+state (init_from=t5x: with optimizer.name='adafactor', t5lite/init_from.py). t5lite's attention
+kernels are 3-D, so optax may factor (or not) where T5X did not (or did); the statistics then go
+through the full second moment that Adafactor divides by. T5X's first moment `m` (beta1) has no
+counterpart: t5lite's Adafactor keeps none.
 """
 from __future__ import annotations
 
@@ -101,6 +107,7 @@ class Checkpoint:
     else:
       self._index_legacy()
     self._shapes: dict[str, tuple] | None = None
+    self._param_map: dict[str, tuple[str, str]] | None = None
 
   def _index_orbax(self) -> None:
     state = files.join(self.path, 'state')
@@ -167,6 +174,12 @@ class Checkpoint:
       shapes.update({n: tuple(self._open(n).shape) for n in self._specs})  # metadata only
       self._shapes = shapes
     return self._shapes
+
+  def param_map(self) -> dict[str, tuple[str, str]]:
+    """t5x.param_map of this checkpoint, computed once."""
+    if self._param_map is None:
+      self._param_map = param_map(self.shapes)
+    return self._param_map
 
   def read(self, names: Iterable[str]) -> dict[str, np.ndarray]:
     out = {}
@@ -376,11 +389,11 @@ def _full_v(shape: tuple, v: np.ndarray, v_row: np.ndarray, v_col: np.ndarray) -
 
 def _t5x_names(ckpt: Checkpoint, name: str) -> list[tuple[str, str]]:
   """[(T5X param name, kind)] behind a t5lite name: one, or one per layer for a stacked one."""
-  mapping = param_map(ckpt.shapes)
+  mapping = ckpt.param_map()
   m = re.fullmatch(r'(encoder|decoder)/layers/(.*)', name)
   if not m:
     return [mapping[name]]
-  count = len({k for k in mapping if re.match(rf'{m[1]}/layers_\d+/', k)})
+  count = len({x[1] for k in mapping if (x := re.match(rf'{m[1]}/layers_(\d+)/', k))})
   return [mapping[f'{m[1]}/layers_{i}/{m[2]}'] for i in range(count)]
 
 

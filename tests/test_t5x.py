@@ -269,3 +269,26 @@ def test_finetune_from_t5x_runs_and_starts_from_its_params(tmp_path, capsys):
   counts = sorted(int(x) for x in jax.tree.leaves(state['opt_state']) if np.ndim(x) == 0)
   # Adafactor's count went on from T5X's 3; the schedule's (and the run's step) from 0.
   assert counts == [1, 3 + 1], counts
+
+
+def test_adafactor_state_for_a_scanned_model_stacks_the_layers():
+  params = abstract_params({'variant': 'v1_1', **SHAPE}, scan=True)
+  tx = optax.adafactor(lambda step: 0.01, min_dim_size_to_factor=32, momentum=None)
+  state, _ = init_from.load_adafactor_for_init('t5x:' + T511, jax.eval_shape(tx.init, params),
+                                               params)
+  factored = next(
+      s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.FactoredState))
+      if isinstance(s, optax.FactoredState))
+  raw = t5x.Checkpoint(T511).read(
+      [f'state/param_states/decoder/layers_{i}/self_attention/key/kernel/v' for i in range(3)])
+  want = np.stack([x.reshape(40, 4, 6) for _, x in sorted(raw.items())])
+  got = factored.v['decoder']['layers']['self_attention']['key']['kernel']  # [3, 40, 4, 6]
+  np.testing.assert_array_equal(np.asarray(got), want)
+  # [3, 40, 56] is factored by optax over (40, 56): rows and columns are T5X's per layer.
+  wi = factored.v_row['encoder']['layers']['mlp']['wi_1']['kernel']
+  rows = t5x.Checkpoint(T511).read(
+      [f'state/param_states/encoder/layers_{i}/mlp/wi_1/kernel/v_row' for i in range(2)])
+  assert wi.shape == (2, 40)
+  np.testing.assert_allclose(
+      np.asarray(wi) / np.asarray(wi).mean(axis=1, keepdims=True),
+      np.stack([r / r.mean() for _, r in sorted(rows.items())]), rtol=1e-5)
