@@ -54,8 +54,9 @@ class ConvertError(Exception):
   """A one-line reason the conversion cannot run."""
 
 
-def _overrides(model: dict) -> list[str]:
-  return [f'--config.model.{k}={model[k]}' for k in hf.MODEL_FIELDS + ('scan_layers',)]
+def _overrides(model: dict, tokenizer: dict | None = None) -> list[str]:
+  vocabulary = [f'--config.data.vocabulary={tokenizer["vocabulary"]}'] if tokenizer else []
+  return [f'--config.model.{k}={model[k]}' for k in hf.MODEL_FIELDS + ('scan_layers',)] + vocabulary
 
 
 def _hf_tokenizer(model_path: str, model_vocab_size: int) -> dict | None:
@@ -106,8 +107,9 @@ def hf_to_t5lite(model_path: str, out: str, scan_layers: bool = False) -> dict:
     ckpt.close()
   files.write_text(
       files.join(out, 'model_config.json'),
-      json.dumps({'model': model, 'overrides': _overrides(model), 'converted_from': source},
-                 indent=2))
+      json.dumps(
+          {'model': model, 'overrides': _overrides(model, tokenizer), 'converted_from': source},
+          indent=2))
   return model
 
 
@@ -239,16 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f'config to {files.join(out, "model_config.json")}')
       tokenizer = json.loads(files.read_text(files.join(out, 'model_config.json')))
       tokenizer = tokenizer['converted_from']['tokenizer']
-      vocabulary = []
       if tokenizer is None:
         print(f'{hf.model_dir(args.model)} holds no tokenizer (spiece.model, tokenizer.json): '
               '--config.data.vocabulary must name the one the model was trained with '
               f'({model["vocab_size"]} embedding rows)')
       else:
         print(f'its tokenizer: {hf_vocab.describe(tokenizer)}')
-        vocabulary = [f'--config.data.vocabulary={tokenizer["vocabulary"]}']
       print('fine-tune from it with these overrides:')
-      print(' '.join(_overrides(model) + vocabulary + [f'--config.checkpoint.init_from={out}']))
+      print(' '.join(_overrides(model, tokenizer) + [f'--config.checkpoint.init_from={out}']))
     elif args.command == 't5x-to-t5lite':
       from t5lite import t5x  # pylint: disable=import-outside-toplevel
       model = t5x.to_t5lite_workdir(args.checkpoint, args.out, args.scan_layers)

@@ -13,7 +13,7 @@ import transformers
 
 import t5lite.data.catalog  # noqa: F401  (registers the built-in tasks that validate names)
 from t5lite import config as config_lib
-from t5lite import config_files, convert
+from t5lite import config_files, convert, train
 from t5lite.data import embedded, hf_vocab, vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +154,8 @@ def test_convert_records_writes_and_refuses_other_vocabularies(small_sp, tmp_pat
   assert f'--config.data.vocabulary=hf:{hf_dir}' in out and 'sentencepiece, 384 ids' in out
   recorded = json.load(open(os.path.join(workdir, 'model_config.json')))['converted_from']
   assert recorded['tokenizer'] == hf_vocab.record(own, f'hf:{hf_dir}')
+  assert f'--config.data.vocabulary=hf:{hf_dir}' in json.load(
+      open(os.path.join(workdir, 'model_config.json')))['overrides']
   saved = hf_vocab.read_saved_config(os.path.join(workdir, 'checkpoints', '0'))
   assert saved['converted_from']['tokenizer'] == recorded['tokenizer']
 
@@ -183,6 +185,17 @@ def test_convert_records_writes_and_refuses_other_vocabularies(small_sp, tmp_pat
     other = hf_vocab.record(vocab.SentencePieceVocabulary(small_sp[1]), small_sp[1])
     err = refusal(*model, f'checkpoint.init_from={init}', f'data.vocabulary={small_sp[1]}')
     assert f'sha256 {other["sha256"][:12]}' in err and recorded['tokenizer']['sha256'][:12] in err
+
+  # The training command refuses it before building anything: one line, status 2.
+  argv = [
+      '--config',
+      os.path.join(REPO, 'configs', 'quickstart.py'), '--workdir',
+      str(tmp_path / 'ft')
+  ] + [f'--config.{o}' for o in model]
+  assert train.main(argv + [f'--config.checkpoint.init_from={workdir}']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("config error: config.data.vocabulary='embedded' is embedded")
+  assert err.count('\n') == 1 and not os.path.exists(tmp_path / 'ft' / 'checkpoints')
 
   # A t5lite-to-hf of a checkpoint that records no tokenizer writes none and says so; --vocabulary
   # names one.
