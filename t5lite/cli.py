@@ -5,7 +5,11 @@ The command line is absl flags with an ml_collections config file flag:
 
   python -m t5lite.JOB --config configs/x.py[:arg] --config.section.field=value --workdir DIR
                        [job flags] [--coordinator_address=H:P --num_processes=N --process_id=I]
-                       [--local_device_count=K] [--flagfile=FILE] [--help | -h]
+                       [--local_device_count=K] [--module_import=my.tasks ...] [--flagfile=FILE]
+                       [--help | -h]
+
+--module_import (repeatable, T5X's flag) adds to config.imports: Python modules imported before the
+config is validated, so the tasks and mixtures they register can be named in data.task.
 
 Exit code 0: done (or --help); 2: the command or its input is wrong (fix it and run again); 1: the run
 itself failed.
@@ -26,6 +30,8 @@ from ml_collections import config_flags
 from t5lite import checkpoints, distributed, files, host_memory, partitioning
 from t5lite import config as config_lib
 from t5lite import config_files
+from t5lite.data import file_tasks
+from t5lite.data import tasks as tasks_lib
 from t5lite.models.t5 import make_model
 
 ErrorKind = tuple[type, str, int]  # (exception class, message prefix, exit code)
@@ -83,6 +89,10 @@ def _flag_values(job_flags: Sequence[Flag], workdir_help: str, argv: Sequence[st
       'with --config.section.field=value', flag_values=flag_values, lock_config=True,
       sys_argv=['t5lite', *argv])
   absl_flags.DEFINE_string('workdir', None, workdir_help, flag_values=flag_values)
+  absl_flags.DEFINE_multi_string(
+      'module_import', [], 'a Python module to import before the config is validated, so the '
+      'tasks it registers can be named (repeatable; adds to config.imports)',
+      flag_values=flag_values)
   for flag in (*job_flags, *DISTRIBUTED_FLAGS):
     flag.define(flag_values)
   return flag_values, config_flag
@@ -140,7 +150,12 @@ def parse(argv: Sequence[str], job_flags: Sequence[Flag] = (), usage: str = '',
       if flag_values[f.name].value is not None
   })
   options = {f.name: flag_values[f.name].value for f in job_flags}
-  return Invocation(config_flag.value, flag_values['workdir'].value, options)
+  config = config_flag.value
+  added = [m for m in flag_values['module_import'].value if m not in tuple(config.imports)]
+  if added:  # recorded in the config (the workdir's config.json), so a later job imports them too
+    config.imports = (*config.imports, *added)
+  tasks_lib.import_modules(config.imports)  # now: a job may look tasks up before build
+  return Invocation(config, flag_values['workdir'].value, options)
 
 
 def _one_line(error: BaseException) -> str:
@@ -257,6 +272,8 @@ def build(config, devices=None) -> Built:
   host_memory.keep_freed_memory(config.keep_host_memory, devices[0].platform if devices else None)
   import jax  # pylint: disable=import-outside-toplevel  (after the allocator settings)
   devices = tuple(devices if devices is not None else jax.devices())
+  tasks_lib.import_modules(config.imports)  # (parse did for a command line; a program: build)
+  config = file_tasks.apply(config)  # data.source: its task registered, data.task names it
   shape = config_lib.validate(config, len(devices), partitioning.num_slices(devices))
   cfg = config_lib.resolve(config)
   mesh = partitioning.make_mesh(shape, devices, config_lib.dcn_shape(cfg.mesh))

@@ -2,6 +2,9 @@
 
     python -m t5lite.data.inspect --task embedded_span_corruption --n 3 \
         --lengths inputs=512,targets=114 [--split train] [--converter encdec] [--batches 20]
+    python -m t5lite.data.inspect --module_import my.tasks --task my_task      # a task of yours
+    python -m t5lite.data.inspect --source jsonl:data/{split}.jsonl \
+        --source_fields inputs=question,targets=answer [--objective supervised] [--vocabulary byte]
 
 Prints n examples as text (sentinels as <extra_id_N>, UL2 mode tokens as [NLU]/[NLG]/[S2S]),
 then packs `--batches` batches of `--batch_size` rows and prints the fill ratio per
@@ -16,12 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import types
 
 import numpy as np
 
 from t5lite import logs
 from t5lite.data import catalog  # noqa: F401  pylint: disable=unused-import  (registers tasks)
-from t5lite.data import pipeline, tasks
+from t5lite.data import file_tasks, pipeline, tasks, vocab
+from t5lite.fields import ConfigError
 from t5lite.data import preprocessors as P
 
 log = logging.getLogger('t5lite.data.inspect')  # not __name__: '__main__' under python -m
@@ -55,7 +60,13 @@ def _first_task(obj):
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--task', required=True, help='registered task or mixture name')
+  p.add_argument('--task', help='registered task or mixture name')
+  p.add_argument('--module_import', action='append', default=[],
+                 help='a module to import first, registering tasks (repeatable)')
+  p.add_argument('--source', help="data.source's FORMAT:PATTERN or hf:FOLDER instead of --task")
+  p.add_argument('--source_fields', default='inputs=inputs,targets=targets')
+  p.add_argument('--objective', default='supervised', choices=file_tasks.OBJECTIVES)
+  p.add_argument('--vocabulary', default='embedded', help='--source: as data.vocabulary')
   p.add_argument('--split', default='train')
   p.add_argument('--n', type=int, default=5, help='examples to print')
   p.add_argument('--lengths', type=parse_lengths, default=parse_lengths('inputs=512,targets=114'))
@@ -64,9 +75,17 @@ def main(argv=None) -> int:
   p.add_argument('--batches', type=int, default=10)
   p.add_argument('--seed', type=int, default=0)
   args = p.parse_args(argv)
+  if bool(args.task) == bool(args.source):
+    p.error('give --task or --source (one of them)')
   try:
+    tasks.import_modules(args.module_import)
+    if args.source:
+      args.task = file_tasks.register(
+          types.SimpleNamespace(source=args.source, source_fields=args.source_fields,
+                                objective=args.objective, vocabulary=args.vocabulary,
+                                sp_vocab_size=vocab.DEFAULT_SP_VOCAB_SIZE)).name
     obj = tasks.get(args.task)
-  except tasks.UnknownNameError as e:
+  except (tasks.UnknownNameError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
 

@@ -8,7 +8,8 @@ resumable reading. Sources here:
   FunctionSource   split -> list of dicts, called once per split (lazily)
   TextLineSource   text files, one example {'text': line} per non-blank line
   JsonlSource      JSON-lines files, one dict per non-blank line
-  TsvSource        tab-separated files, one dict per line with the given field names
+  TsvSource        tab-separated files, one dict per line with the given field names (or,
+                   with none given, the names in each file's first line, its header)
   TfdsSource       TFDS through `tfds.data_source` (array_record: random access, no TensorFlow);
                    tfrecord-only datasets go through tf.data when TensorFlow is installed
                    (`pip install t5lite[tf]`), and fail with that hint when it is not.
@@ -140,17 +141,20 @@ def expand_patterns(patterns: str | Sequence[str], what: str = '') -> list[str]:
 
 
 class _LineIndex(Sequence):
-  """Random access to the non-blank lines of several files through byte offsets.
+  """Random access to the non-blank lines of several files through byte offsets (after each
+  file's first non-blank line when `skip_first`: a header, kept in `first_lines`).
 
   A local file is opened for each read. A URL's file is opened once per process and kept open:
   one HTTP request per example would be slow, and gcsfs's file object reads ahead in blocks, so
   neighbouring lines come from memory. Those handles are shared by grain's reader threads (a
   lock keeps seek + readline together) and are not pickled to grain's worker processes."""
 
-  def __init__(self, files_: Sequence[str], parse: Callable[[str, str, int], Mapping[str, Any]]):
+  def __init__(self, files_: Sequence[str], parse: Callable[[str, str, int], Mapping[str, Any]],
+               skip_first: bool = False):
     self._files = list(files_)
     self._parse = parse
     self._index: list[tuple[int, int, int]] = []  # (file number, offset, line number)
+    self.first_lines: dict[str, bytes] = {}  # path -> its first non-blank line (skip_first)
     self._handles: dict[int, Any] = {}
     self._lock = threading.Lock()
     for f, path in enumerate(self._files):
@@ -159,7 +163,10 @@ class _LineIndex(Sequence):
         with _open(path) as fh:
           for lineno, line in enumerate(fh, 1):
             if line.strip():
-              self._index.append((f, offset, lineno))
+              if skip_first and path not in self.first_lines:
+                self.first_lines[path] = line
+              else:
+                self._index.append((f, offset, lineno))
             offset += len(line)
       except OSError as e:  # a directory, no permission...: named here, not deep in grain
         raise DataSourceError(f'{path}: cannot be read ({e.strerror or e}).') from None
@@ -211,10 +218,12 @@ def _open(path: str):
 
 class _FileSource(Source):
   EXPECTED = 'lines'  # what a line should be, for the error messages
+  SKIP_FIRST = False  # the first non-blank line of each file is a header, not an example
 
-  def __init__(self, split_patterns: Mapping[str, str | Sequence[str]]):
+  def __init__(self, split_patterns: Mapping[str, str | Sequence[str]], label: str = ''):
     self._patterns = dict(split_patterns)
     self._cache: dict[str, _LineIndex] = {}
+    self.label = label  # where the patterns came from (e.g. 'data.source=...'), for messages
 
   @property
   def splits(self):
@@ -225,12 +234,14 @@ class _FileSource(Source):
 
   def files(self, split: str) -> list[str]:
     self._check_split(split)
-    return expand_patterns(self._patterns[split], f'{type(self).__name__} split {split!r}: ')
+    return expand_patterns(self._patterns[split],
+                           f'{self.label or type(self).__name__} split {split!r}: ')
 
   def get(self, split):
     if split not in self._cache:
       files = self.files(split)
-      index = _LineIndex(files, self._parse)
+      index = _LineIndex(files, self._parse, self.SKIP_FIRST)
+      self._read_headers(index)
       if not len(index):
         # Said here, when the pipeline is built, rather than as grain's "no examples" or a
         # mixture that never yields. One empty shard among others is allowed.
@@ -241,13 +252,16 @@ class _FileSource(Source):
       self._cache[split] = index
     return self._cache[split]
 
+  def _read_headers(self, index: _LineIndex) -> None:
+    """Takes what it needs from the files' first lines (SKIP_FIRST sources)."""
+
 
 class TextLineSource(_FileSource):
   """One example {key: line} per non-blank line (trailing newline removed)."""
   EXPECTED = 'one example per non-blank line of UTF-8 text'
 
-  def __init__(self, split_patterns, key: str = 'text'):
-    super().__init__(split_patterns)
+  def __init__(self, split_patterns, key: str = 'text', label: str = ''):
+    super().__init__(split_patterns, label)
     self.key = key
 
   def _parse(self, line, path, lineno):
@@ -270,21 +284,34 @@ class JsonlSource(_FileSource):
     return obj
 
 
-class TsvSource(_FileSource):
-  """Tab-separated lines -> {field_names[i]: column i}; a wrong column count is an error."""
+def _split_tsv(line: str) -> list[str]:
+  return next(csv.reader(io.StringIO(line), delimiter='\t', quoting=csv.QUOTE_NONE))
 
-  def __init__(self, split_patterns, field_names: Sequence[str]):
-    super().__init__(split_patterns)
-    self.field_names = tuple(field_names)
-    self.EXPECTED = (f'{len(self.field_names)} tab-separated columns per line '
-                     f'({", ".join(self.field_names)})')
+
+class TsvSource(_FileSource):
+  """Tab-separated lines -> {field_names[i]: column i}; a wrong column count is an error.
+  field_names None: each file's first non-blank line is its header, naming its columns."""
+
+  def __init__(self, split_patterns, field_names: Sequence[str] | None = None, label: str = ''):
+    super().__init__(split_patterns, label)
+    self.SKIP_FIRST = field_names is None
+    self.field_names = None if field_names is None else tuple(field_names)
+    self._headers: dict[str, tuple[str, ...]] = {}
+    self.EXPECTED = ('a header line naming the tab-separated columns, then one example per line'
+                     if field_names is None else f'{len(self.field_names)} tab-separated columns '
+                     f'per line ({", ".join(self.field_names)})')
+
+  def _read_headers(self, index):
+    for path, raw in index.first_lines.items():
+      self._headers[path] = tuple(_split_tsv(raw.decode('utf-8', 'replace').rstrip('\r\n')))
 
   def _parse(self, line, path, lineno):
-    cols = next(csv.reader(io.StringIO(line), delimiter='\t', quoting=csv.QUOTE_NONE))
-    if len(cols) != len(self.field_names):
+    names = self.field_names or self._headers[path]
+    cols = _split_tsv(line)
+    if len(cols) != len(names):
       raise DataSourceError(f'{path}:{lineno}: {len(cols)} tab-separated columns, expected '
-                            f'{len(self.field_names)} ({", ".join(self.field_names)}).')
-    return dict(zip(self.field_names, cols))
+                            f'{len(names)} ({", ".join(names)}).')
+    return dict(zip(names, cols))
 
 
 TF_EXTRA_HINT = ('this TFDS dataset is only available as tfrecord, which needs TensorFlow: '

@@ -31,15 +31,19 @@ from __future__ import annotations
 
 import collections
 import difflib
+import importlib
 import logging
+import os
 import sys
 import threading
+import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from t5lite.data import preprocessors as P
 from t5lite.data.sources import Source
+from t5lite.fields import ConfigError
 
 
 class Feature:
@@ -146,7 +150,9 @@ class Task:
   def examples(self, split: str, sequence_length=None, output_features=None) -> Sequence:
     """Random-access examples after the eager (dataset-level) steps; cached per lengths."""
     if split not in self.splits:
-      raise ValueError(f'task {self.name!r} has no split {split!r}; it has {list(self.splits)}.')
+      hint = getattr(self.source, 'split_hint', '')  # e.g. data.source's: how to add one
+      raise ValueError(f'task {self.name!r} has no split {split!r}; it has {list(self.splits)}.'
+                       f'{hint}')
     raw = self.source.get(split)
     if not self._eager_steps:
       return raw
@@ -340,3 +346,31 @@ def get_mixture(name: str) -> Mixture:
   if not isinstance(obj, Mixture):
     raise ValueError(f'{name!r} is a task, not a mixture.')
   return obj
+
+
+# --- user task modules (--module_import, config.imports) ----------------------------------------
+
+_IMPORT_ERROR = '--module_import / config.imports: module {name!r} failed to import: {error}{at}'
+
+
+def import_modules(names: Sequence[str]) -> None:
+  """Imports task modules in order, so the tasks and mixtures they register can be named (what
+  T5X's --module_import does); ConfigError naming the module that cannot be imported, and where
+  it failed when the module itself raised."""
+  if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+    raise ConfigError(f'config.imports={names!r}: must be a tuple of module names, e.g. '
+                      "('my_project.tasks',)")
+  for name in names:
+    try:
+      importlib.import_module(name)
+    except Exception as e:  # pylint: disable=broad-except  (the user's module: one line)
+      missing = getattr(e, 'name', None) if isinstance(e, ModuleNotFoundError) else None
+      if missing and (name == missing or name.startswith(missing + '.')):
+        raise ConfigError(f'--module_import / config.imports: no module named {name!r} on the '
+                          f'Python path (working folder {os.getcwd()}); put its folder on '
+                          'PYTHONPATH, or install its package') from None
+      frames = traceback.extract_tb(e.__traceback__)
+      at = f' (at {frames[-1].filename}:{frames[-1].lineno})' if frames else ''
+      first = (str(e).strip().splitlines() or [''])[0]
+      raise ConfigError(_IMPORT_ERROR.format(name=name, error=f'{type(e).__name__}: {first}',
+                                             at=at)) from None
