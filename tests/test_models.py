@@ -76,14 +76,19 @@ def test_prefix_lm_sees_the_whole_prefix_and_causal_lm_does_not():
   np.testing.assert_allclose(run(tokens, None)[0, :2], run(changed, None)[0, :2], atol=1e-6)
 
 
-@pytest.mark.parametrize('architecture', ['encoder_decoder', 'decoder_only'])
-def test_scan_equals_unrolled(architecture):
+# relpos_per_layer: each layer's own position-bias table, stacked like the other layer params.
+@pytest.mark.parametrize('architecture,relpos_per_layer', [('encoder_decoder', False),
+                                                           ('decoder_only', False),
+                                                           ('encoder_decoder', True),
+                                                           ('decoder_only', True)])
+def test_scan_equals_unrolled(architecture, relpos_per_layer):
   batch = dict(decoder_input_tokens=np.array([[0, 5, 6, 7]]),
                decoder_target_tokens=np.array([[5, 6, 7, 1]]))
   if architecture == 'encoder_decoder':
     batch['encoder_input_tokens'] = np.array([[3, 4, 5, 1, 0]])
-  unrolled = make_model(tiny(architecture))
-  scanned = make_model(tiny(architecture, scan_layers=True, remat_policy='full'))
+  unrolled = make_model(tiny(architecture, relpos_per_layer=relpos_per_layer))
+  scanned = make_model(
+      tiny(architecture, scan_layers=True, remat_policy='full', relpos_per_layer=relpos_per_layer))
   params = init(unrolled, batch)
 
   def stack(stack_params, n):
@@ -155,3 +160,44 @@ def test_every_parameter_has_logical_axes():
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert leaves and all(
       isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)
+
+
+# The family presets against the papers' parameter counts: mT5 (Xue et al. 2021, Table 1 of the
+# mT5 paper), ByT5 (Xue et al. 2022, Table 1) and UL2 20B (Tay et al. 2022).
+PUBLISHED_FAMILY = {
+    'mt5_small': 300e6, 'mt5_base': 580e6, 'mt5_large': 1.2e9, 'mt5_xl': 3.7e9, 'mt5_xxl': 13e9,
+    'byt5_small': 300e6, 'byt5_base': 582e6, 'byt5_large': 1.23e9, 'byt5_xl': 3.74e9,
+    'byt5_xxl': 12.9e9, 'ul2_20b': 20e9
+}
+FAMILY_SHAPES = {  # d_model, d_ff, heads, head_dim, enc / dec layers, vocab: the HF configs
+    'mt5_small': (512, 1024, 6, 64, 8, 8, 250112), 'mt5_xxl': (4096, 10240, 64, 64, 24, 24, 250112),
+    'byt5_small': (1472, 3584, 6, 64, 12, 4, 384), 'byt5_xl': (2560, 6720, 32, 64, 36, 12, 384),
+    'ul2_20b': (4096, 16384, 16, 256, 32, 32, 32128)
+}
+
+
+@pytest.mark.parametrize('size', list(PUBLISHED_FAMILY))
+def test_family_preset_parameter_counts(size):
+  cfg = ModelConfig.from_config(model_config(size))
+  assert cfg.variant == 'v1_1' and cfg.gated and not cfg.tie_logits
+  assert cfg.activation == ('gated-silu' if size == 'ul2_20b' else 'gated-gelu')
+  model = make_model(cfg)
+  batch = dict(encoder_input_tokens=jnp.ones((1, 4), jnp.int32), decoder_input_tokens=jnp.ones(
+      (1, 4), jnp.int32))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **batch))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(abstract)))
+  if size in FAMILY_SHAPES:
+    d, ff, h, dh, n_enc, n_dec, vocab = FAMILY_SHAPES[size]
+    assert (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.head_dim, cfg.num_encoder_layers,
+            cfg.num_decoder_layers, cfg.vocab_size) == FAMILY_SHAPES[size]
+    assert count == closed_form_param_count(d, ff, h, dh, n_enc, n_dec, vocab, gated=True,
+                                            tied=False)
+  # The papers round to 2-3 digits ("20B" is UL2's name; the model has 19.6B).
+  assert abs(count - PUBLISHED_FAMILY[size]) / PUBLISHED_FAMILY[size] < 0.03, count
+
+
+def test_family_presets_refuse_v1_0_and_keep_an_explicit_vocabulary():
+  with pytest.raises(ValueError, match="'byt5_small' is a T5.1.1-architecture model"):
+    model_config('byt5_small', variant='v1_0')
+  assert model_config('mt5_base', vocab_size=250240).vocab_size == 250240
+  assert model_config('base').vocab_size == 32128

@@ -8,7 +8,9 @@ the frozen, hashable ModelConfig itself (`ModelConfig.from_config(config.model)`
 
 Sizes are those of the T5 paper (v1.0, Raffel et al. 2020, Table 14 / released checkpoints) and
 of the T5.1.1 release notes (google-research/text-to-text-transfer-transformer,
-released_checkpoints.md). `tiny` is for tests and the quickstart.
+released_checkpoints.md). `tiny` is for tests and the quickstart. The other members of the family
+(FAMILY_PRESETS) carry their own vocabulary and MLP: mT5 (Xue et al. 2021), ByT5 (Xue et al.
+2022) and a UL2-20B-shaped model (Tay et al. 2022), as their released configs give them.
 """
 from __future__ import annotations
 
@@ -48,6 +50,36 @@ V1_0_SIZES = {
     'xxl': (1024, 65536, 128, 128, 24, 24),  # "11B"
 }
 SIZES = tuple(V1_1_SIZES)
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyPreset:
+  shape: tuple[int, int, int, int, int, int]  # as in V1_1_SIZES
+  vocab_size: int
+  mlp_activation: str = ''  # '' = v1_1's gated-gelu
+
+
+# T5.1.1-architecture models with their own vocabulary, shapes and MLP: untied logits (v1_1).
+# Numbers from the HF configs of the released checkpoints (google/mt5-*, google/byt5-*,
+# google/ul2); their parameter counts match the papers' (tests/test_models.py).
+FAMILY_PRESETS = {
+    # mT5: T5.1.1's shapes, a 250112-row embedding (250000 SentencePiece pieces + 100 sentinels,
+    # padded to a multiple of 128).
+    **{
+        f'mt5_{size}': FamilyPreset(V1_1_SIZES[size], 250112)
+        for size in ('small', 'base', 'large', 'xl', 'xxl')
+    },
+    # ByT5: bytes (259 ids + 125 sentinels = 384, t5lite's `byte` vocabulary), a wider model and
+    # an encoder three times as deep as the decoder.
+    'byt5_small': FamilyPreset((1472, 3584, 6, 64, 12, 4), 384),
+    'byt5_base': FamilyPreset((1536, 3968, 12, 64, 18, 6), 384),
+    'byt5_large': FamilyPreset((1536, 3840, 16, 64, 36, 12), 384),
+    'byt5_xl': FamilyPreset((2560, 6720, 32, 64, 36, 12), 384),
+    'byt5_xxl': FamilyPreset((4672, 12352, 64, 64, 36, 12), 384),
+    # UL2 20B: 32 + 32 layers of 16 heads x 256, gated-SiLU MLP, T5's English vocabulary.
+    'ul2_20b': FamilyPreset((4096, 16384, 16, 256, 32, 32), 32128, 'gated-silu'),
+}
+PRESETS = SIZES + tuple(FAMILY_PRESETS)  # every name `preset` takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,19 +161,31 @@ class ModelConfig:
     return self.variant == 'v1_0'
 
 
-def preset(size: str = 'tiny', variant: str = 'v1_1', vocab_size: int = 32128,
+def preset(size: str = 'tiny', variant: str = 'v1_1', vocab_size: int | None = None,
            architecture: str = 'encoder_decoder') -> ModelConfig:
-  """The ModelConfig of a published size (the other fields at their defaults)."""
-  table = V1_1_SIZES if variant == 'v1_1' else V1_0_SIZES
-  if size not in table:
-    raise ValueError(f'unknown model size {size!r}; valid sizes: {", ".join(SIZES)}')
-  d_model, d_ff, num_heads, head_dim, n_enc, n_dec = table[size]
+  """The ModelConfig of a published size (the other fields at their defaults): a T5 size of
+  `variant`, or a FAMILY_PRESETS name (v1_1 only). `vocab_size` None: the preset's own (32128
+  for the T5 sizes)."""
+  if size in FAMILY_PRESETS:
+    if variant != 'v1_1':
+      raise ValueError(f'model size {size!r} is a T5.1.1-architecture model: variant must be '
+                       f'v1_1, not {variant!r}')
+    family = FAMILY_PRESETS[size]
+    shape, activation = family.shape, family.mlp_activation
+    vocab_size = family.vocab_size if vocab_size is None else vocab_size
+  else:
+    table = V1_1_SIZES if variant == 'v1_1' else V1_0_SIZES
+    if size not in table:
+      raise ValueError(f'unknown model size {size!r}; valid sizes: {", ".join(PRESETS)}')
+    shape, activation = table[size], ''
+    vocab_size = 32128 if vocab_size is None else vocab_size
+  d_model, d_ff, num_heads, head_dim, n_enc, n_dec = shape
   return ModelConfig(size=size, variant=variant, architecture=architecture, vocab_size=vocab_size,
                      d_model=d_model, d_ff=d_ff, num_heads=num_heads, head_dim=head_dim,
-                     num_encoder_layers=n_enc, num_decoder_layers=n_dec)
+                     num_encoder_layers=n_enc, num_decoder_layers=n_dec, mlp_activation=activation)
 
 
-def model_config(size: str = 'tiny', variant: str = 'v1_1', vocab_size: int = 32128,
+def model_config(size: str = 'tiny', variant: str = 'v1_1', vocab_size: int | None = None,
                  architecture: str = 'encoder_decoder') -> ml_collections.ConfigDict:
   """The `config.model` block for a preset: ModelConfig's fields, in their declared order."""
   cfg = preset(size, variant, vocab_size, architecture)
