@@ -25,7 +25,8 @@ import numpy as np
 
 from t5lite import logs
 from t5lite.data import catalog  # noqa: F401  pylint: disable=unused-import  (registers tasks)
-from t5lite.data import file_tasks, pipeline, tasks, vocab
+from t5lite.data import file_tasks, pipeline, tasks
+from t5lite.data import vocab as vocab_lib
 from t5lite.fields import ConfigError
 from t5lite.data import preprocessors as P
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
       args.task = file_tasks.register(
           types.SimpleNamespace(source=args.source, source_fields=args.source_fields,
                                 objective=args.objective, vocabulary=args.vocabulary,
-                                sp_vocab_size=vocab.DEFAULT_SP_VOCAB_SIZE)).name
+                                sp_vocab_size=vocab_lib.DEFAULT_SP_VOCAB_SIZE)).name
     obj = tasks.get(args.task)
   except (tasks.UnknownNameError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
