@@ -4,6 +4,7 @@ and the refusal of a fine-tune on another vocabulary than the model's. Offline: 
 and model is built here (SentencePiece trained in-test, tiny random HF T5 models)."""
 import json
 import os
+import pickle
 import random
 import shutil
 
@@ -91,8 +92,13 @@ def test_hf_dir_vocabulary_reads_spiece_tokenizer_json_and_byt5(small_sp, tmp_pa
   fast = vocab.get_vocabulary(f'hf:{tmp_path / "fast"}')
   assert isinstance(fast, vocab.TokenizersVocabulary)
   assert (fast.vocab_size, fast.extra_ids, fast.sentinel_id(5)) == (384, 100, 378)
-  for text in strings():
+  # Special-token text is text, as for SentencePiece (transformers' tokenizer.json would match
+  # '</s>' as a piece): plain encode agrees too, also after pickling (grain's worker processes).
+  literal = ['x </s> y', '<pad><unk>', '<extra_id_3>', 'a</s>']
+  fast_copy = pickle.loads(pickle.dumps(fast))
+  for text in strings() + literal:
     assert vocab.encode_with_sentinels(fast, text) == vocab.encode_with_sentinels(sp, text), text
+    assert fast.encode(text) == fast_copy.encode(text) == sp.encode(text), text
   ids = vocab.encode_with_sentinels(sp, 'the return <extra_id_2> of 12')
   assert fast.decode(ids + [1, 50]) == sp.decode(ids) == 'the return<extra_id_2> of 12'
 

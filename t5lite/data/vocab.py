@@ -228,6 +228,21 @@ def _extra_ids(config: dict, default: int) -> int:
   return len(found) or default
 
 
+def _unreachable_specials(text: str) -> str:
+  """tokenizer.json with its special pieces (pad, eos, unk, sentinels) scored out of reach of a
+  Unigram model's search. transformers' T5 conversion keeps them in the piece table with score 0,
+  so encoding '</s>' as text would give EOS; SentencePiece never matches such control pieces."""
+  config = json.loads(text)
+  model = config.get('model') or {}
+  if model.get('type') != 'Unigram':
+    return text
+  special = {t['content'] for t in config.get('added_tokens') or () if t.get('special')}
+  for piece in model.get('vocab') or ():
+    if piece[0] in special:
+      piece[1] = -1e9
+  return json.dumps(config)
+
+
 class TokenizersVocabulary(_T5Ids):
   """A `tokenizers` tokenizer.json with T5's id layout (pad 0, eos 1, unk 2, `<extra_id_N>` at
   vocab_size - 1 - N), as a t5lite vocabulary; any other layout is refused by name."""
@@ -235,7 +250,7 @@ class TokenizersVocabulary(_T5Ids):
   def __init__(self, path: str):
     import tokenizers  # pylint: disable=import-outside-toplevel  (the optional [hf] extra)
     self._path = path
-    self._tok = tokenizers.Tokenizer.from_str(files.read_text(path))
+    self._tok = tokenizers.Tokenizer.from_str(_unreachable_specials(files.read_text(path)))
     # Special-token text ('</s>', '<extra_id_0>') is encoded as text, as SentencePiece does;
     # encode_with_sentinels reads '<extra_id_N>' itself.
     self._tok.encode_special_tokens = True
@@ -256,6 +271,10 @@ class TokenizersVocabulary(_T5Ids):
       raise ValueError(f'{path}: not T5\'s id layout (pad 0, eos 1, unk 2, <extra_id_N> = '
                        f'vocabulary size {size} - 1 - N): {", ".join(wrong[:4])}')
     self._size = size
+
+  def __reduce__(self):
+    # tokenizers' own pickling drops encode_special_tokens: workers rebuild from the file.
+    return TokenizersVocabulary, (self._path,)
 
   def __repr__(self) -> str:
     return f'TokenizersVocabulary({self._path!r}, vocab_size={self.vocab_size})'
