@@ -117,10 +117,17 @@ def _vocabulary_fits_init(c) -> None:
     raise ConfigError(problem)
 
 
+def _data_source(c) -> None:
+  """data.source: its syntax, the columns its objective reads, a vocabulary and converter it can
+  use, and files for its split 'train' (t5lite/data/file_tasks.py)."""
+  from t5lite.data import file_tasks  # pylint: disable=import-outside-toplevel
+  file_tasks.check_config(c)
+
+
 # Rules that relate fields, run after the per-field checks.
 RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
-                     _vocabulary_fits_init, _eval_task, _keep_best_needs_eval)
+                     _vocabulary_fits_init, _data_source, _eval_task, _keep_best_needs_eval)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
 

@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 
+from t5lite import config as config_lib
 from t5lite import config_files
 from t5lite.data import file_tasks, pipeline, table_sources
 from t5lite.data import tasks as T
@@ -236,6 +237,8 @@ def test_config_rule(tmp_path):
   c = config_files.load_config_file(str(REPO / 'configs' / 'finetune_files.py'))
   with pytest.raises(ConfigError, match=r"'jsonl:' names no files: set it"):
     file_tasks.check_config(c)
+  with pytest.raises(ConfigError, match=r"'jsonl:' names no files: set it"):
+    config_lib.validate(c, 8)  # one of the config's rules (t5lite/config_rules.py)
   c.data.source = f'jsonl:{tmp_path}/{{split}}.jsonl'
   with pytest.raises(ConfigError, match=r"no file matches .*train\.jsonl' \(the split 'train'\)"):
     file_tasks.check_config(c)
