@@ -11,7 +11,8 @@ import pytest
 
 from t5lite import config as config_lib
 from t5lite import config_files
-from t5lite.data import file_tasks, pipeline, table_sources
+from t5lite.data import catalog  # noqa: F401  (registers the built-in tasks, as the jobs do)
+from t5lite.data import file_tasks, pipeline
 from t5lite.data import tasks as T
 from t5lite.data.sources import DataFileNotFoundError, DataSourceError
 from t5lite.data.vocab import ByteVocabulary
