@@ -220,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   t.add_argument('--out', required=True, help='directory for the t5lite checkpoint')
   t.add_argument('--scan_layers', action='store_true',
                  help='write layers stacked on a leading axis (config.model.scan_layers=True)')
+  t.add_argument('--mlp_activation', default='',
+                 choices=('', 'gated-gelu', 'gated-silu', 'gated-relu', 'relu'),
+                 help='the MLP activation, which T5X checkpoints do not record: a gated MLP '
+                 '(wi_0, wi_1) is read as gated-gelu (T5.1.1, Flan-T5, mT5, ByT5) unless this '
+                 'says otherwise, e.g. gated-silu for UL2')
   b = sub.add_parser('t5lite-to-hf', help='t5lite checkpoint -> HF T5 directory')
   b.add_argument('--checkpoint', required=True,
                  help='t5lite workdir, its checkpoints/ directory or a step directory')
@@ -251,13 +256,20 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(' '.join(_overrides(model, tokenizer) + [f'--config.checkpoint.init_from={out}']))
     elif args.command == 't5x-to-t5lite':
       from t5lite import t5x  # pylint: disable=import-outside-toplevel
-      model = t5x.to_t5lite_workdir(args.checkpoint, args.out, args.scan_layers)
+      cli.check_folder(args.out, '--out')
+      try:
+        model = t5x.to_t5lite_workdir(args.checkpoint, args.out, args.scan_layers,
+                                      args.mlp_activation)
+      except t5x.T5XError as e:
+        raise ConvertError(str(e)) from None
       out = os.fspath(files.to_path(args.out))
       print(f'wrote a t5lite checkpoint of the T5X checkpoint {args.checkpoint} '
-            f'({model["variant"]}) to {files.join(out, "checkpoints", "0")} and its model '
-            f'config to {files.join(out, "model_config.json")}')
-      print('fine-tune from it with these overrides:')
-      print(' '.join(_overrides(model) + [f'--config.checkpoint.init_from={out}']))
+            f'({model["variant"]}, {model["mlp_activation"]}) to '
+            f'{files.join(out, "checkpoints", "0")} and its model config to '
+            f'{files.join(out, "model_config.json")}')
+      print('fine-tune from it with these overrides (T5X checkpoints record no vocabulary: '
+            'add --config.data.vocabulary=PATH/TO/its/spm.model):')
+      print(' '.join(t5x.config_overrides(model) + [f'--config.checkpoint.init_from={out}']))
     else:
       step_dir, model, said = t5lite_to_hf(args.checkpoint, args.out, args.dtype, args.vocabulary)
       print(f'wrote a HuggingFace T5ForConditionalGeneration ({model["variant"]}) of {step_dir} '

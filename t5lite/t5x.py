@@ -302,9 +302,9 @@ def model_fields(shapes: dict[str, tuple], mlp_activation: str = '',
       'num_decoder_layers': layers['decoder'],
       'relative_attention_num_buckets': buckets,
       'relative_attention_max_distance': 128,  # fixed in T5X's network.py
+      'mlp_activation': activation,
+      'relpos_per_layer': False,  # T5X's network shares one table per stack
   }
-  if activation not in ('relu', GATED_DEFAULT):
-    fields['mlp_activation'] = activation
   return fields
 
 
@@ -340,15 +340,22 @@ def load(path: str, scan_layers: bool = False, mlp_activation: str = '') -> tupl
 
 def config_mismatches(path: str, model_config) -> list[str]:
   """'model.FIELD=x but PATH gives y' for each config.model field the T5X checkpoint at `path`
-  determines and the config sets otherwise; reads shapes only (checkpoint.init_from=t5x:)."""
+  determines and the config sets otherwise; reads shapes only (checkpoint.init_from=t5x:).
+  A gated checkpoint takes the config's gated activation (T5X does not record which)."""
+  from t5lite.models import presets  # pylint: disable=import-outside-toplevel
+  get = lambda k, default=None: model_config[k] if k in model_config else default
   ckpt = Checkpoint(path)
-  activation = model_config['mlp_activation'] if 'mlp_activation' in model_config else ''
-  want = model_fields(ckpt.shapes, activation or '', ckpt.path)
+  config_activation = get('mlp_activation') or presets.VARIANT_ACTIVATION.get(get('variant'), '')
+  want = model_fields(ckpt.shapes, '', ckpt.path)
+  if want['mlp_activation'].startswith('gated-') and config_activation.startswith('gated-'):
+    want['mlp_activation'] = config_activation
   problems = []
   for k, v in want.items():
-    have = model_config[k] if k in model_config else None
+    have = config_activation if k == 'mlp_activation' else get(k)
     if k == 'attention_dim' and have is None:
-      have = model_config['num_heads'] * model_config['head_dim']
+      have = get('num_heads') * get('head_dim')
+    if k == 'relpos_per_layer':
+      have = bool(have)
     if have != v:
       problems.append(f'model.{k}={have!r} but {ckpt.path} gives {v!r}')
   return problems
@@ -451,6 +458,14 @@ def model_config(fields: dict, scan_layers: bool = False) -> dict:
   return model
 
 
+def config_overrides(model: dict) -> list[str]:
+  """The --config.model.* flags that build a converted checkpoint's model."""
+  keys = ('variant', 'vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'attention_dim',
+          'num_encoder_layers', 'num_decoder_layers', 'mlp_activation',
+          'relative_attention_num_buckets', 'relative_attention_max_distance', 'scan_layers')
+  return [f'--config.model.{k}={model[k]}' for k in keys]
+
+
 def to_t5lite_workdir(checkpoint: str, out: str, scan_layers: bool = False,
                       mlp_activation: str = '') -> dict:
   """Converts the T5X checkpoint `checkpoint` into a t5lite checkpoint WORKDIR `out`
@@ -473,7 +488,7 @@ def to_t5lite_workdir(checkpoint: str, out: str, scan_layers: bool = False,
     ckpt_out.save(0, {'params': hf.unflatten(flat)}, {}, {'model': model, 'converted_from': source})
   finally:
     ckpt_out.close()
-  overrides = [f'--config.model.{k}={model[k]}' for k in tuple(fields) + ('scan_layers',)]
+  overrides = config_overrides(model)
   files.write_text(
       files.join(out, 'model_config.json'),
       json.dumps({'model': model, 'overrides': overrides, 'converted_from': source}, indent=2))

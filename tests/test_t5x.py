@@ -48,7 +48,10 @@ def converted(request):
 def test_model_config_is_read_from_the_shapes(converted):
   reference, fields, _ = converted
   variant = 'v1_0' if reference == 't510_tiny' else 'v1_1'
-  assert fields == {'variant': variant, **SHAPE}
+  activation = 'relu' if reference == 't510_tiny' else 'gated-gelu'
+  assert fields == {
+      'variant': variant, 'mlp_activation': activation, 'relpos_per_layer': False, **SHAPE
+  }
 
 
 def test_logits_greedy_and_scores_match_t5x(converted):
@@ -133,7 +136,7 @@ def abstract_params(fields, scan=False):
 
 
 def test_init_from_t5x_loads_the_params_or_names_the_mismatch(tmp_path):
-  fields = {'variant': 'v1_1', **SHAPE}
+  fields = {'variant': 'v1_1', 'mlp_activation': 'gated-gelu', **SHAPE}
   target = abstract_params(fields, scan=True)
   loaded = init_from.load_params_for_init('t5x:' + T511, target)
   expected = hf.unflatten(t5x.load(T511, scan_layers=True)[1])
@@ -149,14 +152,21 @@ def test_init_from_t5x_loads_the_params_or_names_the_mismatch(tmp_path):
     init_from.load_params_for_init('t5x:' + str(tmp_path / 'nope'), target)
   with pytest.raises(checkpoints.CheckpointError, match='not a T5X checkpoint'):
     init_from.load_params_for_init('t5x:' + str(tmp_path), target)
-  assert t5x.config_mismatches(T511, {**presets.model_config('tiny').to_dict(), **fields}) == []
-  assert t5x.config_mismatches(T511, {**presets.model_config('tiny').to_dict()
-                                     })[0] == (f'model.vocab_size=32128 but {T511} gives 128')
+  tiny = presets.model_config('tiny').to_dict()
+  assert t5x.config_mismatches(T511, {**tiny, **fields}) == []
+  assert t5x.config_mismatches(T511, {**tiny, **fields, 'mlp_activation': ''}) == []
+  # UL2: the config's gated activation is taken (T5X does not record it).
+  assert t5x.config_mismatches(T511, {**tiny, **fields, 'mlp_activation': 'gated-silu'}) == []
+  assert t5x.config_mismatches(T511, tiny)[0] == f'model.vocab_size=32128 but {T511} gives 128'
+  assert t5x.config_mismatches(T510, {**tiny, **fields}) == [
+      f"model.variant='v1_1' but {T510} gives 'v1_0'",
+      f"model.mlp_activation='gated-gelu' but {T510} gives 'relu'"
+  ]
 
 
 @pytest.mark.parametrize('min_dim', [128, 32])
 def test_adafactor_state_has_optax_structure_and_t5x_values(min_dim):
-  fields = {'variant': 'v1_1', **SHAPE}
+  fields = {'variant': 'v1_1', 'mlp_activation': 'gated-gelu', **SHAPE}
   params = abstract_params(fields)
   tx = optax.chain(
       optax.clip_by_global_norm(1.0),
@@ -208,7 +218,7 @@ def test_adafactor_state_has_optax_structure_and_t5x_values(min_dim):
 
 
 def test_adamw_run_takes_no_adafactor_state():
-  params = abstract_params({'variant': 'v1_1', **SHAPE})
+  params = abstract_params({'variant': 'v1_1', 'mlp_activation': 'gated-gelu', **SHAPE})
   abstract = jax.eval_shape(optax.adamw(1e-3).init, params)
   assert init_from.load_adafactor_for_init('t5x:' + T511, abstract, params) == (None, '')
 
@@ -218,6 +228,7 @@ def test_t5x_to_t5lite_cli_writes_a_workdir_that_loads(tmp_path, capsys):
   assert convert.main(['t5x-to-t5lite', '--checkpoint', LEGACY, '--out', str(out)]) == 0
   printed = capsys.readouterr().out
   assert '--config.model.vocab_size=128' in printed and f'init_from={out}' in printed
+  assert '--config.model.mlp_activation=gated-gelu' in printed
   saved = json.loads((out / 'model_config.json').read_text())
   assert saved['model']['d_ff'] == 56 and saved['converted_from']['step'] == 3
   step, state = checkpoints.restore_as_numpy(str(out))
@@ -272,7 +283,7 @@ def test_finetune_from_t5x_runs_and_starts_from_its_params(tmp_path, capsys):
 
 
 def test_adafactor_state_for_a_scanned_model_stacks_the_layers():
-  params = abstract_params({'variant': 'v1_1', **SHAPE}, scan=True)
+  params = abstract_params({'variant': 'v1_1', 'mlp_activation': 'gated-gelu', **SHAPE}, scan=True)
   tx = optax.adafactor(lambda step: 0.01, min_dim_size_to_factor=32, momentum=None)
   state, _ = init_from.load_adafactor_for_init('t5x:' + T511, jax.eval_shape(tx.init, params),
                                                params)
@@ -292,3 +303,24 @@ def test_adafactor_state_for_a_scanned_model_stacks_the_layers():
   np.testing.assert_allclose(
       np.asarray(wi) / np.asarray(wi).mean(axis=1, keepdims=True),
       np.stack([r / r.mean() for _, r in sorted(rows.items())]), rtol=1e-5)
+
+
+def test_t5x_to_t5lite_cli_errors_and_the_activation_override(tmp_path, capsys):
+  code = convert.main(
+      ['t5x-to-t5lite', '--checkpoint',
+       str(tmp_path), '--out',
+       str(tmp_path / 'o')])
+  err = capsys.readouterr().err
+  assert code == 2 and 'not a T5X checkpoint' in err, err
+  out = tmp_path / 'ul2_like'
+  assert convert.main(
+      ['t5x-to-t5lite', '--checkpoint', T511, '--out',
+       str(out), '--mlp_activation', 'gated-silu']) == 0
+  assert '--config.model.mlp_activation=gated-silu' in capsys.readouterr().out
+  assert json.loads(
+      (out / 'model_config.json').read_text())['model']['mlp_activation'] == ('gated-silu')
+  code = convert.main([
+      't5x-to-t5lite', '--checkpoint', T510, '--out',
+      str(tmp_path / 'x'), '--mlp_activation', 'gated-silu'
+  ])
+  assert code == 2 and 'one-matrix MLP (wi)' in capsys.readouterr().err
