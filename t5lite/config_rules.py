@@ -56,6 +56,23 @@ def _hf_shapes(c) -> None:
                       'hf-to-t5lite prints the overrides)')
 
 
+def _t5x_shapes(c) -> None:
+  """init_from=t5x:DIR/checkpoint_N: its param shapes must give config.model's shape (read now,
+  from the checkpoint's metadata only, before any compute)."""
+  init_from = c.checkpoint.init_from
+  if not init_from.startswith('t5x:'):
+    return
+  from t5lite import t5x  # pylint: disable=import-outside-toplevel
+  model = dataclasses.asdict(c.model) if dataclasses.is_dataclass(c.model) else c.model
+  try:
+    problems = t5x.config_mismatches(init_from[len('t5x:'):], model)
+  except t5x.T5XError as e:
+    raise ConfigError(f'config.checkpoint.init_from={init_from}: {e}') from None
+  if problems:
+    raise ConfigError(f'config.checkpoint.init_from={init_from}: config.model does not match '
+                      'the T5X checkpoint: ' + '; '.join(problems) + ' (python -m t5lite.convert '
+                      't5x-to-t5lite prints the overrides)')
+
 def _eval_task(c) -> None:
   if c.eval.every_steps and c.eval.task:
     task(c.eval.task, 'eval.task')
@@ -127,6 +144,7 @@ def _data_source(c) -> None:
 # Rules that relate fields, run after the per-field checks.
 RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
+                     _t5x_shapes,
                      _vocabulary_fits_init, _data_source, _eval_task, _keep_best_needs_eval)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)

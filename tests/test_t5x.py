@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from t5lite import checkpoints, convert, hf, init_from, t5x, train
+from t5lite.config import ConfigError, validate
 from t5lite.evaluation import scoring
 from t5lite.models import decoding, presets
 from t5lite.models.t5 import make_model
@@ -252,12 +253,30 @@ def _tiny_sentencepiece(tmp_path) -> str:
   return str(tmp_path / 'sp.model')
 
 
-def test_finetune_from_t5x_runs_and_starts_from_its_params(tmp_path, capsys):
+def quickstart_config():
   spec = importlib.util.spec_from_file_location('quickstart',
                                                 os.path.join(REPO, 'configs', 'quickstart.py'))
   quickstart = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(quickstart)
-  c = quickstart.get_config()
+  return quickstart.get_config()
+
+
+def test_config_validation_reads_the_t5x_shapes_before_any_compute(tmp_path):
+  c = quickstart_config()
+  c.checkpoint.init_from = 't5x:' + T511
+  with pytest.raises(
+      ConfigError, match=r"model.vocab_size=2048 but .*t511_tiny/checkpoint_3 gives "
+      r"128; model.d_model=128 but .* gives 40"):
+    validate(c, 1)
+  c.model.update(variant='v1_1', size='custom', mlp_activation='gated-silu', **SHAPE)
+  validate(c, 1)  # UL2-like: the config's gated activation is taken
+  c.checkpoint.init_from = 't5x:' + str(tmp_path)
+  with pytest.raises(ConfigError, match='not a T5X checkpoint'):
+    validate(c, 1)
+
+
+def test_finetune_from_t5x_runs_and_starts_from_its_params(tmp_path, capsys):
+  c = quickstart_config()
   c.model.update(variant='v1_1', size='custom', dtype='float32', **SHAPE)
   c.data.update(vocabulary=_tiny_sentencepiece(tmp_path), inputs_length=16)
   c.train.update(steps=1, batch_size=8, log_every=1)
