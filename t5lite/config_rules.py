@@ -117,7 +117,7 @@ def _vocabulary_fits_init(c) -> None:
       found = tasks.get(d.task)
       leaf = found if isinstance(found, tasks.Task) else found.tasks[0]
       feature = leaf.output_features.get('targets') or next(iter(leaf.output_features.values()))
-      data = hf_vocab.record(feature.vocabulary, f'task ({leaf.name})')
+      data = hf_vocab.record(feature.vocabulary, f'task:{leaf.name}')
     if init_from.startswith('hf:'):
       directory = init_from[len('hf:'):]
       model = (hf_vocab.record(vocab.load_hf_tokenizer(directory), init_from)

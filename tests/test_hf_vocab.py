@@ -183,9 +183,12 @@ def test_convert_records_writes_and_refuses_other_vocabularies(small_sp, tmp_pat
     # ... the embedded 2k default is refused (size), as are the same-size bytes (kind) and
     # another 384-id SentencePiece model (its sha256), each message naming both vocabularies.
     err = refusal(*model, f'checkpoint.init_from={init}')
-    assert "config.data.vocabulary='embedded' is embedded (sentencepiece, 2048 ids" in err
+    assert 'config.data.vocabulary: embedded (sentencepiece, 2048 ids' in err
     assert f'trained with hf:{hf_dir} (sentencepiece, 384 ids, sha256 ' in err
     assert f'set --config.data.vocabulary=hf:{hf_dir}' in err
+    # data.vocabulary=task: the task's own (the quickstart task's is the embedded one).
+    assert 'vocabulary: task:embedded_span_corruption (sentencepiece, 2048 ids' in refusal(
+        *model, f'checkpoint.init_from={init}', 'data.vocabulary=task')
     assert 'byte (byte, 384 ids)' in refusal(*model, f'checkpoint.init_from={init}',
                                              'data.vocabulary=byte')
     other = hf_vocab.record(vocab.SentencePieceVocabulary(small_sp[1]), small_sp[1])
@@ -200,7 +203,7 @@ def test_convert_records_writes_and_refuses_other_vocabularies(small_sp, tmp_pat
   ] + [f'--config.{o}' for o in model]
   assert train.main(argv + [f'--config.checkpoint.init_from={workdir}']) == 2
   err = capsys.readouterr().err
-  assert err.startswith("config error: config.data.vocabulary='embedded' is embedded")
+  assert err.startswith('config error: config.data.vocabulary: embedded (')
   assert err.count('\n') == 1 and not os.path.exists(tmp_path / 'ft' / 'checkpoints')
 
   # A t5lite-to-hf of a checkpoint that records no tokenizer writes none and says so; --vocabulary

@@ -151,12 +151,12 @@ def init_mismatch(data: dict | None, model: dict | None, model_vocab_size: int,
   if model is not None:
     if not mismatch(data, model):
       return None
-    return (f'config.data.vocabulary={data["vocabulary"]!r} is {describe(data)}, but the model of '
+    return (f'config.data.vocabulary: {describe(data)}, but the model of '
             f'checkpoint.init_from={init_from} was trained with {describe(model)}; set '
             f'--config.data.vocabulary={model["vocabulary"]}')
   if model_vocab_size - 128 < data['vocab_size'] <= model_vocab_size:
     return None
-  return (f'config.data.vocabulary={data["vocabulary"]!r} is {describe(data)}, but the model of '
+  return (f'config.data.vocabulary: {describe(data)}, but the model of '
           f'checkpoint.init_from={init_from} has {model_vocab_size} embedding rows and no recorded '
           'tokenizer; set --config.data.vocabulary to the vocabulary it was trained with (hf:DIR '
           'for a HuggingFace tokenizer directory, or a SentencePiece .model path)')
