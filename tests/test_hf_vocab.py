@@ -99,6 +99,10 @@ def test_hf_dir_vocabulary_reads_spiece_tokenizer_json_and_byt5(small_sp, tmp_pa
   for text in strings() + literal:
     assert vocab.encode_with_sentinels(fast, text) == vocab.encode_with_sentinels(sp, text), text
     assert fast.encode(text) == fast_copy.encode(text) == sp.encode(text), text
+  # ... and written back out (t5lite-to-hf of a model trained on it), AutoTokenizer agrees.
+  assert hf_vocab.write_tokenizer(fast, str(tmp_path / 'fast_out'))[0] == 'special_tokens_map.json'
+  assert os.path.exists(tmp_path / 'fast_out' / 'tokenizer.json')
+  assert_autotokenizer_matches(str(tmp_path / 'fast_out'), fast, 100)
   ids = vocab.encode_with_sentinels(sp, 'the return <extra_id_2> of 12')
   assert fast.decode(ids + [1, 50]) == sp.decode(ids) == 'the return<extra_id_2> of 12'
 

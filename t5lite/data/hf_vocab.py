@@ -1,25 +1,17 @@
-"""HuggingFace tokenizer directories as t5lite vocabularies, and t5lite vocabularies written as
-HuggingFace tokenizer files (docs/hf.md, "Tokenizers").
+"""t5lite vocabularies and HuggingFace tokenizers: the files t5lite-to-hf writes, and the identity
+that hf-to-t5lite records and a fine-tune is checked against (docs/hf.md, "Tokenizers").
 
-`data.vocabulary='hf:DIR'` reads the tokenizer of a HF directory (a model directory or a
-tokenizer-only one), in this order:
-  spiece.model          SentencePiece through `sentencepiece`, as seqio read it when T5 was trained
-                        (T5Tokenizer's own file; preferred over tokenizer.json, which transformers
-                        derives from it), with tokenizer_config.json's `extra_ids` (default 100);
-  tokenizer_class ByT5Tokenizer (no vocabulary file): ByT5's bytes (t5lite's ByteVocabulary);
-  tokenizer.json        a `tokenizers` model, when its pad/eos/unk and `<extra_id_N>` ids follow
-                        T5's layout (pad 0, eos 1, unk 2, sentinels counting down from the top).
-
+Reading a HF tokenizer directory (data.vocabulary='hf:DIR') is `vocab.load_hf_tokenizer`.
 `write_tokenizer` writes the files `transformers.AutoTokenizer.from_pretrained` reads so that it
-encodes text to the same ids as the t5lite vocabulary (tests/test_hf_vocab.py checks it).
-`record` and `mismatch` identify a vocabulary (kind, size, sha256 of its model file) so that a
-fine-tune on another vocabulary than the model's is refused before any compute.
+encodes text to the same ids as the t5lite vocabulary (tests/test_hf_vocab.py checks it on 300+
+strings). `record` and `mismatch` identify a vocabulary (kind, size, sha256 of its model file);
+`model_tokenizer` finds a checkpoint's, and `init_mismatch` says why a fine-tune (init_from) on
+another vocabulary than the model's would train on the wrong tokens (t5lite/config_rules.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterable
 
 from t5lite import files
 from t5lite.data import vocab
@@ -35,9 +27,10 @@ TOKENIZER_FILES = (SPIECE, TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
 def record(vocabulary, spec: str) -> dict:
   """{'vocabulary': spec, 'kind', 'vocab_size', 'extra_ids', 'sha256'} of a t5lite vocabulary;
   sha256 is of its model file (None for bytes, which need none)."""
+  kind, digest = type(vocabulary).__name__, None  # a task's own class: compared by size
   if isinstance(vocabulary, vocab.ByteVocabulary):
-    kind, digest = 'byte', None
-  else:
+    kind = 'byte'
+  elif isinstance(vocabulary, (vocab.SentencePieceVocabulary, vocab.TokenizersVocabulary)):
     kind = 'tokenizers' if isinstance(vocabulary, vocab.TokenizersVocabulary) else 'sentencepiece'
     digest = hashlib.sha256(files.read_bytes(vocabulary.path)).hexdigest()
   return {
