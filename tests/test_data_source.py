@@ -280,3 +280,15 @@ def test_train_on_a_jsonl_file_with_the_files_config(tmp_path, capsys):
   # Without data.source the config says what to set, before anything is built.
   assert train.main(argv[:4]) == 2
   assert "config.data.source='jsonl:' names no files" in capsys.readouterr().err
+
+
+def test_parquet_and_jsonl_on_gcs(tmp_path, gcs):
+  """gs:// patterns (the GCS emulator of conftest.py): the same rows as the local files."""
+  from t5lite import files
+  for fmt in ('parquet', 'jsonl'):
+    for split, rows in (('train', ROWS), ('validation', VALID)):
+      WRITERS[fmt](tmp_path / f'{split}.{fmt}', rows)
+      files.write_bytes(f'{gcs.url}/data/{split}-0.{fmt}',
+                        (tmp_path / f'{split}.{fmt}').read_bytes())
+    source = file_tasks.make_source(fmt, f'{gcs.url}/data/{{split}}-*.{fmt}', 'test')
+    assert list(source.get('train')) == ROWS and list(source.get('validation')) == VALID
