@@ -5,6 +5,8 @@ artifacts of its -1e10 mask), identical greedy tokens, and T5X's score_batch."""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from t5lite import checkpoints, convert, hf, init_from, t5x, train
+from t5lite import checkpoints, convert, files, hf, init_from, t5x, train
 from t5lite.config import ConfigError, validate
 from t5lite.evaluation import scoring
 from t5lite.models import decoding, presets
@@ -343,3 +345,27 @@ def test_t5x_to_t5lite_cli_errors_and_the_activation_override(tmp_path, capsys):
       str(tmp_path / 'x'), '--mlp_activation', 'gated-silu'
   ])
   assert code == 2 and 'one-matrix MLP (wi)' in capsys.readouterr().err
+
+
+def test_both_formats_read_from_gs_as_locally(gcs, tmp_path):
+  # Google's released T5X checkpoints live on gs://: tensorstore reads them there (emulated here;
+  # in a fresh interpreter, as the emulator's address must be set before tensorstore starts).
+  for name, path in (('legacy', LEGACY), ('orbax', T511)):
+    files.copy_tree(path, f'{gcs.url}/{name}/checkpoint_3')
+  expected = t5x.load(T511)[1]
+  np.savez(tmp_path / 'expected.npz', **{k.replace('/', '|'): v for k, v in expected.items()})
+  code = f'''
+import numpy as np
+from t5lite import t5x
+expected = dict(np.load({str(tmp_path / 'expected.npz')!r}))
+for name in ('legacy', 'orbax'):
+  fields, flat = t5x.load({gcs.url!r} + '/' + name)  # the folder above: its newest checkpoint_N
+  assert fields['d_model'] == 40 and len(flat) == len(expected), name
+  for k, v in flat.items():
+    assert np.array_equal(v, expected[k.replace('/', '|')]), (name, k)
+print('read', t5x.Checkpoint({gcs.url!r} + '/legacy').path)
+'''
+  result = subprocess.run([sys.executable, '-c', code], env=gcs.env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert f'read {gcs.url}/legacy/checkpoint_3' in result.stdout
