@@ -292,3 +292,14 @@ def test_parquet_and_jsonl_on_gcs(tmp_path, gcs):
                         (tmp_path / f'{split}.{fmt}').read_bytes())
     source = file_tasks.make_source(fmt, f'{gcs.url}/data/{{split}}-*.{fmt}', 'test')
     assert list(source.get('train')) == ROWS and list(source.get('validation')) == VALID
+
+
+def test_worker_processes_read_the_same_batches(tmp_path, register):
+  """data.num_workers > 0: the task (its source, steps and vocabulary) crosses to grain's worker
+  processes and gives the batches the training process gives."""
+  write_parquet(tmp_path / 'train.parquet', ROWS)
+  task = register(f'parquet:{tmp_path}/train.parquet', fields='inputs=q,targets=a')
+  inline, _ = batches(task.name, n=4)
+  workers, it = batches(task.name, n=4, num_workers=1)
+  it.close()
+  assert all(np.array_equal(a[k], b[k]) for a, b in zip(inline, workers) for k in a)
