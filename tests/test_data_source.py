@@ -209,13 +209,13 @@ def test_resume_from_a_saved_position_gives_the_same_batches(tmp_path, register,
 
 def test_clear_errors(tmp_path, register):
   write_jsonl(tmp_path / 'train.jsonl', ROWS)
-  with pytest.raises(ConfigError, match=r"FORMAT one of jsonl, tsv.*e\.g\. jsonl:x\.jsonl"):
+  with pytest.raises(ConfigError, match=r'FORMAT one of jsonl, tsv.*e\.g\. jsonl:x\.jsonl'):
     file_tasks.parse_source('x.jsonl')
-  with pytest.raises(ConfigError, match="FORMAT one of"):
+  with pytest.raises(ConfigError, match='FORMAT one of'):
     file_tasks.parse_source('csv:x.csv')
   with pytest.raises(ConfigError, match=r"'inputs=q,answer=a'.*unknown feature 'answer'"):
     file_tasks.parse_fields('inputs=q,answer=a', 'supervised')
-  with pytest.raises(ConfigError, match=r"reads inputs and targets; map targets"):
+  with pytest.raises(ConfigError, match=r'reads inputs and targets; map targets'):
     file_tasks.parse_fields('inputs=q', 'supervised')
   assert file_tasks.parse_fields('inputs=q', 'span_corruption') == {'inputs': 'q'}
   # A mapped column that is not there: named, with the columns there are, when the split opens.

@@ -79,7 +79,7 @@ def test_import_errors_name_the_module(user_modules):
   with pytest.raises(
       config_lib.ConfigError,
       match=r"module 'my_project\.broken' failed to import: RuntimeError: no data "
-      r"dir \(at .*my_project/broken\.py:2\)"):
+      r'dir \(at .*my_project/broken\.py:2\)'):
     T.import_modules([broken])
   # A dependency the module lacks is that module's failure, not a missing module of the user's.
   needs = user_modules('needs', 'import not_installed_anywhere_xyz\n')

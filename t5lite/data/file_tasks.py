@@ -153,7 +153,7 @@ class ColumnsChecked:
     self.label = label
     self.split_hint = '' if has_split_pattern else (
         f" {label} has no '{{split}}' in its pattern, so its files are the split 'train' only; "
-        "write e.g. data/{split}.jsonl for train and validation files.")
+        'write e.g. data/{split}.jsonl for train and validation files.')
 
   @property
   def splits(self):
