@@ -123,6 +123,36 @@ def test_hf_dir_vocabulary_reads_spiece_tokenizer_json_and_byt5(small_sp, tmp_pa
     vocab.get_vocabulary(f'hf:{tmp_path / "empty"}')
 
 
+def test_mt5_layout_sentinels_inside_the_sentencepiece_model(small_sp, tmp_path):
+  """mT5's spiece.model holds its sentinels as its top pieces ('\u2581<extra_id_0>' at size - 1,
+  HF extra_ids=0): built here by appending 100 such pieces to a trained model."""
+  from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=import-outside-toplevel
+  proto = pb.ModelProto()
+  proto.ParseFromString(open(small_sp[0], 'rb').read())
+  for n in range(99, -1, -1):
+    piece = proto.pieces.add()
+    piece.piece, piece.type = f'\u2581<extra_id_{n}>', pb.ModelProto.SentencePiece.USER_DEFINED
+  os.makedirs(tmp_path / 'mt5')
+  (tmp_path / 'mt5' / 'spiece.model').write_bytes(proto.SerializeToString())
+  (tmp_path / 'mt5' / 'tokenizer_config.json').write_text(
+      json.dumps({'tokenizer_class': 'T5Tokenizer', 'extra_ids': 0, 'eos_token': '</s>'}))
+  mt5 = vocab.get_vocabulary(f'hf:{tmp_path / "mt5"}')
+  assert (mt5.vocab_size, mt5.sp_vocab_size, mt5.extra_ids) == (384, 284, 100)
+  assert mt5.sentinel_id(0) == 383 and mt5.sentinel_id(99) == 284
+  assert mt5.decode([383, 22, 382]).startswith('<extra_id_0>')
+  small = vocab.SentencePieceVocabulary(small_sp[0])
+  text = 'the return of 12'
+  assert mt5.encode(text) == small.encode(text)
+
+  written = hf_vocab.write_tokenizer(mt5, str(tmp_path / 'out'))
+  config = json.loads((tmp_path / 'out' / 'tokenizer_config.json').read_text())
+  assert 'spiece.model' in written and config['extra_ids'] == 0
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'out'))
+  assert len(tok) == 384
+  texts = [t for t in strings() if '<extra_id_' not in t]
+  assert tok(texts)['input_ids'] == [t5lite_ids(mt5, t) for t in texts]
+
+
 def hf_model_dir(path, vocab_size, tokenizer=None):
   """A tiny random HF T5.1.1 with the quickstart's dims and `vocab_size` embedding rows, with the
   tokenizer files of `tokenizer` (a t5lite vocabulary) or none."""

@@ -97,6 +97,9 @@ def write_tokenizer(vocabulary, out_dir: str, model_max_length: int = 512) -> li
   else:
     written[SPIECE] = files.read_bytes(vocabulary.path)
     config.update(tokenizer_class='T5Tokenizer')
+    if vocabulary.sentinels_in_model:  # mT5's layout, written as Google's mT5 configs say it
+      special['additional_special_tokens'] = []
+      config.update(extra_ids=0, additional_special_tokens=[])
   written[TOKENIZER_CONFIG] = json.dumps(config, indent=2).encode()
   written[SPECIAL_TOKENS_MAP] = json.dumps(special, indent=2).encode()
   for name, data in written.items():

@@ -73,12 +73,15 @@ class _T5Ids:
 
 
 class SentencePieceVocabulary(_T5Ids):
-  """A SentencePiece model plus `extra_ids` sentinel ids on top of it."""
+  """A SentencePiece model plus `extra_ids` sentinel ids on top of it. With extra_ids=0, the
+  model's own top pieces named `<extra_id_N>` (or `\u2581<extra_id_N>`) at id size - 1 - N are
+  its sentinels: mT5's model (mc4.250000.100extra, HF extra_ids=0) holds its 100 that way."""
 
   def __init__(self, path: str, extra_ids: int = DEFAULT_EXTRA_IDS):
     self._path = str(path)
-    self._extra_ids = int(extra_ids)
     self._sp = spm.SentencePieceProcessor(model_proto=_read_bytes(self._path))
+    self._inside = 0 if int(extra_ids) else self._sentinel_pieces()
+    self._extra_ids = int(extra_ids) or self._inside
     # Our id conventions are baked into the model at training time; a model
     # trained otherwise would silently shift every id, so fail loudly.
     got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
@@ -86,9 +89,21 @@ class SentencePieceVocabulary(_T5Ids):
       raise ValueError(f'{self._path}: SentencePiece model has (pad, eos, unk) ids {got}; '
                        f't5lite needs {(PAD_ID, EOS_ID, UNK_ID)}.')
 
+  def _sentinel_pieces(self) -> int:
+    """How many of the top pieces are `<extra_id_N>`, N counting up from the top."""
+    size, n = self._sp.get_piece_size(), 0
+    while n < size and self._sp.id_to_piece(size - 1 - n).lstrip('\u2581') == f'<extra_id_{n}>':
+      n += 1
+    return n
+
   def __repr__(self) -> str:
     return (f'SentencePieceVocabulary({self._path!r}, '
-            f'extra_ids={self._extra_ids}, vocab_size={self.vocab_size})')
+            f'extra_ids={self._extra_ids - self._inside}, vocab_size={self.vocab_size})')
+
+  @property
+  def sentinels_in_model(self) -> int:
+    """How many sentinels are pieces of the model itself (mT5's layout; 0 for T5's)."""
+    return self._inside
 
   @property
   def path(self) -> str:
@@ -96,8 +111,8 @@ class SentencePieceVocabulary(_T5Ids):
 
   @property
   def sp_vocab_size(self) -> int:
-    """Number of SentencePiece pieces (ids below the sentinels)."""
-    return self._sp.get_piece_size()
+    """Number of SentencePiece pieces below the sentinels."""
+    return self._sp.get_piece_size() - self._inside
 
   def encode(self, text: str) -> list[int]:
     """Text -> ids. No EOS is appended (preprocessors add it, as in seqio)."""
@@ -218,14 +233,15 @@ def has_hf_tokenizer(directory: str) -> bool:
 
 
 def _extra_ids(config: dict, default: int) -> int:
-  """tokenizer_config.json's `extra_ids`, else the number of `<extra_id_N>` special tokens it
-  lists, else `default`."""
-  if 'extra_ids' in config and int(config['extra_ids']) > 0:
+  """tokenizer_config.json's `extra_ids` when positive, else the number of `<extra_id_N>` special
+  tokens it lists, else 0 if it says `extra_ids: 0` (mT5: the sentinels are spiece.model pieces),
+  else `default`."""
+  if int(config.get('extra_ids') or 0) > 0:
     return int(config['extra_ids'])
   names = list(config.get('additional_special_tokens') or [])
   names += [t.get('content', '') for t in (config.get('added_tokens_decoder') or {}).values()]
   found = {int(m.group(1)) for m in map(SENTINEL_TEXT.fullmatch, names) if m}
-  return len(found) or default
+  return len(found) or (0 if 'extra_ids' in config else default)
 
 
 def _unreachable_specials(text: str) -> str:
@@ -303,7 +319,8 @@ class TokenizersVocabulary(_T5Ids):
 
 
 def load_hf_tokenizer(directory: str):
-  """The t5lite vocabulary of the HF tokenizer in `directory` (order: spiece.model, ByT5Tokenizer, tokenizer.json; docs/hf.md)."""
+  """The t5lite vocabulary of the HF tokenizer in `directory`; it reads spiece.model, else a
+  ByT5Tokenizer config, else tokenizer.json (docs/hf.md, "Tokenizers")."""
   if not files.to_path(directory).is_dir():
     raise FileNotFoundError(f'{directory}: no such directory')
   config = _tokenizer_config(directory)
