@@ -1,6 +1,7 @@
 """MetricWriter: metrics.jsonl lines and TensorBoard events, including the purge marker that a
 resumed run writes so TensorBoard shows replayed steps once; the FLOPs per step against a hand
 count of the matmuls (and the model's own dot_generals), and MFU from a given step time."""
+import dataclasses
 import glob
 import json
 import struct
@@ -8,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.extend import core as jax_core
@@ -116,6 +118,17 @@ def jaxpr_dot_flops(jaxpr):
         elif isinstance(sub, jax_core.Jaxpr):
           total += jaxpr_dot_flops(sub)
   return total
+
+
+def test_the_mlp_matrices_follow_the_activation_not_the_variant():
+  """mlp_activation decides wi vs wi_0 + wi_1 (tied or untied logits cost the same matmul); the
+  config.model ConfigDict counts as its ModelConfig does."""
+  flops = lambda cfg: reporting.forward_flops_per_example(cfg, ENC_LEN, DEC_LEN)
+  v1_0, v1_1 = hand_config('encoder_decoder', 'v1_0'), hand_config('encoder_decoder', 'v1_1')
+  assert flops(dataclasses.replace(v1_1, mlp_activation='relu')) == flops(v1_0)
+  assert flops(dataclasses.replace(v1_0, mlp_activation='gated-silu')) == flops(v1_1)
+  as_dict = dataclasses.asdict(dataclasses.replace(v1_0, mlp_activation='gated-relu'))
+  assert flops(ml_collections.ConfigDict(as_dict)) == flops(v1_1)
 
 
 @pytest.mark.parametrize('architecture,variant', [('encoder_decoder', 'v1_1'),
