@@ -245,6 +245,13 @@ def test_config_rule(tmp_path):
     file_tasks.check_config(c)
   write_jsonl(tmp_path / 'train.jsonl', ROWS)
   file_tasks.check_config(c)
+  c.eval.every_steps = 100  # the validation loss reads the split 'validation': its files too
+  with pytest.raises(ConfigError, match=r"no file matches .*validation\.jsonl' \(the split"):
+    file_tasks.check_config(c)
+  c.data.source = f'jsonl:{tmp_path}/train.jsonl'
+  with pytest.raises(ConfigError, match=r"validates on split 'validation' .* no '\{split\}'"):
+    file_tasks.check_config(c)
+  c.eval.every_steps = 0
   c.data.vocabulary = 'task'
   with pytest.raises(ConfigError, match="vocabulary='task' gives data.source no vocabulary"):
     file_tasks.check_config(c)

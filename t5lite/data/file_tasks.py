@@ -90,7 +90,8 @@ def split_patterns(pattern: str) -> dict[str, str]:
 
 def check_config(c) -> None:
   """The config rule of data.source (t5lite/config_rules.py): its syntax, the fields the
-  objective reads, and the settings it needs; the training files must exist. No-op for ''."""
+  objective reads, and the settings it needs; the training files must exist, and the validation
+  files when eval.every_steps validates on it. No-op for ''."""
   d = c.data
   if not isinstance(d.source, str) or not d.source:
     return  # '' reads data.task; a non-string is the per-field check's to report
@@ -103,18 +104,34 @@ def check_config(c) -> None:
     raise ConfigError(f'config.data.source: data.objective={d.objective!r} makes inputs and '
                       "targets, which data.converter='decoder' does not read; use "
                       "data.converter='prefix_lm' (decoder-only) or 'encdec'")
+  splits = ['train']
+  validates = getattr(c, 'eval', None) is not None and c.eval.every_steps and not c.eval.task
+  if validates:  # the validation loss reads eval.split of this task: said now, not at step N
+    if '{split}' not in pattern and fmt != 'hf':
+      raise ConfigError(
+          f'config.eval.every_steps={c.eval.every_steps} validates on split '
+          f"{c.eval.split!r} of data.source={d.source!r}, which has no '{{split}}' in "
+          f'its pattern (its files are the split train); write e.g. {EXAMPLE}, or '
+          'set eval.every_steps=0')
+    splits.append(c.eval.split)
+  for split in splits:
+    _check_files(d.source, fmt, pattern, split)
+
+
+def _check_files(source: str, fmt: str, pattern: str, split: str) -> None:
   from t5lite.data import sources  # pylint: disable=import-outside-toplevel  (data stack)
-  train = split_patterns(pattern)['train']
+  path = pattern.replace('{split}', split)
   if fmt == 'hf':
-    if '://' not in train and not os.path.isdir(train):
-      raise ConfigError(f'config.data.source={d.source!r}: no folder {train!r}; hf: reads a '
+    folder = path if '{split}' in pattern else pattern
+    if '://' not in folder and not os.path.isdir(folder):
+      raise ConfigError(f'config.data.source={source!r}: no folder {folder!r}; hf: reads a '
                         '`datasets` save_to_disk folder or a folder of Parquet/Arrow files')
     return
   try:
-    sources.expand_patterns(train)
+    sources.expand_patterns(path)
   except sources.DataFileNotFoundError:
-    raise ConfigError(f'config.data.source={d.source!r}: no file matches {train!r} (the split '
-                      f"'train'); set data.source to your files, e.g. {EXAMPLE}") from None
+    raise ConfigError(f'config.data.source={source!r}: no file matches {path!r} (the split '
+                      f'{split!r}); set data.source to your files, e.g. {EXAMPLE}') from None
 
 
 def task_name(d) -> str:
