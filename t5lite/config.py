@@ -453,6 +453,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
                    'relative_attention_num_buckets', 'relative_attention_max_distance')),
     ('model.dropout_rate', in_range(0, 1, hi_open=True)),
     ('model.relpos_per_layer', boolean),
+    ('model.mlp_activation', presets.check_mlp_activation),
     ('data.task', task),
     ('data.inputs_length', positive),
     ('data.num_workers', non_negative),

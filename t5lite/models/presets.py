@@ -15,10 +15,11 @@ released_checkpoints.md). `tiny` is for tests and the quickstart. The other memb
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import ml_collections
 
-from t5lite.fields import field
+from t5lite.fields import ConfigError, field
 from t5lite.models.kernels import KERNELS
 
 VARIANTS = ('v1_0', 'v1_1')
@@ -50,6 +51,17 @@ V1_0_SIZES = {
     'xxl': (1024, 65536, 128, 128, 24, 24),  # "11B"
 }
 SIZES = tuple(V1_1_SIZES)
+
+
+def check_mlp_activation(value, field_name: str = 'model.mlp_activation') -> None:
+  """config.model.mlp_activation's check (a t5lite.checks.Check): one of MLP_ACTIVATION_CHOICES,
+  with '' spelled out in the message."""
+  if value in MLP_ACTIVATION_CHOICES:
+    return
+  close = difflib.get_close_matches(str(value), MLP_ACTIVATIONS, n=1)
+  hint = f" (did you mean '{close[0]}'?)" if close else ''
+  raise ConfigError(f"config.{field_name}={value!r} is not valid{hint}; valid: '' (the "
+                    f"variant's: v1_0 relu, v1_1 gated-gelu), {', '.join(MLP_ACTIVATIONS)}")
 
 
 @dataclasses.dataclass(frozen=True)
