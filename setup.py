@@ -53,7 +53,8 @@ setup(
             'jax[tpu]',
         ],
         'tf': ['tensorflow>=2.16'],  # TFDS catalog builders, tfds mock data
-        'hf': ['torch>=2.2', 'transformers>=4.40', 'safetensors>=0.4'],  # HuggingFace interop
+        # HuggingFace interop; tokenizers reads data.vocabulary=hf:DIR's tokenizer.json
+        'hf': ['torch>=2.2', 'transformers>=4.40', 'safetensors>=0.4', 'tokenizers>=0.15'],
         'metrics': ['sacrebleu>=2.4', 'rouge-score>=0.1.2', 'scipy>=1.10'],
         # gs:// paths: gcsfs under etils.epath; google-cloud-storage for TensorBoard event files
         'gcp': ['gcsfs>=2024.2.0', 'google-cloud-storage>=2.14'],

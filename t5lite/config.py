@@ -64,8 +64,9 @@ class DataConfig:
       'embedded', "embedded: the embedded corpus's SentencePiece model "
       '(data.sp_vocab_size pieces + 100 sentinels) for every feature; task: '
       "each task's own vocabularies; byte: ByT5's bytes (259 ids + 125 "
-      'sentinels = 384); or a path to a SentencePiece .model (+ 100 '
-      'sentinels).')
+      'sentinels = 384); a path to a SentencePiece .model (+ 100 '
+      'sentinels); or hf:DIR, a HuggingFace tokenizer directory (spiece.model, a ByT5Tokenizer '
+      'config or tokenizer.json; docs/hf.md).')
   sp_vocab_size: int = field(1948, 'Embedded SentencePiece size; + 100 sentinels = 2048.')
   source: str = field(
       '', "Train on files with no Python: FORMAT:PATTERN with FORMAT jsonl, tsv, text, parquet "
