@@ -100,7 +100,7 @@ def test_text_lines_are_the_column_text(tmp_path):
 
 
 def test_hf_datasets_saved_and_parquet_folders(tmp_path, monkeypatch):
-  datasets = pytest.importorskip('datasets')  # the [hf] extra
+  import datasets  # the [hf] extra's (and the test extra's)
   monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', str(tmp_path / 'cache'))
   datasets.DatasetDict(
       {'train': datasets.Dataset.from_list(ROWS),
