@@ -310,3 +310,21 @@ def test_worker_processes_read_the_same_batches(tmp_path, register):
   workers, it = batches(task.name, n=4, num_workers=1)
   it.close()
   assert all(np.array_equal(a[k], b[k]) for a, b in zip(inline, workers) for k in a)
+
+
+def test_unreadable_files_are_named(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  writer = ArrayRecordWriter(str(tmp_path / 'bad.arrayrecord'), 'group_size:1')
+  writer.write(b'\x08\x01a tf.train.Example, say')
+  writer.close()
+  (tmp_path / 'header.tsv').write_text('q\ta\n')
+  (tmp_path / 'bad.parquet').write_text('not parquet\n')
+  cases = [
+      ('arrayrecord', 'bad.arrayrecord', r'bad\.arrayrecord: record 0 is not a UTF-8 JSON object'),
+      ('tsv', 'header.tsv', r'header\.tsv: no examples .*expected a header line naming'),
+      ('parquet', 'bad.parquet', r'bad\.parquet: not a readable Parquet file'),
+      ('hf', 'none', r"no such folder '.*none'; expected a `datasets` save_to_disk folder"),
+  ]
+  for fmt, name, message in cases:
+    with pytest.raises(DataSourceError, match=message):
+      file_tasks.make_source(fmt, str(tmp_path / name), 'test').get('train')[0]
