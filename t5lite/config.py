@@ -199,8 +199,9 @@ class CheckpointConfig:
       '', 'Fine-tuning: when WORKDIR has no checkpoint yet, take the params '
       "(only: optimizer state and step start fresh) from another run's "
       'checkpoint, a step directory or a WORKDIR/checkpoints directory (its '
-      'newest step); `hf:DIR` for a HuggingFace T5 (docs/hf.md); `t5x:DIR/checkpoint_N` for a '
-      'T5X checkpoint (docs/migrating.md). The '
+      'newest step); `hf:DIR` for a HuggingFace T5 (docs/hf.md); `t5x:DIR/checkpoint_N` (or '
+      't5x:DIR, its newest) for a T5X checkpoint, which with optimizer.name=adafactor also '
+      "gives T5X's Adafactor second moments (docs/migrating.md). The "
       "workdir's own checkpoints always win, so a preempted fine-tune resumes "
       "where it stopped. '': a random init.")
   init_rename: tuple = field((), '(regex, replacement) pairs applied in order (re.sub) to the '

@@ -2,7 +2,8 @@
 
     python -m t5lite.convert hf-to-t5lite --model HF_DIR --out WORKDIR [--scan_layers]
     python -m t5lite.convert t5lite-to-hf --checkpoint PATH --out HF_DIR [--dtype bfloat16]
-    python -m t5lite.convert t5x-to-t5lite --checkpoint T5X_DIR/checkpoint_N --out WORKDIR
+    python -m t5lite.convert t5x-to-t5lite --checkpoint T5X_DIR/checkpoint_N --out WORKDIR \
+        [--scan_layers] [--mlp_activation gated-silu]
 
 t5x-to-t5lite (the reading and the name mapping are in t5lite/t5x.py) writes WORKDIR the same way
 as hf-to-t5lite; `--config.checkpoint.init_from=t5x:T5X_DIR/checkpoint_N` converts in memory.
