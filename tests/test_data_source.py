@@ -211,8 +211,10 @@ def test_clear_errors(tmp_path, register):
   write_jsonl(tmp_path / 'train.jsonl', ROWS)
   with pytest.raises(ConfigError, match=r'FORMAT one of jsonl, tsv.*e\.g\. jsonl:x\.jsonl'):
     file_tasks.parse_source('x.jsonl')
-  with pytest.raises(ConfigError, match='FORMAT one of'):
+  with pytest.raises(ConfigError, match=r'FORMAT one of.*e\.g\. jsonl:x\.csv$'):
     file_tasks.parse_source('csv:x.csv')
+  with pytest.raises(ConfigError, match=r'e\.g\. parquet:gs://b/x\.parquet$'):
+    file_tasks.parse_source('gs://b/x.parquet')
   with pytest.raises(ConfigError, match=r"'inputs=q,answer=a'.*unknown feature 'answer'"):
     file_tasks.parse_fields('inputs=q,answer=a', 'supervised')
   with pytest.raises(ConfigError, match=r'reads inputs and targets; map targets'):

@@ -49,9 +49,11 @@ def parse_source(source: str) -> tuple[str, str]:
   fmt, sep, pattern = source.partition(':')
   if not sep or fmt not in FORMATS:
     guess = next((f for f in FORMATS if source.rstrip('/').endswith(f'.{f}')), 'jsonl')
+    # 'gs://b/x.jsonl' lacks a format; 'csv:x.csv' has a wrong one.
+    files = pattern if sep and not pattern.startswith('//') else source
     raise ConfigError(f'config.data.source={source!r}: expected FORMAT:PATTERN with FORMAT one '
                       f'of {", ".join(FORMATS)} (hf:FOLDER for HuggingFace datasets), e.g. '
-                      f'{guess}:{source if not sep else pattern}')
+                      f'{guess}:{files}')
   if not pattern.strip():
     raise ConfigError(f'config.data.source={source!r} names no files: set it to your training '
                       f'data, e.g. {EXAMPLE} (files train.jsonl and validation.jsonl)')
