@@ -56,3 +56,13 @@ def test_model_config_is_frozen_and_hashable_with_attention_dim_filled_in():
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.kernels = 'xla'  # type: ignore[misc]
   assert ModelConfig().size == 'tiny' and ModelConfig().kernels == 'auto'
+
+
+def test_mlp_activation_check_names_every_valid_value():
+  for value in presets.MLP_ACTIVATION_CHOICES:
+    presets.check_mlp_activation(value)
+  with pytest.raises(
+      fields.ConfigError,
+      match=r"mlp_activation='gated_silu' is not valid \(did you mean 'gated-silu'"
+      r"\?\); valid: '' \(the variant's: v1_0 relu, v1_1 gated-gelu\), relu, "):
+    presets.check_mlp_activation('gated_silu')
