@@ -4,7 +4,8 @@
   ArrayRecordSource  ArrayRecord files (array_record, grain's reader), one JSON object per record
   HfSource           a HuggingFace `datasets` dataset: a save_to_disk directory, or a folder of
                      Parquet / Arrow / JSON / CSV files laid out as `datasets.load_dataset` reads
-                     a local folder (its split names come from the file names)
+                     a local folder (its split names come from the file names; `datasets`
+                     converts such files once into its cache, HF_DATASETS_CACHE)
 
 Each maps a split to a Sequence of example dicts, as the sources in t5lite.data.sources do, so
 grain reads them by index: shardable and exactly resumable. File patterns are globs, local or
