@@ -24,8 +24,13 @@ from t5lite.checks import (Check, boolean, count, in_range, logical_rules, non_n
                            regex_pairs, regexes, string, task, task_names)
 from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
 # Re-exported: the cross-field rules and the mesh shape (t5lite/config_rules.py).
-from t5lite.config_rules import (DCN_AXES, EVAL_VALUES, RULES, batches_divide, dcn_shape,  # pylint: disable=unused-import
-                                 mesh_shape)
+from t5lite.config_rules import (
+    DCN_AXES,
+    EVAL_VALUES,
+    RULES,
+    batches_divide,
+    dcn_shape,  # pylint: disable=unused-import
+    mesh_shape)
 from t5lite.models import presets
 
 # Re-exported: the mesh axes and the default rules live with the rest of sharding.
@@ -271,8 +276,7 @@ class InferConfig:
   batch_size: int = field(0, '0 = eval.batch_size, else train.batch_size.')
   mode: str = field(
       'decode', 'decode: generate targets for each input; score: the log-likelihood of each '
-      "line's given target (target_key) under the model, per example.",
-      choices=('decode', 'score'))
+      "line's given target (target_key) under the model, per example.", choices=('decode', 'score'))
   length_normalize: bool = field(
       False, 'score: also divide each log-likelihood by its target token count (the mean per '
       'token).')

@@ -73,6 +73,7 @@ def _t5x_shapes(c) -> None:
                       'the T5X checkpoint: ' + '; '.join(problems) + ' (python -m t5lite.convert '
                       't5x-to-t5lite prints the overrides)')
 
+
 def _eval_task(c) -> None:
   if c.eval.every_steps and c.eval.task:
     task(c.eval.task, 'eval.task')
@@ -144,8 +145,8 @@ def _data_source(c) -> None:
 # Rules that relate fields, run after the per-field checks.
 RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
-                     _t5x_shapes,
-                     _vocabulary_fits_init, _data_source, _eval_task, _keep_best_needs_eval)
+                     _t5x_shapes, _vocabulary_fits_init, _data_source, _eval_task,
+                     _keep_best_needs_eval)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
 

@@ -221,11 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   t.add_argument('--out', required=True, help='directory for the t5lite checkpoint')
   t.add_argument('--scan_layers', action='store_true',
                  help='write layers stacked on a leading axis (config.model.scan_layers=True)')
-  t.add_argument('--mlp_activation', default='',
-                 choices=('', 'gated-gelu', 'gated-silu', 'gated-relu', 'relu'),
-                 help='the MLP activation, which T5X checkpoints do not record: a gated MLP '
-                 '(wi_0, wi_1) is read as gated-gelu (T5.1.1, Flan-T5, mT5, ByT5) unless this '
-                 'says otherwise, e.g. gated-silu for UL2')
+  t.add_argument(
+      '--mlp_activation', default='',
+      choices=('', 'gated-gelu', 'gated-silu', 'gated-relu', 'relu'),
+      help='the MLP activation, which T5X checkpoints do not record: a gated MLP '
+      '(wi_0, wi_1) is read as gated-gelu (T5.1.1, Flan-T5, mT5, ByT5) unless this '
+      'says otherwise, e.g. gated-silu for UL2')
   b = sub.add_parser('t5lite-to-hf', help='t5lite checkpoint -> HF T5 directory')
   b.add_argument('--checkpoint', required=True,
                  help='t5lite workdir, its checkpoints/ directory or a step directory')

@@ -245,10 +245,11 @@ def score_rows(model, params, chunk, cfg, lengths: tuple[int, int], batch_size: 
                rules) -> np.ndarray:
   """[len(chunk)]: each record's summed target log-likelihood, one padded batch of the converter
   layout training uses (`scoring.build_pair_batches`: a pair per record, one option each)."""
-  batches, _ = scoring.build_pair_batches(
-      model, [r['ids'] for r in chunk], [[r['target_ids']] for r in chunk], batch_size=batch_size,
-      add_eos=False, prefix_lm=cfg.data.converter == 'prefix_lm', inputs_length=lengths[0],
-      targets_length=lengths[1])
+  batches, _ = scoring.build_pair_batches(model, [r['ids'] for r in chunk],
+                                          [[r['target_ids']] for r in chunk], batch_size=batch_size,
+                                          add_eos=False,
+                                          prefix_lm=cfg.data.converter == 'prefix_lm',
+                                          inputs_length=lengths[0], targets_length=lengths[1])
   return scoring.score_batch(model, params, batches[0], mesh, rules)[:len(chunk)]
 
 
@@ -319,8 +320,7 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
              if records else f'{where}: no inputs; {output} is empty')
     return counts
   log.info(f'reading the params of {target[0][1]}')
-  params = init_from.load_params(target[0][1],
-                                   partitioning.abstract_params(model, mesh, rules)[0])
+  params = init_from.load_params(target[0][1], partitioning.abstract_params(model, mesh, rules)[0])
   decode_cfg = evaluator_lib.decode_config(cfg, targets_length)
   key = ('encoder_input_tokens'
          if model.cfg.architecture == 'encoder_decoder' else 'decoder_prompt_tokens')
@@ -347,8 +347,8 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
           tokens = decoding.decode(model, params, {key: _full_batch_to_global(rows, sharding)},
                                    decode_cfg, rng, prefix_lm=cfg.data.converter == 'prefix_lm',
                                    mesh=mesh, rules=rules).tokens
-          tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1 else
-                    np.asarray(multihost_utils.process_allgather(tokens, tiled=True)))
+          tokens = (np.asarray(jax.device_get(tokens)) if jax.process_count() == 1 else np.asarray(
+              multihost_utils.process_allgather(tokens, tiled=True)))
       lines = []
       for r, record in enumerate(chunk):
         index = begin + r
@@ -360,8 +360,8 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
         }
         if scoring_mode:
           entry['target'] = record['target']
-          entry.update(_score_fields(float(scores[r]), len(record['target_ids']),
-                                     i_cfg.length_normalize))
+          entry.update(
+              _score_fields(float(scores[r]), len(record['target_ids']), i_cfg.length_normalize))
         else:
           entry['prediction'] = vocabulary.decode(tokens[r])
           if 'target' in record:
@@ -389,8 +389,9 @@ FLAGS = (
     cli.Flag('task', None, 'a registered task whose split to decode (or --input)', str),
     cli.Flag('split', 'validation', '--task: the split to read'),
     cli.Flag('output', None, 'where the predictions go, one JSON line per input', str),
-    cli.Flag('mode', None, 'decode | score: sets config.infer.mode (score: the log-likelihood of '
-             'each given target)', str),
+    cli.Flag(
+        'mode', None, 'decode | score: sets config.infer.mode (score: the log-likelihood of '
+        'each given target)', str),
 )
 
 

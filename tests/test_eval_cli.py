@@ -250,8 +250,10 @@ def test_infer_score_mode_gives_each_targets_log_likelihood(env, tmp_path, capsy
   for record, (source, target) in zip(records, pairs):
     ids, target_ids = vocab.encode(source) + [1], vocab.encode(target) + [1]
     assert len(ids) <= 16 and len(target_ids) <= 8  # nothing truncated
-    batch = {'encoder_input_tokens': np.zeros((1, 16), np.int32),
-             'decoder_target_tokens': np.zeros((1, 8), np.int32)}
+    batch = {
+        'encoder_input_tokens': np.zeros((1, 16), np.int32), 'decoder_target_tokens': np.zeros(
+            (1, 8), np.int32)
+    }
     batch['encoder_input_tokens'][0, :len(ids)] = ids
     batch['decoder_target_tokens'][0, :len(target_ids)] = target_ids
     batch['decoder_input_tokens'] = np.roll(batch['decoder_target_tokens'], 1, axis=1)
@@ -262,8 +264,9 @@ def test_infer_score_mode_gives_each_targets_log_likelihood(env, tmp_path, capsy
     np.testing.assert_allclose(record['log_likelihood'], expected, rtol=1e-5)
     np.testing.assert_allclose(record['score'], expected / len(target_ids), rtol=1e-5)
     assert record['log_likelihood'] < 0
-  write_inputs(tmp_path / 'bad.jsonl', [json.dumps({'inputs': 'say a', 'targets': 'a'}),
-                                        json.dumps({'inputs': 'say b'})])
+  write_inputs(tmp_path / 'bad.jsonl',
+               [json.dumps({'inputs': 'say a', 'targets': 'a'}),
+                json.dumps({'inputs': 'say b'})])
   capsys.readouterr()
   assert run_infer(env, tmp_path, tmp_path / 'bad.jsonl', tmp_path / 'b.jsonl', '--mode',
                    'score') == 2

@@ -121,8 +121,8 @@ def test_each_example_once_and_metrics_equal_a_per_example_loop(setup, tmp_path)
     predictions.append(lower(vocab.decode(tokens)))
     targets.append(lower(vocab.decode(ex['targets'])))
     batch = {
-        'encoder_input_tokens': rows[:1],
-        'decoder_target_tokens': np.zeros((1, targets_length), np.int32)
+        'encoder_input_tokens': rows[:1], 'decoder_target_tokens': np.zeros((1, targets_length),
+                                                                            np.int32)
     }
     batch['decoder_target_tokens'][0, :len(ex['targets'])] = ex['targets']
     batch['decoder_input_tokens'] = np.roll(batch['decoder_target_tokens'], 1, axis=1)
@@ -219,10 +219,11 @@ def test_length_normalized_rank_classification(setup, tmp_path):
   ev = evaluator_lib.Evaluator(c, model, mesh, c.partitioning.rules, verbose=False)
   cls = ev.evaluate(sharded, step=2)['evtest_cls']
   examples = split_examples('evtest_cls')
-  ranked = scoring.rank_classification(model, params, [ex['inputs'][:-1] for ex in examples],
-                                       [('yes', 'no')] * 11, vocab_lib.embedded_vocabulary(),
-                                       inputs_length=INPUTS, targets_length=TARGETS,
-                                       batch_size=BATCH, length_normalize=True)
+  ranked = scoring.rank_classification(model, params,
+                                       [ex['inputs'][:-1] for ex in examples], [('yes', 'no')] * 11,
+                                       vocab_lib.embedded_vocabulary(), inputs_length=INPUTS,
+                                       targets_length=TARGETS, batch_size=BATCH,
+                                       length_normalize=True)
   np.testing.assert_allclose(np.asarray(cls.scores), np.stack(ranked.scores), rtol=1e-4)
   assert not np.allclose(ranked.scores, np.stack(ranked.log_likelihoods))  # a real division
 

@@ -121,8 +121,10 @@ def task_lengths(task, split: str, caps: tuple[int, int], vocabulary=None,
     truncated += any(sizes[k] > cap for k, cap in zip(('inputs', 'targets'), caps) if k in sizes)
     for k, n in sizes.items():
       longest[k] = max(longest[k], n)
-  fitted = [min(cap, _round_up(longest[k])) if longest[k] else cap
-            for k, cap in zip(('inputs', 'targets'), caps)]
+  fitted = [
+      min(cap, _round_up(longest[k])) if longest[k] else cap
+      for k, cap in zip(('inputs', 'targets'), caps)
+  ]
   return TaskLengths(fitted[0], fitted[1], longest['inputs'], longest['targets'], truncated)
 
 
@@ -280,8 +282,8 @@ class Evaluator:
     key = ('encoder_input_tokens'
            if self.model.cfg.architecture == 'encoder_decoder' else 'decoder_prompt_tokens')
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.decode.seed), batch_number)
-    out = decoding.decode(self.model, params, self._global({key: local_inputs}), decode_cfg,
-                          rng, prefix_lm=self.prefix_lm, mesh=self.mesh, rules=self.rules)
+    out = decoding.decode(self.model, params, self._global({key: local_inputs}), decode_cfg, rng,
+                          prefix_lm=self.prefix_lm, mesh=self.mesh, rules=self.rules)
     return self._gather(out.tokens)
 
   def _features(self, pairs: list[tuple[np.ndarray, np.ndarray] | None], inputs_length: int,
@@ -325,10 +327,12 @@ class Evaluator:
     inputs_length, targets_length = found.inputs, found.targets
     sequence_length = {'inputs': inputs_length, 'targets': targets_length}
     decode_cfg = decode_config(self.config, targets_length)
-    iterator = pipeline.make_task_iterator(
-        task, feature_lengths=sequence_length, global_batch_size=self.batch_size,
-        seed=self.config.train.seed, pack=False, split=self.config.eval.split, shuffle=False,
-        repeat=False, converter='encdec', vocabulary=self.vocabulary)
+    iterator = pipeline.make_task_iterator(task, feature_lengths=sequence_length,
+                                           global_batch_size=self.batch_size,
+                                           seed=self.config.train.seed, pack=False,
+                                           split=self.config.eval.split, shuffle=False,
+                                           repeat=False, converter='encdec',
+                                           vocabulary=self.vocabulary)
     p, count = jax.process_index(), jax.process_count()
     rows = self.batch_size // count
     zeros = {
@@ -434,8 +438,10 @@ class Evaluator:
           'lengths': r.lengths,
           'truncated_examples': r.truncated_examples,
           'seconds': round(r.seconds, 3),
-          'decode': {**dataclasses.asdict(decode_config(self.config, r.lengths['targets'])),
-                     'seed': self.config.decode.seed},
+          'decode': {
+              **dataclasses.asdict(decode_config(self.config, r.lengths['targets'])),
+              'seed': self.config.decode.seed
+          },
           'examples': [{
               'input': r.inputs[i], 'target': r.targets[i],
               **({'prediction': r.predictions[i], 'raw_prediction': r.raw_predictions[i]}
