@@ -25,6 +25,7 @@ setup(
         'etils[epath]>=1.7.0',  # every path, local or gs:// (t5lite/files.py)
         'tensorboardX>=2.6',
         'numpy>=1.26',
+        'pyarrow>=14',  # data.source=parquet:... (t5lite/data/table_sources.py)
     ],
     extras_require={
         # The suite runs the HuggingFace parity and metric tests too. torch itself is installed
@@ -35,6 +36,7 @@ setup(
             'pytest-xdist>=3.5',
             'transformers>=4.40',
             'safetensors>=0.4',
+            'datasets>=2.14',  # data.source=hf:DIR (tests/test_data_source.py)
             'sacrebleu>=2.4',
             'rouge-score>=0.1.2',
             'scipy>=1.10',
@@ -54,7 +56,11 @@ setup(
         ],
         'tf': ['tensorflow>=2.16'],  # TFDS catalog builders, tfds mock data
         # HuggingFace interop; tokenizers reads data.vocabulary=hf:DIR's tokenizer.json
-        'hf': ['torch>=2.2', 'transformers>=4.40', 'safetensors>=0.4', 'tokenizers>=0.15'],
+        # and datasets reads data.source=hf:DIR
+        'hf': [
+            'torch>=2.2', 'transformers>=4.40', 'safetensors>=0.4', 'tokenizers>=0.15',
+            'datasets>=2.14'
+        ],
         'metrics': ['sacrebleu>=2.4', 'rouge-score>=0.1.2', 'scipy>=1.10'],
         # gs:// paths: gcsfs under etils.epath; google-cloud-storage for TensorBoard event files
         'gcp': ['gcsfs>=2024.2.0', 'google-cloud-storage>=2.14'],
