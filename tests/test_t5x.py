@@ -267,8 +267,8 @@ def test_config_validation_reads_the_t5x_shapes_before_any_compute(tmp_path):
   c = quickstart_config()
   c.checkpoint.init_from = 't5x:' + T511
   with pytest.raises(
-      ConfigError, match=r"model.vocab_size=2048 but .*t511_tiny/checkpoint_3 gives "
-      r"128; model.d_model=128 but .* gives 40"):
+      ConfigError, match=r'model.vocab_size=2048 but .*t511_tiny/checkpoint_3 gives '
+      r'128; model.d_model=128 but .* gives 40'):
     validate(c, 1)
   c.model.update(variant='v1_1', size='custom', mlp_activation='gated-silu', **SHAPE)
   validate(c, 1)  # UL2-like: the config's gated activation is taken

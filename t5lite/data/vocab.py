@@ -463,5 +463,5 @@ def get_vocabulary(spec: str = 'embedded', sp_vocab_size: int = DEFAULT_SP_VOCAB
   except (OSError, RuntimeError) as e:
     raise FileNotFoundError(
         f'data.vocabulary={spec!r}: cannot read a SentencePiece model there ({e}); give a '
-        "path to a .model file, hf:DIR (a HuggingFace tokenizer directory), or one of "
+        'path to a .model file, hf:DIR (a HuggingFace tokenizer directory), or one of '
         "'embedded', 'task', 'byte'") from None
