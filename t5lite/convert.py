@@ -41,6 +41,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Sequence
 
@@ -56,8 +57,12 @@ class ConvertError(Exception):
 
 
 def _overrides(model: dict, tokenizer: dict | None = None) -> list[str]:
-  vocabulary = [f'--config.data.vocabulary={tokenizer["vocabulary"]}'] if tokenizer else []
-  return [f'--config.model.{k}={model[k]}' for k in hf.MODEL_FIELDS + ('scan_layers',)] + vocabulary
+  vocabulary = ([f'--config.data.vocabulary={shlex.quote(tokenizer["vocabulary"])}']
+                if tokenizer else [])
+  # Quoted for a shell: mlp_activation='' (the variant's) must survive a copy and paste.
+  return [
+      f'--config.model.{k}={shlex.quote(str(model[k]))}' for k in hf.MODEL_FIELDS + ('scan_layers',)
+  ] + vocabulary
 
 
 def _hf_tokenizer(model_path: str, model_vocab_size: int) -> dict | None:
@@ -274,8 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(' '.join(t5x.config_overrides(model) + [f'--config.checkpoint.init_from={out}']))
     else:
       step_dir, model, said = t5lite_to_hf(args.checkpoint, args.out, args.dtype, args.vocabulary)
-      print(f'wrote a HuggingFace T5ForConditionalGeneration ({model["variant"]}) of {step_dir} '
-            f'to {os.fspath(files.to_path(args.out))}, with {said}')
+      kind = 'UMT5' if model.get('relpos_per_layer') else 'T5'
+      print(
+          f'wrote a HuggingFace {kind}ForConditionalGeneration ({model["variant"]}) of {step_dir} '
+          f'to {os.fspath(files.to_path(args.out))}, with {said}')
 
   errors = [(files.MissingFileSystemError, 'convert error', 2),
             (hf.HFFileError, 'convert error', 1), (ConvertError, 'convert error', 2),

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from typing import Iterable
 
 import numpy as np
@@ -463,7 +464,7 @@ def config_overrides(model: dict) -> list[str]:
   keys = ('variant', 'vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'attention_dim',
           'num_encoder_layers', 'num_decoder_layers', 'mlp_activation',
           'relative_attention_num_buckets', 'relative_attention_max_distance', 'scan_layers')
-  return [f'--config.model.{k}={model[k]}' for k in keys]
+  return [f'--config.model.{k}={shlex.quote(str(model[k]))}' for k in keys]  # '' survives a shell
 
 
 def to_t5lite_workdir(checkpoint: str, out: str, scan_layers: bool = False,

@@ -22,7 +22,7 @@ def test_every_section_field_is_documented_where_it_is_declared():
     for doc in fields.describe(cls):
       assert doc.doc.strip(), f'config.{section}.{doc.name} has no documentation'
   top = [f for f in dataclasses.fields(config_lib.RunConfig) if f.name not in config_lib.SECTIONS]
-  assert [f.name for f in top] == ['keep_host_memory']
+  assert [f.name for f in top] == ['keep_host_memory', 'imports']
   assert all(f.metadata.get(fields.DOC) for f in top)
 
 
