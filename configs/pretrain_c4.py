@@ -5,8 +5,8 @@
     python -m t5lite.aot --config configs/pretrain_c4.py:xxl --topology v5p:4x4x4 ...
 
 The argument picks the size: small, base, large, xl, xxl (T5.1.1's released shapes) or ul2_20b
-(UL2-20B's shape, Tay et al. 2022: 32 + 32 layers, d_model 4096, 16 heads x 256, d_ff 16384; its
-gated-SiLU MLP is computed here as gated GELU, which has the same shapes and FLOPs). Inputs 512
+(UL2-20B, Tay et al. 2022: 32 + 32 layers, d_model 4096, 16 heads x 256, d_ff 16384, gated-SiLU
+MLP: the `ul2_20b` preset of t5lite/models/presets.py). Inputs 512
 tokens, targets 114 (span corruption's 15% noise at mean span 3), the task's own T5 vocabulary
 (32000 SentencePiece pieces + 100 sentinels, embedding padded to 32128). C4 comes from TFDS
 (`c4/en:3.1.0`, prepared beforehand; docs/data.md). Adafactor with T5's rsqrt schedule
@@ -16,19 +16,11 @@ settings of docs/scaling.md, where `python -m t5lite.aot` shows what fits which 
 from t5lite.config import base_config
 from t5lite.models.presets import model_config
 
-# UL2-20B's shape (UL2 paper, Table: "UL2 20B": 32 encoder and 32 decoder layers).
-UL2_20B = dict(d_model=4096, d_ff=16384, num_heads=16, head_dim=256, num_encoder_layers=32,
-               num_decoder_layers=32)
-
 
 def get_config(arg=None):
   size = arg or 'base'
   c = base_config()
-  c.model = model_config('xxl' if size == 'ul2_20b' else size, variant='v1_1', vocab_size=32128)
-  if size == 'ul2_20b':
-    c.model.update(UL2_20B)
-    c.model.size = 'ul2_20b'
-    c.model.attention_dim = UL2_20B['num_heads'] * UL2_20B['head_dim']
+  c.model = model_config(size, variant='v1_1', vocab_size=32128)
   c.model.dtype = 'bfloat16'
   c.model.scan_layers = True
   c.model.remat_policy = 'full'
