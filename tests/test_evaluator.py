@@ -189,6 +189,9 @@ def test_each_task_at_its_own_lengths_with_caps_and_a_truncation_count(setup, tm
   found = evaluator_lib.task_lengths(tasks.get_task('evtest_gen'), 'validation', (1024, 512))
   assert (found.inputs, found.targets) == (round8(max(in_sizes)), round8(max(out_sizes)))
   assert found.truncated == 0 and found.longest_inputs == max(in_sizes)
+  first = evaluator_lib.task_lengths(tasks.get_task('evtest_gen'), 'validation', (1024, 512),
+                                     limit=5)  # eval.max_batches: only what is evaluated
+  assert (first.longest_inputs, first.longest_targets) == (max(in_sizes[:5]), max(out_sizes[:5]))
 
   cap_in, cap_out = sorted(in_sizes)[len(in_sizes) // 2], min(out_sizes)
   over = sum(i > cap_in or t > cap_out for i, t in zip(in_sizes, out_sizes))

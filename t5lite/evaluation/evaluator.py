@@ -101,17 +101,20 @@ class TaskLengths:
   truncated: int
 
 
-def task_lengths(task, split: str, caps: tuple[int, int], vocabulary=None,
-                 seed: int = 0) -> TaskLengths:
-  """The lengths a task's split needs: every example through the task's steps untrimmed (EOS
-  appended where the feature adds it), the longest of each feature rounded up to a multiple of
-  8 and capped at `caps` (inputs, targets). A feature the task lacks gets its cap."""
+def task_lengths(task, split: str, caps: tuple[int, int], vocabulary=None, seed: int = 0,
+                 limit: int | None = None) -> TaskLengths:
+  """The lengths a task's split needs: every example (the first `limit`, when given: what
+  eval.max_batches evaluates) through the task's steps untrimmed (EOS appended where the feature
+  adds it), the longest of each feature rounded up to a multiple of 8 and capped at `caps`
+  (inputs, targets). A feature the task lacks gets its cap."""
   features = task.output_features
   if vocabulary is not None:
     features = {k: f.replace(vocabulary=vocabulary) for k, f in features.items()}
   longest = {'inputs': 0, 'targets': 0}
   truncated = 0
-  for i, example in enumerate(task.examples(split, None, features)):
+  examples = task.examples(split, None, features)
+  for i in range(len(examples) if limit is None else min(limit, len(examples))):
+    example = examples[i]
     # No sequence_length: trim() keeps everything; the rng is the one infer's --task uses.
     example = task.process(example, task.context(None, np.random.default_rng([seed, 2, i]),
                                                  features))
@@ -233,8 +236,14 @@ class Evaluator:
   def task_lengths(self, task) -> TaskLengths:
     """The task's evaluation lengths (measured once per task: its split does not change)."""
     if task.name not in self._lengths:
+      # The ordered pass reads the split's first max_batches * batch_size examples (process p
+      # takes elements p, p + count, ...; lockstep keeps the batches aligned). With drop_invalid
+      # the rows evaluated are not the first elements: measure them all.
+      limit = None
+      if self.config.eval.max_batches and not task.drop_invalid:
+        limit = self.config.eval.max_batches * self.batch_size
       found = task_lengths(task, self.config.eval.split, self.caps, self.vocabulary,
-                           self.config.train.seed)
+                           self.config.train.seed, limit)
       if found.truncated:
         log.info(f'warning: eval {task.name}: {found.truncated} example(s) are longer than '
                  f'eval.max_inputs_length={self.caps[0]} / eval.max_targets_length='
