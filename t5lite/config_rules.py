@@ -4,6 +4,7 @@ raises `ConfigError` naming the fields involved and a setting that would work.""
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 from typing import Any, Callable
 
@@ -101,13 +102,22 @@ def _keep_best_needs_eval(c) -> None:
                       f'{k.keep_best_metric} cannot be ranked; make it a multiple')
 
 
+def _embeddings_ignored(c) -> bool:
+  """Whether checkpoint.init_ignore leaves the token embedding (and an untied output layer)
+  behind: a fine-tune that re-initialises them may change vocabulary on purpose."""
+  names = ['token_embedder/embedding'
+          ] + (['logits_dense/kernel'] if c.model.variant != 'v1_0' else [])
+  patterns = tuple(c.checkpoint.init_ignore)
+  return bool(patterns) and all(any(re.search(p, n) for p in patterns) for n in names)
+
+
 def _vocabulary_fits_init(c) -> None:
   """init_from: the fine-tune's vocabulary must be the one the model was trained with (by size,
   kind and model-file sha256 where recorded; by size alone where not), before any compute: a
   converted Flan-T5 fed the embedded 2k vocabulary trains on the wrong tokens (t5lite/data/
   hf_vocab.py)."""
   init_from, d = c.checkpoint.init_from, c.data
-  if not init_from or init_from.startswith('t5x:'):  # T5X checkpoints record no vocabulary
+  if not init_from or _embeddings_ignored(c):
     return
   # pylint: disable=import-outside-toplevel  (the data stack and orbax: only when validating)
   from t5lite import checkpoints
@@ -119,7 +129,9 @@ def _vocabulary_fits_init(c) -> None:
       leaf = found if isinstance(found, tasks.Task) else found.tasks[0]
       feature = leaf.output_features.get('targets') or next(iter(leaf.output_features.values()))
       data = hf_vocab.record(feature.vocabulary, f'task:{leaf.name}')
-    if init_from.startswith('hf:'):
+    if init_from.startswith('t5x:'):
+      model = None  # T5X checkpoints record no vocabulary: the sizes are compared
+    elif init_from.startswith('hf:'):
       directory = init_from[len('hf:'):]
       model = (hf_vocab.record(vocab.load_hf_tokenizer(directory), init_from)
                if vocab.has_hf_tokenizer(directory) else None)

@@ -229,6 +229,18 @@ def test_convert_records_writes_and_refuses_other_vocabularies(small_sp, tmp_pat
     err = refusal(*model, f'checkpoint.init_from={init}', f'data.vocabulary={small_sp[1]}')
     assert f'sha256 {other["sha256"][:12]}' in err and recorded['tokenizer']['sha256'][:12] in err
 
+  # A fine-tune that re-initialises the embedding and the output layer may change vocabulary.
+  config_lib.validate(
+      quickstart(*model, f'checkpoint.init_from={workdir}',
+                 "checkpoint.init_ignore=('token_embedder', 'logits_dense')"), 1)
+  assert 'config.data.vocabulary: embedded' in refusal(
+      *model, f'checkpoint.init_from={workdir}', "checkpoint.init_ignore=('token_embedder',)")
+  # A task's own vocabulary class (no extra_ids, a kind t5lite does not know) compares by size.
+  custom = type('Custom', (), {'vocab_size': 384})()
+  assert not hf_vocab.mismatch(hf_vocab.record(custom, 'task:x'), recorded['tokenizer'])
+  assert hf_vocab.mismatch(
+      hf_vocab.record(type('Custom', (), {'vocab_size': 512})(), 'task:x'), recorded['tokenizer'])
+
   # The training command refuses it before building anything: one line, status 2.
   argv = [
       '--config',

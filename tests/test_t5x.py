@@ -271,6 +271,10 @@ def test_config_validation_reads_the_t5x_shapes_before_any_compute(tmp_path):
       r'128; model.d_model=128 but .* gives 40'):
     validate(c, 1)
   c.model.update(variant='v1_1', size='custom', mlp_activation='gated-silu', **SHAPE)
+  # T5X records no vocabulary, but its embedding rows do: the embedded 2048 ids cannot fit 128.
+  with pytest.raises(ConfigError, match='has 128 embedding rows and no recorded tokenizer'):
+    validate(c, 1)
+  c.data.vocabulary = _tiny_sentencepiece(tmp_path)  # 28 pieces + 100 sentinels = 128 ids
   validate(c, 1)  # UL2-like: the config's gated activation is taken
   c.checkpoint.init_from = 't5x:' + str(tmp_path)
   with pytest.raises(ConfigError, match='not a T5X checkpoint'):

@@ -35,7 +35,7 @@ def record(vocabulary, spec: str) -> dict:
     digest = hashlib.sha256(files.read_bytes(vocabulary.path)).hexdigest()
   return {
       'vocabulary': spec, 'kind': kind, 'vocab_size': vocabulary.vocab_size,
-      'extra_ids': vocabulary.extra_ids, 'sha256': digest
+      'extra_ids': getattr(vocabulary, 'extra_ids', None), 'sha256': digest
   }
 
 
@@ -52,7 +52,11 @@ def describe(rec: dict) -> str:
 
 
 def mismatch(data: dict, model: dict) -> bool:
-  """Whether two records name different vocabularies: size, kind or file hash (where known)."""
+  """Whether two records name different vocabularies: size, kind or file hash (where known). A
+  kind t5lite does not know (a task's own vocabulary class) is compared by size alone."""
+  known = {'byte', 'sentencepiece', 'tokenizers'}
+  if data['kind'] not in known or model['kind'] not in known:
+    return data['vocab_size'] != model['vocab_size']
   if (data['vocab_size'], data['kind'], data['extra_ids']) != (model['vocab_size'], model['kind'],
                                                                model['extra_ids']):
     return True
