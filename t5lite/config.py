@@ -285,7 +285,8 @@ class InferConfig:
   target_key: str = field('targets', 'Copied to the output when present.')
   on_too_long: str = field(
       'truncate', 'An input longer than data.inputs_length tokens (EOS '
-      'included): truncate (a counted warning) or error.', choices=('truncate', 'error'))
+      'included): truncate (a counted warning) or error. infer.mode=score never cuts a target: '
+      'one longer than data.targets_length is an error.', choices=('truncate', 'error'))
   on_bad_line: str = field(
       'error', 'A line that is not JSON, or has no input_key string: error '
       '(names the line) or skip (counted).', choices=('error', 'skip'))

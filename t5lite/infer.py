@@ -10,7 +10,8 @@ file's line number; `target` when the input has one).
 log_likelihood = sum over the target's tokens (EOS included) of log p(token | input, the target
 before it), num_tokens those tokens, and score the log-likelihood, or its mean per token with
 infer.length_normalize (T5X's `score_batch`, seqio's normalize_by_target_length). Every line needs
-a target (infer.target_key); a target longer than data.targets_length follows infer.on_too_long. --checkpoint is as for t5lite.eval (latest,
+a target (infer.target_key); a target longer than data.targets_length (EOS included) is an error
+naming the line, never cut: its score would be another string's. --checkpoint is as for t5lite.eval (latest,
 N, a path, hf:DIR; latest and N read --workdir's checkpoints).
 
 Input: JSON lines, each an object with the text under infer.input_key (default "inputs") and
@@ -304,8 +305,8 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
     missing = [i for i, r in enumerate(records) if 'target' not in r]
     if missing:  # --task: a task without targets
       raise InferError(f'{where}: example {missing[0]} has no target to score (infer.mode=score)')
-    truncated += fit_inputs(records, vocabulary, targets_length, i_cfg.on_too_long, where,
-                            feature='target')
+    # Never truncated: a cut target is another string, whose score would answer another question.
+    fit_inputs(records, vocabulary, targets_length, 'error', where, feature='target')
   done, kept = resume(output, records)
   counts = {'written': 0, 'resumed': done, 'truncated': truncated, 'skipped': skipped}
   batch_size = i_cfg.batch_size or cfg.eval.batch_size or cfg.train.batch_size
@@ -376,10 +377,9 @@ def run(config, output: str, checkpoint: str = 'latest', workdir: str | None = N
     if out is not None:
       out.close()
   noun = 'scores' if scoring_mode else 'predictions'
-  cut = (f'{truncated} input(s)/target(s) truncated to {inputs_length}/{targets_length} tokens'
-         if scoring_mode else f'{truncated} input(s) truncated to {inputs_length} tokens')
-  log.info(f'wrote {counts["written"]} {noun} to {output} ({done} were already there); {cut}, '
-           f'{skipped} bad line(s) skipped')
+  log.info(f'wrote {counts["written"]} {noun} to {output} ({done} were already there); '
+           f'{truncated} input(s) truncated to {inputs_length} tokens, {skipped} bad line(s) '
+           'skipped')
   return counts
 
 

@@ -271,3 +271,13 @@ def test_infer_score_mode_gives_each_targets_log_likelihood(env, tmp_path, capsy
   assert run_infer(env, tmp_path, tmp_path / 'bad.jsonl', tmp_path / 'b.jsonl', '--mode',
                    'score') == 2
   assert "line 2: no 'targets' string to score" in capsys.readouterr().err
+  # A target longer than data.targets_length is never cut (its score would be another string's),
+  # whatever infer.on_too_long says for inputs.
+  write_inputs(tmp_path / 'long.jsonl', [
+      json.dumps({'inputs': 'say a', 'targets': 'a'}),
+      json.dumps({'inputs': 'say b', 'targets': 'b ' * 20})
+  ])
+  assert run_infer(env, tmp_path, tmp_path / 'long.jsonl', tmp_path / 'l.jsonl', '--mode', 'score',
+                   '--config.infer.on_too_long=truncate') == 2
+  assert 'long.jsonl: line 2: the target has' in capsys.readouterr().err
+  assert not (tmp_path / 'l.jsonl').exists()
