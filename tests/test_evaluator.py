@@ -193,6 +193,14 @@ def test_each_task_at_its_own_lengths_with_caps_and_a_truncation_count(setup, tm
                                      limit=5)  # eval.max_batches: only what is evaluated
   assert (first.longest_inputs, first.longest_targets) == (max(in_sizes[:5]), max(out_sizes[:5]))
 
+  # A task whose steps cut examples to the lengths (span corruption over chunks) has none of its
+  # own: it is evaluated at the training lengths given, capped.
+  span = tasks.get_task('embedded_span_corruption')
+  with pytest.raises(P.NeedsLengthsError):
+    evaluator_lib.task_lengths(span, 'validation', (1024, 512))
+  assert evaluator_lib.task_lengths(span, 'validation', (1024, 16), sized_by=(24, 24)) == \
+      evaluator_lib.TaskLengths(24, 16, 24, 16, 0)
+
   cap_in, cap_out = sorted(in_sizes)[len(in_sizes) // 2], min(out_sizes)
   over = sum(i > cap_in or t > cap_out for i, t in zip(in_sizes, out_sizes))
   assert 0 < over < len(gen)  # the caps cut some examples, not all

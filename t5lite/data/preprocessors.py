@@ -217,6 +217,11 @@ import functools
 from typing import Any, Callable, Mapping, Sequence
 
 
+class NeedsLengthsError(ValueError):
+  """A step that sizes its output by the feature lengths (a random chunk, a concatenate-and-split)
+  ran without them: the caller must say the lengths (the evaluator then uses the training ones)."""
+
+
 class InvalidExampleError(ValueError):
   """An example lacks a feature or has an empty one.
 
@@ -520,7 +525,7 @@ class RandomChunk:
 
   def __call__(self, example, ctx: Context):
     if not ctx.sequence_length:
-      raise ValueError(f'task {ctx.task_name!r}: RandomChunk needs feature lengths.')
+      raise NeedsLengthsError(f'task {ctx.task_name!r}: RandomChunk needs feature lengths.')
     tokens = _tokens(example, ctx, self.key)
     length = self.length_fn(ctx.sequence_length)
     if len(tokens) <= length:
@@ -549,7 +554,7 @@ class ConcatAndSplit:
 
   def __call__(self, examples: Sequence[Mapping[str, Any]], ctx: Context) -> list[dict]:
     if not ctx.sequence_length:
-      raise ValueError(f'task {ctx.task_name!r}: ConcatAndSplit needs feature lengths.')
+      raise NeedsLengthsError(f'task {ctx.task_name!r}: ConcatAndSplit needs feature lengths.')
     length = self.length_fn(ctx.sequence_length)
     chunks = split_tokens((_tokens(ex, ctx, self.key) for ex in examples), length)
     return [{self.key: c} for c in chunks if len(c) >= self.min_length]

@@ -54,6 +54,7 @@ from t5lite import files, logs
 from t5lite import metrics as metrics_lib
 from t5lite import multihost, partitioning
 from t5lite.data import converters, pipeline, tasks as tasks_lib, vocab as vocab_lib
+from t5lite.data import preprocessors as P
 from t5lite.evaluation import scoring
 from t5lite.models import decoding
 
@@ -102,11 +103,27 @@ class TaskLengths:
 
 
 def task_lengths(task, split: str, caps: tuple[int, int], vocabulary=None, seed: int = 0,
-                 limit: int | None = None) -> TaskLengths:
+                 limit: int | None = None, sized_by=None) -> TaskLengths:
   """The lengths a task's split needs: every example (the first `limit`, when given: what
   eval.max_batches evaluates) through the task's steps untrimmed (EOS appended where the feature
   adds it), the longest of each feature rounded up to a multiple of 8 and capped at `caps`
-  (inputs, targets). A feature the task lacks gets its cap."""
+  (inputs, targets). A feature the task lacks gets its cap.
+
+  A task whose steps size their output by the lengths (span corruption or prefix LM over random
+  chunks) has no length of its own: it gets `sized_by` (inputs, targets), the training lengths,
+  capped, with nothing truncated (its chunks are cut to fit by design)."""
+  try:
+    return _measured_lengths(task, split, caps, vocabulary, seed, limit)
+  except P.NeedsLengthsError:
+    if sized_by is None:
+      raise
+    log.info(f'eval {task.name}: its steps size examples by the feature lengths; evaluated at '
+             f'the training lengths {sized_by[0]} / {sized_by[1]}')
+    fitted = [min(cap, n) for cap, n in zip(caps, sized_by)]
+    return TaskLengths(fitted[0], fitted[1], fitted[0], fitted[1], 0)
+
+
+def _measured_lengths(task, split, caps, vocabulary, seed, limit) -> TaskLengths:
   features = task.output_features
   if vocabulary is not None:
     features = {k: f.replace(vocabulary=vocabulary) for k, f in features.items()}
@@ -243,7 +260,7 @@ class Evaluator:
       if self.config.eval.max_batches and not task.drop_invalid:
         limit = self.config.eval.max_batches * self.batch_size
       found = task_lengths(task, self.config.eval.split, self.caps, self.vocabulary,
-                           self.config.train.seed, limit)
+                           self.config.train.seed, limit, sized_by=lengths(self.config))
       if found.truncated:
         log.info(f'warning: eval {task.name}: {found.truncated} example(s) are longer than '
                  f'eval.max_inputs_length={self.caps[0]} / eval.max_targets_length='
