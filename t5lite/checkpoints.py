@@ -52,6 +52,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import options as ocp_options
 
 from t5lite import files
+from t5lite.models import presets
 # Checksums and the quiet logs live in checkpoint_integrity; their names are this module's too.
 from t5lite.checkpoint_integrity import (CHECKSUMS_FILE, CHECKSUMS_FORMAT, CHECKSUMS_ITEM,
                                          CheckpointError, CorruptCheckpointError, _OrbaxNoise,
@@ -317,6 +318,8 @@ class Checkpointer:
   def check_compatible(self, step: int, abstract_state, config: dict | None = None) -> None:
     """Raises CheckpointError naming the parameters whose shapes differ from `abstract_state`
     (and the config.model fields that differ, when the saved config is readable)."""
+    if config is not None:
+      self._check_activation(step, config.get('model', {}))
     saved = _flat_shapes(self.manager.item_metadata(step)['state'])
     expected = _flat_shapes(abstract_state)
     problems = []
@@ -348,6 +351,20 @@ class Checkpointer:
         f'checkpoint step {step} in {self.directory} does not fit this model config: '
         f'{len(problems)} array(s) differ:\n  {shown}{more}{hint}\n'
         'Use the config it was written with, or another --workdir to start a new run.')
+
+  def _check_activation(self, step: int, model: dict) -> None:
+    """The gated MLP activations share their shapes: resuming gated-SiLU weights as gated-GELU
+    would read back without a shape error, so the saved activation is compared by name."""
+    try:
+      saved = presets.activation_of(self._read_config(step).get('model', {}))
+    except Exception:  # pylint: disable=broad-except  (no readable saved config: shapes decide)
+      return
+    wanted = presets.activation_of(model)
+    if saved and wanted and saved != wanted:
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} was trained with the MLP activation '
+          f'{saved}, but this config computes {wanted}; set --config.model.mlp_activation={saved}'
+          ' (or another --workdir to start a new run)')
 
   def _read_config(self, step: int) -> dict:
     return self.manager.restore(step,

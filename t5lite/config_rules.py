@@ -147,6 +147,29 @@ def _vocabulary_fits_init(c) -> None:
     raise ConfigError(problem)
 
 
+def _init_activation(c) -> None:
+  """init_from a t5lite checkpoint: the gated MLP activations have the same shapes, so the one it
+  was trained with is compared by name (hf: is compared with its config.json in _hf_shapes; T5X
+  checkpoints record none)."""
+  init_from = c.checkpoint.init_from
+  if not init_from or init_from.startswith(('hf:', 't5x:')):
+    return
+  # pylint: disable=import-outside-toplevel  (orbax: only when validating an init_from)
+  from t5lite import checkpoints
+  from t5lite.data import hf_vocab
+  from t5lite.models import presets
+  try:
+    saved = hf_vocab.read_saved_config(checkpoints.resolve_init_path(init_from)).get('model', {})
+  except (checkpoints.CheckpointError, ValueError, OSError):
+    return  # a missing or unreadable init_from is named when the run starts
+  model = dataclasses.asdict(c.model) if dataclasses.is_dataclass(c.model) else c.model
+  trained, wanted = presets.activation_of(saved), presets.activation_of(model)
+  if trained and wanted and trained != wanted:
+    raise ConfigError(f'config.model computes the MLP activation {wanted}, but the model of '
+                      f'checkpoint.init_from={init_from} was trained with {trained}; set '
+                      f'--config.model.mlp_activation={trained}')
+
+
 def _data_source(c) -> None:
   """data.source: its syntax, the columns its objective reads, a vocabulary and converter it can
   use, and files for its split 'train' (t5lite/data/file_tasks.py)."""
@@ -157,7 +180,7 @@ def _data_source(c) -> None:
 # Rules that relate fields, run after the per-field checks.
 RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
-                     _t5x_shapes, _vocabulary_fits_init, _data_source, _eval_task,
+                     _t5x_shapes, _vocabulary_fits_init, _init_activation, _data_source, _eval_task,
                      _keep_best_needs_eval)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)

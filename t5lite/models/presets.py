@@ -31,6 +31,17 @@ DTYPES = ('bfloat16', 'float32')
 MLP_ACTIVATIONS = ('relu', 'gated-gelu', 'gated-silu', 'gated-relu')
 MLP_ACTIVATION_CHOICES = ('',) + MLP_ACTIVATIONS  # '': the variant's
 VARIANT_ACTIVATION = {'v1_0': 'relu', 'v1_1': 'gated-gelu'}
+
+
+def activation_of(model) -> str | None:
+  """The MLP activation a saved or given config.model (a dict or ConfigDict) computes; None when
+  it names no known variant. Configs saved before mlp_activation existed compute the variant's."""
+  variant = model.get('variant')
+  if variant not in VARIANT_ACTIVATION:
+    return None
+  return model.get('mlp_activation') or VARIANT_ACTIVATION[variant]
+
+
 # KERNELS = ('auto', 'xla'), from t5lite.models.kernels (where the switch is read).
 
 # name: (d_model, d_ff, num_heads, head_dim, num_encoder_layers, num_decoder_layers)
