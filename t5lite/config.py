@@ -75,9 +75,9 @@ class DataConfig:
   sp_vocab_size: int = field(1948, 'Embedded SentencePiece size; + 100 sentinels = 2048.')
   source: str = field(
       '', 'Train on files with no Python: FORMAT:PATTERN with FORMAT jsonl, tsv (a header line '
-      'names the columns), text, parquet or arrayrecord (JSON-object records) (globs and gs:// '
-      "allowed; '{split}' in PATTERN is replaced by the split name), or hf:DIR (a HuggingFace "
-      '`datasets` save_to_disk directory or Parquet/Arrow files). '
+      'names the columns), text, parquet (these four read gs:// too) or arrayrecord (JSON-object '
+      "records; local), globs allowed, '{split}' in PATTERN replaced by the split name; or hf:DIR "
+      '(a local HuggingFace `datasets` save_to_disk directory or Parquet/Arrow files). '
       "It replaces data.task (docs/data.md); '': data.task.")
   source_fields: str = field(
       'inputs=inputs,targets=targets', 'data.source: feature=column pairs, e.g. '

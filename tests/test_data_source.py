@@ -254,6 +254,11 @@ def test_config_rule(tmp_path):
   with pytest.raises(ConfigError, match=r"validates on split 'validation' .* no '\{split\}'"):
     file_tasks.check_config(c)
   c.eval.every_steps = 0
+  for source in ('arrayrecord:gs://bucket/{split}.ar', 'hf:gs://bucket/dataset'):
+    c.data.source = source  # their readers open local paths: refused now, not when read
+    with pytest.raises(ConfigError, match='sources read local files only'):
+      file_tasks.check_config(c)
+  c.data.source = f'jsonl:{tmp_path}/train.jsonl'
   c.data.vocabulary = 'task'
   with pytest.raises(ConfigError, match="vocabulary='task' gives data.source no vocabulary"):
     file_tasks.check_config(c)

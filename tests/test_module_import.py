@@ -116,3 +116,8 @@ def test_inspect_imports_modules_and_reads_a_source(user_modules, tmp_path, caps
   out = capsys.readouterr().out
   assert 'inputs  (6 tokens): hello' in out and 'targets (4 tokens): wor' in out
   T.remove(f'data.source=jsonl:{tmp_path}/d.jsonl (supervised, inputs=q,targets=a)')
+  # A missing file or an unusable vocabulary is one line, as in the jobs' validation.
+  assert inspect_lib.main(['--source', f'jsonl:{tmp_path}/none.jsonl', *lengths]) == 2
+  assert 'none.jsonl' in capsys.readouterr().err
+  assert inspect_lib.main([*source, '--vocabulary', 'task', *lengths]) == 2
+  assert "vocabulary='task' gives data.source no vocabulary" in capsys.readouterr().err

@@ -123,6 +123,10 @@ def check_config(c) -> None:
 def _check_files(source: str, fmt: str, pattern: str, split: str) -> None:
   from t5lite.data import sources  # pylint: disable=import-outside-toplevel  (data stack)
   path = pattern.replace('{split}', split)
+  if fmt in ('hf', 'arrayrecord') and '://' in path:
+    raise ConfigError(f'config.data.source={source!r}: {fmt} sources read local files only (the '
+                      'readers open files by path); copy them to a local disk, or use jsonl, tsv, '
+                      'text or parquet, which read gs:// too')
   if fmt == 'hf':
     folder = path if '{split}' in pattern else pattern
     if '://' not in folder and not os.path.isdir(folder):

@@ -25,7 +25,7 @@ import numpy as np
 
 from t5lite import logs
 from t5lite.data import catalog  # noqa: F401  pylint: disable=unused-import  (registers tasks)
-from t5lite.data import file_tasks, pipeline, tasks
+from t5lite.data import file_tasks, pipeline, sources, tasks
 from t5lite.data import vocab as vocab_lib
 from t5lite.fields import ConfigError
 from t5lite.data import preprocessors as P
@@ -81,12 +81,14 @@ def main(argv=None) -> int:
   try:
     tasks.import_modules(args.module_import)
     if args.source:
-      args.task = file_tasks.register(
-          types.SimpleNamespace(source=args.source, source_fields=args.source_fields,
-                                objective=args.objective, vocabulary=args.vocabulary,
-                                sp_vocab_size=vocab_lib.DEFAULT_SP_VOCAB_SIZE)).name
+      data = types.SimpleNamespace(source=args.source, source_fields=args.source_fields,
+                                   objective=args.objective, vocabulary=args.vocabulary,
+                                   sp_vocab_size=vocab_lib.DEFAULT_SP_VOCAB_SIZE,
+                                   converter=args.converter)
+      file_tasks.check_config(types.SimpleNamespace(data=data))  # as the jobs' validation does
+      args.task = file_tasks.register(data).name
     obj = tasks.get(args.task)
-  except (tasks.UnknownNameError, ConfigError) as e:
+  except (tasks.UnknownNameError, ConfigError, sources.DataSourceError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
 
