@@ -63,6 +63,12 @@ def join(path: PathLike, *parts: str) -> str:
   return os.fspath(to_path(path).joinpath(*parts))
 
 
+def open_bytes(path: PathLike):
+  """`path` opened for reading bytes: a local file directly (the fastest for random reads), a
+  URL through etils.epath."""
+  return open(path, 'rb') if not is_url(path) else to_path(path).open('rb')
+
+
 def read_text(path: PathLike) -> str:
   return to_path(path).read_text(encoding='utf-8')
 

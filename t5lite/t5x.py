@@ -48,9 +48,7 @@ import numpy as np
 
 from t5lite import files
 
-T5X_PREFIX = 't5x:'  # checkpoint.init_from=t5x:T5X_DIR/checkpoint_N
 GATED_DEFAULT = 'gated-gelu'  # T5.1.1's ('gelu', 'linear'): a gated checkpoint's default
-ADAFACTOR_STATS = ('v', 'v_row', 'v_col', 'm')
 
 
 class T5XError(ValueError):
@@ -119,10 +117,12 @@ class Checkpoint:
       raise T5XError(
           f'{state}/_METADATA: not orbax tree metadata ({type(e).__name__}: {e})') from None
     driver = 'zarr3' if metadata.get('use_zarr3') else 'zarr'
+    ocdbt = metadata.get('use_ocdbt', files.to_path(files.join(state, 'manifest.ocdbt')).exists())
     for entry in tree.values():
       keys = [str(k['key']) for k in entry['key_metadata']]
       key = '.'.join(keys) + '/'
-      if metadata.get('use_ocdbt', True):
+      # OCDBT (orbax's default since 2023) leaves a manifest; per-array zarr folders do not.
+      if ocdbt:
         kvstore = {'driver': 'ocdbt', 'base': _url(state) + '/', 'path': key}
       else:
         kvstore = _url(files.join(state, key)) + '/'

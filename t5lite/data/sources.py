@@ -160,7 +160,7 @@ class _LineIndex(Sequence):
     for f, path in enumerate(self._files):
       offset = 0
       try:
-        with _open(path) as fh:
+        with files.open_bytes(path) as fh:
           for lineno, line in enumerate(fh, 1):
             if line.strip():
               if skip_first and path not in self.first_lines:
@@ -186,7 +186,7 @@ class _LineIndex(Sequence):
         return fh.readline()
     with self._lock:
       if f not in self._handles:
-        self._handles[f] = _open(path)
+        self._handles[f] = files.open_bytes(path)
       fh = self._handles[f]
       fh.seek(offset)
       return fh.readline()
@@ -209,11 +209,6 @@ class _LineIndex(Sequence):
       raise DataSourceError(f'{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at '
                             f'column {e.start + 1}); expected UTF-8 lines.') from None
     return self._parse(line, path, lineno)
-
-
-def _open(path: str):
-  """`path` opened for reading bytes: a local file, or a URL through etils.epath."""
-  return open(path, 'rb') if not files.is_url(path) else files.to_path(path).open('rb')
 
 
 class _FileSource(Source):

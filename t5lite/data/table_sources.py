@@ -89,7 +89,7 @@ class _ParquetRows(_Rows):
     total = 0
     for f, path in enumerate(self._paths):
       try:
-        with _open(path) as fh:
+        with files.open_bytes(path) as fh:
           meta = pq.ParquetFile(fh).metadata
       except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise DataSourceError(f'{path}: not a readable Parquet file ({e}).') from None
@@ -120,7 +120,7 @@ class _ParquetRows(_Rows):
     f, g = self._groups[k]
     path = self._paths[f]
     try:
-      with _open(path) as fh:
+      with files.open_bytes(path) as fh:
         rows = pq.ParquetFile(fh).read_row_group(g).to_pylist()
     except (OSError, ValueError) as e:
       raise DataSourceError(f'{path}: row group {g} cannot be read ({e}).') from None
@@ -133,10 +133,6 @@ class _ParquetRows(_Rows):
   def _row(self, i):
     k = bisect.bisect_right(self._starts, i) - 1
     return self._group(k)[i - self._starts[k]]
-
-
-def _open(path: str):
-  return open(path, 'rb') if not files.is_url(path) else files.to_path(path).open('rb')
 
 
 class ParquetSource(_LazySplits):

@@ -87,10 +87,6 @@ def lengths(config) -> tuple[int, int]:
   return encdec['inputs'], encdec['targets']
 
 
-def _round_up(n: int, multiple: int = 8) -> int:
-  return -(-n // multiple) * multiple
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskLengths:
   """A task's evaluation lengths: `inputs`/`targets` (tokens, EOS included), the longest example's
@@ -142,7 +138,7 @@ def _measured_lengths(task, split, caps, vocabulary, seed, limit) -> TaskLengths
     for k, n in sizes.items():
       longest[k] = max(longest[k], n)
   fitted = [
-      min(cap, _round_up(longest[k])) if longest[k] else cap
+      min(cap, scoring.round_up(longest[k])) if longest[k] else cap
       for k, cap in zip(('inputs', 'targets'), caps)
   ]
   return TaskLengths(fitted[0], fitted[1], longest['inputs'], longest['targets'], truncated)
@@ -348,7 +344,7 @@ class Evaluator:
     option_ids = [
         np.asarray(list(vocabulary.encode(o)) + [vocabulary.eos_id], np.int32) for o in options
     ] if options else []
-    option_length = _round_up(max((len(o) for o in option_ids), default=1))
+    option_length = scoring.round_up(max((len(o) for o in option_ids), default=1))
     found = self.task_lengths(task)
     inputs_length, targets_length = found.inputs, found.targets
     sequence_length = {'inputs': inputs_length, 'targets': targets_length}

@@ -138,7 +138,7 @@ def _tokens(x, vocab, add_eos: bool, what: str) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
-def _round_up(n: int, multiple: int = 8) -> int:
+def round_up(n: int, multiple: int = 8) -> int:
   return -(-n // multiple) * multiple
 
 
@@ -159,8 +159,8 @@ def build_pair_batches(model: nn.Module, inputs: Sequence, options: Sequence[Seq
       pairs.append((i, j))
   longest_in = max(len(e['inputs']) for e in examples)
   longest_tg = max(len(e['targets']) for e in examples)
-  inputs_length = inputs_length or _round_up(longest_in)
-  targets_length = targets_length or _round_up(longest_tg)
+  inputs_length = inputs_length or round_up(longest_in)
+  targets_length = targets_length or round_up(longest_tg)
   if longest_in > inputs_length or longest_tg > targets_length:
     # Truncating an option would score a different string; refuse rather than mis-rank.
     raise ValueError(f'rank_classification: longest input/option has {longest_in}/{longest_tg} '
