@@ -551,19 +551,20 @@ class Oracle(evaluator_lib.Evaluator):
     c = _config(split)
     super().__init__(c, None, _mesh(), c.partitioning.rules, tasks=[name], verbose=False)
     self.predict = predict
-    it = pipeline.make_task_iterator(name, feature_lengths={'inputs': INPUTS, 'targets': TARGETS},
-                                     global_batch_size=BATCH, seed=0, pack=False, split=split,
-                                     shuffle=False, repeat=False, vocabulary=self.vocabulary,
-                                     process_index=0, process_count=1)
+    found = self.task_lengths(self.tasks[0])  # the lengths the evaluator reads the task at
+    lengths = {'inputs': found.inputs, 'targets': found.targets}
+    it = pipeline.make_task_iterator(name, feature_lengths=lengths, global_batch_size=BATCH, seed=0,
+                                     pack=False, split=split, shuffle=False, repeat=False,
+                                     vocabulary=self.vocabulary, process_index=0, process_count=1)
     v = self.vocabulary
     self.targets = {
         v.decode(i): v.decode(t) for b in it
         for i, t in zip(b['encoder_input_tokens'], b['decoder_target_tokens']) if t.any()
     }
 
-  def decode_rows(self, params, local_inputs, batch_number):
+  def decode_rows(self, params, local_inputs, batch_number, decode_cfg):
     v = self.vocabulary
-    out = np.zeros((len(local_inputs), self.decode_cfg.max_decode_length), np.int32)
+    out = np.zeros((len(local_inputs), decode_cfg.max_decode_length), np.int32)
     for r, row in enumerate(local_inputs):
       if row.any():
         text = v.decode(row)
