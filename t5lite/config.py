@@ -115,6 +115,19 @@ class TrainConfig:
       'many consecutive steps while the loss is not 0 (the model no longer '
       'learns anything, e.g. after a far too high learning rate), training '
       'stops with exit 1. 0 turns the guard off.')
+  distill_teacher: str = field(
+      '', 'Knowledge distillation (Kim & Rush 2016; docs/adaptation.md): the teacher, a t5lite '
+      'workdir, checkpoints directory or step directory (its model config is read from the '
+      "checkpoint's saved config) or hf:DIR (a HuggingFace T5). Its vocab_size must equal "
+      'model.vocab_size. The loss becomes distill_alpha * T^2 * KL(teacher || student) + '
+      "(1 - distill_alpha) * cross-entropy, per target token (z-loss unchanged). '': off.")
+  distill_temperature: float = field(
+      1.0, 'Distillation: the softmax temperature T of both models in the KL term.')
+  distill_alpha: float = field(
+      0.5, 'Distillation: the weight of the KL term; 1 - alpha weighs the cross-entropy.')
+  distill_dtype: str = field(
+      '', "Distillation: the teacher's activation dtype; '': its own (the saved config's "
+      "model.dtype; for hf: this run's model.dtype).", choices=('', 'bfloat16', 'float32'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,6 +484,10 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('train.max_dead_steps',
      count('consecutive zero-gradient steps before a dead run stops; 0 '
            'turns the guard off')),
+    ('train.distill_teacher',
+     string("a t5lite checkpoint path or hf:DIR ('' turns distillation off)")),
+    ('train.distill_temperature', positive),
+    ('train.distill_alpha', in_range(0, 1)),
     ('optimizer.name', choice),
     ('optimizer.learning_rate', positive),
     ('schedule.name', choice),

@@ -6,7 +6,9 @@ T5X checkpoint, converted in memory by t5lite/t5x.py); checkpoints.resolve_init_
 step. `load_params_for_init` reads only its params, renamed and filtered by
 checkpoint.init_rename / init_ignore, checked name by name and shape by shape against the new
 model, onto the new model's shardings; `merge_init_params` fills the ignored ones from a fresh
-init. `load_params` is the same without renames, for eval and infer.
+init. `load_params` is the same without renames, for eval and infer. With
+checkpoint.init_new_rows the vocabulary params grow onto a larger vocabulary that extends the
+checkpoint's (t5lite/vocab_expansion.py).
 
 From a T5X checkpoint, a run whose optimizer is Adafactor also takes T5X's Adafactor statistics
 and step count (`load_adafactor_for_init`): T5X's and optax's Adafactor keep the same second
@@ -23,7 +25,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from t5lite import files
+from t5lite import files, vocab_expansion
 from t5lite.checkpoints import (HF_PREFIX, T5X_PREFIX, CheckpointError, _flat_shapes,
                                 resolve_init_path, verify)
 
@@ -62,7 +64,7 @@ def _renamed(saved, rename) -> tuple[dict[str, str], list[str]]:
   return renamed, collisions
 
 
-def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
+def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expansion=None):
   """Reads only the params of the checkpoint at `path` (see resolve_init_path) onto the shardings
   that `abstract_params` (ShapeDtypeStructs) carry, for a fine-tuning run's first step.
 
@@ -73,6 +75,10 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
   checkpoint with the same shape, and every other checkpoint parameter must be used: otherwise
   CheckpointError lists the first few of each problem. Unused checkpoint params are an error
   rather than silently dropped because they usually mean a rename that did not apply.
+
+  `expansion` (a vocab_expansion.Expansion, checkpoint.init_new_rows): the vocabulary params may
+  have fewer rows in the checkpoint than in the model; they are grown onto the new vocabulary
+  (t5lite/vocab_expansion.py) after reading, every other dimension still has to match.
 
   Returns a tree with `abstract_params`' structure: arrays, and the ShapeDtypeStruct itself where
   a parameter was ignored (merge_init_params fills those from a fresh init).
@@ -113,8 +119,10 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
   missing = sorted(n for n in needed if n not in renamed)
   extra = sorted(n if renamed[n] == n else f'{n} (from {renamed[n]})' for n in renamed
                  if n not in needed and not _matches(n, ignore))
+  grow = _vocab_params(expansion, saved, renamed, wanted, needed)
   shapes = sorted(f'{n}: checkpoint {saved[renamed[n]]} vs model {tuple(wanted[n].shape)}'
-                  for n in needed if n in renamed and saved[renamed[n]] != tuple(wanted[n].shape))
+                  for n in needed if n in renamed and n not in grow
+                  and saved[renamed[n]] != tuple(wanted[n].shape))
   if collisions or missing or extra or shapes:
     message = f'checkpoint.init_from={step_dir}: its params do not fit this model:'
     if collisions:
@@ -125,6 +133,8 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
       message += _listing('checkpoint params the model has no place for', extra)
     if shapes:
       message += _listing('shape mismatches', shapes)
+      if any(n.split(':')[0] in vocab_expansion.VOCAB_AXIS for n in shapes) and not expansion:
+        message += ('\n(a larger vocabulary: set checkpoint.init_new_rows, docs/adaptation.md)')
     raise CheckpointError(
         message + '\nMap checkpoint names onto the model\'s with checkpoint.init_rename '
         '(regex, replacement) pairs, or keep model params fresh / drop checkpoint params with '
@@ -133,13 +143,13 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
   # Restore targets in the checkpoint's own names, carrying the new model's shardings (and
   # dtypes: orbax casts), so values land sharded; opt_state and step are never read.
   used = {renamed[n]: wanted[n] for n in needed}
+  for n, old_shape in grow.items():  # read whole on every device, grown on the host below
+    used[renamed[n]] = jax.ShapeDtypeStruct(old_shape, wanted[n].dtype,
+                                            sharding=_replicated(wanted[n].sharding))
   if hf_params is not None:
     values = {}
     for old, s in used.items():
-      x = hf_params[old].astype(s.dtype)
-      # Every process holds the whole host array and hands each of its devices its slice.
-      values[old] = (jax.make_array_from_callback(s.shape, s.sharding, lambda i, x=x: x[i])
-                     if s.sharding is not None else jax.numpy.asarray(x))
+      values[old] = _place(hf_params[old], s)
   else:
     target = {}
     for old, struct in used.items():
@@ -158,8 +168,53 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=()):
     values = {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored)}
   names_back = {old: new for new, old in renamed.items()}
   loaded = {names_back[old]: x for old, x in values.items()}
+  if grow:
+    loaded.update(_expand(expansion, step_dir, {n: loaded[n] for n in grow}, wanted))
   return jax.tree_util.tree_map_with_path(lambda p, s: loaded.get(_path_name(p), s),
                                           abstract_params)
+
+
+def _place(x, struct):
+  """Host array `x` as `struct`'s dtype, on its sharding: every process holds the whole array and
+  hands each of its devices its slice."""
+  x = np.asarray(x).astype(struct.dtype)
+  return (jax.make_array_from_callback(struct.shape, struct.sharding, lambda i: x[i])
+          if struct.sharding is not None else jax.numpy.asarray(x))
+
+
+def _replicated(sharding):
+  """The whole array on every device of `sharding`'s mesh (None stays None)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return sharding if sharding is None or sharding.is_fully_replicated else None
+
+
+def _vocab_params(expansion, saved, renamed, wanted, needed) -> dict[str, tuple]:
+  """{model name: checkpoint shape} of the vocabulary params to grow: with an expansion, those of
+  vocab_expansion.VOCAB_AXIS whose checkpoint shape differs from the model's on the vocabulary
+  axis at most (rows also when equal in number: the sentinels still move); else none."""
+  if not expansion:
+    return {}
+  grow = {}
+  for n, axis in vocab_expansion.VOCAB_AXIS.items():
+    if n in needed and n in renamed:
+      have, want = list(saved[renamed[n]]), list(wanted[n].shape)
+      if len(have) == len(want) and have[:axis] + have[axis + 1:] == want[:axis] + want[axis + 1:]:
+        grow[n] = tuple(have)
+  return grow
+
+
+def _expand(expansion, step_dir, arrays, wanted) -> dict:
+  """The vocabulary params `arrays` grown onto the run's vocabulary, on the model's shardings."""
+  try:
+    old = vocab_expansion.old_vocabulary(step_dir, expansion.old_vocabulary)
+    rows = wanted[next(iter(arrays))].shape[vocab_expansion.VOCAB_AXIS[next(iter(arrays))]]
+    grown = vocab_expansion.expand_params({n: np.asarray(x) for n, x in arrays.items()}, old,
+                                          expansion.new_vocabulary, rows, expansion.new_rows,
+                                          expansion.seed)
+  except vocab_expansion.VocabExpansionError as e:
+    raise CheckpointError(f'checkpoint.init_from={step_dir}: {e}') from None
+  return {n: _place(x, wanted[n]) for n, x in grown.items()}
 
 
 def load_params(path: str, abstract_params):
