@@ -20,8 +20,8 @@ from typing import Sequence
 import ml_collections
 
 from t5lite import fields
-from t5lite.checks import (Check, boolean, count, in_range, logical_rules, non_negative, positive,
-                           regex_pairs, regexes, string, task, task_names)
+from t5lite.checks import (Check, boolean, count, in_range, logical_rules, new_rows, non_negative,
+                           positive, regex_pairs, regexes, string, task, task_names)
 from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
 # Re-exported: the cross-field rules and the mesh shape (t5lite/config_rules.py).
 from t5lite.config_rules import (
@@ -229,6 +229,16 @@ class CheckpointConfig:
   init_ignore: tuple = field((), 'Regexes (re.search) over param names: matching model params keep '
                              'their fresh init (a new head), matching (renamed) checkpoint params '
                              'are dropped. Anything else unmatched is an error.')
+  init_new_rows: str = field(
+      '', 'Vocabulary expansion (docs/adaptation.md): init_from a model trained with a vocabulary '
+      'that the run\'s data.vocabulary extends (more pieces, more rows): the rows of shared tokens '
+      '(pieces by their text, sentinel <extra_id_k> by k) are copied into the token embedding and '
+      "the output layer, every other row starts as 'mean' (of the old rows), 'mean_noise:STD' "
+      "(that plus N(0, STD^2)) or 'pieces' (the mean of the old pieces the new piece's text "
+      "splits into). '': off, the vocabularies must match.")
+  init_vocabulary: str = field(
+      '', 'With init_new_rows: the vocabulary (a data.vocabulary value) the init_from model was '
+      "trained with; '': the one its checkpoint recorded (needed for t5x:).")
   lock_stale_minutes: float = field(
       10.0, 'The workdir lock (WORKDIR/lock.json, refreshed every minute by the '
       'running trainer) counts as stale, and is taken over, after this many '
@@ -502,6 +512,8 @@ CHECKS: tuple[tuple[str, Check], ...] = (
             "WORKDIR/checkpoints; '' for none)")),
     ('checkpoint.init_rename', regex_pairs),
     ('checkpoint.init_ignore', regexes),
+    ('checkpoint.init_new_rows', new_rows),
+    ('checkpoint.init_vocabulary', string("a data.vocabulary value ('' = recorded)")),
     ('checkpoint.lock_stale_minutes', positive),
     ('data.reset_position', boolean),
     ('eval.every_steps', non_negative),

@@ -24,6 +24,7 @@ import numpy as np
 
 from t5lite import (checkpoints, cli, distill, files, logs, multihost, optim, partitioning,
                     reporting, trainer)
+from t5lite import vocab_expansion
 from t5lite import workdir as workdir_lib
 from t5lite import config as config_lib
 from t5lite import config_files
@@ -230,7 +231,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
     watcher = multihost.PreemptionWatcher()
     # --- train state: resume | init_from | fresh
     init = trainer.initial_state(model, tx, mesh, rules, batch, t.seed, ckpt, config_dict,
-                                 k.init_from, k.init_rename, k.init_ignore)
+                                 k.init_from, k.init_rename, k.init_ignore,
+                                 vocab_expansion.of_config(cfg, vocabulary))
     state, start_step = init.state, init.step
     if init.data_state is not None:
       iterator = resume_data(iterator, init.data_state, cfg, start_step)

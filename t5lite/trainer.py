@@ -90,7 +90,8 @@ class InitialState:
 
 def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
                   example_batch: dict[str, Any], seed: int, checkpointer, config_dict: dict,
-                  init_from: str = '', init_rename=(), init_ignore=()) -> InitialState:
+                  init_from: str = '', init_rename=(), init_ignore=(),
+                  vocab_expansion=None) -> InitialState:
   """The newest readable checkpoint of `checkpointer` (a checkpoints.Checkpointer, or None for
   none), else a fresh initialisation from `seed` whose params come from `init_from` when given.
 
@@ -108,7 +109,9 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   if not init_from:
     return InitialState(state, shardings, 0, None, 'fresh initialisation')
   source = checkpoints.resolve_init_path(init_from)
-  loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore)
+  # vocab_expansion (a vocab_expansion.Expansion): the vocabulary params grow onto a new vocabulary.
+  loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore,
+                                         vocab_expansion)
   state = state.replace(params=init_lib.merge_init_params(state.params, loaded))
   fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
   # From a T5X checkpoint an Adafactor run also continues T5X's Adafactor statistics (init_from.py).
@@ -120,9 +123,11 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
         state, shardings, 0, None,
         f'initialised params and Adafactor statistics from {source} ({fresh} kept fresh by '
         f'init_ignore{note}); the step, the data and the learning-rate schedule start at 0')
+  grown = (f'; vocabulary grown onto the run\'s, new rows: {vocab_expansion.new_rows}'
+           if vocab_expansion else '')
   return InitialState(
       state, shardings, 0, None,
-      f'initialised params from {source} ({fresh} kept fresh by init_ignore); '
+      f'initialised params from {source} ({fresh} kept fresh by init_ignore{grown}); '
       'optimizer state and step start fresh')
 
 

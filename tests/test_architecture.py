@@ -17,7 +17,7 @@ LAYERS = (
     ('foundation', ('t5lite', 't5lite.fields', 't5lite.logs', 't5lite.metrics', 't5lite.losses',
                     't5lite.data.*', 't5lite.partitioning', 't5lite.multihost', 't5lite.workdir',
                     't5lite.files', 't5lite.reporting', 't5lite.optim', 't5lite.host_memory',
-                    't5lite.checks', 't5lite.distributed')),
+                    't5lite.checks', 't5lite.distributed', 't5lite.vocab_expansion')),
     ('models and checkpoints',
      ('t5lite.models.*', 't5lite.checkpoints', 't5lite.checkpoint_integrity', 't5lite.init_from',
       't5lite.hf', 't5lite.hf_files', 't5lite.t5x')),
