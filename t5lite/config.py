@@ -115,6 +115,10 @@ class TrainConfig:
       'many consecutive steps while the loss is not 0 (the model no longer '
       'learns anything, e.g. after a far too high learning rate), training '
       'stops with exit 1. 0 turns the guard off.')
+  trainable: tuple = field(
+      (), "Freezing: regexes (re.search) over the '/'-joined param names; only matching params "
+      'train, the others stay bitwise unchanged and get no optimizer state. () = all train. '
+      "A regex matching no param is an error. E.g. ('^decoder/',) (docs/adaptation.md).")
   distill_teacher: str = field(
       '', 'Knowledge distillation (Kim & Rush 2016; docs/adaptation.md): the teacher, a t5lite '
       'workdir, checkpoints directory or step directory (its model config is read from the '
@@ -156,7 +160,18 @@ class ScheduleConfig:
   warmup_steps: int = field(
       10_000, 'rsqrt: the constant stretch at the start '
       '(lr / sqrt(warmup)); the others: a linear warm-up from 0.')
-  decay_fraction: float = field(0.1, 'wsd: the final fraction of the steps spent cooling down.')
+  decay_fraction: float = field(
+      0.1, 'wsd: the final fraction of the steps spent cooling down (when decay_start_step is 0).')
+  decay_start_step: int = field(
+      0, 'wsd: > 0 starts the cool-down at this absolute step (of the schedule, step + '
+      'step_offset) and ends it at train.steps + step_offset, so a run can be extended, or '
+      'cooled down from any checkpoint of its stable phase (docs/adaptation.md); 0: decay_fraction.')
+  step_offset: int = field(
+      0, 'The schedule is read at step + step_offset: a run started at step 0 from step N of '
+      'another (checkpoint.init_from_state=params_and_optimizer) continues its schedule with N.')
+  rewarm_steps: int = field(
+      0, 'Re-warm: the learning rate times a linear ramp from 0 over the run\'s first N steps '
+      '(continual pretraining from a trained checkpoint); 0: off.')
   end_ratio: float = field(0.0, 'cosine / wsd: the final learning rate as a fraction of the peak.')
 
 
@@ -216,13 +231,20 @@ class CheckpointConfig:
       'on flaky file systems. (`async` is a Python keyword.)')
   init_from: str = field(
       '', 'Fine-tuning: when WORKDIR has no checkpoint yet, take the params '
-      "(only: optimizer state and step start fresh) from another run's "
+      "(and what init_from_state adds) from another run's "
       'checkpoint, a step directory or a WORKDIR/checkpoints directory (its '
       'newest step); `hf:DIR` for a HuggingFace T5 (docs/hf.md); `t5x:DIR/checkpoint_N` (or '
-      't5x:DIR, its newest) for a T5X checkpoint, which with optimizer.name=adafactor also '
-      "gives T5X's Adafactor second moments (docs/migrating.md). The "
+      't5x:DIR, its newest) for a T5X checkpoint (with init_from_state=params_and_optimizer '
+      "and optimizer.name=adafactor also T5X's Adafactor second moments; docs/migrating.md). The "
       "workdir's own checkpoints always win, so a preempted fine-tune resumes "
       "where it stopped. '': a random init.")
+  init_from_state: str = field(
+      'params', 'What init_from takes: params (a fresh optimizer; the step, data and schedule start '
+      'at 0); params_and_optimizer (also the optimizer state: statistics and their counts; the '
+      "step, data and schedule still start at 0, see schedule.step_offset; from t5x: T5X's "
+      'Adafactor statistics); full (a t5lite checkpoint whole: params, optimizer, step and data '
+      'position: a branch of that run, e.g. a cool-down, in a new workdir).',
+      choices=('params', 'params_and_optimizer', 'full'))
   init_rename: tuple = field((), '(regex, replacement) pairs applied in order (re.sub) to the '
                              "checkpoint's '/'-joined param names, e.g. (('^encoder/', 'enc/'),), "
                              'so that differently named models can share weights.')
@@ -503,6 +525,9 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('schedule.name', choice),
     ('schedule.warmup_steps', non_negative),
     ('schedule.decay_fraction', in_range(0, 1)),
+    *((f'schedule.{name}', non_negative)
+      for name in ('decay_start_step', 'step_offset', 'rewarm_steps')),
+    ('train.trainable', regexes),
     ('checkpoint.every_steps',
      count('the save period in steps; 0 saves only at the end and on SIGTERM')),
     ('checkpoint.keep', count('how many checkpoints to keep; 0 keeps all')),

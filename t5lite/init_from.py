@@ -10,14 +10,17 @@ init. `load_params` is the same without renames, for eval and infer. With
 checkpoint.init_new_rows the vocabulary params grow onto a larger vocabulary that extends the
 checkpoint's (t5lite/vocab_expansion.py).
 
-From a T5X checkpoint, a run whose optimizer is Adafactor also takes T5X's Adafactor statistics
-and step count (`load_adafactor_for_init`): T5X's and optax's Adafactor keep the same second
+With checkpoint.init_from_state='params_and_optimizer' a t5lite checkpoint also gives its
+optimizer state (`load_state_for_init`; 'full' also its step and data position), and a T5X
+checkpoint, to a run whose optimizer is Adafactor, T5X's Adafactor statistics and step count
+(`load_adafactor_for_init`): T5X's and optax's Adafactor keep the same second
 moments, and its decay 1 - (t+1)^-0.8 only continues with the step it was at (from a step count
 of 0 the first update would overwrite the statistics whole). The learning-rate schedule, the
-run's step and its data start at 0, as for any init_from.
+run's step and its data start at 0, as for any init_from but 'full'.
 """
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -25,7 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from t5lite import files, vocab_expansion
+from t5lite import checkpoints, files, vocab_expansion
 from t5lite.checkpoints import (HF_PREFIX, T5X_PREFIX, CheckpointError, _flat_shapes,
                                 resolve_init_path, verify)
 
@@ -229,6 +232,55 @@ def merge_init_params(fresh, loaded):
   return jax.tree.map(lambda f, x: f if isinstance(x, jax.ShapeDtypeStruct) else x, fresh, loaded)
 
 
+def load_state_for_init(path: str, abstract_state, mode: str):
+  """(train state, data state) of the t5lite checkpoint at `path` for checkpoint.init_from_state
+  `mode` (params_and_optimizer or full) onto the shardings `abstract_state` (a TrainState of
+  structs) carries. The saved state must have the run's exact arrays: the same model, optimizer
+  (optimizer.name, clipping by train.max_grad_norm, train.trainable); else CheckpointError lists
+  what differs.
+
+  full: the state as saved (its step) and this process's data-iterator state: a branch of the
+  checkpoint's run. params_and_optimizer: step 0 and the schedule's counts (optax
+  ScaleByScheduleState) fresh, the statistics and their own counts as saved (Adafactor's decay
+  and Adam's bias correction go on); data state None. The counts that are not carried come back
+  as the abstract's structs, for merge_init_params to fill from the fresh state."""
+  step_dir = resolve_init_path(path)
+  if step_dir.startswith((T5X_PREFIX, HF_PREFIX)):
+    raise CheckpointError(
+        f'checkpoint.init_from={step_dir} with checkpoint.init_from_state={mode!r}: only t5lite '
+        'checkpoints hold a whole train state' +
+        (" (t5x: takes 'params_and_optimizer' for its Adafactor statistics)"
+         if mode == 'full' and step_dir.startswith(T5X_PREFIX) else
+         "; an hf: model has params only: use init_from_state='params'"))
+  state_dir = files.join(step_dir, 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(state_dir)
+  saved = _flat_shapes(getattr(metadata, 'item_metadata', metadata))
+  wanted = _flat_shapes(abstract_state)
+  problems = [f'{n}: checkpoint {saved.get(n, "(none)")} vs this run {wanted.get(n, "(none)")}'
+              for n in sorted(set(saved) | set(wanted)) if saved.get(n) != wanted.get(n)]
+  if problems:
+    raise CheckpointError(
+        f'checkpoint.init_from={step_dir} with checkpoint.init_from_state={mode!r}: its train '
+        'state does not fit this run:' + _listing('arrays differ', problems) +
+        '\nThe optimizer state comes over only to the same model with the same optimizer.name, '
+        'train.max_grad_norm (clipping on or off) and train.trainable; or use '
+        "checkpoint.init_from_state='params'.")
+  state = ocp.StandardCheckpointer().restore(state_dir, abstract_state)
+  verify(step_dir, state, f'checkpoint.init_from={step_dir}')
+  if mode == 'full':
+    data_file = files.to_path(step_dir) / 'data' / checkpoints.data_state_filename()
+    if not data_file.exists():
+      raise CheckpointError(f'checkpoint.init_from={step_dir}: no data-iterator state '
+                            f'{data_file.name} for this process (written by another process '
+                            "count?); init_from_state='params_and_optimizer' starts the data anew")
+    return state, json.loads(data_file.read_text())
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  opt_state = jax.tree.map(lambda x, s: s if is_schedule(x) else x, state.opt_state,
+                           abstract_state.opt_state, is_leaf=is_schedule)
+  return state.replace(step=abstract_state.step, opt_state=opt_state), None
+
+
 def load_adafactor_for_init(path: str, abstract_opt_state, abstract_params, rename=(), ignore=()):
   """(optimizer state, note) for a run initialised from the T5X checkpoint `path` (t5x:...), or
   (None, '') when there is nothing to carry: `path` is not a T5X checkpoint, or this run's
@@ -268,6 +320,8 @@ def load_adafactor_for_init(path: str, abstract_opt_state, abstract_params, rena
       for name, param in params.items():
         if _matches(name, ignore) or name not in renamed:
           continue
+        if all(name not in leaves[k] for k in stats):
+          continue  # frozen by train.trainable: no statistics kept
         if any(name not in leaves[k] for k in stats):
           raise CheckpointError(f'the Adafactor state has no statistics for {name}')
         structs = {k: leaves[k][name] for k in stats}

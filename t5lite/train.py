@@ -232,7 +232,8 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
     # --- train state: resume | init_from | fresh
     init = trainer.initial_state(model, tx, mesh, rules, batch, t.seed, ckpt, config_dict,
                                  k.init_from, k.init_rename, k.init_ignore,
-                                 vocab_expansion.of_config(cfg, vocabulary))
+                                 vocab_expansion.of_config(cfg, vocabulary),
+                                 init_from_state=k.init_from_state)
     state, start_step = init.state, init.step
     if init.data_state is not None:
       iterator = resume_data(iterator, init.data_state, cfg, start_step)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from t5lite import checkpoints, distill, losses, partitioning
+from t5lite import checkpoints, distill, losses, optim, partitioning
 from t5lite import init_from as init_lib  # initial_state has an argument named init_from
 
 
@@ -91,12 +91,14 @@ class InitialState:
 def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
                   example_batch: dict[str, Any], seed: int, checkpointer, config_dict: dict,
                   init_from: str = '', init_rename=(), init_ignore=(),
-                  vocab_expansion=None) -> InitialState:
+                  vocab_expansion=None, init_from_state: str = 'params') -> InitialState:
   """The newest readable checkpoint of `checkpointer` (a checkpoints.Checkpointer, or None for
   none), else a fresh initialisation from `seed` whose params come from `init_from` when given.
 
   init_from is read only when nothing was resumed: once a fine-tune has saved, resuming takes
   precedence. `config_dict` is checked against the checkpoint's config (restore_latest).
+  `init_from_state` (checkpoint.init_from_state): params | params_and_optimizer | full
+  (init_from.load_state_for_init: the optimizer state too; full also the step and data position).
   """
   abstract, shardings = abstract_train_state(model, tx, mesh, rules, example_batch, seed)
   restored = checkpointer.restore_latest(abstract, config_dict) if checkpointer else None
@@ -109,14 +111,23 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   if not init_from:
     return InitialState(state, shardings, 0, None, 'fresh initialisation')
   source = checkpoints.resolve_init_path(init_from)
+  if init_from_state != 'params' and not source.startswith(checkpoints.T5X_PREFIX):
+    return _state_from(source, init_from_state, state, abstract, shardings,
+                       init_rename or init_ignore or vocab_expansion)
   # vocab_expansion (a vocab_expansion.Expansion): the vocabulary params grow onto a new vocabulary.
   loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore,
                                          vocab_expansion)
   state = state.replace(params=init_lib.merge_init_params(state.params, loaded))
   fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
-  # From a T5X checkpoint an Adafactor run also continues T5X's Adafactor statistics (init_from.py).
-  opt_state, note = init_lib.load_adafactor_for_init(source, abstract.opt_state, abstract.params,
-                                                     init_rename, init_ignore)
+  # From a T5X checkpoint an Adafactor run can continue T5X's Adafactor statistics (init_from.py).
+  opt_state, note = (init_lib.load_adafactor_for_init(source, abstract.opt_state, abstract.params,
+                                                      init_rename, init_ignore)
+                     if init_from_state == 'params_and_optimizer' else (None, ''))
+  if init_from_state == 'params_and_optimizer' and opt_state is None:
+    raise checkpoints.CheckpointError(
+        f'checkpoint.init_from={source} with checkpoint.init_from_state=params_and_optimizer: a '
+        "T5X checkpoint's optimizer state is Adafactor's, this run's optimizer.name is not "
+        "adafactor; use init_from_state='params'")
   if opt_state is not None:
     state = state.replace(opt_state=init_lib.merge_init_params(state.opt_state, opt_state))
     return InitialState(
@@ -129,6 +140,26 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
       state, shardings, 0, None,
       f'initialised params from {source} ({fresh} kept fresh by init_ignore{grown}); '
       'optimizer state and step start fresh')
+
+
+def _state_from(source: str, mode: str, fresh: TrainState, abstract: TrainState, shardings,
+                remapped) -> InitialState:
+  """checkpoint.init_from_state params_and_optimizer | full from a t5lite checkpoint."""
+  if remapped:
+    raise checkpoints.CheckpointError(
+        f'checkpoint.init_from_state={mode!r} takes the checkpoint\'s train state as it is: '
+        "checkpoint.init_rename, init_ignore and init_new_rows work with init_from_state='params'")
+  loaded, data_state = init_lib.load_state_for_init(source, abstract, mode)
+  state = init_lib.merge_init_params(fresh, loaded)
+  if mode == 'full':
+    step = int(jax.device_get(state.step))
+    return InitialState(
+        state, shardings, step, data_state,
+        f'branched from {source}: its params, optimizer state, step {step} and data position')
+  return InitialState(
+      state, shardings, 0, None,
+      f'initialised params and optimizer state from {source}; the step, the data and the '
+      'learning-rate schedule start at 0 (schedule.step_offset shifts the schedule)')
 
 
 def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -145,7 +176,8 @@ def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     train_cfg, dropout: bool, teacher_model: nn.Module | None = None) -> Callable:
   """The pure train step (unjitted): (state, batch) -> (state, metrics). Reads only
-  train_cfg.microbatches, z_loss, label_smoothing and seed (and distill_* with a teacher).
+  train_cfg.microbatches, z_loss, label_smoothing, seed and trainable (frozen params: no gradient,
+  bitwise unchanged) (and distill_* with a teacher).
 
   With `teacher_model` (distillation, t5lite/distill.py) the step is (state, batch,
   teacher_params) -> (state, metrics): the teacher's logits (no gradient) enter the loss as
@@ -177,7 +209,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     total = alpha * temperature**2 * sums['kl_sum'] + (1.0 - alpha) * sums['loss_sum']
     return total + sums['z_loss_sum'], sums
 
-  grad_fn = jax.grad(loss_fn, has_aux=True)
+  trainable = tuple(getattr(train_cfg, 'trainable', ()))  # () = all (train.trainable)
+  grad_fn = jax.grad(optim.frozen_stop_gradient(loss_fn, trainable), has_aux=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):
     rng = jax.random.fold_in(dropout_key, state.step)
@@ -200,7 +233,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     denominator = jnp.maximum(sums['weight_sum'], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = optim.keep_frozen(optax.apply_updates(state.params, updates), state.params, trainable)
     loss, z = sums['loss_sum'] / denominator, sums['z_loss_sum'] / denominator
     grad_norm = optax.tree.norm(grads)
     metrics = {
