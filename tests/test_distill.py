@@ -134,6 +134,29 @@ def test_a_teacher_of_another_vocabulary_or_architecture_is_a_config_error(tmp_p
     config_lib.validate(c, 1)
 
 
+def test_an_hf_teacher_brings_its_own_config_and_params(tmp_path):
+  """hf:DIR: the model config from its config.json (not the student's), the params converted
+  onto the mesh, logits equal to the model that was written."""
+  from t5lite import hf  # pylint: disable=import-outside-toplevel
+  teacher_cfg = small_config().model
+  teacher_cfg.update(d_model=48, num_heads=2, head_dim=24, attention_dim=48, d_ff=96)
+  model = make_model(ModelConfig.from_config(teacher_cfg))
+  batch = synthetic_batch()
+  params = jax.device_get(model.init(jax.random.PRNGKey(3), **losses.model_inputs(batch)))
+  params = jax.tree.map(lambda x: getattr(x, 'value', x), params['params'],
+                        is_leaf=lambda x: hasattr(x, 'value'))
+  hf.save_hf(params, teacher_cfg, str(tmp_path / 'hf'))
+  c = small_config(distill_teacher='hf:' + str(tmp_path / 'hf'))
+  found = distill.teacher_config(c.train, ModelConfig.from_config(c.model))
+  assert (found.model.d_model, found.model.num_heads, found.model.d_ff) == (48, 2, 96)
+  assert found.model.dtype == 'float32'  # hf: records none: the student's
+  mesh = partitioning.make_mesh((2, 2, 2), jax.devices())
+  teacher = distill.load_teacher(found, mesh, c.partitioning.rules, batch)
+  got = distill.teacher_logits(teacher.model, teacher.params, batch)
+  want = model.apply({'params': params}, **losses.model_inputs(batch))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
 # --- on the quickstart's task: a tiny trained teacher, a smaller student
 
 
