@@ -189,3 +189,32 @@ def test_errors(vocabs, runs, tmp_path):
   # Without init_new_rows the config check refuses the changed vocabulary before any compute.
   with pytest.raises(ConfigError, match='data.vocabulary'):
     validate(tiny_config(1, new_path, NEW_ROWS, init_from=a), 1)
+
+
+def test_grown_params_land_on_the_model_shardings(vocabs, runs):
+  """The vocabulary params sharded over both axes of a (fsdp, tensor) mesh: the same values as on
+  one device, each device holding its slice."""
+  a, _, pb = runs
+  new = vocab.SentencePieceVocabulary(vocabs[1])
+  expansion = vocab_expansion.Expansion(new, 'pieces')
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ('fsdp', 'tensor'))
+  spec = jax.sharding.PartitionSpec
+  # Every param on the same mesh (replicated), as a run places them; the two grown ones sharded.
+  tree = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec())), pb)
+  tree['token_embedder']['embedding'] = jax.ShapeDtypeStruct(
+      pb['token_embedder']['embedding'].shape, np.float32,
+      sharding=jax.sharding.NamedSharding(mesh, spec('tensor', 'fsdp')))
+  tree['logits_dense']['kernel'] = jax.ShapeDtypeStruct(
+      pb['logits_dense']['kernel'].shape, np.float32,
+      sharding=jax.sharding.NamedSharding(mesh, spec('fsdp', 'tensor')))
+  sharded = init_from.load_params_for_init(a, tree, expansion=expansion)
+  single = init_from.load_params_for_init(a, abstract(pb), expansion=expansion)
+  for name, axes in (('token_embedder', spec('tensor', 'fsdp')), ('logits_dense', spec('fsdp',
+                                                                                       'tensor'))):
+    leaf = 'embedding' if name == 'token_embedder' else 'kernel'
+    x = sharded[name][leaf]
+    assert x.sharding.spec == axes and len(x.addressable_shards) == 8
+    assert x.addressable_shards[0].data.shape == (x.shape[0] // (4 if axes[0] == 'tensor' else 2),
+                                                  x.shape[1] // (2 if axes[1] == 'fsdp' else 4))
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(single[name][leaf]))
