@@ -94,6 +94,18 @@ def regex_pairs(value, field_name: str) -> None:
   _compiles([p[0] for p in value], field_name)
 
 
+def new_rows(value, field_name: str) -> None:
+  """checkpoint.init_new_rows: '' or a rule t5lite/vocab_expansion.py knows."""
+  from t5lite import vocab_expansion  # pylint: disable=import-outside-toplevel  (sentencepiece)
+  if not isinstance(value, str):
+    raise ConfigError(f'config.{field_name}={value!r}: must be a string')
+  if value:
+    try:
+      vocab_expansion.parse_new_rows(value)
+    except ValueError as e:
+      raise ConfigError(f'config.{e}') from None
+
+
 def regexes(value, field_name: str) -> None:
   if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) for p in value):
     raise ConfigError(f'config.{field_name}={value!r}: must be a tuple of regex strings, e.g. '

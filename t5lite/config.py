@@ -20,8 +20,8 @@ from typing import Sequence
 import ml_collections
 
 from t5lite import fields
-from t5lite.checks import (Check, boolean, count, in_range, logical_rules, non_negative, positive,
-                           regex_pairs, regexes, string, task, task_names)
+from t5lite.checks import (Check, boolean, count, in_range, logical_rules, new_rows, non_negative,
+                           positive, regex_pairs, regexes, string, task, task_names)
 from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
 # Re-exported: the cross-field rules and the mesh shape (t5lite/config_rules.py).
 from t5lite.config_rules import (
@@ -115,6 +115,23 @@ class TrainConfig:
       'many consecutive steps while the loss is not 0 (the model no longer '
       'learns anything, e.g. after a far too high learning rate), training '
       'stops with exit 1. 0 turns the guard off.')
+  trainable: tuple = field(
+      (), "Freezing: regexes (re.search) over the '/'-joined param names; only matching params "
+      'train, the others stay bitwise unchanged and get no optimizer state. () = all train. '
+      "A regex matching no param is an error. E.g. ('^decoder/',) (docs/adaptation.md).")
+  distill_teacher: str = field(
+      '', 'Knowledge distillation (Kim & Rush 2016; docs/adaptation.md): the teacher, a t5lite '
+      'workdir, checkpoints directory or step directory (its model config is read from the '
+      "checkpoint's saved config) or hf:DIR (a HuggingFace T5). Its vocab_size must equal "
+      'model.vocab_size. The loss becomes distill_alpha * T^2 * KL(teacher || student) + '
+      "(1 - distill_alpha) * cross-entropy, per target token (z-loss unchanged). '': off.")
+  distill_temperature: float = field(
+      1.0, 'Distillation: the softmax temperature T of both models in the KL term.')
+  distill_alpha: float = field(
+      0.5, 'Distillation: the weight of the KL term; 1 - alpha weighs the cross-entropy.')
+  distill_dtype: str = field(
+      '', "Distillation: the teacher's activation dtype; '': its own (the saved config's "
+      "model.dtype; for hf: this run's model.dtype).", choices=('', 'bfloat16', 'float32'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +160,18 @@ class ScheduleConfig:
   warmup_steps: int = field(
       10_000, 'rsqrt: the constant stretch at the start '
       '(lr / sqrt(warmup)); the others: a linear warm-up from 0.')
-  decay_fraction: float = field(0.1, 'wsd: the final fraction of the steps spent cooling down.')
+  decay_fraction: float = field(
+      0.1, 'wsd: the final fraction of the steps spent cooling down (when decay_start_step is 0).')
+  decay_start_step: int = field(
+      0, 'wsd: > 0 starts the cool-down at this absolute step (of the schedule, step + '
+      'step_offset) and ends it at train.steps + step_offset, so a run can be extended, or '
+      'cooled down from any checkpoint of its stable phase (docs/adaptation.md); 0: decay_fraction.')
+  step_offset: int = field(
+      0, 'The schedule is read at step + step_offset: a run started at step 0 from step N of '
+      'another (checkpoint.init_from_state=params_and_optimizer) continues its schedule with N.')
+  rewarm_steps: int = field(
+      0, 'Re-warm: the learning rate times a linear ramp from 0 over the run\'s first N steps '
+      '(continual pretraining from a trained checkpoint); 0: off.')
   end_ratio: float = field(0.0, 'cosine / wsd: the final learning rate as a fraction of the peak.')
 
 
@@ -203,19 +231,36 @@ class CheckpointConfig:
       'on flaky file systems. (`async` is a Python keyword.)')
   init_from: str = field(
       '', 'Fine-tuning: when WORKDIR has no checkpoint yet, take the params '
-      "(only: optimizer state and step start fresh) from another run's "
+      "(and what init_from_state adds) from another run's "
       'checkpoint, a step directory or a WORKDIR/checkpoints directory (its '
       'newest step); `hf:DIR` for a HuggingFace T5 (docs/hf.md); `t5x:DIR/checkpoint_N` (or '
-      't5x:DIR, its newest) for a T5X checkpoint, which with optimizer.name=adafactor also '
-      "gives T5X's Adafactor second moments (docs/migrating.md). The "
+      't5x:DIR, its newest) for a T5X checkpoint (with init_from_state=params_and_optimizer '
+      "and optimizer.name=adafactor also T5X's Adafactor second moments; docs/migrating.md). The "
       "workdir's own checkpoints always win, so a preempted fine-tune resumes "
       "where it stopped. '': a random init.")
+  init_from_state: str = field(
+      'params', 'What init_from takes: params (a fresh optimizer; the step, data and schedule start '
+      'at 0); params_and_optimizer (also the optimizer state: statistics and their counts; the '
+      "step, data and schedule still start at 0, see schedule.step_offset; from t5x: T5X's "
+      'Adafactor statistics); full (a t5lite checkpoint whole: params, optimizer, step and data '
+      'position: a branch of that run, e.g. a cool-down, in a new workdir).',
+      choices=('params', 'params_and_optimizer', 'full'))
   init_rename: tuple = field((), '(regex, replacement) pairs applied in order (re.sub) to the '
                              "checkpoint's '/'-joined param names, e.g. (('^encoder/', 'enc/'),), "
                              'so that differently named models can share weights.')
   init_ignore: tuple = field((), 'Regexes (re.search) over param names: matching model params keep '
                              'their fresh init (a new head), matching (renamed) checkpoint params '
                              'are dropped. Anything else unmatched is an error.')
+  init_new_rows: str = field(
+      '', 'Vocabulary expansion (docs/adaptation.md): init_from a model trained with a vocabulary '
+      'that the run\'s data.vocabulary extends (more pieces, more rows): the rows of shared tokens '
+      '(pieces by their text, sentinel <extra_id_k> by k) are copied into the token embedding and '
+      "the output layer, every other row starts as 'mean' (of the old rows), 'mean_noise:STD' "
+      "(that plus N(0, STD^2)) or 'pieces' (the mean of the old pieces the new piece's text "
+      "splits into). '': off, the vocabularies must match.")
+  init_vocabulary: str = field(
+      '', 'With init_new_rows: the vocabulary (a data.vocabulary value) the init_from model was '
+      "trained with; '': the one its checkpoint recorded (needed for t5x:).")
   lock_stale_minutes: float = field(
       10.0, 'The workdir lock (WORKDIR/lock.json, refreshed every minute by the '
       'running trainer) counts as stale, and is taken over, after this many '
@@ -472,11 +517,18 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('train.max_dead_steps',
      count('consecutive zero-gradient steps before a dead run stops; 0 '
            'turns the guard off')),
+    ('train.distill_teacher',
+     string("a t5lite checkpoint path or hf:DIR ('' turns distillation off)")),
+    ('train.distill_temperature', positive),
+    ('train.distill_alpha', in_range(0, 1)),
     ('optimizer.name', choice),
     ('optimizer.learning_rate', positive),
     ('schedule.name', choice),
     ('schedule.warmup_steps', non_negative),
     ('schedule.decay_fraction', in_range(0, 1)),
+    *((f'schedule.{name}', non_negative)
+      for name in ('decay_start_step', 'step_offset', 'rewarm_steps')),
+    ('train.trainable', regexes),
     ('checkpoint.every_steps',
      count('the save period in steps; 0 saves only at the end and on SIGTERM')),
     ('checkpoint.keep', count('how many checkpoints to keep; 0 keeps all')),
@@ -486,6 +538,8 @@ CHECKS: tuple[tuple[str, Check], ...] = (
             "WORKDIR/checkpoints; '' for none)")),
     ('checkpoint.init_rename', regex_pairs),
     ('checkpoint.init_ignore', regexes),
+    ('checkpoint.init_new_rows', new_rows),
+    ('checkpoint.init_vocabulary', string("a data.vocabulary value ('' = recorded)")),
     ('checkpoint.lock_stale_minutes', positive),
     ('data.reset_position', boolean),
     ('eval.every_steps', non_negative),

@@ -119,6 +119,8 @@ def _vocabulary_fits_init(c) -> None:
   init_from, d = c.checkpoint.init_from, c.data
   if not init_from or _embeddings_ignored(c):
     return
+  if c.checkpoint.init_new_rows:  # a new vocabulary on purpose: t5lite/vocab_expansion.py checks
+    return
   # pylint: disable=import-outside-toplevel  (the data stack and orbax: only when validating)
   from t5lite import checkpoints
   from t5lite.data import hf_vocab, tasks, vocab

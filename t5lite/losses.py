@@ -77,3 +77,21 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
       'correct_sum': jnp.sum(correct * weights),
       'weight_sum': jnp.sum(weights),
   }
+
+
+def kl_divergence_sum(teacher_logits: jax.Array, student_logits: jax.Array, weights: jax.Array,
+                      temperature: float = 1.0) -> jax.Array:
+  """sum over positions of weight * KL(teacher || student), both softmaxes at `temperature`.
+
+  Knowledge distillation's soft-target term (Hinton et al. 2015; word-level KD of Kim & Rush
+  2016): KL = sum_v p_t(v) (log p_t(v) - log p_s(v)) with p = softmax(logits / T), in float32.
+  Its gradient w.r.t. the student logits is (p_s - p_t) / T, so callers multiply by T^2 to keep
+  the gradient scale independent of T. where(), not a product, as in token_log_likelihoods: a
+  padding row may hold non-finite logits.
+  """
+  t = teacher_logits.astype(jnp.float32) / temperature
+  s = student_logits.astype(jnp.float32) / temperature
+  log_p_t = jax.nn.log_softmax(t, axis=-1)
+  log_p_s = jax.nn.log_softmax(s, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+  return jnp.sum(jnp.where(weights > 0, kl * weights.astype(jnp.float32), 0.0))

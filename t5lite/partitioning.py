@@ -193,9 +193,12 @@ def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_opt_sta
 
   # optax finds the parameter-shaped parts by calling init on a placeholder; under eval_shape, so
   # that not even its step counters are created as arrays.
-  return optax.tree_map_params(lambda p: jax.eval_shape(tx.init, p), leaf_sharding,
+  # Frozen params (train.trainable) hold an empty optax.MaskedNode: it stays as it is.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return optax.tree_map_params(lambda p: jax.eval_shape(tx.init, p),
+                               lambda s, sh: s if masked(s) else leaf_sharding(s, sh),
                                abstract_opt_state, param_shardings,
-                               transform_non_params=lambda _: replicated)
+                               transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def _divisible(shape, spec, mesh: Mesh) -> bool:

@@ -22,7 +22,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from t5lite import checkpoints, cli, files, logs, multihost, optim, partitioning, reporting, trainer
+from t5lite import (checkpoints, cli, distill, files, logs, multihost, optim, partitioning,
+                    reporting, trainer)
+from t5lite import vocab_expansion
 from t5lite import workdir as workdir_lib
 from t5lite import config as config_lib
 from t5lite import config_files
@@ -214,6 +216,7 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
   built = cli.build(config, devices)
   cfg, mesh, rules, model = built.cfg, built.mesh, built.rules, built.model
   k, t, e = cfg.checkpoint, cfg.train, cfg.eval
+  teacher_cfg = distill.teacher_config(t, cfg.model)  # None without train.distill_teacher
   lock = lock_workdir(workdir, k.lock_stale_minutes)
   iterator = ckpt = watcher = writer = evaluate_tasks = None  # closed in `finally`
   try:
@@ -228,21 +231,30 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
     watcher = multihost.PreemptionWatcher()
     # --- train state: resume | init_from | fresh
     init = trainer.initial_state(model, tx, mesh, rules, batch, t.seed, ckpt, config_dict,
-                                 k.init_from, k.init_rename, k.init_ignore)
+                                 k.init_from, k.init_rename, k.init_ignore,
+                                 vocab_expansion.of_config(cfg, vocabulary),
+                                 init_from_state=k.init_from_state)
     state, start_step = init.state, init.step
     if init.data_state is not None:
       iterator = resume_data(iterator, init.data_state, cfg, start_step)
       batch = next(iterator)
     trim_metrics(workdir, start_step)
-    step_fn = trainer.jit_train_step(
-        trainer.make_train_step(model, tx, schedule, t, dropout=cfg.model.dropout_rate > 0),
-        init.shardings, mesh, rules, watch=True)
+    # Distillation: the teacher's params are read again on every start (not in the train state).
+    teacher = teacher_cfg and distill.load_teacher(teacher_cfg, mesh, rules, batch,
+                                                   built.devices[0].platform)
+    train_step = trainer.make_train_step(model, tx, schedule, t, dropout=cfg.model.dropout_rate > 0,
+                                         teacher_model=teacher and teacher.model)
+    step_fn = distill.bind(
+        trainer.jit_train_step(train_step, init.shardings, mesh, rules, watch=True,
+                               teacher_shardings=teacher and teacher.shardings), teacher)
     watch = trainer.initial_watch(mesh)
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     validate, evaluate_tasks = build_evaluation(cfg, built, vocabulary, init.shardings.params,
                                                 workdir)
     throughput, writer = start_reporting(cfg, built, batch, state, workdir, start_step)
     log.info(init.source)
+    if teacher:
+      log.info(teacher.source)
     if start_step >= t.steps:
       log.info(f'nothing to do: the checkpoint is at step {start_step} and train.steps is '
                f'{t.steps}')

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from t5lite import checkpoints, losses, partitioning
+from t5lite import checkpoints, distill, losses, optim, partitioning
 from t5lite import init_from as init_lib  # initial_state has an argument named init_from
 
 
@@ -90,12 +90,15 @@ class InitialState:
 
 def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
                   example_batch: dict[str, Any], seed: int, checkpointer, config_dict: dict,
-                  init_from: str = '', init_rename=(), init_ignore=()) -> InitialState:
+                  init_from: str = '', init_rename=(), init_ignore=(),
+                  vocab_expansion=None, init_from_state: str = 'params') -> InitialState:
   """The newest readable checkpoint of `checkpointer` (a checkpoints.Checkpointer, or None for
   none), else a fresh initialisation from `seed` whose params come from `init_from` when given.
 
   init_from is read only when nothing was resumed: once a fine-tune has saved, resuming takes
   precedence. `config_dict` is checked against the checkpoint's config (restore_latest).
+  `init_from_state` (checkpoint.init_from_state): params | params_and_optimizer | full
+  (init_from.load_state_for_init: the optimizer state too; full also the step and data position).
   """
   abstract, shardings = abstract_train_state(model, tx, mesh, rules, example_batch, seed)
   restored = checkpointer.restore_latest(abstract, config_dict) if checkpointer else None
@@ -108,22 +111,55 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   if not init_from:
     return InitialState(state, shardings, 0, None, 'fresh initialisation')
   source = checkpoints.resolve_init_path(init_from)
-  loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore)
+  if init_from_state != 'params' and not source.startswith(checkpoints.T5X_PREFIX):
+    return _state_from(source, init_from_state, state, abstract, shardings,
+                       init_rename or init_ignore or vocab_expansion)
+  # vocab_expansion (a vocab_expansion.Expansion): the vocabulary params grow onto a new vocabulary.
+  loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore,
+                                         vocab_expansion)
   state = state.replace(params=init_lib.merge_init_params(state.params, loaded))
   fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
-  # From a T5X checkpoint an Adafactor run also continues T5X's Adafactor statistics (init_from.py).
-  opt_state, note = init_lib.load_adafactor_for_init(source, abstract.opt_state, abstract.params,
-                                                     init_rename, init_ignore)
+  # From a T5X checkpoint an Adafactor run can continue T5X's Adafactor statistics (init_from.py).
+  opt_state, note = (init_lib.load_adafactor_for_init(source, abstract.opt_state, abstract.params,
+                                                      init_rename, init_ignore)
+                     if init_from_state == 'params_and_optimizer' else (None, ''))
+  if init_from_state == 'params_and_optimizer' and opt_state is None:
+    raise checkpoints.CheckpointError(
+        f'checkpoint.init_from={source} with checkpoint.init_from_state=params_and_optimizer: a '
+        "T5X checkpoint's optimizer state is Adafactor's, this run's optimizer.name is not "
+        "adafactor; use init_from_state='params'")
   if opt_state is not None:
     state = state.replace(opt_state=init_lib.merge_init_params(state.opt_state, opt_state))
     return InitialState(
         state, shardings, 0, None,
         f'initialised params and Adafactor statistics from {source} ({fresh} kept fresh by '
         f'init_ignore{note}); the step, the data and the learning-rate schedule start at 0')
+  grown = (f'; vocabulary grown onto the run\'s, new rows: {vocab_expansion.new_rows}'
+           if vocab_expansion else '')
   return InitialState(
       state, shardings, 0, None,
-      f'initialised params from {source} ({fresh} kept fresh by init_ignore); '
+      f'initialised params from {source} ({fresh} kept fresh by init_ignore{grown}); '
       'optimizer state and step start fresh')
+
+
+def _state_from(source: str, mode: str, fresh: TrainState, abstract: TrainState, shardings,
+                remapped) -> InitialState:
+  """checkpoint.init_from_state params_and_optimizer | full from a t5lite checkpoint."""
+  if remapped:
+    raise checkpoints.CheckpointError(
+        f'checkpoint.init_from_state={mode!r} takes the checkpoint\'s train state as it is: '
+        "checkpoint.init_rename, init_ignore and init_new_rows work with init_from_state='params'")
+  loaded, data_state = init_lib.load_state_for_init(source, abstract, mode)
+  state = init_lib.merge_init_params(fresh, loaded)
+  if mode == 'full':
+    step = int(jax.device_get(state.step))
+    return InitialState(
+        state, shardings, step, data_state,
+        f'branched from {source}: its params, optimizer state, step {step} and data position')
+  return InitialState(
+      state, shardings, 0, None,
+      f'initialised params and optimizer state from {source}; the step, the data and the '
+      'learning-rate schedule start at 0 (schedule.step_offset shifts the schedule)')
 
 
 def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -138,9 +174,16 @@ def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    train_cfg, dropout: bool) -> Callable:
+                    train_cfg, dropout: bool, teacher_model: nn.Module | None = None) -> Callable:
   """The pure train step (unjitted): (state, batch) -> (state, metrics). Reads only
-  train_cfg.microbatches, z_loss, label_smoothing and seed.
+  train_cfg.microbatches, z_loss, label_smoothing, seed and trainable (frozen params: no gradient,
+  bitwise unchanged) (and distill_* with a teacher).
+
+  With `teacher_model` (distillation, t5lite/distill.py) the step is (state, batch,
+  teacher_params) -> (state, metrics): the teacher's logits (no gradient) enter the loss as
+  distill_alpha * T^2 * KL(teacher || student) + (1 - distill_alpha) * cross-entropy, summed per
+  target token and normalised like the cross-entropy; metrics gain distill_kl (the KL per target
+  token) and `loss` stays the plain cross-entropy, comparable with any other run.
 
   metrics: loss, z_loss, accuracy, target_tokens, grad_norm, learning_rate and `finite` (1.0 when
   the loss, the z-loss and every gradient of this step are finite, else 0.0). The update is
@@ -149,38 +192,48 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   k = int(train_cfg.microbatches)
   z_loss, smoothing = float(train_cfg.z_loss), float(train_cfg.label_smoothing)
   dropout_key = jax.random.PRNGKey(int(train_cfg.seed) + 1)
+  if teacher_model is not None:
+    alpha, temperature = float(train_cfg.distill_alpha), float(train_cfg.distill_temperature)
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, teacher_params=None):
     logits = model.apply({'params': params}, **losses.model_inputs(batch),
                          deterministic=not dropout, rngs={'dropout': rng})
     sums = losses.cross_entropy_sums(logits, batch['decoder_target_tokens'],
                                      batch['decoder_loss_weights'], z_loss, smoothing)
-    return sums['loss_sum'] + sums['z_loss_sum'], sums
+    if teacher_model is None:
+      return sums['loss_sum'] + sums['z_loss_sum'], sums
+    # Hinton et al. 2015's T^2 keeps the soft term's gradient scale independent of T.
+    teacher = distill.teacher_logits(teacher_model, teacher_params, batch)
+    sums['kl_sum'] = losses.kl_divergence_sum(teacher, logits, batch['decoder_loss_weights'],
+                                              temperature)
+    total = alpha * temperature**2 * sums['kl_sum'] + (1.0 - alpha) * sums['loss_sum']
+    return total + sums['z_loss_sum'], sums
 
-  grad_fn = jax.grad(loss_fn, has_aux=True)
+  trainable = tuple(getattr(train_cfg, 'trainable', ()))  # () = all (train.trainable)
+  grad_fn = jax.grad(optim.frozen_stop_gradient(loss_fn, trainable), has_aux=True)
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):
     rng = jax.random.fold_in(dropout_key, state.step)
     if k == 1:
-      grads, sums = grad_fn(state.params, batch, rng)
+      grads, sums = grad_fn(state.params, batch, rng, teacher_params)
     else:
       micro = _split_microbatches(batch, k)
 
       def accumulate(carry, xs):
         i, mb = xs
         mb = {key: nn.with_logical_constraint(v, ('batch', None)) for key, v in mb.items()}
-        g, s = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        g, s = grad_fn(state.params, mb, jax.random.fold_in(rng, i), teacher_params)
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, (state.params, {
-          'loss_sum': 0.0, 'z_loss_sum': 0.0, 'correct_sum': 0.0, 'weight_sum': 0.0
-      }))
+      names = ('loss_sum', 'z_loss_sum', 'correct_sum', 'weight_sum')
+      names += () if teacher_model is None else ('kl_sum',)
+      zeros = jax.tree.map(jnp.zeros_like, (state.params, dict.fromkeys(names, 0.0)))
       zeros = jax.tree.map(lambda z: z.astype(jnp.float32), zeros)
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
     denominator = jnp.maximum(sums['weight_sum'], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = optim.keep_frozen(optax.apply_updates(state.params, updates), state.params, trainable)
     loss, z = sums['loss_sum'] / denominator, sums['z_loss_sum'] / denominator
     grad_norm = optax.tree.norm(grads)
     metrics = {
@@ -196,6 +249,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         'finite':
             (jnp.isfinite(loss) & jnp.isfinite(z) & jnp.isfinite(grad_norm)).astype(jnp.float32),
     }
+    if teacher_model is not None:
+      metrics['distill_kl'] = sums['kl_sum'] / denominator
+      metrics['finite'] = metrics['finite'] * jnp.isfinite(metrics['distill_kl'])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -243,11 +299,12 @@ def initial_watch(mesh: Mesh) -> Watch:
 
 def watch_train_step(train_step: Callable) -> Callable:
   """(state, batch) -> (state, metrics) made (state, batch, watch) -> (state, metrics, watch):
-  the same step, plus a few scalar ops updating the Watch from its metrics."""
+  the same step, plus a few scalar ops updating the Watch from its metrics. Arguments after the
+  watch (a distillation teacher's params) go on to the step."""
 
-  def watched(state: TrainState, batch: dict[str, jax.Array], watch: Watch):
+  def watched(state: TrainState, batch: dict[str, jax.Array], watch: Watch, *extra):
     number = state.step + 1  # this step's 1-based number (the step its checkpoint would carry)
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, batch, *extra)
     bad = metrics['finite'] == 0
     first_bad = jnp.where((watch.first_bad_step == 0) & bad, number, watch.first_bad_step)
     # Exactly 0: what a dead run really shows (Adafactor at lr 1e6: every gradient underflows to
@@ -277,22 +334,27 @@ def read_watch(watch: Watch) -> WatchReport:
 
 
 def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh, rules,
-                   watch: bool = False) -> partitioning.Partitioned:
+                   watch: bool = False, teacher_shardings=None) -> partitioning.Partitioned:
   """The train step jitted with shardings (this is pjit), entering mesh and rules on each call;
   the input state is donated. `.lower(state, batch)` compiles ahead of time.
 
   watch=True: jits `watch_train_step(train_step)` instead, called as
   `state, metrics, watch = step(state, batch, watch)` with a Watch from `initial_watch(mesh)`
   (replicated; not donated, it is three scalars).
+
+  teacher_shardings (distillation): the step takes the teacher's params as its last argument,
+  in these shardings, not donated (distill.bind passes them on every call).
   """
   replicated = NamedSharding(mesh, P())
   batch_sharding = partitioning.batch_sharding(mesh, rules)
+  teacher = () if teacher_shardings is None else (teacher_shardings,)
   if watch:
     return partitioning.jit(watch_train_step(train_step), mesh, rules,
-                            in_shardings=(state_shardings, batch_sharding, replicated),
+                            in_shardings=(state_shardings, batch_sharding, replicated) + teacher,
                             out_shardings=(state_shardings, replicated, replicated),
                             donate_argnums=(0,))
-  return partitioning.jit(train_step, mesh, rules, in_shardings=(state_shardings, batch_sharding),
+  return partitioning.jit(train_step, mesh, rules,
+                          in_shardings=(state_shardings, batch_sharding) + teacher,
                           out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 

@@ -289,7 +289,9 @@ def test_finetune_from_t5x_runs_and_starts_from_its_params(tmp_path, capsys):
   c.schedule.update(name='constant', warmup_steps=100)  # step 1's learning rate is 0
   c.eval.every_steps = 0
   c.reporting.update(tensorboard=False, peak_flops_per_device=1e11)
-  c.checkpoint.update(every_steps=0, async_save=False, init_from='t5x:' + T511)
+  # params_and_optimizer: T5X's Adafactor statistics too ('params', the default, takes params only)
+  c.checkpoint.update(every_steps=0, async_save=False, init_from='t5x:' + T511,
+                      init_from_state='params_and_optimizer')
   workdir = str(tmp_path / 'run')
   train.run(c, workdir)
   out = capsys.readouterr().out
