@@ -165,7 +165,8 @@ class ScheduleConfig:
   decay_start_step: int = field(
       0, 'wsd: > 0 starts the cool-down at this absolute step (of the schedule, step + '
       'step_offset) and ends it at train.steps + step_offset, so a run can be extended, or '
-      'cooled down from any checkpoint of its stable phase (docs/adaptation.md); 0: decay_fraction.')
+      'cooled down from any checkpoint of its stable phase (docs/adaptation.md); 0: decay_fraction.'
+  )
   step_offset: int = field(
       0, 'The schedule is read at step + step_offset: a run started at step 0 from step N of '
       'another (checkpoint.init_from_state=params_and_optimizer) continues its schedule with N.')
@@ -239,7 +240,8 @@ class CheckpointConfig:
       "workdir's own checkpoints always win, so a preempted fine-tune resumes "
       "where it stopped. '': a random init.")
   init_from_state: str = field(
-      'params', 'What init_from takes: params (a fresh optimizer; the step, data and schedule start '
+      'params',
+      'What init_from takes: params (a fresh optimizer; the step, data and schedule start '
       'at 0); params_and_optimizer (also the optimizer state: statistics and their counts; the '
       "step, data and schedule still start at 0, see schedule.step_offset; from t5x: T5X's "
       'Adafactor statistics); full (a t5lite checkpoint whole: params, optimizer, step and data '
@@ -505,7 +507,6 @@ CHECKS: tuple[tuple[str, Check], ...] = (
       for name in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'num_decoder_layers',
                    'relative_attention_num_buckets', 'relative_attention_max_distance')),
     ('model.dropout_rate', in_range(0, 1, hi_open=True)),
-    ('model.relpos_per_layer', boolean),
     ('model.mlp_activation', presets.check_mlp_activation),
     ('data.task', task),
     ('data.inputs_length', positive),
@@ -532,7 +533,6 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('checkpoint.every_steps',
      count('the save period in steps; 0 saves only at the end and on SIGTERM')),
     ('checkpoint.keep', count('how many checkpoints to keep; 0 keeps all')),
-    ('checkpoint.async_save', boolean),
     ('checkpoint.init_from',
      string('a path string (a checkpoint step directory or '
             "WORKDIR/checkpoints; '' for none)")),
@@ -540,8 +540,6 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('checkpoint.init_ignore', regexes),
     ('checkpoint.init_new_rows', new_rows),
     ('checkpoint.init_vocabulary', string("a data.vocabulary value ('' = recorded)")),
-    ('checkpoint.lock_stale_minutes', positive),
-    ('data.reset_position', boolean),
     ('eval.every_steps', non_negative),
     ('eval.batch_size', non_negative),
     ('eval.max_batches', non_negative),
@@ -556,14 +554,14 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('infer.batch_size', non_negative),
     ('infer.on_too_long', choice),
     ('infer.on_bad_line', choice),
-    ('infer.length_normalize', boolean),
-    ('eval.max_inputs_length', positive),
-    ('eval.max_targets_length', positive),
-    ('eval.length_normalize', boolean),
     ('data.source', string("FORMAT:PATTERN or hf:DIR ('' reads data.task)")),
     ('checkpoint.keep_best_mode', choice),
-    ('checkpoint.keep_best_n', positive),
     ('partitioning.rules', logical_rules),
+    *((name, boolean)
+      for name in ('model.relpos_per_layer', 'checkpoint.async_save', 'data.reset_position',
+                   'infer.length_normalize', 'eval.length_normalize')),
+    *((name, positive) for name in ('eval.max_inputs_length', 'eval.max_targets_length',
+                                    'checkpoint.lock_stale_minutes', 'checkpoint.keep_best_n')),
 )
 
 

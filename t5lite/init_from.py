@@ -124,8 +124,8 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expan
                  if n not in needed and not _matches(n, ignore))
   grow = _vocab_params(expansion, saved, renamed, wanted, needed)
   shapes = sorted(f'{n}: checkpoint {saved[renamed[n]]} vs model {tuple(wanted[n].shape)}'
-                  for n in needed if n in renamed and n not in grow
-                  and saved[renamed[n]] != tuple(wanted[n].shape))
+                  for n in needed
+                  if n in renamed and n not in grow and saved[renamed[n]] != tuple(wanted[n].shape))
   if collisions or missing or extra or shapes:
     message = f'checkpoint.init_from={step_dir}: its params do not fit this model:'
     if collisions:
@@ -248,22 +248,24 @@ def load_state_for_init(path: str, abstract_state, mode: str):
   if step_dir.startswith((T5X_PREFIX, HF_PREFIX)):
     raise CheckpointError(
         f'checkpoint.init_from={step_dir} with checkpoint.init_from_state={mode!r}: only t5lite '
-        'checkpoints hold a whole train state' +
-        (" (t5x: takes 'params_and_optimizer' for its Adafactor statistics)"
-         if mode == 'full' and step_dir.startswith(T5X_PREFIX) else
-         "; an hf: model has params only: use init_from_state='params'"))
+        'checkpoints hold a whole train state'
+        + (" (t5x: takes 'params_and_optimizer' for its Adafactor statistics)"
+           if mode == 'full' and step_dir.startswith(T5X_PREFIX) else
+           "; an hf: model has params only: use init_from_state='params'"))
   state_dir = files.join(step_dir, 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(state_dir)
   saved = _flat_shapes(getattr(metadata, 'item_metadata', metadata))
   wanted = _flat_shapes(abstract_state)
-  problems = [f'{n}: checkpoint {saved.get(n, "(none)")} vs this run {wanted.get(n, "(none)")}'
-              for n in sorted(set(saved) | set(wanted)) if saved.get(n) != wanted.get(n)]
+  problems = [
+      f'{n}: checkpoint {saved.get(n, "(none)")} vs this run {wanted.get(n, "(none)")}'
+      for n in sorted(set(saved) | set(wanted)) if saved.get(n) != wanted.get(n)
+  ]
   if problems:
     raise CheckpointError(
         f'checkpoint.init_from={step_dir} with checkpoint.init_from_state={mode!r}: its train '
-        'state does not fit this run:' + _listing('arrays differ', problems) +
-        '\nThe optimizer state comes over only to the same model with the same optimizer.name, '
+        'state does not fit this run:' + _listing('arrays differ', problems)
+        + '\nThe optimizer state comes over only to the same model with the same optimizer.name, '
         'train.max_grad_norm (clipping on or off) and train.trainable; or use '
         "checkpoint.init_from_state='params'.")
   state = ocp.StandardCheckpointer().restore(state_dir, abstract_state)

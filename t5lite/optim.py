@@ -120,11 +120,10 @@ def optimizer_from_parts(opt, schedule_cfg,
   if patterns:
     # Frozen params: set_to_zero under optax's masking, which keeps no state for them (MaskedNode)
     # and hands the trainable ones' clipping and statistics only the trainable gradients.
-    tx = optax.multi_transform({
-        'trainable': tx,
-        'frozen': optax.set_to_zero()
-    }, lambda params: jax.tree.map(lambda t: 'trainable' if t else 'frozen',
-                                   trainable_mask(params, patterns)))
+    tx = optax.multi_transform(
+        {'trainable': tx, 'frozen': optax.set_to_zero()},
+        lambda params: jax.tree.map(lambda t: 'trainable'
+                                    if t else 'frozen', trainable_mask(params, patterns)))
   return tx, schedule
 
 

@@ -195,10 +195,10 @@ def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_opt_sta
   # that not even its step counters are created as arrays.
   # Frozen params (train.trainable) hold an empty optax.MaskedNode: it stays as it is.
   masked = lambda x: isinstance(x, optax.MaskedNode)
-  return optax.tree_map_params(lambda p: jax.eval_shape(tx.init, p),
-                               lambda s, sh: s if masked(s) else leaf_sharding(s, sh),
-                               abstract_opt_state, param_shardings,
-                               transform_non_params=lambda _: replicated, is_leaf=masked)
+  return optax.tree_map_params(lambda p: jax.eval_shape(tx.init, p), lambda s, sh: s
+                               if masked(s) else leaf_sharding(s, sh), abstract_opt_state,
+                               param_shardings, transform_non_params=lambda _: replicated,
+                               is_leaf=masked)
 
 
 def _divisible(shape, spec, mesh: Mesh) -> bool:

@@ -90,8 +90,8 @@ class InitialState:
 
 def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
                   example_batch: dict[str, Any], seed: int, checkpointer, config_dict: dict,
-                  init_from: str = '', init_rename=(), init_ignore=(),
-                  vocab_expansion=None, init_from_state: str = 'params') -> InitialState:
+                  init_from: str = '', init_rename=(), init_ignore=(), vocab_expansion=None,
+                  init_from_state: str = 'params') -> InitialState:
   """The newest readable checkpoint of `checkpointer` (a checkpoints.Checkpointer, or None for
   none), else a fresh initialisation from `seed` whose params come from `init_from` when given.
 
@@ -112,8 +112,8 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
     return InitialState(state, shardings, 0, None, 'fresh initialisation')
   source = checkpoints.resolve_init_path(init_from)
   if init_from_state != 'params' and not source.startswith(checkpoints.T5X_PREFIX):
-    return _state_from(source, init_from_state, state, abstract, shardings,
-                       init_rename or init_ignore or vocab_expansion)
+    return _state_from(source, init_from_state, state, abstract, shardings, init_rename
+                       or init_ignore or vocab_expansion)
   # vocab_expansion (a vocab_expansion.Expansion): the vocabulary params grow onto a new vocabulary.
   loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore,
                                          vocab_expansion)

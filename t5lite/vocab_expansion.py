@@ -120,13 +120,14 @@ def id_map(old, new, old_rows: int, new_rows: int) -> np.ndarray:
         f'{len(lost)} of its pieces are missing (e.g. {lost[:5]}), and it has {new.extra_ids} '
         f'sentinels for the old {old.extra_ids}; vocabulary expansion only adds tokens')
   mapping = [new_ids[p] for p in old_pieces]
-  mapping += [new.sentinel_id(old.vocab_size - 1 - i) for i in range(old.sp_vocab_size,
-                                                                      old.vocab_size)]
+  mapping += [
+      new.sentinel_id(old.vocab_size - 1 - i) for i in range(old.sp_vocab_size, old.vocab_size)
+  ]
   return np.asarray(mapping, np.int64)
 
 
-def new_rows_table(old_table: np.ndarray, old, new, mapping: np.ndarray, new_rows: int,
-                   rule: str, seed: int = 0) -> np.ndarray:
+def new_rows_table(old_table: np.ndarray, old, new, mapping: np.ndarray, new_rows: int, rule: str,
+                   seed: int = 0) -> np.ndarray:
   """[new_rows, ...] from the [old rows, ...] `old_table` (vocabulary on axis 0): copied rows where
   `mapping` sends them, the rule's rows (module doc) everywhere else."""
   kind, std = parse_new_rows(rule)
@@ -140,8 +141,8 @@ def new_rows_table(old_table: np.ndarray, old, new, mapping: np.ndarray, new_row
     new_pieces = _pieces(new)
     for j in np.flatnonzero(fresh[:len(new_pieces)]):
       piece = new_pieces[j]
-      text = (piece.decode('utf-8', 'replace') if isinstance(piece, bytes) else
-              piece.replace('\u2581', ' '))
+      text = (piece.decode('utf-8', 'replace') if isinstance(piece, bytes) else piece.replace(
+          '\u2581', ' '))
       ids = [i for i in old.encode(text) if i < old.vocab_size]
       if ids:
         out[j] = known[ids].mean(axis=0)

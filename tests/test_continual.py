@@ -37,8 +37,7 @@ def values(schedule, steps):
 def test_wsd_with_an_absolute_cool_down_start():
   # warm-up 0 -> 1 over 2 steps, stable until 6, linear to 0.1 at the end (10)
   s = optim.make_schedule(schedule_cfg(warmup_steps=2, decay_start_step=6, end_ratio=0.1), 1.0, 10)
-  assert values(s, [0, 1, 2, 5, 6, 8, 10, 12]) == pytest.approx(
-      [0, 0.5, 1, 1, 1, 0.55, 0.1, 0.1])
+  assert values(s, [0, 1, 2, 5, 6, 8, 10, 12]) == pytest.approx([0, 0.5, 1, 1, 1, 0.55, 0.1, 0.1])
   # a longer run (extended) keeps the stable phase; a run ending before the start is all stable
   longer = optim.make_schedule(schedule_cfg(warmup_steps=2, decay_start_step=6), 1.0, 20)
   assert values(longer, range(7)) == values(s, range(7))
@@ -118,8 +117,7 @@ def _named(tree):
   return {optim.param_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_params_and_optimizer_carries_the_statistics_and_restarts_step_and_schedule(
-    runs, tmp_path):
+def test_params_and_optimizer_carries_the_statistics_and_restarts_step_and_schedule(runs, tmp_path):
   stable, one_go = runs
   source = os.path.join(stable, 'checkpoints', str(N))
   run = str(tmp_path / 'run')
@@ -148,8 +146,9 @@ def test_a_mismatched_optimizer_or_source_is_a_clear_error(runs, tmp_path):
   source = os.path.join(stable, 'checkpoints', str(N))
   config = tiny_config(1, decay_start=N, init_from=source, init_from_state='params_and_optimizer')
   config.optimizer.name = 'adamw'
-  with pytest.raises(CheckpointError, match=r'train state does not fit this run:[\s\S]*'
-                     r"opt_state.*[\s\S]*optimizer.name.*init_from_state='params'"):
+  with pytest.raises(
+      CheckpointError, match=r'train state does not fit this run:[\s\S]*'
+      r"opt_state.*[\s\S]*optimizer.name.*init_from_state='params'"):
     train.run(config, str(tmp_path / 'a'))
   config = tiny_config(1, decay_start=N, init_from=source, init_from_state='full',
                        init_ignore=('^decoder/',))

@@ -45,8 +45,10 @@ def opt_state_bytes(config):
   built = cli.build(config, jax.devices())
   tx, _ = optim.make_optimizer(built.cfg)
   batch = partitioning.example_inputs(built.model, 8, 32)
-  batch = {**batch, 'decoder_target_tokens': batch['decoder_input_tokens'],
-           'decoder_loss_weights': batch['decoder_input_tokens']}
+  batch = {
+      **batch, 'decoder_target_tokens': batch['decoder_input_tokens'],
+      'decoder_loss_weights': batch['decoder_input_tokens']
+  }
   abstract, shardings = trainer.abstract_train_state(built.model, tx, built.mesh, built.rules,
                                                      batch, 0)
   leaves = jax.tree.leaves(abstract.opt_state)

@@ -238,8 +238,8 @@ def test_convert_records_writes_and_refuses_other_vocabularies(small_sp, tmp_pat
   # A task's own vocabulary class (no extra_ids, a kind t5lite does not know) compares by size.
   custom = type('Custom', (), {'vocab_size': 384})()
   assert not hf_vocab.mismatch(hf_vocab.record(custom, 'task:x'), recorded['tokenizer'])
-  assert hf_vocab.mismatch(
-      hf_vocab.record(type('Custom', (), {'vocab_size': 512})(), 'task:x'), recorded['tokenizer'])
+  assert hf_vocab.mismatch(hf_vocab.record(type('Custom', (), {'vocab_size': 512})(), 'task:x'),
+                           recorded['tokenizer'])
 
   # The training command refuses it before building anything: one line, status 2.
   argv = [

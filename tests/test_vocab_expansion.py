@@ -70,14 +70,14 @@ def runs(vocabs, tmp_path_factory):
   train.run(tiny_config(1, old, OLD_ROWS), a)
   b = str(tmp_path_factory.mktemp('b'))
   train.run(tiny_config(1, new, NEW_ROWS, seed=1, init_from=a, init_new_rows='pieces'), b)
-  return a, checkpoints.restore_as_numpy(a)[1]['params'], checkpoints.restore_as_numpy(b)[1][
-      'params']
+  return a, checkpoints.restore_as_numpy(a)[1]['params'], checkpoints.restore_as_numpy(
+      b)[1]['params']
 
 
 def logits(config, params, encoder_ids, decoder_ids):
   model = cli.build(config).model
-  return np.asarray(model.apply({'params': params}, np.asarray(encoder_ids),
-                                np.asarray(decoder_ids)))
+  return np.asarray(
+      model.apply({'params': params}, np.asarray(encoder_ids), np.asarray(decoder_ids)))
 
 
 def test_old_tokens_keep_their_logits_and_new_rows_are_the_mean_of_their_pieces(vocabs, runs):
@@ -132,8 +132,9 @@ def test_mean_and_mean_noise_rows(vocabs, runs):
     if rule == 'mean':
       np.testing.assert_allclose(fresh, np.broadcast_to(mean, fresh.shape), rtol=1e-6, atol=1e-6)
     else:
-      noise = np.asarray(loaded['logits_dense']['kernel'])[:, 406:] - pa['logits_dense'][
-          'kernel'][:, :400].mean(1, keepdims=True)
+      noise = np.asarray(
+          loaded['logits_dense']['kernel'])[:, 406:] - pa['logits_dense']['kernel'][:, :400].mean(
+              1, keepdims=True)
       assert abs(noise.std() - 0.5) < 0.05 and abs(noise.mean()) < 0.05
 
 
@@ -168,8 +169,9 @@ def test_errors(vocabs, runs, tmp_path):
   other = str(tmp_path / 'other.model')
   vocab.train_sentencepiece(embedded.corpus_documents()[40:60], other, 200)
   with pytest.raises(checkpoints.CheckpointError, match='does not extend'):
-    init_from.load_params_for_init(a, abstract(pb), expansion=vocab_expansion.Expansion(
-        vocab.SentencePieceVocabulary(other), 'mean'))
+    init_from.load_params_for_init(
+        a, abstract(pb), expansion=vocab_expansion.Expansion(vocab.SentencePieceVocabulary(other),
+                                                             'mean'))
   # Fewer rows than the checkpoint's vocabulary.
   small = jax.tree.map(lambda x: x, pb)
   small['token_embedder']['embedding'] = pb['token_embedder']['embedding'][:256]
@@ -200,8 +202,9 @@ def test_grown_params_land_on_the_model_shardings(vocabs, runs):
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ('fsdp', 'tensor'))
   spec = jax.sharding.PartitionSpec
   # Every param on the same mesh (replicated), as a run places them; the two grown ones sharded.
-  tree = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec())), pb)
+  tree = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+          mesh, spec())), pb)
   tree['token_embedder']['embedding'] = jax.ShapeDtypeStruct(
       pb['token_embedder']['embedding'].shape, np.float32,
       sharding=jax.sharding.NamedSharding(mesh, spec('tensor', 'fsdp')))
@@ -210,11 +213,12 @@ def test_grown_params_land_on_the_model_shardings(vocabs, runs):
       sharding=jax.sharding.NamedSharding(mesh, spec('fsdp', 'tensor')))
   sharded = init_from.load_params_for_init(a, tree, expansion=expansion)
   single = init_from.load_params_for_init(a, abstract(pb), expansion=expansion)
-  for name, axes in (('token_embedder', spec('tensor', 'fsdp')), ('logits_dense', spec('fsdp',
-                                                                                       'tensor'))):
+  for name, axes in (('token_embedder', spec('tensor',
+                                             'fsdp')), ('logits_dense', spec('fsdp', 'tensor'))):
     leaf = 'embedding' if name == 'token_embedder' else 'kernel'
     x = sharded[name][leaf]
     assert x.sharding.spec == axes and len(x.addressable_shards) == 8
-    assert x.addressable_shards[0].data.shape == (x.shape[0] // (4 if axes[0] == 'tensor' else 2),
-                                                  x.shape[1] // (2 if axes[1] == 'fsdp' else 4))
+    assert x.addressable_shards[0].data.shape == (x.shape[0] //
+                                                  (4 if axes[0] == 'tensor' else 2), x.shape[1] //
+                                                  (2 if axes[1] == 'fsdp' else 4))
     np.testing.assert_array_equal(np.asarray(x), np.asarray(single[name][leaf]))
