@@ -28,20 +28,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from t5lite import checkpoints, files, vocab_expansion
+from t5lite import checkpoints, files, optim, vocab_expansion
 from t5lite.checkpoints import (HF_PREFIX, T5X_PREFIX, CheckpointError, _flat_shapes,
                                 resolve_init_path, verify)
 
-
-def _path_name(path) -> str:
-  """'encoder/layers_0/.../kernel' for a jax key path: the names that init_rename/ignore see."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return '/'.join(parts)
+# 'encoder/layers_0/.../kernel' for a jax key path: the names init_rename/ignore see (and
+# train.trainable's regexes: one definition).
+_path_name = optim.param_name
 
 
 def _matches(name: str, patterns) -> bool:
