@@ -6,19 +6,21 @@ directory: the model config is the one the checkpoint saved, as t5lite-to-hf rea
 config and checks it against the student (the same vocab_size and architecture) before anything
 is computed; `load_teacher` then reads its params once, onto the shardings the same logical rules
 give its own model. The params are not part of the train state (never saved, never updated): a
-resumed run reads them again, so a teacher given as a workdir should not gain steps meanwhile (a
-step directory pins it). The loss itself is in trainer.make_train_step and losses.py
+resumed run reads them again: from the same step directory, because `pin` records the step a
+workdir or checkpoints directory named when the run began (WORKDIR/distill_teacher.json), so a
+teacher that trains on meanwhile does not change a resumed run. The loss itself is in trainer.make_train_step and losses.py
 (kl_divergence_sum): the teacher runs in the same jitted step, its logits under stop_gradient.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 
-from t5lite import checkpoints, init_from, losses, partitioning
+from t5lite import checkpoints, files, init_from, losses, partitioning
 from t5lite.data import hf_vocab
 from t5lite.fields import ConfigError
 from t5lite.models import presets
@@ -27,9 +29,11 @@ from t5lite.models.t5 import make_model
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-  """The teacher's model config and the step directory (or hf:DIR) its params come from."""
+  """The teacher's model config, the step directory (or hf:DIR) its params come from, and the
+  train.distill_teacher value that named it."""
   model: presets.ModelConfig
   path: str
+  spec: str = ''
 
 
 @dataclasses.dataclass
@@ -84,7 +88,33 @@ def teacher_config(train_cfg, student: presets.ModelConfig) -> TeacherConfig | N
     raise ConfigError(f'{name}: the teacher is {model.architecture} but the student '
                       f'config.model.architecture={student.architecture}; both must read the '
                       'same batch')
-  return TeacherConfig(model=model, path=path)
+  return TeacherConfig(model=model, path=path, spec=spec)
+
+
+PIN_FILE = 'distill_teacher.json'
+
+
+def pin(config: TeacherConfig, workdir: str, resumed: bool, write: bool = True) -> TeacherConfig:
+  """The teacher a resumed run must read: the step directory recorded when the run began with the
+  same train.distill_teacher, not the newest step a workdir has now (it may have trained on). A
+  fresh start, or a changed distill_teacher, records the path resolved now (`write`: whether this
+  process writes the record; the caller says, as for the workdir's config files)."""
+  record = files.join(workdir, PIN_FILE)
+  if resumed and files.to_path(record).exists():
+    saved = json.loads(files.read_text(record))
+    if saved.get('spec') == config.spec and saved.get('path') != config.path:
+      if not (files.to_path(saved['path']) / 'state').is_dir():
+        raise ConfigError(
+            f'config.train.distill_teacher={config.spec}: this run began with the teacher '
+            f'{saved["path"]} ({record}), which no longer exists; a resumed run must read the '
+            'same teacher. Restore that step, or name a teacher step directory on purpose '
+            '(the run then continues with another teacher)')
+      return dataclasses.replace(config, path=saved['path'])
+    if saved.get('spec') == config.spec:
+      return config
+  if write:
+    files.write_text(record, json.dumps({'spec': config.spec, 'path': config.path}) + '\n')
+  return config
 
 
 def load_teacher(config: TeacherConfig, mesh, rules, example_batch,

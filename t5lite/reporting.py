@@ -242,9 +242,9 @@ def _duration(seconds: float) -> str:
 
 def format_line(step: int, m: dict[str, float]) -> str:
   """One line per logged step; only the values present are printed."""
-  fields = (('loss', 'loss {:.4f}'), ('accuracy', 'acc {:.3f}'), ('learning_rate', 'lr {:.3g}'),
-            ('grad_norm', 'gnorm {:.3f}'), ('steps_per_sec', '{:.2f} steps/s'), ('tokens_per_sec',
-                                                                                 '{:.0f} tok/s'),
+  fields = (('loss', 'loss {:.4f}'), ('distill_kl', 'kl {:.4f}'), ('accuracy', 'acc {:.3f}'),
+            ('learning_rate', 'lr {:.3g}'), ('grad_norm', 'gnorm {:.3f}'),
+            ('steps_per_sec', '{:.2f} steps/s'), ('tokens_per_sec', '{:.0f} tok/s'),
             ('eval/loss', 'eval loss {:.4f}'), ('eval/accuracy', 'eval acc {:.3f}'))
   parts = [f'step {step}'] + [fmt.format(m[key]) for key, fmt in fields if key in m]
   if 'mfu' in m:

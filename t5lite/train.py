@@ -239,7 +239,11 @@ def run(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> li
       iterator = resume_data(iterator, init.data_state, cfg, start_step)
       batch = next(iterator)
     trim_metrics(workdir, start_step)
-    # Distillation: the teacher's params are read again on every start (not in the train state).
+    # Distillation: the teacher's params are read again on every start (not in the train state),
+    # from the step directory the run began with.
+    if teacher_cfg:
+      teacher_cfg = distill.pin(teacher_cfg, workdir, resumed=start_step > 0,
+                                write=not files.is_url(workdir) or jax.process_index() == 0)
     teacher = teacher_cfg and distill.load_teacher(teacher_cfg, mesh, rules, batch,
                                                    built.devices[0].platform)
     train_step = trainer.make_train_step(model, tx, schedule, t, dropout=cfg.model.dropout_rate > 0,

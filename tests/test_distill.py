@@ -239,9 +239,14 @@ def test_distilling_moves_the_student_toward_the_teacher_and_resumes_bitwise(tmp
   assert kls['kd'] < kls['kd_10'] < kls['init']
   assert kls['kd'] < kls['ce']
 
-  # Resume: from the distillation run's step 10 (copied to a new workdir), the same command
-  # trains to 20 with the teacher read again: bitwise the steps 11..20 of the run in one go.
+  # Resume: from the distillation run's step 10 (copied to a new workdir with the record of its
+  # teacher), the same command trains to 20 with the teacher read again: bitwise the steps 11..20
+  # of the run in one go, although the teacher's workdir has trained on to step 35 meanwhile
+  # (the run reads the step it began with, distill.pin).
   shutil.copytree(distilled_dir / 'checkpoints' / '10', resumed_dir / 'checkpoints' / '10')
+  shutil.copy(distilled_dir / distill.PIN_FILE, resumed_dir / distill.PIN_FILE)
+  train.run(quickstart(35), teacher_dir)
+  assert checkpoints.resolve_init_path(teacher_dir).endswith('checkpoints/35')
   history = train.run(config, str(resumed_dir))
   assert [r['step'] for r in history][0] == 15
   _, resumed = checkpoints.restore_as_numpy(str(resumed_dir))

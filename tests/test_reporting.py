@@ -172,3 +172,10 @@ def test_mfu_steps_and_tokens_per_second_from_a_given_step_time(monkeypatch):
   throughput.pause(3.0)
   assert throughput.values(step=6, process_count=1)['mfu'] == pytest.approx(6e12 / 0.5 / 40e12)
   assert 'mfu' not in reporting.Throughput(6e12, 0.0, 20).values(1, 1)  # no peak, no MFU
+
+
+def test_the_stdout_line_shows_what_was_measured_and_nothing_else():
+  # A distillation run's KL is on the line next to its loss; a plain run's line has no KL.
+  line = reporting.format_line(7, {'loss': 2.5, 'distill_kl': 0.125, 'learning_rate': 0.01})
+  assert line == 'step 7 | loss 2.5000 | kl 0.1250 | lr 0.01'
+  assert reporting.format_line(8, {'loss': 1.0}) == 'step 8 | loss 1.0000'
