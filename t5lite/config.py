@@ -172,7 +172,8 @@ class ScheduleConfig:
       'another (checkpoint.init_from_state=params_and_optimizer) continues its schedule with N.')
   rewarm_steps: int = field(
       0, 'Re-warm: the learning rate times a linear ramp from 0 over the run\'s first N steps '
-      '(continual pretraining from a trained checkpoint); 0: off.')
+      '(continual pretraining from a trained checkpoint, with init_from_state '
+      'params_and_optimizer or params; a full branch keeps its step, refused); 0: off.')
   end_ratio: float = field(0.0, 'cosine / wsd: the final learning rate as a fraction of the peak.')
 
 

@@ -179,11 +179,28 @@ def _data_source(c) -> None:
   file_tasks.check_config(c)
 
 
+def _full_branch_schedule(c) -> None:
+  """A full branch (init_from_state=full) goes on at the source run's own step, and the schedule is
+  read at that step: an offset would count those steps twice, and a re-warm ramp (over the run's
+  first steps from 0) would be over before the branch starts."""
+  if not c.checkpoint.init_from or c.checkpoint.init_from_state != 'full':
+    return
+  for name in ('step_offset', 'rewarm_steps'):
+    if getattr(c.schedule, name):
+      raise ConfigError(
+          f'config.schedule.{name}={getattr(c.schedule, name)} with '
+          'checkpoint.init_from_state=full: a full branch continues the source run at its own '
+          'step N, and its schedule at N, so the step offset is already there and a re-warm '
+          'ramp (steps 0..rewarm_steps) is over. To re-warm from step N, use '
+          f'init_from_state=params_and_optimizer with schedule.step_offset=N and '
+          f'schedule.rewarm_steps; or set schedule.{name}=0')
+
+
 # Rules that relate fields, run after the per-field checks.
 RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
                      _t5x_shapes, _vocabulary_fits_init, _init_activation, _data_source, _eval_task,
-                     _keep_best_needs_eval)
+                     _keep_best_needs_eval, _full_branch_schedule)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
 

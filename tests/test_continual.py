@@ -154,3 +154,18 @@ def test_a_mismatched_optimizer_or_source_is_a_clear_error(runs, tmp_path):
                        init_ignore=('^decoder/',))
   with pytest.raises(CheckpointError, match='init_rename, init_ignore and init_new_rows'):
     train.run(config, str(tmp_path / 'b'))
+
+
+@pytest.mark.parametrize('field', ['rewarm_steps', 'step_offset'])
+def test_a_full_branch_refuses_a_schedule_that_would_not_do_what_it_says(field):
+  # A full branch runs on at the source's step: a re-warm from 0 would be over and an offset
+  # would count the steps twice, so both are refused before any compute, naming the way that works.
+  config = tiny_config(8, decay_start=4, init_from='/some/run/checkpoints/2',
+                       init_from_state='full')
+  config.schedule[field] = 3
+  with pytest.raises(
+      ConfigError, match=rf'schedule.{field}=3 with checkpoint.init_from_state=full'
+      r'[\s\S]*init_from_state=params_and_optimizer'):
+    validate(config, num_devices=1)
+  config.checkpoint.init_from_state = 'params_and_optimizer'
+  validate(config, num_devices=1)
