@@ -42,12 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5lite import cli, optim, partitioning, reporting, trainer
+from t5lite import cli, distill, losses, optim, partitioning, reporting, trainer
 from t5lite import config as config_lib
 from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
 from t5lite.data import converters
 from t5lite.evaluation import evaluator
 from t5lite.models import decoding
+from t5lite.models.t5 import make_model
 
 log = logging.getLogger('t5lite.aot')
 
@@ -154,10 +155,13 @@ def compile_steps(built: cli.Built, steps: Sequence[str] = STEPS) -> dict[str, A
   for name in steps:
     if name == 'train':
       batch = _with_sharding(batch_spec(cfg, cfg.train.batch_size), batch_sharding)
+      teacher = _abstract_teacher(cfg, mesh, rules, train_batch)
       step = trainer.jit_train_step(
           trainer.make_train_step(model, tx, schedule, cfg.train, dropout=cfg.model.dropout_rate
-                                  > 0), shardings, mesh, rules)
-      compiled[name] = step.lower(state, batch).compile()
+                                  > 0, teacher_model=teacher and teacher.model), shardings, mesh,
+          rules, teacher_shardings=teacher and teacher.shardings)
+      teacher_args = (teacher.params,) if teacher else ()
+      compiled[name] = step.lower(state, batch, *teacher_args).compile()
     elif name == 'eval':
       batch = _with_sharding(batch_spec(cfg, cfg.eval.batch_size or cfg.train.batch_size),
                              batch_sharding)
@@ -166,6 +170,20 @@ def compile_steps(built: cli.Built, steps: Sequence[str] = STEPS) -> dict[str, A
     else:
       compiled[name] = _compile_decode(built, state.params, batch_sharding)
   return compiled
+
+
+def _abstract_teacher(cfg, mesh, rules, train_batch) -> distill.Teacher | None:
+  """A distillation teacher (train.distill_teacher) as the train step takes it, its params
+  abstract on the mesh: the compiled step runs its forward pass and holds its params, so the
+  memory report counts both. Only the teacher's config is read."""
+  teacher_cfg = distill.teacher_config(cfg.train, cfg.model)
+  if teacher_cfg is None:
+    return None
+  teacher_model = make_model(teacher_cfg.model, mesh.devices.flat[0].platform)
+  params, shardings = partitioning.abstract_params(teacher_model, mesh, rules,
+                                                   losses.model_inputs(train_batch))
+  return distill.Teacher(model=teacher_model, params=params, shardings=shardings,
+                         source=teacher_cfg.path)
 
 
 def _compile_decode(built: cli.Built, params, batch_sharding):
@@ -255,6 +273,14 @@ def run(config, topology: str, num_slices: int = 1, steps: Sequence[str] = STEPS
       'train_flops_per_step': flops, 'peak_flops_per_device': peak,
       'step_seconds_at_peak': flops / (peak * len(devices)) if peak else None, 'steps': {}
   }
+  teacher_cfg = distill.teacher_config(cfg.train, cfg.model)
+  if teacher_cfg:  # its params are arguments of the train step (counted in its memory)
+    teacher_model = make_model(teacher_cfg.model, devices[0].platform)
+    report['teacher'] = {
+        'path': teacher_cfg.path, 'dtype': teacher_cfg.model.dtype, 'params': sum(
+            int(np.prod(x.shape)) for x in jax.tree.leaves(
+                partitioning.abstract_params(teacher_model, built.mesh, built.rules)[0]))
+    }
   for name, executable in compiled.items():
     r = step_report(executable, hbm)
     report['steps'][name] = {**dataclasses.asdict(r), 'total': r.total, 'fits': r.fits}
@@ -275,6 +301,12 @@ def format_report(report: dict) -> str:
       f'{m["remat_policy"]}, scan {m["scan_layers"]} | batch {report["batch_size"]} '
       f'(microbatches {report["microbatches"]}) lengths {report["lengths"]} | '
       f'{report["optimizer"]}',
+  ]
+  if 'teacher' in report:
+    t = report['teacher']
+    lines.append(f'distilling: teacher {t["params"]:,} params, {t["dtype"]} ({t["path"]}), '
+                 'its params and forward pass in the train step')
+  lines += [
       '',
       f'{"step":<8}{"args":>9}{"outputs":>9}{"aliased":>9}{"temp":>9}{"total":>9}{"HBM":>9}  '
       'GiB per device',
