@@ -112,16 +112,43 @@ def test_slices_without_a_dcn_axis_are_refused_with_the_fix():
     cli.build(config, aot.topology_devices('v5e:2x2', num_slices=2))
 
 
-def test_local_devices_compile_every_step_without_an_hbm_verdict():
+def write_hf_teacher(config, directory) -> str:
+  """hf:DIR of a teacher twice the width of config.model (its config.json alone: the AOT tool
+  reads only a teacher's config)."""
+  from t5lite import hf  # pylint: disable=import-outside-toplevel
+  teacher = config.model.copy_and_resolve_references()
+  teacher.update(d_model=2 * config.model.d_model, d_ff=2 * config.model.d_ff)
+  os.makedirs(directory)
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(hf.hf_config_from_model_config(teacher), f)
+  return 'hf:' + str(directory)
+
+
+def test_local_devices_compile_every_step_without_an_hbm_verdict_and_count_a_teacher(tmp_path):
   config = config_files.load_config_file('configs/quickstart.py')
   config.mesh.fsdp = 2
   config.mesh.tensor = 2
+  # Distillation: the train step runs the teacher's forward pass and holds its params.
+  config.train.distill_teacher = write_hf_teacher(config, tmp_path / 'teacher')
   report = aot.run(config, 'local', steps=('train', 'eval', 'decode'))
   assert report['devices'] == len(jax.devices()) == 8
   assert report['model']['kernels'] == 'tuned'  # 'auto' on CPU
   assert set(report['steps']) == {'train', 'eval', 'decode'}
   for step in report['steps'].values():
     assert step['arguments'] > 0 and step['hbm'] is None and step['fits'] is None
+
+  s = report['model']
+  t = report['teacher']
+  v, d, f, heads, kv = 2048, 2 * 128, 2 * 256, 4, 32  # the quickstart's shape, twice as wide
+  assert t['params'] == (2 * v * d + 2 * (4 * d * heads * kv + 3 * d * f + 2 * d) + d + 2 *
+                         (8 * d * heads * kv + 3 * d * f + 3 * d) + d + 2 * 32 * heads)
+  assert s['params'] * 2 < t['params']
+  # Without the teacher the train step's arguments are the student's state (params and
+  # Adafactor's factored statistics) and a batch, here sharded fsdp x tensor = 4 ways: well under
+  # the student's and teacher's float32 bytes over 4, which they are at least with it.
+  both = (s['params'] + t['params']) * 4 / 4
+  assert both <= report['steps']['train']['arguments'] <= 1.3 * both + MIB
+  assert 'distilling: teacher' in aot.format_report(report)
 
 
 @pytest.mark.parametrize('topology, message', [
@@ -160,33 +187,3 @@ def test_the_scaling_configs_build_the_published_shapes(size, shape):
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   assert count == t5_1_1_params(*shape, 32128)
   assert built.cfg.data.inputs_length == 512 and built.cfg.model.remat_policy == 'full'
-
-
-def test_a_distillation_teacher_is_compiled_into_the_train_step_and_counted(tmp_path):
-  # A teacher twice the quickstart's width (an hf: directory: only its config.json is read): the
-  # train step holds its params as arguments (replicated over a data-only mesh), and the report
-  # names it.
-  from t5lite import hf  # pylint: disable=import-outside-toplevel
-  from t5lite.models import presets  # pylint: disable=import-outside-toplevel
-  config = config_files.load_config_file('configs/quickstart.py')
-  student = presets.ModelConfig.from_config(config.model)
-  teacher = config.model.copy_and_resolve_references()
-  teacher.update(d_model=2 * student.d_model, d_ff=2 * student.d_ff)
-  os.makedirs(tmp_path / 'teacher')
-  with open(tmp_path / 'teacher' / 'config.json', 'w') as f:
-    json.dump(hf.hf_config_from_model_config(teacher), f)
-  config.train.distill_teacher = 'hf:' + str(tmp_path / 'teacher')
-  report = aot.run(config, 'local', steps=('train',))
-  t = report['teacher']
-  v, d, f = student.vocab_size, 2 * student.d_model, 2 * student.d_ff
-  heads, kv = student.num_heads, student.head_dim
-  enc, dec = student.num_encoder_layers, student.num_decoder_layers
-  assert t['params'] == (2 * v * d + enc * (4 * d * heads * kv + 3 * d * f + 2 * d) + d + dec *
-                         (8 * d * heads * kv + 3 * d * f + 3 * d) + d + 2 * 32 * heads)
-  # Without the teacher the arguments are the student's state (params, Adafactor's factored
-  # statistics) and a batch: well under (student + teacher) float32 bytes, since the teacher
-  # is more than twice the student.
-  assert report['model']['params'] * 2 < t['params']
-  student_and_teacher = (report['model']['params'] + t['params']) * 4
-  assert student_and_teacher <= report['steps']['train']['arguments'] <= 1.3 * student_and_teacher
-  assert 'distilling: teacher' in aot.format_report(report)
