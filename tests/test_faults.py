@@ -9,6 +9,7 @@ test_bad_inputs).
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,28 +40,38 @@ def steps_on_disk(workdir) -> list[int]:
   return checkpoints.complete_steps(os.path.join(workdir, 'checkpoints'))
 
 
+def trained(uninterrupted, workdir, steps: list[int]):
+  """`workdir` as a run of the tests' command that stopped after its checkpoint of max(steps),
+  holding the checkpoints `steps`: a copy of the shared 12-step reference run (checkpoints every
+  3 steps, the newest 3 kept: 6, 9, 12) with the others removed, instead of training again."""
+  shutil.copytree(uninterrupted, workdir)
+  for step in steps_on_disk(workdir):
+    if step not in steps:
+      shutil.rmtree(workdir / 'checkpoints' / str(step))
+  assert steps_on_disk(workdir) == steps
+  return workdir
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. A failed save: one line naming step, path and cause; exit 1 promptly; older steps intact.
 
 
 @pytest.mark.parametrize('async_save', [True, False])
-def test_a_failed_save_stops_the_run_with_one_line(tmp_path, async_save):
-  workdir = tmp_path / 'w'
-  first = run_train(workdir, 3, 3)  # a complete step 3 to keep intact
-  assert first.returncode == 0, first.stderr[-3000:]
+def test_a_failed_save_stops_the_run_with_one_line(tmp_path, uninterrupted, async_save):
+  workdir = trained(uninterrupted, tmp_path / 'w', [6])  # a complete step 6 to keep intact
   saved = checkpoints.restore_as_numpy(str(workdir))
   with Immutable(workdir / 'checkpoints'):
     start = time.time()
-    result = run_train(workdir, 9, 3, f'--config.checkpoint.async_save={async_save}', timeout=300)
+    result = run_train(workdir, 12, 3, f'--config.checkpoint.async_save={async_save}', timeout=300)
     took = time.time() - start
   assert result.returncode == 1, result.stderr[-3000:]
   line = one_line_error(result.stderr, 'checkpoint error:')
-  assert 'step 6' in line and str(workdir / 'checkpoints') in line, line
+  assert 'step 9' in line and str(workdir / 'checkpoints') in line, line
   assert 'Permission' in line or 'Operation not permitted' in line or 'Errno' in line, line
   assert took < 240, took  # no hang joining orbax's threads at exit
-  assert steps_on_disk(workdir) == [3]
+  assert steps_on_disk(workdir) == [6]
   step, state = checkpoints.restore_as_numpy(str(workdir))
-  assert step == 3
+  assert step == 6
   assert_trees_equal(state, saved[1])
 
 
@@ -88,20 +99,17 @@ def _flip(path: str, n_bytes: int) -> None:
 
 
 def test_flipped_bits_are_rejected_and_the_run_resumes_bitwise(tmp_path, uninterrupted):
-  workdir = tmp_path / 'w'
-  first = run_train(workdir, 9, 3)
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert steps_on_disk(workdir) == [3, 6, 9]
-  _flip(_largest_data_file(workdir / 'checkpoints' / '9'), 0)  # one bit
-  _flip(_largest_data_file(workdir / 'checkpoints' / '6'), 16)  # 16 bytes (restored NaNs before)
+  workdir = trained(uninterrupted, tmp_path / 'w', [6, 9, 12])
+  _flip(_largest_data_file(workdir / 'checkpoints' / '12'), 0)  # one bit
+  _flip(_largest_data_file(workdir / 'checkpoints' / '9'), 16)  # 16 bytes (restored NaNs before)
   result = run_train(workdir, 12, 3)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout + result.stderr
-  assert 'resumed from the checkpoint of step 3 ' in out, out[-3000:]
-  for step in (9, 6):
+  assert 'resumed from the checkpoint of step 6 ' in out, out[-3000:]
+  for step in (12, 9):
     assert re.search(rf'step {step}\b.*checksum', out), out[-3000:]
   assert 'Traceback' not in out
-  assert [name.split('-')[0] for name in rejected(workdir)] == ['6', '9']
+  assert sorted(int(name.split('-')[0]) for name in rejected(workdir)) == [9, 12]
   step, state = checkpoints.restore_as_numpy(str(workdir))
   assert step == 12
   assert_trees_equal(state, checkpoints.restore_as_numpy(str(uninterrupted))[1])
@@ -110,16 +118,15 @@ def test_flipped_bits_are_rejected_and_the_run_resumes_bitwise(tmp_path, uninter
   assert steps == list(range(1, 13)) and losses == reference
 
 
-def test_a_truncated_checkpoint_falls_back_quietly(tmp_path):
-  workdir = tmp_path / 'w'
-  assert run_train(workdir, 6, 3).returncode == 0
-  path = _largest_data_file(workdir / 'checkpoints' / '6')
+def test_a_truncated_checkpoint_falls_back_quietly(tmp_path, uninterrupted):
+  workdir = trained(uninterrupted, tmp_path / 'w', [6, 9])
+  path = _largest_data_file(workdir / 'checkpoints' / '9')
   with open(path, 'r+b') as f:
     f.truncate(os.path.getsize(path) // 2)
-  result = run_train(workdir, 7, 3)
+  result = run_train(workdir, 10, 3)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout + result.stderr
-  assert 'resumed from the checkpoint of step 3 ' in out
+  assert 'resumed from the checkpoint of step 6 ' in out
   assert 'Traceback' not in out
   # One line per rejected step, not thousands of asyncio tracebacks.
   assert len(out.splitlines()) < 60, len(out.splitlines())
@@ -129,9 +136,8 @@ def test_a_truncated_checkpoint_falls_back_quietly(tmp_path):
 # 3. Divergence: the named checkpoint is really good; a dead run stops; accuracy is honest.
 
 
-def test_divergence_names_a_checkpoint_that_really_trains(tmp_path):
-  workdir = tmp_path / 'w'
-  assert run_train(workdir, 6, 3).returncode == 0
+def test_divergence_names_a_checkpoint_that_really_trains(tmp_path, uninterrupted):
+  workdir = trained(uninterrupted, tmp_path / 'w', [6])
   result = run_train(workdir, 14, 1, '--config.optimizer.learning_rate=1e30')
   assert result.returncode == 1, result.stderr[-3000:]
   line = one_line_error(result.stderr, 'training stopped:')
@@ -197,18 +203,17 @@ def test_a_killed_trainers_lock_is_taken_over(tmp_path):
 # 6. A changed data pipeline at resume: refused, saying what changed; reset on purpose.
 
 
-def test_a_changed_mixture_is_refused_then_reset_on_purpose(tmp_path):
-  workdir = tmp_path / 'w'
-  assert run_train(workdir, 3, 3).returncode == 0
+def test_a_changed_mixture_is_refused_then_reset_on_purpose(tmp_path, uninterrupted):
+  workdir = trained(uninterrupted, tmp_path / 'w', [6])
   mixture = '--config.data.task=embedded_pretraining_mix'
-  refused = run_train(workdir, 5, 3, mixture)
+  refused = run_train(workdir, 8, 3, mixture)
   assert refused.returncode == 2, refused.stderr[-3000:]
   line = one_line_error(refused.stderr, 'data error:')
   assert 'embedded_pretraining_mix' in line and 'data.reset_position' in line, line
-  assert steps_on_disk(workdir) == [3]
-  reset = run_train(workdir, 5, 3, mixture, '--config.data.reset_position=True')
+  assert steps_on_disk(workdir) == [6]
+  reset = run_train(workdir, 8, 3, mixture, '--config.data.reset_position=True')
   assert reset.returncode == 0, reset.stderr[-3000:]
-  assert 'reset_position' in reset.stdout and steps_on_disk(workdir)[-1] == 5
+  assert 'reset_position' in reset.stdout and steps_on_disk(workdir)[-1] == 8
 
 
 # ---------------------------------------------------------------------------------------------
