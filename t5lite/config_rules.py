@@ -179,11 +179,18 @@ def _data_source(c) -> None:
   file_tasks.check_config(c)
 
 
+def _data_stages(c) -> None:
+  """data.stages: every task and mixture it names exists (`data.task` in it stands for
+  data.task, which data.source has set by now)."""
+  from t5lite.data import stages  # pylint: disable=import-outside-toplevel
+  stages.check_config(c)
+
+
 # Rules that relate fields, run after the per-field checks.
 RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
-                     _t5x_shapes, _vocabulary_fits_init, _init_activation, _data_source, _eval_task,
-                     _keep_best_needs_eval)
+                     _t5x_shapes, _vocabulary_fits_init, _init_activation, _data_source,
+                     _data_stages, _eval_task, _keep_best_needs_eval)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
 
