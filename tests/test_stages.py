@@ -247,3 +247,28 @@ def test_kill_9_around_a_boundary_resumes_bitwise(tmp_path):
   assert_trees_equal(params_new, params_ref)  # params, optimizer state and step
   data = json.loads((workdir / 'checkpoints' / '5' / 'data' / 'process_0-of-1.json').read_text())
   assert data['batches'] == 5 and [r['start'] for r in data['stages']] == [0, 3]
+
+
+def test_stages_with_data_source_read_its_task_as_data_task(tmp_path):
+  """data.source registers its task and points data.task at it: `data.task` in a stage is that
+  task, read exactly as the unstaged run reads it until the next stage starts."""
+  from t5lite import train  # pylint: disable=import-outside-toplevel  (the job's data builder)
+  from t5lite.data import file_tasks  # pylint: disable=import-outside-toplevel
+  rows = [{'q': f'question {i} ' + 'x' * (i % 7), 'a': f'answer {i}'} for i in range(30)]
+  (tmp_path / 'train.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+
+  def built(stages_value):
+    c = config_lib.base_config()
+    c.data.update(source=f'jsonl:{tmp_path}/train.jsonl', source_fields='inputs=q,targets=a',
+                  vocabulary='byte', inputs_length=32, targets_length=16, stages=stages_value)
+    c.model.vocab_size = 384
+    c.train.batch_size = 4
+    c.eval.every_steps = 0
+    c = file_tasks.apply(c)
+    config_lib.validate(c, num_devices=1)
+    return train.build_data(config_lib.resolve(c), 0, 1)[0]
+
+  plain = read(built(()), 3)
+  got = read(built(('0:data.task', '2:st_a')), 3)
+  assert_batches_equal(got[:2], plain[:2])
+  assert counts(got[2])['st_a'] > 0 and counts(plain[2])['st_a'] == 0
