@@ -166,7 +166,10 @@ def resume_data(iterator, data_state, cfg, step: int):
   """The data iterator at the checkpoint's position; or, when the data pipeline changed since
   and data.reset_position is set, a fresh one (the same data from the start). Returns it."""
   try:
-    iterator.set_state(data_state)
+    if isinstance(iterator, stages.StagedIterator):
+      iterator.set_state(data_state, step)  # (the step: a state written without stages)
+    else:
+      iterator.set_state(data_state)
     return iterator
   except pipeline.DataStateMismatchError as e:
     if not cfg.data.reset_position:

@@ -150,11 +150,31 @@ def test_changing_a_started_stage_is_refused_naming_it(new_spec, cut, says):
   assert says in str(e.value) and 'data.reset_position' in str(e.value), str(e.value)
 
 
-def test_plain_and_staged_states_do_not_mix():
+def test_a_run_without_stages_goes_on_with_stages_from_its_step():
+  """A state written without data.stages is stage 0's at the checkpoint's step (train.py passes
+  it): data.task=st_a for 3 steps, then ('0:st_a', '4:st_mix', ...) reads on as data.task did
+  and switches at 4. A stage starting before that step, or another stage 0, is refused."""
   plain = pipeline.make_task_iterator('st_a', **SETTINGS)
-  next(plain)
+  read(plain, 3)
+  state = json.loads(json.dumps(plain.get_state()))
+  it = staged()
+  it.set_state(state, 3)
+  assert_batches_equal([next(it)], [next(plain)])
+  mix = iter(pipeline.make_task_dataset('st_mix', **{**SETTINGS, 'seed': stages.stage_seed(7, 1)}))
+  assert_batches_equal(read(it, 2), read(mix, 2))
+  with pytest.raises(pipeline.DataStateMismatchError, match='stage 1 .4:st_mix. starts before'):
+    staged().set_state(state, 5)
+  with pytest.raises(
+      pipeline.DataStateMismatchError,
+      match=r"stage 0 \(0:st_a \(data.task, written without data.stages\)\) has "
+      "started .* changed since: data.task: the checkpoint was written reading "
+      "task 'st_a'; this config reads task 'st_b'"):
+    staged(('0:st_b', '4:st_mix')).set_state(state, 3)
   with pytest.raises(pipeline.DataStateMismatchError, match='written without data.stages'):
-    staged().set_state(json.loads(json.dumps(plain.get_state())))
+    staged().set_state(state)  # no step: no clock for it
+
+
+def test_staged_states_do_not_fit_an_unstaged_pipeline():
   it = staged()
   next(it)
   with pytest.raises(pipeline.DataStateMismatchError, match='not an iterator state'):

@@ -272,13 +272,22 @@ class StagedIterator:
                    f'not read it (its last stage started at {saved[-1].get("start")})'
                    if saved else f'{s} would have started before the checkpoint\'s step {count}')
 
-  def set_state(self, state) -> None:
+  def set_state(self, state, step: int | None = None) -> None:
     """Resumes at `state` (get_state's); DataStateMismatchError when a started stage changed or
-    the state is not a staged one."""
+    the state is not a staged one. `step`, the checkpoint's training step, lets a run written
+    without data.stages (a one-stage run) go on with stages: its position is stage 0's at that
+    step, so stage 0 must read what it read and later stages start after `step`."""
+    if isinstance(state, Mapping) and 'upstream' in state and 'stages' not in state:
+      if step is None or not isinstance(state.get('pipeline'), Mapping):
+        self._refuse('the checkpoint was written without data.stages, this config has them')
+      data = state['pipeline'].get('data') or {}
+      record = {
+          'start': 0, 'spec': f"{data.get('name')} (data.task, written without data.stages)",
+          'pipeline': state['pipeline'], 'position': dict(state)
+      }
+      state = {'batches': step, 'stages': [record] if step else []}
     if not isinstance(state, Mapping) or 'stages' not in state:
-      written = ('without data.stages' if isinstance(state, Mapping) and 'upstream' in state else
-                 f'by another data pipeline ({str(state)[:80]!r})')
-      self._refuse(f'the checkpoint was written {written}, this config has data.stages')
+      self._refuse(f'the checkpoint was written by another data pipeline ({str(state)[:80]!r})')
     count, saved = state.get('batches'), state.get('stages')
     if (not isinstance(count, int) or count < 0 or not isinstance(saved, list)
         or bool(count) != bool(saved)):
