@@ -269,6 +269,44 @@ def test_kill_9_around_a_boundary_resumes_bitwise(tmp_path):
   assert data['batches'] == 5 and [r['start'] for r in data['stages']] == [0, 3]
 
 
+def run_config(**data):
+  """A resolved config whose data is the tiny tasks (byte vocabulary: nothing to train)."""
+  c = config_lib.base_config()
+  c.data.update(vocabulary='byte', inputs_length=8, targets_length=4, task='st_c', **data)
+  c.model.vocab_size = 384
+  c.train.batch_size = 10
+  c.train.seed = 7
+  c.eval.every_steps = 0
+  from t5lite.data import file_tasks  # pylint: disable=import-outside-toplevel
+  c = file_tasks.apply(c)
+  config_lib.validate(c, num_devices=1)
+  return config_lib.resolve(c)
+
+
+def test_train_resume_data_gives_the_step_and_resets_on_purpose():
+  """train.resume_data: a state written without stages resumes with the checkpoint's step as the
+  clock; with data.reset_position a refused resume reads the stage of that step afresh."""
+  from t5lite import train  # pylint: disable=import-outside-toplevel  (the job's data wiring)
+  plain_cfg = run_config()
+  plain = train.build_data(plain_cfg, 0, 1)[0]
+  read(plain, 3)
+  state = json.loads(json.dumps(plain.get_state()))
+  cfg = run_config(stages=('0:data.task', '4:st_a'))
+  resumed = train.resume_data(train.build_data(cfg, 0, 1)[0], state, cfg, 3)
+  assert_batches_equal([next(resumed)], [next(plain)])
+  assert counts(next(resumed))['st_a'] > 0  # step 5: stage 1
+  changed = run_config(stages=('0:data.task', '2:st_a'))
+  with pytest.raises(pipeline.DataStateMismatchError, match='stage 1 .2:st_a. starts before'):
+    train.resume_data(train.build_data(changed, 0, 1)[0], state, changed, 3)
+  reset = run_config(stages=('0:data.task', '2:st_a'), reset_position=True)
+  fresh = train.resume_data(train.build_data(reset, 0, 1)[0], state, reset, 3)
+  stage_1 = iter(
+      pipeline.make_task_dataset('st_a', **{**SETTINGS, 'seed': stages.stage_seed(7, 1)},
+                                 vocabulary=train.build_data(reset, 0, 1)[1]))
+  assert fresh.batches == 3 and fresh.stage.index == 1
+  assert_batches_equal(read(fresh, 2), read(stage_1, 2))
+
+
 def test_stages_with_data_source_read_its_task_as_data_task(tmp_path):
   """data.source registers its task and points data.task at it: `data.task` in a stage is that
   task, read exactly as the unstaged run reads it until the next stage starts."""
