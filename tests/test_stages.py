@@ -101,6 +101,20 @@ def test_the_switch_is_exactly_at_the_start_and_each_stage_is_its_own_pipeline()
   assert all(counts(b)['st_c'] > 0 and counts(b)['st_b'] == 0 for b in got[8:])
 
 
+def test_each_process_switches_at_the_same_step_with_its_slice():
+  """Two processes: each reads its own slice of each stage's pipeline and switches at the same
+  step (the batch count is the step on every process)."""
+  for p in (0, 1):
+    where = dict(process_index=p, process_count=2)
+    got = read(staged(**where), 6)
+    assert_batches_equal(got[:4],
+                         read(pipeline.make_task_iterator('st_a', **{**SETTINGS, **where}), 4))
+    mix = iter(
+        pipeline.make_task_dataset('st_mix',
+                                   **{**SETTINGS, **where, 'seed': stages.stage_seed(7, 1)}))
+    assert_batches_equal(got[4:], read(mix, 2))
+
+
 # --- (c) resume, (d) edits on resume ------------------------------------------------------------
 
 
