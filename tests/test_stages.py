@@ -181,7 +181,7 @@ def test_a_run_without_stages_goes_on_with_stages_from_its_step():
   with pytest.raises(
       pipeline.DataStateMismatchError,
       match=r"stage 0 \(0:st_a \(data.task, written without data.stages\)\) has "
-      "started .* changed since: data.task: the checkpoint was written reading "
+      "started .* changed since: its data: the checkpoint was written reading "
       "task 'st_a'; this config reads task 'st_b'"):
     staged(('0:st_b', '4:st_mix')).set_state(state, 3)
   with pytest.raises(pipeline.DataStateMismatchError, match='written without data.stages'):

@@ -261,8 +261,11 @@ class StagedIterator:
       if record.get('start') != s.start:
         self._refuse(f'stage {i} ({_stage_text(record)}) was read up to the checkpoint (step '
                      f'{count}); this config starts it at {s.start} ({s.start}:{s.spec})')
-      changes = pipeline.describe_changes(
-          record.get('pipeline') or {}, self._datasets[i].fingerprint)
+      # (the pipeline calls its tasks data.task: here they are the stage's)
+      changes = [
+          c.replace('data.task: ', 'its data: ', 1) for c in pipeline.describe_changes(
+              record.get('pipeline') or {}, self._datasets[i].fingerprint)
+      ]
       if changes:
         self._refuse(f'stage {i} ({_stage_text(record)}) has started (the checkpoint is at step '
                      f'{count}) and changed since: ' + '; '.join(changes))
