@@ -156,7 +156,7 @@ def test_future_stages_may_change_and_take_effect():
     (('0:st_a', '3:st_mix', '8:st_a'), 6, 'this config starts it at 3'),
     (('0:st_a', '4:st_mix', '5:st_b'), 6, 'stage 2 (5:st_b) starts before'),
     (('0:st_a', '4:st_mix'), 9, 'stage 2 (8:st_a=0.5,data.task=0.5) was read'),
-    (('0:st_b', '4:st_mix', '8:st_a'), 2, "stage 0 (0:st_a) has started"),
+    (('0:st_b', '4:st_mix', '8:st_a'), 2, 'stage 0 (0:st_a) has started'),
 ])
 def test_changing_a_started_stage_is_refused_naming_it(new_spec, cut, says):
   with pytest.raises(pipeline.DataStateMismatchError, match='^data.stages: ') as e:
@@ -180,8 +180,8 @@ def test_a_run_without_stages_goes_on_with_stages_from_its_step():
     staged().set_state(state, 5)
   with pytest.raises(
       pipeline.DataStateMismatchError,
-      match=r"stage 0 \(0:st_a \(data.task, written without data.stages\)\) has "
-      "started .* changed since: its data: the checkpoint was written reading "
+      match=r'stage 0 \(0:st_a \(data.task, written without data.stages\)\) has '
+      'started .* changed since: its data: the checkpoint was written reading '
       "task 'st_a'; this config reads task 'st_b'"):
     staged(('0:st_b', '4:st_mix')).set_state(state, 3)
   with pytest.raises(pipeline.DataStateMismatchError, match='written without data.stages'):
