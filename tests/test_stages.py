@@ -267,20 +267,20 @@ def test_kill_9_around_a_boundary_resumes_bitwise(tmp_path):
   """Killed after step 3 (the last step of stage 0), resumed from checkpoint 2 or 3 (or later):
   the same params, bit for bit, as a run never killed; both stages in the data position."""
   reference = tmp_path / 'reference'
-  result = run_train(reference, 5, 5, *RUN)
+  result = run_train(reference, 8, 8, *RUN)
   assert result.returncode == 0, result.stderr[-3000:]
   workdir = tmp_path / 'w'
-  kill_9_after(workdir, 5, 1, 3, *RUN)
-  result = run_train(workdir, 5, 1, *RUN)
+  kill_9_after(workdir, 8, 1, 3, *RUN)  # 5 steps before its end
+  result = run_train(workdir, 8, 1, *RUN)
   assert result.returncode == 0, result.stderr[-3000:]
   restart = int(re.search(r'resumed from the checkpoint of step (\d+)', result.stdout).group(1))
-  assert 2 <= restart < 5, restart
+  assert 2 <= restart < 8, restart
   step_ref, params_ref = checkpoints.restore_as_numpy(str(reference))
   step_new, params_new = checkpoints.restore_as_numpy(str(workdir))
-  assert step_ref == step_new == 5
+  assert step_ref == step_new == 8
   assert_trees_equal(params_new, params_ref)  # params, optimizer state and step
-  data = json.loads((workdir / 'checkpoints' / '5' / 'data' / 'process_0-of-1.json').read_text())
-  assert data['batches'] == 5 and [r['start'] for r in data['stages']] == [0, 3]
+  data = json.loads((workdir / 'checkpoints' / '8' / 'data' / 'process_0-of-1.json').read_text())
+  assert data['batches'] == 8 and [r['start'] for r in data['stages']] == [0, 3]
 
 
 def run_config(**data):
