@@ -123,6 +123,15 @@ def task(name, field_name: str) -> None:
     raise ConfigError(f'config.{field_name}={name!r}: {e.args[0]}') from None
 
 
+def stage_list(value, field_name: str) -> None:
+  """data.stages: its form ('START:SPEC' strings, starts from 0 and increasing); the names are
+  looked up by the rule that knows data.task (config_rules)."""
+  if isinstance(value, tuple) and not value:
+    return  # off: no need to import the data stack
+  from t5lite.data import stages  # pylint: disable=import-outside-toplevel  (the data stack)
+  stages.parse(value, field_name)
+
+
 def task_names(value, field_name: str) -> None:
   if not isinstance(value, (tuple, list)) or not all(isinstance(t, str) for t in value):
     raise ConfigError(f'config.{field_name}={value!r}: must be a tuple of task names, e.g. '

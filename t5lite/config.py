@@ -21,7 +21,7 @@ import ml_collections
 
 from t5lite import fields
 from t5lite.checks import (Check, boolean, count, in_range, logical_rules, new_rows, non_negative,
-                           positive, regex_pairs, regexes, string, task, task_names)
+                           positive, regex_pairs, regexes, stage_list, string, task, task_names)
 from t5lite.fields import ConfigError, field  # ConfigError: re-exported, THE config error
 # Re-exported: the cross-field rules and the mesh shape (t5lite/config_rules.py).
 from t5lite.config_rules import (
@@ -92,6 +92,13 @@ class DataConfig:
       'the data afresh from its start. Without it such a resume is refused, '
       'saying what changed. An unchanged pipeline resumes its exact position '
       'either way, so the flag can stay set.')
+  stages: tuple = field(
+      (), "Stage-wise mixtures: 'START:SPEC' strings, e.g. ('0:embedded_span_corruption', "
+      "'300:data.task=0.3,my_task=0.7'); from training step START on (its batches feed steps "
+      'START+1...) the data is SPEC: a task or mixture name or name=rate pairs, data.task '
+      'standing for data.task (or data.source) itself. The first starts at 0. Stages not yet '
+      'started may change on resume, started ones not. () = data.task alone '
+      '(t5lite/data/stages.py, docs/data.md).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -514,6 +521,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('data.num_workers', non_negative),
     ('data.targets_length', non_negative),
     ('data.converter', choice),
+    ('data.stages', stage_list),
     *((f'train.{name}', positive) for name in ('steps', 'batch_size', 'microbatches', 'log_every')),
     *((f'train.{name}', non_negative) for name in ('z_loss', 'label_smoothing', 'max_grad_norm')),
     ('train.max_dead_steps',

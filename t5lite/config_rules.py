@@ -196,11 +196,18 @@ def _full_branch_schedule(c) -> None:
           f'schedule.rewarm_steps; or set schedule.{name}=0')
 
 
+def _data_stages(c) -> None:
+  """data.stages: every task and mixture it names exists (`data.task` in it stands for
+  data.task, which data.source has set by now)."""
+  from t5lite.data import stages  # pylint: disable=import-outside-toplevel
+  stages.check_config(c)
+
+
 # Rules that relate fields, run after the per-field checks.
 RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
-                     _t5x_shapes, _vocabulary_fits_init, _init_activation, _data_source, _eval_task,
-                     _keep_best_needs_eval, _full_branch_schedule)
+                     _t5x_shapes, _vocabulary_fits_init, _init_activation, _data_source,
+                     _data_stages, _eval_task, _keep_best_needs_eval, _full_branch_schedule)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
 

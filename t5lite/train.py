@@ -29,7 +29,7 @@ from t5lite import workdir as workdir_lib
 from t5lite import config as config_lib
 from t5lite import config_files
 from t5lite.data import catalog  # pylint: disable=unused-import  (registers the built-in tasks)
-from t5lite.data import converters, pipeline, sources, vocab
+from t5lite.data import converters, pipeline, sources, stages, vocab
 from t5lite.evaluation import evaluator as evaluator_lib
 from t5lite.evaluation import validation
 
@@ -48,12 +48,13 @@ def build_data(config, process_index: int | None = None, process_count: int | No
         f'config.model.vocab_size={config.model.vocab_size} is smaller than the vocabulary '
         f'({vocabulary.vocab_size} ids including {vocabulary.extra_ids} sentinels); set '
         f'model.vocab_size >= {vocabulary.vocab_size} or use a smaller vocabulary')
-  iterator = pipeline.make_task_iterator(d.task, feature_lengths=feature_lengths(config),
-                                         global_batch_size=config.train.batch_size,
-                                         seed=config.train.seed, pack=d.pack, converter=d.converter,
-                                         vocabulary=vocabulary, process_index=process_index,
-                                         process_count=process_count, num_workers=d.num_workers)
-  return iterator, vocabulary
+  settings = dict(feature_lengths=feature_lengths(config),
+                  global_batch_size=config.train.batch_size, seed=config.train.seed, pack=d.pack,
+                  converter=d.converter, vocabulary=vocabulary, process_index=process_index,
+                  process_count=process_count, num_workers=d.num_workers)
+  if d.stages:  # one pipeline per stage, switched at the stage's training step
+    return stages.make_staged_iterator(stages.resolve(d.stages, d.task), **settings), vocabulary
+  return pipeline.make_task_iterator(d.task, **settings), vocabulary
 
 
 def feature_lengths(config) -> dict[str, int]:
@@ -165,7 +166,10 @@ def resume_data(iterator, data_state, cfg, step: int):
   """The data iterator at the checkpoint's position; or, when the data pipeline changed since
   and data.reset_position is set, a fresh one (the same data from the start). Returns it."""
   try:
-    iterator.set_state(data_state)
+    if isinstance(iterator, stages.StagedIterator):
+      iterator.set_state(data_state, step)  # (the step: a state written without stages)
+    else:
+      iterator.set_state(data_state)
     return iterator
   except pipeline.DataStateMismatchError as e:
     if not cfg.data.reset_position:
@@ -173,7 +177,10 @@ def resume_data(iterator, data_state, cfg, step: int):
     log.info(f'data.reset_position=True: the data pipeline changed since step {step} '
              f'({str(e).splitlines()[0]}); reading the data afresh from its start')
   iterator.close()
-  return build_data(cfg)[0]
+  fresh = build_data(cfg)[0]
+  if isinstance(fresh, stages.StagedIterator):
+    fresh.start_at(step)  # the stage clock is the training step, whatever the data reads
+  return fresh
 
 
 def build_evaluation(cfg, built, vocabulary, param_shardings, workdir: str):

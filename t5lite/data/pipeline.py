@@ -203,7 +203,8 @@ def _describe(key: str, value) -> str:
   return repr(value)
 
 
-def _changes(saved: Mapping, current: Mapping) -> list[str]:
+def describe_changes(saved: Mapping, current: Mapping) -> list[str]:
+  """What differs between two fingerprints, one phrase per setting ([] when none does)."""
   out = []
   for key in list(current) + [k for k in saved if k not in current]:
     old, new = saved.get(key), current.get(key)
@@ -305,7 +306,7 @@ class _PackedBatchesIterator(grain.DatasetIterator):
                                    f'pipeline (got {str(state)[:80]!r}). To go on, {RESET_HINT}.')
     saved = state.get('pipeline')
     if saved is not None and self._fingerprint is not None:
-      if changes := _changes(saved, self._fingerprint):
+      if changes := describe_changes(saved, self._fingerprint):
         raise DataStateMismatchError('the data pipeline changed since the checkpoint: '
                                      + '; '.join(changes) + f'. To go on, {RESET_HINT}.')
     elif self._fingerprint is not None:
@@ -340,6 +341,11 @@ class PackedBatches(grain.IterDataset):
     self._rows = rows
     self._pack = pack
     self._fingerprint = fingerprint
+
+  @property
+  def fingerprint(self) -> dict | None:
+    """What a position of this pipeline depends on (see the top), as saved in its states."""
+    return self._fingerprint
 
   def __iter__(self):
     return _PackedBatchesIterator(self._parent.__iter__(), self._converter, self._rows, self._pack,
