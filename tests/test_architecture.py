@@ -22,8 +22,9 @@ LAYERS = (
      ('t5lite.models.*', 't5lite.checkpoints', 't5lite.checkpoint_integrity', 't5lite.init_from',
       't5lite.hf', 't5lite.hf_files', 't5lite.t5x')),
     ('training and evaluation', ('t5lite.trainer', 't5lite.distill', 't5lite.evaluation.*')),
-    ('configuration and command line', ('t5lite.config', 't5lite.config_rules',
-                                        't5lite.config_files', 't5lite.config_docs', 't5lite.cli')),
+    ('configuration and command line',
+     ('t5lite.config', 't5lite.config_eval', 't5lite.config_rules', 't5lite.config_files',
+      't5lite.config_docs', 't5lite.cli')),
 )
 # Rank of each layer name: 'jobs' is listed first only so that the data tools match before
 # 't5lite.data.*'; it is the top layer.
