@@ -505,8 +505,11 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('model.remat_policy', choice),
     *((f'model.{name}', positive)
       for name in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'num_decoder_layers',
-                   'relative_attention_num_buckets', 'relative_attention_max_distance')),
-    ('model.dropout_rate', in_range(0, 1, hi_open=True)),
+                   'relative_attention_num_buckets', 'relative_attention_max_distance',
+                   'lora_alpha')),
+    *((f'model.{name}', in_range(0, 1, hi_open=True)) for name in ('dropout_rate', 'lora_dropout')),
+    ('model.lora_rank', count('the LoRA rank; 0 turns LoRA off')),
+    ('model.lora_targets', regexes),
     ('model.mlp_activation', presets.check_mlp_activation),
     ('data.task', task),
     ('data.inputs_length', positive),

@@ -1,0 +1,189 @@
+"""LoRA (model.lora_rank; t5lite/models/lora.py, t5lite/lora_export.py): at step 0 the model is
+the base model exactly; only the factors train (base bitwise unchanged, optimizer state for the
+factors only) from a base checkpoint (init_from), on a data/fsdp/tensor mesh, with LoRA dropout;
+exact resume; the merged HF export computes the LoRA model's logits in transformers, and the
+adapter export does under peft on the base model; bad targets and exports are refused."""
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+
+import flax
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+from t5lite import checkpoints, convert, optim, train
+from t5lite.config import ConfigError
+from t5lite.models import presets
+from t5lite.models.t5 import make_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location('quickstart',
+                                               os.path.join(REPO, 'configs', 'quickstart.py'))
+quickstart = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quickstart)
+
+LORA = dict(model__lora_rank=4, model__lora_alpha=8.0, model__lora_dropout=0.1,
+            model__lora_targets=presets.LORA_ALL_TARGETS, optimizer__name='adamw',
+            optimizer__learning_rate=1e-2)
+
+
+def tiny_config(steps, **overrides):
+  c = quickstart.get_config()
+  c.model.dtype = 'float32'
+  c.data.inputs_length = 32
+  c.train.update(steps=steps, batch_size=8, log_every=1)
+  c.schedule.update(name='constant', warmup_steps=2)
+  c.reporting.update(tensorboard=False, peak_flops_per_device=1e11)
+  c.checkpoint.update(every_steps=2, keep=0, async_save=False)
+  c.eval.every_steps = 0
+  for dotted, value in overrides.items():
+    section, name = dotted.split('__')
+    c[section][name] = value
+  return c
+
+
+def flat(tree):
+  return {optim.param_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """A one-step base run, and a 4-step LoRA run from it on a 2x2x2 mesh (saves at 2 and 4)."""
+  base = str(tmp_path_factory.mktemp('base'))
+  train.run(tiny_config(1), base)
+  lora = str(tmp_path_factory.mktemp('lora'))
+  config = tiny_config(4, checkpoint__init_from=base, mesh__data=2, mesh__fsdp=2, mesh__tensor=2,
+                       **LORA)
+  train.run(config, lora)
+  return base, lora, config
+
+
+def model_and_params(workdir, step=None):
+  saved = json.load(open(os.path.join(workdir, 'config.json')))
+  cfg = presets.ModelConfig.from_config(saved['model'])
+  cfg = dataclasses.replace(cfg, lora_targets=tuple(cfg.lora_targets))
+  return make_model(cfg), checkpoints.restore_as_numpy(workdir, step)[1]['params']
+
+
+def batch(vocab=2048, seed=0):
+  rng = np.random.RandomState(seed)
+  enc, tgt = rng.randint(2, vocab, (3, 12)), rng.randint(2, vocab, (3, 7))
+  enc[1, 8:], tgt[1, 5:] = 0, 0
+  return enc, np.concatenate([np.zeros((3, 1), np.int64), tgt[:, :-1]], 1), tgt
+
+
+def logits(model, params):
+  enc, dec, _ = batch()
+  return np.asarray(
+      model.apply({'params': params}, encoder_input_tokens=enc, decoder_input_tokens=dec))
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_step_0_is_the_base_model_exactly(scan):
+  base = dataclasses.replace(presets.preset('tiny', vocab_size=2048), dtype='float32',
+                             scan_layers=scan)
+  with_lora = dataclasses.replace(base, lora_rank=4, lora_targets=presets.LORA_ALL_TARGETS)
+  enc, dec, _ = batch()
+  params = flax.linen.meta.unbox(
+      make_model(with_lora).init(jax.random.PRNGKey(0), encoder_input_tokens=enc,
+                                 decoder_input_tokens=dec)['params'])
+  names = flat(params)
+  factors = [n for n in names if n.endswith(('/lora_a', '/lora_b'))]
+  per_layer = 'layers/' if scan else 'layers_0/'
+  assert f'encoder/{per_layer}attention/query/lora_a' in factors
+  assert f'decoder/{per_layer}mlp/wi_0/lora_b' in factors  # the gated MLP's fused kernels too
+  # encoder layers: q k v o wi_0 wi_1 wo; decoder layers: those and cross-attention's q k v o
+  assert len(factors) == 2 * (7 + 11) * (1 if scan else 2)
+  strip = lambda tree: {
+      k: strip(v) if isinstance(v, dict) else v for k, v in tree.items()
+      if k not in ('lora_a', 'lora_b')
+  }
+  np.testing.assert_array_equal(logits(make_model(with_lora), params),
+                                logits(make_model(base), strip(params)))
+
+
+def test_only_the_factors_train_with_optimizer_state_for_them_only(runs):
+  base, lora, _ = runs
+  start, end = flat(
+      checkpoints.restore_as_numpy(base)[1]['params']), checkpoints.restore_as_numpy(lora)[1]
+  params = flat(end['params'])
+  moved = [n for n in params if n.endswith('/lora_b') and np.abs(params[n]).max() > 1e-3]
+  assert len(moved) == len([n for n in params if n.endswith('/lora_b')]), moved
+  for name, value in start.items():
+    assert np.array_equal(params[name], value), name  # the base: bitwise the base run's
+  stateful = {n for n, x in flat(end['opt_state']).items() if x.ndim}
+  assert stateful and all('/lora_' in n for n in stateful), sorted(stateful)[:5]
+
+
+def test_resume_is_bitwise(runs, tmp_path):
+  _, lora, config = runs
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(lora, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '4'))  # killed after the save of step 2
+  train.run(config, resumed)
+  jax.tree.map(np.testing.assert_array_equal,
+               checkpoints.restore_as_numpy(resumed)[1],
+               checkpoints.restore_as_numpy(lora)[1])
+
+
+def export(*args):
+  assert convert.main(['t5lite-to-hf', '--vocabulary', 'none', *args]) == 0
+
+
+def torch_logits(model):
+  enc, dec, tgt = batch()
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0),
+                 decoder_input_ids=torch.tensor(dec),
+                 decoder_attention_mask=torch.tensor(tgt > 0)).logits.numpy()
+
+
+def test_merged_and_adapter_exports_compute_the_lora_model(runs, tmp_path, capsys):
+  base, lora, _ = runs
+  model, params = model_and_params(lora)
+  ours = logits(model, params)
+  base_model, base_params = model_and_params(base)
+  real = batch()[2] > 0
+  # the factors matter: the checks below could not pass with them left out
+  assert np.abs(ours - logits(base_model, base_params))[real].max() > 1e-2
+  close = lambda theirs: np.abs(theirs - ours)[real].max() / np.abs(ours[real]).max()
+
+  export('--checkpoint', lora, '--out', str(tmp_path / 'merged'), '--merge_lora')
+  merged = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / 'merged').eval()
+  assert close(torch_logits(merged)) < 1e-5
+
+  export('--checkpoint', base, '--out', str(tmp_path / 'base'))
+  export('--checkpoint', lora, '--out', str(tmp_path / 'adapter'), '--lora_adapter_only',
+         '--base_model', str(tmp_path / 'base'))
+  adapter_config = json.load(open(tmp_path / 'adapter' / 'adapter_config.json'))
+  assert adapter_config['target_modules'] == ['k', 'o', 'q', 'v', 'wi_0', 'wi_1', 'wo']
+  hf_base = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / 'base').eval()
+  adapted = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / 'adapter')).eval()
+  assert close(torch_logits(adapted)) < 1e-5
+
+  # --drop_lora gives back the base model the adapter applies to
+  export('--checkpoint', lora, '--out', str(tmp_path / 'dropped'), '--drop_lora')
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  jax.tree.map(np.testing.assert_array_equal, load_file(tmp_path / 'dropped' / 'model.safetensors'),
+               load_file(tmp_path / 'base' / 'model.safetensors'))
+
+  capsys.readouterr()
+  assert convert.main(['t5lite-to-hf', '--checkpoint', lora, '--out', str(tmp_path / 'x')]) == 2
+  assert 'has LoRA factors' in capsys.readouterr().err
+  assert convert.main(
+      ['t5lite-to-hf', '--checkpoint', base, '--out',
+       str(tmp_path / 'y'), '--merge_lora']) == 2
+  assert '--merge_lora: the checkpoint has no LoRA factors' in capsys.readouterr().err
+
+
+def test_a_target_matching_no_kernel_is_a_config_error(tmp_path):
+  config = tiny_config(1, model__lora_rank=4,
+                       model__lora_targets=('/query/kernel$', '/logits_dense/kernel$'))
+  with pytest.raises(ConfigError, match="'/logits_dense/kernel\\$' match.* no attention or MLP"):
+    train.run(config, str(tmp_path / 'bad'))
