@@ -80,9 +80,8 @@ def runs(tmp_path_factory):
 
 def model_and_params(workdir, step=None):
   saved = json.load(open(os.path.join(workdir, 'config.json')))
-  cfg = presets.ModelConfig.from_config(saved['model'])
-  cfg = dataclasses.replace(cfg, lora_targets=tuple(cfg.lora_targets))
-  return make_model(cfg), checkpoints.restore_as_numpy(workdir, step)[1]['params']
+  model = make_model(presets.ModelConfig.from_config(saved['model']))  # lora_targets: a JSON list
+  return model, checkpoints.restore_as_numpy(workdir, step)[1]['params']
 
 
 def batch(vocab=2048, seed=0):

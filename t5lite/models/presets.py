@@ -179,6 +179,8 @@ class ModelConfig:
   def __post_init__(self):
     if self.attention_dim is None:  # frozen: set through object, as dataclasses do themselves
       object.__setattr__(self, 'attention_dim', self.num_heads * self.head_dim)
+    # hashable whatever it came from (a saved config's JSON list)
+    object.__setattr__(self, 'lora_targets', tuple(self.lora_targets))
 
   @classmethod
   def from_config(cls, cfg) -> 'ModelConfig':
