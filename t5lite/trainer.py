@@ -17,6 +17,7 @@ Adafactor run; the workdir's own checkpoints always win).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import flax
@@ -122,9 +123,13 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore,
                                          vocab_expansion)
   state = state.replace(params=init_lib.merge_init_params(state.params, loaded))
-  fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
-  if getattr(getattr(model, 'cfg', None), 'lora', None) is not None:  # new factors: from init
-    fresh = f'{fresh} (LoRA factors included)'
+  fresh = [
+      optim.param_name(p) for p, x in jax.tree_util.tree_leaves_with_path(loaded)
+      if isinstance(x, jax.ShapeDtypeStruct)
+  ]
+  new_lora = sum(bool(re.search(optim.LORA_FACTORS, n)) for n in fresh)  # a base model's: new
+  fresh = len(fresh) - new_lora
+  lora_note = f', {new_lora} new LoRA factors from init' if new_lora else ''
   # From a T5X checkpoint an Adafactor run can continue T5X's Adafactor statistics (init_from.py).
   opt_state, note = (init_lib.load_adafactor_for_init(source, abstract.opt_state, abstract.params,
                                                       init_rename, init_ignore)
@@ -139,12 +144,13 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
     return InitialState(
         state, shardings, 0, None,
         f'initialised params and Adafactor statistics from {source} ({fresh} kept fresh by '
-        f'init_ignore{note}); the step, the data and the learning-rate schedule start at 0')
+        f'init_ignore{lora_note}{note}); the step, the data and the learning-rate schedule start '
+        'at 0')
   grown = (f'; vocabulary grown onto the run\'s, new rows: {vocab_expansion.new_rows}'
            if vocab_expansion else '')
   return InitialState(
       state, shardings, 0, None,
-      f'initialised params from {source} ({fresh} kept fresh by init_ignore{grown}); '
+      f'initialised params from {source} ({fresh} kept fresh by init_ignore{lora_note}{grown}); '
       'optimizer state and step start fresh')
 
 
