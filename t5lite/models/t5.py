@@ -92,8 +92,8 @@ class DecoderLayer(nn.Module):
     dropout = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
     attention = lambda name, cross: layers.MultiHeadAttention(
         c.num_heads, c.head_dim, dtype, c.dropout_rate, self.deterministic, decode=self.decode,
-        prefill=self.prefill, cross=cross, cache_length=self.cache_length, kernels=c.kernels, lora=c
-        .lora, name=name)
+        prefill=self.prefill, cross=cross, cache_length=self.cache_length, kernels=c.kernels,
+        name=name, lora=c.lora)
     if c.relpos_per_layer:
       index = cache_index if self.decode else None
       relpos = _self_bias(_relpos(c, False), x.shape[1], self.cache_length, index)
