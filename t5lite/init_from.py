@@ -134,6 +134,9 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expan
       message += _listing('model params not in the checkpoint (after init_rename)', missing)
     if extra:
       message += _listing('checkpoint params the model has no place for', extra)
+      if any(lora.search(n) for n in extra):
+        message += ('\n(LoRA factors: set model.lora_rank, lora_alpha and lora_targets as the run '
+                    'that wrote them had them, docs/adaptation.md)')
     if shapes:
       message += _listing('shape mismatches', shapes)
       if any(n.split(':')[0] in vocab_expansion.VOCAB_AXIS for n in shapes) and not expansion:
