@@ -193,8 +193,6 @@ def test_merged_and_adapter_exports_compute_the_lora_model(runs, tmp_path, capsy
   capsys.readouterr()
   assert convert.main(['t5lite-to-hf', '--checkpoint', lora, '--out', str(tmp_path / 'x')]) == 2
   assert 'has LoRA factors' in capsys.readouterr().err
-  with pytest.raises(lora_export.LoraExportError, match='--merge_lora: the checkpoint has no LoRA'):
-    lora_export.prepare({'model': {'lora_rank': 0}}, {'encoder': {'k': np.ones(2)}}, 'merge')
 
 
 def test_a_target_matching_no_kernel_is_a_config_error(tmp_path):
@@ -202,3 +200,25 @@ def test_a_target_matching_no_kernel_is_a_config_error(tmp_path):
                        model__lora_targets=('/query/kernel$', '/logits_dense/kernel$'))
   with pytest.raises(ConfigError, match="'/logits_dense/kernel\\$' match.* no attention or MLP"):
     train.run(config, str(tmp_path / 'bad'))
+
+
+def test_adapter_of_some_layers_and_export_refusals():
+  model = presets.model_config('tiny', vocab_size=256).to_dict()
+  model.update(lora_rank=2, lora_alpha=4.0)
+  a, b = np.arange(128 * 2.0).reshape(128, 2), np.arange(2 * 4 * 32.0).reshape(2, 4, 32)
+  params = hf.unflatten({
+      'encoder/layers_1/attention/query/kernel': np.zeros((128, 4, 32)),
+      'encoder/layers_1/attention/query/lora_a': a, 'encoder/layers_1/attention/query/lora_b': b
+  })
+  config, tensors = lora_export.adapter(params, model)
+  module = 'encoder.block.1.layer.0.SelfAttention.q'  # one layer's only: a regex, not 'q'
+  assert config['target_modules'] == module.replace('.', '\\.')
+  np.testing.assert_array_equal(tensors[f'base_model.model.{module}.lora_A.weight'], a.T)
+  np.testing.assert_array_equal(tensors[f'base_model.model.{module}.lora_B.weight'],
+                                b.reshape(2, 128).T)  # [out = heads * kv, r], HF's head order
+  merged = lora_export.merged(params, model)['encoder/layers_1/attention/query/kernel']
+  np.testing.assert_allclose(merged, (4.0 / 2) * (a @ b.reshape(2, -1)).reshape(128, 4, 32))
+  with pytest.raises(lora_export.LoraExportError, match="trainable=\\('norm',\\)"):
+    lora_export.prepare({'model': model, 'train': {'trainable': ['norm']}}, params, 'adapter')
+  with pytest.raises(lora_export.LoraExportError, match='--merge_lora: the checkpoint has no LoRA'):
+    lora_export.prepare({'model': {'lora_rank': 0}}, {'encoder': {'k': np.ones(2)}}, 'merge')
