@@ -20,7 +20,8 @@ from safetensors.numpy import load_file
 
 from t5lite import checkpoints, convert, hf, lora_export, optim, train
 from t5lite.config import ConfigError
-from t5lite.models import presets
+from t5lite.models import layers, presets
+from t5lite.models.lora import LoraConfig
 from t5lite.models.t5 import make_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,15 +98,33 @@ def logits(model, params):
       jax.jit(model.apply)({'params': params}, encoder_input_tokens=enc, decoder_input_tokens=dec))
 
 
+def test_factors_init_like_peft():
+  """A kaiming-uniform in +-1/sqrt(fan_in) (peft's init of lora_A), B zero, the kernel's axes."""
+  lora = LoraConfig(rank=2, alpha=4.0, dropout=0.0, targets=('/kernel$',))
+  projection = layers.Projection((16, 3, 4), ('embed', 'heads', 'kv'), 1, 1.0, 'float32', lora=lora)
+  boxed = projection.init(jax.random.PRNGKey(0), np.ones((1, 2, 16), np.float32))['params']
+  assert boxed['lora_a'].names == ('embed', 'lora_rank')
+  assert boxed['lora_b'].names == ('lora_rank', 'heads', 'kv')
+  params = flax.linen.meta.unbox(boxed)
+  assert params['lora_a'].shape == (16, 2) and params['lora_b'].shape == (2, 3, 4)
+  assert 0 < np.abs(params['lora_a']).max() <= 16**-0.5 and np.abs(params['lora_a']).min() > 0
+  assert not np.any(params['lora_b'])
+
+
 def test_step_0_is_the_base_model_exactly():
-  """Scanned and not: one init (the scanned one), unstacked for the unscanned model."""
+  """With B = 0 (its init), scanned and not, the LoRA model computes the base model bitwise."""
   base = dataclasses.replace(presets.preset('tiny', vocab_size=2048), dtype='float32',
                              scan_layers=True, num_encoder_layers=1, num_decoder_layers=1)
   with_lora = dataclasses.replace(base, lora_rank=4, lora_targets=presets.LORA_ALL_TARGETS)
   enc, dec, _ = batch()
-  scanned = flax.linen.meta.unbox(
-      jax.jit(make_model(with_lora).init)(jax.random.PRNGKey(0), encoder_input_tokens=enc,
-                                          decoder_input_tokens=dec)['params'])
+  shapes = flax.linen.meta.unbox(
+      jax.eval_shape(
+          make_model(with_lora).init, jax.random.PRNGKey(0), encoder_input_tokens=enc,
+          decoder_input_tokens=dec)['params'])
+  rng = np.random.RandomState(0)  # random params (an init is slow to compile), B = 0
+  scanned = jax.tree_util.tree_map_with_path(
+      lambda p, s: np.zeros(s.shape, s.dtype) if optim.param_name(p).endswith('/lora_b') else
+      (rng.normal(size=s.shape) * 0.2).astype(s.dtype), shapes)
   unscanned = hf.unflatten(hf.unstack_layers(hf.flatten(scanned)))
   for scan, params in ((True, scanned), (False, unscanned)):
     factors = [n for n in flat(params) if n.endswith(('/lora_a', '/lora_b'))]
@@ -114,7 +133,6 @@ def test_step_0_is_the_base_model_exactly():
     assert f'decoder/{per_layer}mlp/wi_0/lora_b' in factors  # the gated MLP's fused kernels too
     # encoder layers: q k v o wi_0 wi_1 wo; decoder layers: those and cross-attention's q k v o
     assert len(factors) == 2 * (7 + 11)
-    assert all(not np.any(x) for n, x in flat(params).items() if n.endswith('/lora_b'))
     strip = lambda tree: {
         k: strip(v) if isinstance(v, dict) else v for k, v in tree.items()
         if k not in ('lora_a', 'lora_b')
