@@ -173,6 +173,7 @@ def test_sharded_run_equals_one_device(runs, tmp_path):
   one = config.copy_and_resolve_references()
   one.mesh.update(data=1, fsdp=1, tensor=1)
   one.train.steps = 3
+  one.checkpoint.every_steps = 0  # (the end only)
   train.run(one, str(tmp_path / 'one'), jax.devices()[:1])
   read = lambda workdir: [
       json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl')) if '"loss"' in line
