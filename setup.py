@@ -36,6 +36,7 @@ setup(
             'pytest-xdist>=3.5',
             'transformers>=4.40',
             'safetensors>=0.4',
+            'peft>=0.17',  # LoRA adapter export loaded by peft (tests/test_lora.py)
             'datasets>=2.14',  # data.source=hf:DIR (tests/test_data_source.py)
             'sacrebleu>=2.4',
             'rouge-score>=0.1.2',

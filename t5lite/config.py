@@ -126,7 +126,8 @@ class TrainConfig:
       'stops with exit 1. 0 turns the guard off.')
   trainable: tuple = field(
       (), "Freezing: regexes (re.search) over the '/'-joined param names; only matching params "
-      'train, the others stay bitwise unchanged and get no optimizer state. () = all train. '
+      'train, the others stay bitwise unchanged and get no optimizer state. () = all train; '
+      'with LoRA (model.lora_rank > 0): the LoRA factors and these. '
       "A regex matching no param is an error. E.g. ('^decoder/',) (docs/adaptation.md).")
   distill_teacher: str = field(
       '', 'Knowledge distillation (Kim & Rush 2016; docs/adaptation.md): the teacher, a t5lite '
@@ -454,8 +455,11 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ('model.remat_policy', choice),
     *((f'model.{name}', positive)
       for name in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'head_dim', 'num_decoder_layers',
-                   'relative_attention_num_buckets', 'relative_attention_max_distance')),
-    ('model.dropout_rate', in_range(0, 1, hi_open=True)),
+                   'relative_attention_num_buckets', 'relative_attention_max_distance',
+                   'lora_alpha')),
+    *((f'model.{name}', in_range(0, 1, hi_open=True)) for name in ('dropout_rate', 'lora_dropout')),
+    ('model.lora_rank', count('the LoRA rank; 0 turns LoRA off')),
+    ('model.lora_targets', regexes),
     ('model.mlp_activation', presets.check_mlp_activation),
     ('data.task', task),
     ('data.inputs_length', positive),

@@ -2,6 +2,7 @@
 
     python -m t5lite.convert hf-to-t5lite --model HF_DIR --out WORKDIR [--scan_layers]
     python -m t5lite.convert t5lite-to-hf --checkpoint PATH --out HF_DIR [--dtype bfloat16]
+        [--merge_lora | --lora_adapter_only [--base_model NAME] | --drop_lora]
     python -m t5lite.convert t5x-to-t5lite --checkpoint T5X_DIR/checkpoint_N --out WORKDIR \
         [--scan_layers] [--mlp_activation gated-silu]
 
@@ -24,7 +25,8 @@ model.safetensors, config.json and generation_config.json for
 tokenizer_config.json, special_tokens_map.json; t5lite/data/hf_vocab.py) of the vocabulary the
 checkpoint records (a training run's data.vocabulary, a conversion's tokenizer) or --vocabulary
 names, for `AutoTokenizer.from_pretrained(HF_DIR)`. Only the params are read, never the optimizer
-state.
+state. A LoRA checkpoint (model.lora_rank > 0) takes one of --merge_lora, --lora_adapter_only,
+--drop_lora (t5lite/lora_export.py); they refuse a checkpoint without LoRA factors.
 
 Every path may be a gs:// URL (pip install 't5lite[gcp]'): an HF model on gs:// is read into
 memory, an HF --out on gs:// is written locally and then uploaded, and t5lite checkpoints are read
@@ -45,7 +47,7 @@ import shlex
 import sys
 from typing import Sequence
 
-from t5lite import cli, files, hf
+from t5lite import cli, files, hf, lora_export
 from t5lite import config as config_lib
 from t5lite.data import hf_vocab, vocab
 
@@ -177,11 +179,12 @@ def _vocabulary_for_hf(config: dict, spec: str | None, step_dir: str):
   return vocabulary, f'its tokenizer ({spec})'
 
 
-def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32',
-                 vocabulary: str | None = None) -> tuple[str, dict, str]:
+def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32', vocabulary: str | None = None,
+                 lora: str = '', base_model: str = '') -> tuple[str, dict, str]:
   """Writes the t5lite checkpoint `checkpoint` as a HF T5 under `out`, with the tokenizer files
   of `vocabulary` (a data.vocabulary value; None: the one the checkpoint records; 'none': none);
-  (step dir, model block, what was said of the tokenizer)."""
+  (step dir, model block, what was said of the tokenizer). `lora` (a LoRA checkpoint's export,
+  t5lite/lora_export.py): 'merge', 'base', or 'adapter' (a peft adapter for `base_model`, alone)."""
   if not files.to_path(checkpoint).exists():
     raise ConvertError(f'--checkpoint {checkpoint}: no such path')
   for name in ('config.json', 'model.safetensors'):
@@ -196,6 +199,13 @@ def t5lite_to_hf(checkpoint: str, out: str, dtype: str = 'float32',
   log.info(f'reading the params of {step_dir} ...')
   config, params = _read_step(step_dir)
   model = config['model']
+  try:
+    params, peft = lora_export.prepare(config, params, lora, base_model)
+  except lora_export.LoraExportError as e:
+    raise ConvertError(str(e)) from None
+  if peft is not None:
+    log.info(f'writing the peft LoRA adapter {os.fspath(files.to_path(out))} ...')
+    return step_dir, model, ', '.join(lora_export.write_adapter(out, *peft))
   tokenizer, said = _vocabulary_for_hf(config, vocabulary, step_dir)
   if tokenizer is not None and tokenizer.vocab_size > int(model['vocab_size']):
     raise ConvertError(f'the vocabulary {tokenizer!r} has more ids than the model\'s '
@@ -242,6 +252,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       '--vocabulary', default=None,
       help='the tokenizer to write, as data.vocabulary (embedded, byte, hf:DIR, a '
       '.model path) or none; default: the one the checkpoint records')
+  lora = b.add_mutually_exclusive_group()  # a LoRA checkpoint (model.lora_rank > 0) needs one
+  lora.add_argument('--merge_lora', dest='lora', action='store_const', const='merge', default='',
+                    help='LoRA: write W + (alpha/r) A B, a plain HF T5 computing the LoRA model')
+  lora.add_argument(
+      '--lora_adapter_only', dest='lora', action='store_const', const='adapter',
+      help='LoRA: write only a peft adapter (adapter_config.json, '
+      'adapter_model.safetensors) for PeftModel.from_pretrained(base, OUT)')
+  lora.add_argument('--drop_lora', dest='lora', action='store_const', const='base',
+                    help='LoRA: write the base model, without the LoRA factors')
+  b.add_argument('--base_model', default='',
+                 help="--lora_adapter_only: the adapter's base_model_name_or_path")
   args = parser.parse_args(argv)
 
   def body():
@@ -278,7 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             'add --config.data.vocabulary=PATH/TO/its/spm.model):')
       print(' '.join(t5x.config_overrides(model) + [f'--config.checkpoint.init_from={out}']))
     else:
-      step_dir, model, said = t5lite_to_hf(args.checkpoint, args.out, args.dtype, args.vocabulary)
+      step_dir, model, said = t5lite_to_hf(args.checkpoint, args.out, args.dtype, args.vocabulary,
+                                           args.lora, args.base_model)
+      if args.lora == 'adapter':
+        print(f'wrote a peft LoRA adapter of {step_dir} to {os.fspath(files.to_path(args.out))}: '
+              f'{said}')
+        return
       kind = 'UMT5' if model.get('relpos_per_layer') else 'T5'
       print(
           f'wrote a HuggingFace {kind}ForConditionalGeneration ({model["variant"]}) of {step_dir} '

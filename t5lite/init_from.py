@@ -60,7 +60,8 @@ def _renamed(saved, rename) -> tuple[dict[str, str], list[str]]:
   return renamed, collisions
 
 
-def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expansion=None):
+def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expansion=None,
+                         new_lora: bool = True):
   """Reads only the params of the checkpoint at `path` (see resolve_init_path) onto the shardings
   that `abstract_params` (ShapeDtypeStructs) carry, for a fine-tuning run's first step.
 
@@ -75,6 +76,10 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expan
   `expansion` (a vocab_expansion.Expansion, checkpoint.init_new_rows): the vocabulary params may
   have fewer rows in the checkpoint than in the model; they are grown onto the new vocabulary
   (t5lite/vocab_expansion.py) after reading, every other dimension still has to match.
+
+  `new_lora`: a model with LoRA factors (model.lora_rank > 0) takes a checkpoint without any
+  (a base model's) as if init_ignore listed them: they come from the fresh init, whose B = 0
+  computes the base model. A checkpoint with factors of its own must have all of them.
 
   Returns a tree with `abstract_params`' structure: arrays, and the ShapeDtypeStruct itself where
   a parameter was ignored (merge_init_params fills those from a fresh init).
@@ -111,7 +116,9 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expan
     }
 
   renamed, collisions = _renamed(saved, rename)
-  needed = {n for n in wanted if not _matches(n, ignore)}
+  lora = re.compile(optim.LORA_FACTORS)
+  fresh_lora = new_lora and not any(lora.search(n) for n in renamed)
+  needed = {n for n in wanted if not _matches(n, ignore) and not (fresh_lora and lora.search(n))}
   missing = sorted(n for n in needed if n not in renamed)
   extra = sorted(n if renamed[n] == n else f'{n} (from {renamed[n]})' for n in renamed
                  if n not in needed and not _matches(n, ignore))
@@ -127,6 +134,9 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expan
       message += _listing('model params not in the checkpoint (after init_rename)', missing)
     if extra:
       message += _listing('checkpoint params the model has no place for', extra)
+      if any(lora.search(n) for n in extra):
+        message += ('\n(LoRA factors: set model.lora_rank, lora_alpha and lora_targets as the run '
+                    'that wrote them had them, docs/adaptation.md)')
     if shapes:
       message += _listing('shape mismatches', shapes)
       if any(n.split(':')[0] in vocab_expansion.VOCAB_AXIS for n in shapes) and not expansion:
@@ -216,8 +226,8 @@ def _expand(expansion, step_dir, arrays, wanted) -> dict:
 def load_params(path: str, abstract_params):
   """The params of the checkpoint at `path` (a step directory or hf:DIR, as resolve_steps gives)
   on `abstract_params`' shardings, for evaluation and inference: the names and shapes must match
-  the model exactly (no rename, nothing ignored)."""
-  return load_params_for_init(path, abstract_params)
+  the model exactly (no rename, nothing ignored, LoRA factors included)."""
+  return load_params_for_init(path, abstract_params, new_lora=False)
 
 
 def merge_init_params(fresh, loaded):

@@ -89,19 +89,35 @@ def _absolute_wsd(base_lr: float, end_value: float, warmup: int, start: int,
   return schedule
 
 
+# LoRA's factors (t5lite/models/lora.py names them lora_a / lora_b): with model.lora_rank > 0
+# they train, and of the other params only those train.trainable lists.
+LORA_FACTORS = '/lora_[ab]$'
+
+
+def trainable_patterns(train_cfg, model_cfg=None) -> tuple[str, ...]:
+  """The regexes of the params that train: train.trainable (() = all), and with LoRA on
+  (model.lora_rank > 0) LORA_FACTORS before them: the factors and what train.trainable lists."""
+  patterns = tuple(getattr(train_cfg, 'trainable', ()))
+  if model_cfg is not None and getattr(model_cfg, 'lora_rank', 0):
+    return (LORA_FACTORS,) + patterns
+  return patterns
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax transformation for `config.optimizer`, with global-norm clipping if asked.
 
   `config` is the ConfigDict or the resolved `t5lite.config.RunConfig`: only its optimizer,
-  schedule and train parts are read (`optimizer_from_parts`).
+  schedule and train parts and model.lora_* are read (`optimizer_from_parts`).
   """
-  return optimizer_from_parts(config.optimizer, config.schedule, config.train)
+  return optimizer_from_parts(config.optimizer, config.schedule, config.train,
+                              trainable_patterns(config.train, config.model))
 
 
-def optimizer_from_parts(opt, schedule_cfg,
-                         train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def optimizer_from_parts(opt, schedule_cfg, train_cfg,
+                         patterns=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`make_optimizer` from the parts it reads: the optimizer and schedule sections, and of the
-  train section only `steps` (the schedule's length), `max_grad_norm` and `trainable`."""
+  train section only `steps` (the schedule's length), `max_grad_norm` and `trainable` (unless
+  `patterns`, from trainable_patterns, are given)."""
   schedule = make_schedule(schedule_cfg, opt.learning_rate, train_cfg.steps)
   if opt.name == 'adafactor':
     # T5 defaults: factored second moments, decay exponent 0.8, update clipping 1.0, updates
@@ -116,7 +132,7 @@ def optimizer_from_parts(opt, schedule_cfg,
     raise ValueError(f'unknown optimizer.name {opt.name!r}; valid: adafactor, adamw')
   if train_cfg.max_grad_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(train_cfg.max_grad_norm), tx)
-  patterns = tuple(getattr(train_cfg, 'trainable', ()))
+  patterns = trainable_patterns(train_cfg) if patterns is None else tuple(patterns)
   if patterns:
     # Frozen params: set_to_zero under optax's masking, which keeps no state for them (MaskedNode)
     # and hands the trainable ones' clipping and statistics only the trainable gradients.
@@ -146,6 +162,9 @@ def trainable_mask(params, patterns):
   if not patterns or not names:  # no leaves: optax.tree_map_params' placeholder
     return jax.tree.map(lambda _: True, params)
   unused = [p for p in patterns if not any(re.search(p, n) for n in names)]
+  if LORA_FACTORS in unused:
+    raise ConfigError('config.model.lora_rank > 0 but the model has no LoRA factors: '
+                      'model.lora_targets match no attention or MLP kernel')
   if unused:
     raise ConfigError(f'config.train.trainable: {", ".join(map(repr, unused))} match(es) no '
                       f'parameter name of this model ({len(names)} names, such as '

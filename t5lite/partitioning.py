@@ -45,6 +45,7 @@ DEFAULT_RULES = (
     ('length', None),
     ('layers', None),
     ('relpos_buckets', None),
+    ('lora_rank', None),  # LoRA factors' rank axis (t5lite/models/lora.py): small, replicated
 )
 
 

@@ -17,6 +17,7 @@ Adafactor run; the workdir's own checkpoints always win).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import flax
@@ -28,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5lite import checkpoints, distill, losses, optim, partitioning
 from t5lite import init_from as init_lib  # initial_state has an argument named init_from
+from t5lite.models import lora
 
 
 @flax.struct.dataclass
@@ -49,6 +51,9 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, mes
   params, param_shardings = partitioning.abstract_params(model, mesh, rules,
                                                          losses.model_inputs(example_batch))
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), params)
+  if getattr(model, 'cfg', None) is not None and model.cfg.lora is not None:
+    names = [optim.param_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    lora.check_targets(names, model.cfg.lora)  # before any compute
   opt_state = jax.eval_shape(tx.init, params)
   opt_shardings = partitioning.optimizer_state_shardings(tx, opt_state, param_shardings, mesh)
   shardings = TrainState(step=NamedSharding(mesh, P()), params=param_shardings,
@@ -118,7 +123,13 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore,
                                          vocab_expansion)
   state = state.replace(params=init_lib.merge_init_params(state.params, loaded))
-  fresh = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
+  fresh = [
+      optim.param_name(p) for p, x in jax.tree_util.tree_leaves_with_path(loaded)
+      if isinstance(x, jax.ShapeDtypeStruct)
+  ]
+  new_lora = sum(bool(re.search(optim.LORA_FACTORS, n)) for n in fresh)  # a base model's: new
+  fresh = len(fresh) - new_lora
+  lora_note = f', {new_lora} new LoRA factors from init' if new_lora else ''
   # From a T5X checkpoint an Adafactor run can continue T5X's Adafactor statistics (init_from.py).
   opt_state, note = (init_lib.load_adafactor_for_init(source, abstract.opt_state, abstract.params,
                                                       init_rename, init_ignore)
@@ -133,12 +144,13 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
     return InitialState(
         state, shardings, 0, None,
         f'initialised params and Adafactor statistics from {source} ({fresh} kept fresh by '
-        f'init_ignore{note}); the step, the data and the learning-rate schedule start at 0')
+        f'init_ignore{lora_note}{note}); the step, the data and the learning-rate schedule start '
+        'at 0')
   grown = (f'; vocabulary grown onto the run\'s, new rows: {vocab_expansion.new_rows}'
            if vocab_expansion else '')
   return InitialState(
       state, shardings, 0, None,
-      f'initialised params from {source} ({fresh} kept fresh by init_ignore{grown}); '
+      f'initialised params from {source} ({fresh} kept fresh by init_ignore{lora_note}{grown}); '
       'optimizer state and step start fresh')
 
 
@@ -209,7 +221,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     total = alpha * temperature**2 * sums['kl_sum'] + (1.0 - alpha) * sums['loss_sum']
     return total + sums['z_loss_sum'], sums
 
-  trainable = tuple(getattr(train_cfg, 'trainable', ()))  # () = all (train.trainable)
+  # () = all (train.trainable); with LoRA on, its factors and what train.trainable lists
+  trainable = optim.trainable_patterns(train_cfg, getattr(model, 'cfg', None))
   grad_fn = jax.grad(optim.frozen_stop_gradient(loss_fn, trainable), has_aux=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):

@@ -20,7 +20,7 @@ LAYERS = (
                     't5lite.checks', 't5lite.distributed', 't5lite.vocab_expansion')),
     ('models and checkpoints',
      ('t5lite.models.*', 't5lite.checkpoints', 't5lite.checkpoint_integrity', 't5lite.init_from',
-      't5lite.hf', 't5lite.hf_files', 't5lite.t5x')),
+      't5lite.hf', 't5lite.hf_files', 't5lite.lora_export', 't5lite.t5x')),
     ('training and evaluation', ('t5lite.trainer', 't5lite.distill', 't5lite.evaluation.*')),
     ('configuration and command line',
      ('t5lite.config', 't5lite.config_eval', 't5lite.config_rules', 't5lite.config_files',

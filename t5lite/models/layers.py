@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from t5lite.models import lora as lora_lib
 from t5lite.models.kernels import attention, matmul, norm
 
 Dtype = Any
@@ -152,14 +153,19 @@ class Projection(nn.Module):
   stddev: float
   dtype: Dtype
   kernels: str = 'auto'
+  lora: lora_lib.LoraConfig | None = None  # LoRA factors beside the kernel when it is a target
+  deterministic: bool = True  # (LoRA dropout only)
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', param_init(self.stddev, self.axes), self.shape, jnp.float32)
     fan_in = int(np.prod(self.shape[:self.in_dims]))
     lead = x.shape[:x.ndim - self.in_dims]
-    y = matmul.dense(x.reshape(lead + (fan_in,)), kernel.reshape(fan_in, -1), self.dtype,
-                     kernels=self.kernels)
+    x = x.reshape(lead + (fan_in,))
+    y = matmul.dense(x, kernel.reshape(fan_in, -1), self.dtype, kernels=self.kernels)
+    if self.lora is not None and self.lora.targets_kernel(self.path):
+      a, b = lora_lib.factors(self, self.lora, self.shape, self.axes, self.in_dims)
+      y = y + lora_lib.delta(self, self.lora, x, a, b, self.dtype, self.deterministic, self.kernels)
     return y.reshape(lead + self.shape[self.in_dims:])
 
 
@@ -172,12 +178,19 @@ class Dense(nn.Module):
   dtype: Dtype
   out_dtype: Dtype | None = None
   kernels: str = 'auto'
+  lora: lora_lib.LoraConfig | None = None  # as Projection's
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', param_init(self.stddev, self.axes), (x.shape[-1], self.features),
-                        jnp.float32)
-    return matmul.dense(x, kernel, self.dtype, out_dtype=self.out_dtype, kernels=self.kernels)
+    shape = (x.shape[-1], self.features)
+    kernel = self.param('kernel', param_init(self.stddev, self.axes), shape, jnp.float32)
+    y = matmul.dense(x, kernel, self.dtype, out_dtype=self.out_dtype, kernels=self.kernels)
+    if self.lora is not None and self.lora.targets_kernel(self.path):
+      a, b = lora_lib.factors(self, self.lora, shape, self.axes, 1)
+      y = y + lora_lib.delta(self, self.lora, x, a, b, self.dtype, self.deterministic, self.kernels,
+                             self.out_dtype)
+    return y
 
 
 class Kernel(nn.Module):
@@ -186,10 +199,22 @@ class Kernel(nn.Module):
   shape: tuple[int, ...]
   axes: tuple[str, ...]
   stddev: float
+  lora: lora_lib.LoraConfig | None = None  # as Projection's
 
   @nn.compact
-  def __call__(self):
-    return self.param('kernel', param_init(self.stddev, self.axes), self.shape, jnp.float32)
+  def __call__(self, x=None, dtype=None, deterministic: bool = True, kernels: str = 'auto'):
+    """The kernel [d, f] (with LoRA: merged, W + (alpha / r) A B); or, given `x`, the float32
+    x @ W + LoRA branch computed apart (peft's form, for LoRA dropout in training)."""
+    kernel = self.param('kernel', param_init(self.stddev, self.axes), self.shape, jnp.float32)
+    ab = None
+    if self.lora is not None and self.lora.targets_kernel(self.path):
+      ab = lora_lib.factors(self, self.lora, self.shape, self.axes, 1)
+    if x is None:
+      return kernel if ab is None else lora_lib.merged(kernel, *ab, self.lora)
+    y = matmul.dense(x, kernel, dtype, out_dtype=jnp.float32, kernels=kernels)
+    if ab is not None:
+      y = y + lora_lib.delta(self, self.lora, x, *ab, dtype, deterministic, kernels, jnp.float32)
+    return y
 
 
 class MultiHeadAttention(nn.Module):
@@ -215,6 +240,7 @@ class MultiHeadAttention(nn.Module):
   cross: bool = False  # cross-attention: cached keys/values never change during decoding
   cache_length: int = 0  # self-attention cache slots (prefill)
   kernels: str = 'auto'
+  lora: lora_lib.LoraConfig | None = None  # LoRA on the projections that model.lora_targets name
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None, bias: AttentionBias,
@@ -222,8 +248,8 @@ class MultiHeadAttention(nn.Module):
     d_model = inputs_q.shape[-1]
     inner = self.num_heads * self.head_dim
     shape, axes = (d_model, self.num_heads, self.head_dim), ('embed', 'heads', 'kv')
-    proj = lambda stddev, name: Projection(shape, axes, 1, stddev, self.dtype, self.kernels,
-                                           name=name)
+    proj = lambda stddev, name: Projection(shape, axes, 1, stddev, self.dtype, self.kernels, self.
+                                           lora, self.deterministic, name=name)
     act = ('act_batch', 'act_length', 'act_heads', 'act_kv')
     # Initialisation as in mesh-tensorflow T5: query carries the extra head_dim**-0.5.
     q = proj((d_model * self.head_dim)**-0.5, 'query')(inputs_q)
@@ -247,7 +273,8 @@ class MultiHeadAttention(nn.Module):
                                           self.kernels)
     out = constrain(out, act)
     return Projection((self.num_heads, self.head_dim, d_model), ('heads', 'kv', 'embed'), 2,
-                      inner**-0.5, self.dtype, self.kernels, name='out')(out)
+                      inner**-0.5, self.dtype, self.kernels, self.lora, self.deterministic,
+                      name='out')(out)
 
   def _cache(self, k, v, cache_index, act):
     """Stores (prefill) or extends (decode) the cache; returns the keys/values to attend to."""
@@ -282,20 +309,26 @@ class MlpBlock(nn.Module):
   dropout_rate: float
   deterministic: bool
   kernels: str = 'auto'
+  lora: lora_lib.LoraConfig | None = None  # LoRA on the kernels that model.lora_targets name
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d_model = x.shape[-1]
     if self.activation.startswith('gated-'):
-      # Both matmuls and the gate in one custom VJP (matmul.gated).
       kernel = lambda name: Kernel((d_model, self.d_ff),
-                                   ('embed', 'mlp'), d_model**-0.5, name=name)()
-      h = matmul.gated(x, kernel('wi_0'), kernel('wi_1'), self.dtype,
-                       self.activation[len('gated-'):], self.kernels)
+                                   ('embed', 'mlp'), d_model**-0.5, self.lora, name=name)
+      gate = self.activation[len('gated-'):]
+      if self.lora is not None and self.lora.dropout_active(self.deterministic) and any(
+          self.lora.targets_kernel(self.path + (n,)) for n in ('wi_0', 'wi_1')):
+        # LoRA dropout on a gated input: x W and the LoRA branch apart, then the gate.
+        pre = [kernel(n)(x, self.dtype, False, self.kernels) for n in ('wi_0', 'wi_1')]
+        h = (matmul.GATE_ACTIVATIONS[gate](pre[0]) * pre[1]).astype(self.dtype)
+      else:  # both matmuls and the gate in one custom VJP (matmul.gated)
+        h = matmul.gated(x, kernel('wi_0')(), kernel('wi_1')(), self.dtype, gate, self.kernels)
     elif self.activation == 'relu':
       h = nn.relu(
           Dense(self.d_ff, ('embed', 'mlp'), d_model**-0.5, self.dtype, kernels=self.kernels,
-                name='wi')(x))
+                lora=self.lora, deterministic=self.deterministic, name='wi')(x))
     else:
       raise ValueError(f'unknown MLP activation {self.activation!r}; valid: relu, gated-gelu, '
                        'gated-silu, gated-relu')
@@ -303,7 +336,7 @@ class MlpBlock(nn.Module):
     if self.dropout_rate > 0 and not self.deterministic:
       h = nn.Dropout(self.dropout_rate)(h, deterministic=False)
     return Dense(d_model, ('mlp', 'embed'), self.d_ff**-0.5, self.dtype, kernels=self.kernels,
-                 name='wo')(h)
+                 lora=self.lora, deterministic=self.deterministic, name='wo')(h)
 
 
 class Embed(nn.Module):

@@ -44,6 +44,10 @@ def activation_of(model) -> str | None:
 
 # KERNELS = ('auto', 'xla'), from t5lite.models.kernels (where the switch is read).
 
+# LoRA targets (model.lora_targets): peft's T5 default (q, v), and every attention/MLP kernel.
+LORA_DEFAULT_TARGETS = ('/(query|value)/kernel$',)
+LORA_ALL_TARGETS = ('/(query|key|value|out|wi|wi_0|wi_1|wo)/kernel$',)
+
 # name: (d_model, d_ff, num_heads, head_dim, num_encoder_layers, num_decoder_layers)
 V1_1_SIZES = {
     'tiny': (128, 256, 4, 32, 2, 2),
@@ -158,10 +162,25 @@ class ModelConfig:
       '(jnp.einsum with float32 accumulation, jax.nn.dot_product_attention, the norm formula) '
       'differentiated by JAX autodiff, on every platform (numerically equal up to rounding).',
       choices=KERNELS)
+  # LoRA (Hu et al. 2021; t5lite/models/lora.py, docs/adaptation.md).
+  lora_rank: int = field(
+      0, 'LoRA: the rank r of the low-rank update (alpha / r) B A beside each kernel that '
+      'lora_targets names; 0 = off. With LoRA on only the LoRA factors (lora_a, lora_b) and what '
+      'train.trainable lists train; the rest stays bitwise unchanged.')
+  lora_alpha: float = field(8.0, "LoRA: alpha; the update is scaled by alpha / r (peft's scaling).")
+  lora_dropout: float = field(
+      0.0, "LoRA: dropout on the LoRA branch's input in training (peft's lora_dropout).")
+  lora_targets: tuple = field(
+      LORA_DEFAULT_TARGETS, "LoRA: regexes (re.search) over the '/'-joined names of the kernels "
+      "to adapt, e.g. 'encoder/layers_0/attention/query/kernel' ('layers/' with scan_layers). "
+      "Default: the attention queries and values (peft's T5 default, q and v); all of them: "
+      f'{LORA_ALL_TARGETS!r}. Each must match a kernel.')
 
   def __post_init__(self):
     if self.attention_dim is None:  # frozen: set through object, as dataclasses do themselves
       object.__setattr__(self, 'attention_dim', self.num_heads * self.head_dim)
+    # hashable whatever it came from (a saved config's JSON list)
+    object.__setattr__(self, 'lora_targets', tuple(self.lora_targets))
 
   @classmethod
   def from_config(cls, cfg) -> 'ModelConfig':
@@ -178,6 +197,12 @@ class ModelConfig:
   def gated(self) -> bool:
     """Whether the MLP has two input matrices (`wi_0`, `wi_1`) rather than one (`wi`)."""
     return self.activation.startswith('gated-')
+
+  @property
+  def lora(self):
+    """The models.lora.LoraConfig of the lora_* fields; None when lora_rank is 0."""
+    from t5lite.models import lora  # pylint: disable=import-outside-toplevel  (JAX: lazily)
+    return lora.config_of(self)
 
   @property
   def tie_logits(self) -> bool:

@@ -63,12 +63,12 @@ class EncoderLayer(nn.Module):
     dropout = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_attention_norm')(x)
     h = layers.MultiHeadAttention(c.num_heads, c.head_dim, dtype, c.dropout_rate,
-                                  self.deterministic, kernels=c.kernels, name='attention')(h, h,
-                                                                                           bias)
+                                  self.deterministic, kernels=c.kernels, lora=c.lora,
+                                  name='attention')(h, h, bias)
     x = x + dropout(h)
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_mlp_norm')(x)
     h = layers.MlpBlock(c.d_ff, c.activation, dtype, c.dropout_rate, self.deterministic,
-                        kernels=c.kernels, name='mlp')(h)
+                        kernels=c.kernels, lora=c.lora, name='mlp')(h)
     x = layers.constrain(x + dropout(h), ('act_batch', 'act_length', 'act_embed'))
     return x, None
 
@@ -93,7 +93,7 @@ class DecoderLayer(nn.Module):
     attention = lambda name, cross: layers.MultiHeadAttention(
         c.num_heads, c.head_dim, dtype, c.dropout_rate, self.deterministic, decode=self.decode,
         prefill=self.prefill, cross=cross, cache_length=self.cache_length, kernels=c.kernels,
-        name=name)
+        name=name, lora=c.lora)
     if c.relpos_per_layer:
       index = cache_index if self.decode else None
       relpos = _self_bias(_relpos(c, False), x.shape[1], self.cache_length, index)
@@ -105,7 +105,7 @@ class DecoderLayer(nn.Module):
       x = x + dropout(attention('encoder_decoder_attention', True)(h, encoded, cross_bias))
     h = layers.RMSNorm(dtype=dtype, kernels=c.kernels, name='pre_mlp_norm')(x)
     h = layers.MlpBlock(c.d_ff, c.activation, dtype, c.dropout_rate, self.deterministic,
-                        kernels=c.kernels, name='mlp')(h)
+                        kernels=c.kernels, lora=c.lora, name='mlp')(h)
     x = layers.constrain(x + dropout(h), ('act_batch', 'act_length', 'act_embed'))
     return x, None
 
