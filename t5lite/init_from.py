@@ -60,7 +60,8 @@ def _renamed(saved, rename) -> tuple[dict[str, str], list[str]]:
   return renamed, collisions
 
 
-def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expansion=None):
+def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expansion=None,
+                         optional=()):
   """Reads only the params of the checkpoint at `path` (see resolve_init_path) onto the shardings
   that `abstract_params` (ShapeDtypeStructs) carry, for a fine-tuning run's first step.
 
@@ -76,8 +77,12 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expan
   have fewer rows in the checkpoint than in the model; they are grown onto the new vocabulary
   (t5lite/vocab_expansion.py) after reading, every other dimension still has to match.
 
+  `optional`: regexes of new-model params that the checkpoint may lack (prompt tuning's prompt,
+  absent from the base model it tunes): taken from it when it has them, else kept fresh.
+
   Returns a tree with `abstract_params`' structure: arrays, and the ShapeDtypeStruct itself where
-  a parameter was ignored (merge_init_params fills those from a fresh init).
+  a parameter was ignored or optional and absent (merge_init_params fills those from a fresh
+  init).
   """
   step_dir = resolve_init_path(path)
   wanted = {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(abstract_params)}
@@ -111,7 +116,9 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expan
     }
 
   renamed, collisions = _renamed(saved, rename)
-  needed = {n for n in wanted if not _matches(n, ignore)}
+  needed = {
+      n for n in wanted if not _matches(n, ignore) and (n in renamed or not _matches(n, optional))
+  }
   missing = sorted(n for n in needed if n not in renamed)
   extra = sorted(n if renamed[n] == n else f'{n} (from {renamed[n]})' for n in renamed
                  if n not in needed and not _matches(n, ignore))

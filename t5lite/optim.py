@@ -95,13 +95,16 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   `config` is the ConfigDict or the resolved `t5lite.config.RunConfig`: only its optimizer,
   schedule and train parts are read (`optimizer_from_parts`).
   """
-  return optimizer_from_parts(config.optimizer, config.schedule, config.train)
+  return optimizer_from_parts(config.optimizer, config.schedule, config.train,
+                              getattr(config.model, 'prompt_length', 0))
 
 
-def optimizer_from_parts(opt, schedule_cfg,
-                         train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """`make_optimizer` from the parts it reads: the optimizer and schedule sections, and of the
-  train section only `steps` (the schedule's length), `max_grad_norm` and `trainable`."""
+def optimizer_from_parts(
+    opt, schedule_cfg, train_cfg,
+    prompt_length: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`make_optimizer` from the parts it reads: the optimizer and schedule sections, of the
+  train section only `steps` (the schedule's length), `max_grad_norm` and `trainable`, and
+  model.prompt_length (`trainable_patterns`)."""
   schedule = make_schedule(schedule_cfg, opt.learning_rate, train_cfg.steps)
   if opt.name == 'adafactor':
     # T5 defaults: factored second moments, decay exponent 0.8, update clipping 1.0, updates
@@ -116,7 +119,7 @@ def optimizer_from_parts(opt, schedule_cfg,
     raise ValueError(f'unknown optimizer.name {opt.name!r}; valid: adafactor, adamw')
   if train_cfg.max_grad_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(train_cfg.max_grad_norm), tx)
-  patterns = tuple(getattr(train_cfg, 'trainable', ()))
+  patterns = trainable_patterns(train_cfg, prompt_length)
   if patterns:
     # Frozen params: set_to_zero under optax's masking, which keeps no state for them (MaskedNode)
     # and hands the trainable ones' clipping and statistics only the trainable gradients.
@@ -125,6 +128,20 @@ def optimizer_from_parts(opt, schedule_cfg,
         lambda params: jax.tree.map(lambda t: 'trainable'
                                     if t else 'frozen', trainable_mask(params, patterns)))
   return tx, schedule
+
+
+# Prompt tuning's param (t5lite/models/prompt.py), trainable whenever there is one.
+PROMPT_TRAINABLE = '^prompt/'
+
+
+def trainable_patterns(train_cfg, prompt_length: int = 0) -> tuple[str, ...]:
+  """The regexes of the params that train: train.trainable's; with prompt tuning
+  (model.prompt_length > 0) the prompt's first, so that by default only the prompt trains and
+  train.trainable adds to it (('.',): the prompt and the whole model)."""
+  patterns = tuple(getattr(train_cfg, 'trainable', ()))
+  if not prompt_length:
+    return patterns
+  return (PROMPT_TRAINABLE,) + tuple(p for p in patterns if p != PROMPT_TRAINABLE)
 
 
 def param_name(path) -> str:

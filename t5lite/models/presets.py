@@ -158,6 +158,16 @@ class ModelConfig:
       '(jnp.einsum with float32 accumulation, jax.nn.dot_product_attention, the norm formula) '
       'differentiated by JAX autodiff, on every platform (numerically equal up to rounding).',
       choices=KERNELS)
+  prompt_length: int = field(
+      0, 'Prompt tuning (Lester et al. 2021; docs/adaptation.md): this many learned soft-prompt '
+      'vectors (param prompt/embedding) are prepended to the encoder input (decoder_only: to the '
+      'sequence); only they train unless train.trainable adds more. 0 = off. Needs '
+      'data.pack=False.')
+  prompt_init_vocab: int = field(
+      5000, 'Prompt tuning: the prompt starts as copies of token-embedding rows drawn without '
+      'replacement from ids 3 .. 2 + prompt_init_vocab (after pad, EOS, UNK; must be below '
+      'vocab_size, checked): SentencePiece numbers pieces by score, so these are common tokens, as '
+      'Lester et al. drew from the 5,000 most frequent. Keep sentinels out (quickstart: 1900).')
 
   def __post_init__(self):
     if self.attention_dim is None:  # frozen: set through object, as dataclasses do themselves
