@@ -70,4 +70,5 @@ def extend(ids: jax.Array | None, length: int) -> jax.Array | None:
   prompt's columns 1: the prompt is part of the row's (one) example."""
   if ids is None or not length:
     return ids
+  ids = jnp.asarray(ids)
   return jnp.concatenate([jnp.ones((ids.shape[0], length), ids.dtype), ids], axis=1)
