@@ -184,8 +184,9 @@ def _prompt_tuning(c) -> None:
   """model.prompt_length > 0 (t5lite/models/prompt.py): unpacked rows, and enough real token
   rows to draw the prompt's initial rows from, without replacement."""
   m = c.model
-  non_negative(m.prompt_length, 'model.prompt_length')
-  if not m.prompt_length:
+  length = getattr(m, 'prompt_length', 0)  # absent from configs saved before prompt tuning
+  non_negative(length, 'model.prompt_length')
+  if not length:
     return
   positive(m.prompt_init_vocab, 'model.prompt_init_vocab')
   if c.data.pack:
