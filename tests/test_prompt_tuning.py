@@ -201,9 +201,11 @@ def test_config_errors():
 def base(tmp_path_factory):
   """A briefly pretrained quickstart model (span corruption)."""
   workdir = str(tmp_path_factory.mktemp('base'))
+  # one device: the quickest compile (the tuned run below is the sharded one)
   train.run(
       tiny_config(20, optimizer__learning_rate=0.01, checkpoint__every_steps=0,
-                  train__log_every=10), workdir)
+                  train__log_every=10), workdir,
+      jax.devices()[:1])
   return workdir, checkpoints.restore_as_numpy(workdir)[1]['params']
 
 
