@@ -8,8 +8,9 @@ import re
 import difflib
 from typing import Any, Callable
 
-from t5lite.checks import positive, task
+from t5lite.checks import non_negative, positive, task
 from t5lite.fields import ConfigError
+from t5lite.models import prompt as prompt_lib
 from t5lite.partitioning import MESH_AXES
 
 EVAL_VALUES = ('eval/loss', 'eval/accuracy')  # what in-training evaluation logs (t5lite/train.py)
@@ -203,11 +204,40 @@ def _data_stages(c) -> None:
   stages.check_config(c)
 
 
+def _prompt_tuning(c) -> None:
+  """model.prompt_length > 0 (t5lite/models/prompt.py): unpacked rows, and enough real token
+  rows to draw the prompt's initial rows from, without replacement."""
+  m = c.model
+  length = getattr(m, 'prompt_length', 0)  # absent from configs saved before prompt tuning
+  non_negative(length, 'model.prompt_length')
+  if not length:
+    return
+  positive(m.prompt_init_vocab, 'model.prompt_init_vocab')
+  if c.data.pack:
+    raise ConfigError(
+        f'config.model.prompt_length={m.prompt_length} (prompt tuning) with data.pack=True: a '
+        'packed row holds several examples and one soft prompt per row would reach only its '
+        'first; set data.pack=False')
+  if m.prompt_init_vocab < m.prompt_length:
+    raise ConfigError(
+        f'config.model.prompt_init_vocab={m.prompt_init_vocab} is below model.prompt_length='
+        f'{m.prompt_length}: the prompt starts as distinct token rows drawn from that many ids; '
+        f'set prompt_init_vocab >= {m.prompt_length}')
+  last = prompt_lib.FIRST_ID + m.prompt_init_vocab - 1
+  if last >= m.vocab_size:
+    raise ConfigError(
+        f'config.model.prompt_init_vocab={m.prompt_init_vocab}: the prompt would start from '
+        f'token ids {prompt_lib.FIRST_ID}..{last}, past model.vocab_size={m.vocab_size}; set it '
+        f'at most {m.vocab_size - prompt_lib.FIRST_ID}, and below the vocabulary\'s sentinels (e.g. '
+        '1900 for the quickstart\'s 1948 pieces)')
+
+
 # Rules that relate fields, run after the per-field checks.
 RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
                      _t5x_shapes, _vocabulary_fits_init, _init_activation, _data_source,
-                     _data_stages, _eval_task, _keep_best_needs_eval, _full_branch_schedule)
+                     _data_stages, _eval_task, _keep_best_needs_eval, _full_branch_schedule,
+                     _prompt_tuning)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
 

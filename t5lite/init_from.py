@@ -61,7 +61,7 @@ def _renamed(saved, rename) -> tuple[dict[str, str], list[str]]:
 
 
 def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expansion=None,
-                         new_lora: bool = True):
+                         new_lora: bool = True, optional=()):
   """Reads only the params of the checkpoint at `path` (see resolve_init_path) onto the shardings
   that `abstract_params` (ShapeDtypeStructs) carry, for a fine-tuning run's first step.
 
@@ -81,8 +81,12 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expan
   (a base model's) as if init_ignore listed them: they come from the fresh init, whose B = 0
   computes the base model. A checkpoint with factors of its own must have all of them.
 
+  `optional`: regexes of new-model params that the checkpoint may lack (prompt tuning's prompt,
+  absent from the base model it tunes): taken from it when it has them, else kept fresh.
+
   Returns a tree with `abstract_params`' structure: arrays, and the ShapeDtypeStruct itself where
-  a parameter was ignored (merge_init_params fills those from a fresh init).
+  a parameter was ignored or optional and absent (merge_init_params fills those from a fresh
+  init).
   """
   step_dir = resolve_init_path(path)
   wanted = {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(abstract_params)}
@@ -118,7 +122,10 @@ def load_params_for_init(path: str, abstract_params, rename=(), ignore=(), expan
   renamed, collisions = _renamed(saved, rename)
   lora = re.compile(optim.LORA_FACTORS)
   fresh_lora = new_lora and not any(lora.search(n) for n in renamed)
-  needed = {n for n in wanted if not _matches(n, ignore) and not (fresh_lora and lora.search(n))}
+  needed = {
+      n for n in wanted if not _matches(n, ignore) and not (fresh_lora and lora.search(n)) and (
+          n in renamed or not _matches(n, optional))
+  }
   missing = sorted(n for n in needed if n not in renamed)
   extra = sorted(n if renamed[n] == n else f'{n} (from {renamed[n]})' for n in renamed
                  if n not in needed and not _matches(n, ignore))

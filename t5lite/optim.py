@@ -92,22 +92,31 @@ def _absolute_wsd(base_lr: float, end_value: float, warmup: int, start: int,
 # LoRA's factors (t5lite/models/lora.py names them lora_a / lora_b): with model.lora_rank > 0
 # they train, and of the other params only those train.trainable lists.
 LORA_FACTORS = '/lora_[ab]$'
+# Prompt tuning's param (t5lite/models/prompt.py), trainable whenever there is one.
+PROMPT_TRAINABLE = '^prompt/'
 
 
 def trainable_patterns(train_cfg, model_cfg=None) -> tuple[str, ...]:
-  """The regexes of the params that train: train.trainable (() = all), and with LoRA on
-  (model.lora_rank > 0) LORA_FACTORS before them: the factors and what train.trainable lists."""
+  """The regexes of the params that train: train.trainable (() = all); with LoRA on
+  (model.lora_rank > 0) LORA_FACTORS and with prompt tuning (model.prompt_length > 0)
+  PROMPT_TRAINABLE before them, so that by default only the factors / the prompt train and
+  train.trainable adds to them (('.',): the whole model too)."""
   patterns = tuple(getattr(train_cfg, 'trainable', ()))
+  added = ()
   if model_cfg is not None and getattr(model_cfg, 'lora_rank', 0):
-    return (LORA_FACTORS,) + patterns
-  return patterns
+    added += (LORA_FACTORS,)
+  if model_cfg is not None and getattr(model_cfg, 'prompt_length', 0):
+    added += (PROMPT_TRAINABLE,)
+  if not added:
+    return patterns
+  return added + tuple(p for p in patterns if p not in added)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax transformation for `config.optimizer`, with global-norm clipping if asked.
 
   `config` is the ConfigDict or the resolved `t5lite.config.RunConfig`: only its optimizer,
-  schedule and train parts and model.lora_* are read (`optimizer_from_parts`).
+  schedule and train parts and model.lora_rank / prompt_length are read (`optimizer_from_parts`).
   """
   return optimizer_from_parts(config.optimizer, config.schedule, config.train,
                               trainable_patterns(config.train, config.model))

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from t5lite import checkpoints, distill, losses, optim, partitioning
 from t5lite import init_from as init_lib  # initial_state has an argument named init_from
 from t5lite.models import lora
+from t5lite.models import prompt as prompt_lib
 
 
 @flax.struct.dataclass
@@ -120,8 +121,10 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
     return _state_from(source, init_from_state, state, abstract, shardings, init_rename
                        or init_ignore or vocab_expansion)
   # vocab_expansion (a vocab_expansion.Expansion): the vocabulary params grow onto a new vocabulary.
-  loaded = init_lib.load_params_for_init(source, abstract.params, init_rename, init_ignore,
-                                         vocab_expansion)
+  prompt_length = model.cfg.prompt_length
+  loaded = init_lib.load_params_for_init(
+      source, abstract.params, init_rename, init_ignore, vocab_expansion,
+      optional=(optim.PROMPT_TRAINABLE,) if prompt_length else ())
   state = state.replace(params=init_lib.merge_init_params(state.params, loaded))
   fresh = [
       optim.param_name(p) for p, x in jax.tree_util.tree_leaves_with_path(loaded)
@@ -130,6 +133,14 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
   new_lora = sum(bool(re.search(optim.LORA_FACTORS, n)) for n in fresh)  # a base model's: new
   fresh = len(fresh) - new_lora
   lora_note = f', {new_lora} new LoRA factors from init' if new_lora else ''
+  grown = (f'; vocabulary grown onto the run\'s, new rows: {vocab_expansion.new_rows}'
+           if vocab_expansion else '')
+  if prompt_length and isinstance(loaded['prompt']['embedding'], jax.ShapeDtypeStruct):
+    # A base model's checkpoint: the prompt is drawn again, from the embedding just loaded.
+    state = state.replace(params=prompt_lib.resample(state.params, seed, model.cfg,
+                                                     shardings.params['prompt']['embedding']))
+    fresh -= 1
+    grown += '; soft prompt drawn from the loaded token embedding'
   # From a T5X checkpoint an Adafactor run can continue T5X's Adafactor statistics (init_from.py).
   opt_state, note = (init_lib.load_adafactor_for_init(source, abstract.opt_state, abstract.params,
                                                       init_rename, init_ignore)
@@ -146,8 +157,6 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
         f'initialised params and Adafactor statistics from {source} ({fresh} kept fresh by '
         f'init_ignore{lora_note}{note}); the step, the data and the learning-rate schedule start '
         'at 0')
-  grown = (f'; vocabulary grown onto the run\'s, new rows: {vocab_expansion.new_rows}'
-           if vocab_expansion else '')
   return InitialState(
       state, shardings, 0, None,
       f'initialised params from {source} ({fresh} kept fresh by init_ignore{lora_note}{grown}); '
@@ -221,7 +230,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     total = alpha * temperature**2 * sums['kl_sum'] + (1.0 - alpha) * sums['loss_sum']
     return total + sums['z_loss_sum'], sums
 
-  # () = all (train.trainable); with LoRA on, its factors and what train.trainable lists
+  # () = all (train.trainable); with LoRA or prompt tuning on, the factors or the prompt and
+  # what train.trainable lists
   trainable = optim.trainable_patterns(train_cfg, getattr(model, 'cfg', None))
   grad_fn = jax.grad(optim.frozen_stop_gradient(loss_fn, trainable), has_aux=True)
 

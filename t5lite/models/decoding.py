@@ -231,7 +231,8 @@ def _decoder_only_fns(model, length: int, use_cache: bool, prefix_lm: bool):
   def step(params, state, tokens):
     if use_cache:
       cache = state['cache']
-      buffer = _cache_length(cache)
+      # The model's cache_length counts tokens; the cache also holds a soft prompt's slots.
+      buffer = _cache_length(cache) - model.cfg.prompt_length
       logits, variables = model.apply({'params': params, 'cache': cache}, tokens[:, None],
                                       decoder_segment_ids=jnp.ones_like(tokens)[:, None],
                                       decode=True, cache_length=buffer, mutable=['cache'])

@@ -156,6 +156,16 @@ class ModelConfig:
   remat_policy: str = field(
       'none', 'Recompute in the backward pass to save memory: none; minimal (keep the weight '
       'matmuls\' results); full (keep nothing, the most compute).', choices=REMAT_POLICIES)
+  prompt_length: int = field(
+      0, 'Prompt tuning (Lester et al. 2021; docs/adaptation.md): this many learned soft-prompt '
+      'vectors (param prompt/embedding) are prepended to the encoder input (decoder_only: to the '
+      'sequence); only they train unless train.trainable adds more. 0 = off. Needs '
+      'data.pack=False.')
+  prompt_init_vocab: int = field(
+      5000, 'Prompt tuning: the prompt starts as copies of token-embedding rows drawn without '
+      'replacement from ids 3 .. 2 + prompt_init_vocab (after pad, EOS, UNK; must be below '
+      'vocab_size, checked): SentencePiece numbers pieces by score, so these are common tokens, as '
+      'Lester et al. drew from the 5,000 most frequent. Keep sentinels out (quickstart: 1900).')
   kernels: str = field(
       'auto', 'auto: on CPU the hand-written custom VJPs tuned on XLA:CPU (t5lite/models/kernels/, '
       'the fastest step there), on TPU and GPU the xla path; xla: the plain formulations '

@@ -24,6 +24,7 @@ import flax.linen as nn
 
 from t5lite.models import kernels as kernels_lib
 from t5lite.models import layers
+from t5lite.models import prompt as prompt_lib
 from t5lite.models.kernels import matmul
 from t5lite.models.presets import ModelConfig
 
@@ -214,6 +215,19 @@ def _make_embedder_and_head(module: nn.Module):
     module.logits_dense = layers.Dense(c.vocab_size, ('embed', 'vocab'), c.d_model**-0.5,
                                        jnp.dtype(c.dtype), out_dtype=jnp.float32, kernels=c.kernels,
                                        name='logits_dense')
+  if c.prompt_length:
+    module.prompt = prompt_lib.SoftPrompt(c.prompt_length, c.prompt_init_vocab, jnp.dtype(c.dtype),
+                                          name='prompt')
+
+
+def _with_prompt(module: nn.Module, embedded, *rows):
+  """Prompt tuning (t5lite/models/prompt.py): [prompt; embedded] and each of `rows` (segment
+  ids, flags) extended over the prompt; unchanged when model.prompt_length is 0."""
+  length = module.cfg.prompt_length
+  if not length:
+    return (embedded,) + rows
+  prompt = module.prompt(module.embedder.embedding)
+  return (prompt_lib.prepend(prompt, embedded),) + tuple(prompt_lib.extend(r, length) for r in rows)
 
 
 def _logits(module: nn.Module, x):
@@ -239,13 +253,16 @@ class EncoderDecoder(nn.Module):
     segments = _segments(encoder_input_tokens, encoder_segment_ids)
     embedded = layers.constrain(self.embedder(encoder_input_tokens),
                                 ('act_batch', 'act_length', 'act_embed'))
+    embedded, segments = _with_prompt(self, embedded, segments)
     return self.encoder(embedded, segments, deterministic)
 
   def decode(self, encoded, encoder_segments, decoder_input_tokens, decoder_segments,
              deterministic=True, decode: bool = False, prefill: bool = False, prefill_lengths=None,
              cache_length: int = 0):
     """Decoder logits. With `prefill` / `decode` (apply with mutable=['cache']), the cached
-    decoding modes of the module docstring; in `decode` mode `encoded` may be None."""
+    decoding modes of the module docstring; in `decode` mode `encoded` may be None.
+    `encoder_segments` are the tokens' (`encoded` also has the prompt's columns, added here)."""
+    encoder_segments = prompt_lib.extend(encoder_segments, self.cfg.prompt_length)
     embedded = layers.constrain(self.embedder(decoder_input_tokens),
                                 ('act_batch', 'act_length', 'act_embed'))
     x = self.decoder(embedded, decoder_segments, deterministic, encoded=encoded,
@@ -279,16 +296,29 @@ class DecoderOnly(nn.Module):
                decoder_positions=None, decoder_causal_attention=None, deterministic: bool = True,
                decode: bool = False, prefill: bool = False, prefill_lengths=None,
                cache_length: int = 0, **unused: Any):
-    """Logits; `prefill` / `decode` as in `EncoderDecoder.decode` (module docstring)."""
+    """Logits; `prefill` / `decode` as in `EncoderDecoder.decode` (module docstring). With a
+    soft prompt (model.prompt_length = P) the prompt precedes the tokens: `cache_length` and
+    `prefill_lengths` count tokens only (P more slots and positions are added here), and the
+    logits are the tokens' alone."""
     del decoder_positions, unused
+    prompt_length = self.cfg.prompt_length
     if decoder_segment_ids is None:
       decoder_segment_ids = (jnp.ones_like(decoder_input_tokens) if decoder_target_tokens is None
                              else (decoder_target_tokens > 0).astype(jnp.int32))
     embedded = layers.constrain(self.embedder(decoder_input_tokens),
                                 ('act_batch', 'act_length', 'act_embed'))
+    if prompt_length and not decode:  # decode: one new token; the prompt is in the cache
+      embedded, decoder_segment_ids, decoder_causal_attention = _with_prompt(
+          self, embedded, decoder_segment_ids, decoder_causal_attention)
+      if prefill_lengths is not None:
+        prefill_lengths = jnp.asarray(prefill_lengths, jnp.int32) + prompt_length
+    if cache_length:
+      cache_length += prompt_length
     x = self.decoder(embedded, decoder_segment_ids, deterministic,
                      causal_attention=decoder_causal_attention, decode=decode, prefill=prefill,
                      prefill_lengths=prefill_lengths, cache_length=cache_length)
+    if prompt_length and not decode:
+      x = x[:, prompt_length:]
     return _logits(self, x)
 
 
