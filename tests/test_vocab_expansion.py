@@ -5,6 +5,7 @@ T5's sentinels (at the top of the vocabulary) followed to their new ids."""
 import dataclasses
 import importlib.util
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -61,17 +62,26 @@ def vocabs(tmp_path_factory):
   return old, new
 
 
+def grown_config(new, a, steps):
+  """Run B's config: from run A onto the extended vocabulary, new rows from the pieces, a
+  checkpoint after every step (all kept)."""
+  c = tiny_config(steps, new, NEW_ROWS, seed=1, init_from=a, init_new_rows='pieces')
+  c.checkpoint.update(every_steps=1, keep=0)
+  return c
+
+
 @pytest.fixture(scope='module')
 def runs(vocabs, tmp_path_factory):
-  """Run A (1 step on the old vocabulary, 512 rows) and run B (1 step at learning rate 0 from A,
-  on the extended vocabulary, 640 rows, new rows from the pieces): their params."""
+  """Run A (1 step on the old vocabulary, 512 rows) and run B (3 steps from A on the extended
+  vocabulary, 640 rows, new rows from the pieces; step 1's learning rate is 0): A's workdir, A's
+  params, B's params at step 1 (the grown init) and B's workdir."""
   old, new = vocabs
   a = str(tmp_path_factory.mktemp('a'))
   train.run(tiny_config(1, old, OLD_ROWS), a)
   b = str(tmp_path_factory.mktemp('b'))
-  train.run(tiny_config(1, new, NEW_ROWS, seed=1, init_from=a, init_new_rows='pieces'), b)
-  return a, checkpoints.restore_as_numpy(a)[1]['params'], checkpoints.restore_as_numpy(
-      b)[1]['params']
+  train.run(grown_config(new, a, 3), b)
+  return (a, checkpoints.restore_as_numpy(a)[1]['params'],
+          checkpoints.restore_as_numpy(b, 1)[1]['params'], b)
 
 
 def logits(config, params, encoder_ids, decoder_ids):
@@ -82,7 +92,7 @@ def logits(config, params, encoder_ids, decoder_ids):
 
 def test_old_tokens_keep_their_logits_and_new_rows_are_the_mean_of_their_pieces(vocabs, runs):
   old_path, new_path = vocabs
-  _, pa, pb = runs
+  _, pa, pb, _ = runs
   old = vocab.SentencePieceVocabulary(old_path)
   assert (old.vocab_size, vocab.SentencePieceVocabulary(new_path).vocab_size) == (400, 406)
   # By hand: the pieces keep their ids (appended at the end); sentinel k moves from 399-k to 405-k.
@@ -120,7 +130,7 @@ def abstract(params):
 
 def test_mean_and_mean_noise_rows(vocabs, runs):
   old_path, new_path = vocabs
-  a, pa, pb = runs
+  a, pa, pb, _ = runs
   new = vocab.SentencePieceVocabulary(new_path)
   mean = pa['token_embedder']['embedding'][:400].mean(0)
   for rule in ('mean', 'mean_noise:0.5'):
@@ -160,7 +170,7 @@ def test_tied_embeddings_keep_old_logits(vocabs):
 
 def test_errors(vocabs, runs, tmp_path):
   old_path, new_path = vocabs
-  a, _, pb = runs
+  a, _, pb, _ = runs
   new = vocab.SentencePieceVocabulary(new_path)
   # Without init_new_rows a larger vocabulary stays a shape error, which names the switch.
   with pytest.raises(checkpoints.CheckpointError, match='init_new_rows'):
@@ -196,7 +206,7 @@ def test_errors(vocabs, runs, tmp_path):
 def test_grown_params_land_on_the_model_shardings(vocabs, runs):
   """The vocabulary params sharded over both axes of a (fsdp, tensor) mesh: the same values as on
   one device, each device holding its slice."""
-  a, _, pb = runs
+  a, _, pb, _ = runs
   new = vocab.SentencePieceVocabulary(vocabs[1])
   expansion = vocab_expansion.Expansion(new, 'pieces')
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ('fsdp', 'tensor'))
@@ -222,3 +232,18 @@ def test_grown_params_land_on_the_model_shardings(vocabs, runs):
                                                   (4 if axes[0] == 'tensor' else 2), x.shape[1] //
                                                   (2 if axes[1] == 'fsdp' else 4))
     np.testing.assert_array_equal(np.asarray(x), np.asarray(single[name][leaf]))
+
+
+def test_a_grown_run_resumes_bitwise(vocabs, runs, tmp_path):
+  """Interrupted after its step 1, run B resumes from its own checkpoint (the workdir's wins over
+  init_from, so the rows are not grown a second time) and ends bitwise where it ended in one go."""
+  a, _, _, b = runs
+  os.makedirs(tmp_path / 'checkpoints')
+  shutil.copytree(os.path.join(b, 'checkpoints', '1'), tmp_path / 'checkpoints' / '1')
+  history = train.run(grown_config(vocabs[1], a, 3), str(tmp_path))
+  assert [r['step'] for r in history] == [2, 3]
+  step, resumed = checkpoints.restore_as_numpy(str(tmp_path))
+  assert step == 3
+  _, one_go = checkpoints.restore_as_numpy(b)
+  for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(one_go)):
+    np.testing.assert_array_equal(x, y)
