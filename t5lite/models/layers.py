@@ -318,10 +318,14 @@ class MlpBlock(nn.Module):
       kernel = lambda name: Kernel((d_model, self.d_ff),
                                    ('embed', 'mlp'), d_model**-0.5, self.lora, name=name)
       gate = self.activation[len('gated-'):]
-      if self.lora is not None and self.lora.dropout_active(self.deterministic) and any(
-          self.lora.targets_kernel(self.path + (n,)) for n in ('wi_0', 'wi_1')):
-        # LoRA dropout on a gated input: x W and the LoRA branch apart, then the gate.
-        pre = [kernel(n)(x, self.dtype, False, self.kernels) for n in ('wi_0', 'wi_1')]
+      adapted = self.lora is not None and any(
+          self.lora.targets_kernel(self.path + (n,)) for n in ('wi_0', 'wi_1'))
+      if adapted and (self.lora.dropout_active(self.deterministic)
+                      or jnp.dtype(self.dtype) != jnp.float32):
+        # x W and the LoRA branch apart, then the gate: for LoRA dropout (on the branch's input
+        # only), and below float32, where W + (alpha / r) A B cast to the compute dtype would
+        # round most of a small update away (a bf16 step of W is far larger than it at first).
+        pre = [kernel(n)(x, self.dtype, self.deterministic, self.kernels) for n in ('wi_0', 'wi_1')]
         h = (matmul.GATE_ACTIVATIONS[gate](pre[0]) * pre[1]).astype(self.dtype)
       else:  # both matmuls and the gate in one custom VJP (matmul.gated)
         h = matmul.gated(x, kernel('wi_0')(), kernel('wi_1')(), self.dtype, gate, self.kernels)

@@ -14,8 +14,10 @@ kaiming_uniform_(a=sqrt(5)) for A), so at step 0 the model computes exactly the 
 The computation is peft's, y = x W + (alpha / r) * ((dropout(x) A) B), on the unmerged factors:
 no [fan_in, fan_out] gradient is formed for the frozen W. The gated MLP's wi_0 / wi_1, whose two
 matmuls are one fused custom VJP (kernels/matmul.gated), take the merged kernel
-W + (alpha / r) A B instead, the same function, except with LoRA dropout in training, where the
-two matmuls are done apart (dropout applies to the LoRA branch's input only).
+W + (alpha / r) A B instead, the same function, in float32 without LoRA dropout; with LoRA dropout
+in training (it applies to the LoRA branch's input only) or a compute dtype below float32 (the
+merged kernel cast to bf16 would round most of a small update away) the two matmuls are done
+apart.
 
 Which params train is decided in t5lite/optim.py (LORA_FACTORS): with LoRA on, the factors plus
 whatever train.trainable lists.
