@@ -273,13 +273,12 @@ def run(config, topology: str, num_slices: int = 1, steps: Sequence[str] = STEPS
       'train_flops_per_step': flops, 'peak_flops_per_device': peak,
       'step_seconds_at_peak': flops / (peak * len(devices)) if peak else None, 'steps': {}
   }
-  teacher_cfg = distill.teacher_config(cfg.train, cfg.model)
-  if teacher_cfg:  # its params are arguments of the train step (counted in its memory)
-    teacher_model = make_model(teacher_cfg.model, devices[0].platform)
+  teacher = _abstract_teacher(cfg, built.mesh, built.rules,
+                              batch_spec(cfg, cfg.train.batch_size // cfg.train.microbatches))
+  if teacher:  # its params are arguments of the train step (counted in its memory)
     report['teacher'] = {
-        'path': teacher_cfg.path, 'dtype': teacher_cfg.model.dtype, 'params': sum(
-            int(np.prod(x.shape)) for x in jax.tree.leaves(
-                partitioning.abstract_params(teacher_model, built.mesh, built.rules)[0]))
+        'path': teacher.source, 'dtype': teacher.model.cfg.dtype,
+        'params': sum(int(np.prod(x.shape)) for x in jax.tree.leaves(teacher.params))
     }
   for name, executable in compiled.items():
     r = step_report(executable, hbm)

@@ -127,7 +127,8 @@ class TrainConfig:
   trainable: tuple = field(
       (), "Freezing: regexes (re.search) over the '/'-joined param names; only matching params "
       'train, the others stay bitwise unchanged and get no optimizer state. () = all train; '
-      'with LoRA (model.lora_rank > 0): the LoRA factors and these. '
+      'with LoRA (model.lora_rank > 0) or prompt tuning (model.prompt_length > 0): the LoRA '
+      'factors / the prompt and these. '
       "A regex matching no param is an error. E.g. ('^decoder/',) (docs/adaptation.md).")
   distill_teacher: str = field(
       '', 'Knowledge distillation (Kim & Rush 2016; docs/adaptation.md): the teacher, a t5lite '

@@ -197,6 +197,25 @@ def _full_branch_schedule(c) -> None:
           f'schedule.rewarm_steps; or set schedule.{name}=0')
 
 
+def _new_params_without_t5x_statistics(c) -> None:
+  """init_from=t5x: with params_and_optimizer carries T5X's Adafactor statistics and its one
+  shared step count: params that T5X never had (LoRA factors, a soft prompt) would start with
+  zero statistics under that count, i.e. a second-moment estimate that is not one."""
+  k, m = c.checkpoint, c.model
+  if not (k.init_from.startswith('t5x:') and k.init_from_state == 'params_and_optimizer'):
+    return
+  new = [
+      f'model.{name}={getattr(m, name)}' for name in ('lora_rank', 'prompt_length')
+      if getattr(m, name, 0)
+  ]
+  if new:
+    raise ConfigError(
+        f'config.checkpoint.init_from={k.init_from} with init_from_state=params_and_optimizer '
+        f'and {" and ".join(new)}: the T5X checkpoint has no optimizer statistics for these new '
+        "params, and its Adafactor step count would apply to them anyway; use "
+        "init_from_state='params' (a fresh optimizer for what trains)")
+
+
 def _data_stages(c) -> None:
   """data.stages: every task and mixture it names exists (`data.task` in it stands for
   data.task, which data.source has set by now)."""
@@ -237,7 +256,7 @@ RULES: tuple[Callable[[Any], None],
              ...] = (_encoder_layers, _attention_dim, _converter_fits_architecture, _hf_shapes,
                      _t5x_shapes, _vocabulary_fits_init, _init_activation, _data_source,
                      _data_stages, _eval_task, _keep_best_needs_eval, _full_branch_schedule,
-                     _prompt_tuning)
+                     _prompt_tuning, _new_params_without_t5x_statistics)
 
 DCN_AXES = tuple(f'dcn_{a}' for a in MESH_AXES)
 

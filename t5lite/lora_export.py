@@ -145,6 +145,13 @@ def prepare(config: Mapping, params: Mapping, mode: str = '', base_model: str = 
   """(params for hf.save_hf or None, (adapter config, tensors) or None) of a checkpoint's saved
   `config` and `params` for the export `mode` ('' plain, or a FLAGS key)."""
   model = config['model']
+  if 'prompt' in params:
+    # Checked first: a soft prompt is part of the model whatever the flags, and neither an HF T5
+    # nor a peft LoRA adapter has a place for it.
+    raise LoraExportError(
+        f'the checkpoint has a soft prompt (prompt/embedding, model.prompt_length='
+        f'{model.get("prompt_length")}): an HF T5 and a peft LoRA adapter have no place for '
+        'it, so a prompt-tuned model is not exported; evaluate and infer with t5lite itself')
   base, pairs = split(params)
   if not mode:
     if pairs:

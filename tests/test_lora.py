@@ -256,3 +256,43 @@ def test_adapter_of_some_layers_and_export_refusals():
     lora_export.prepare({'model': model, 'train': {'trainable': ['norm']}}, params, 'adapter')
   with pytest.raises(lora_export.LoraExportError, match='--merge_lora: the checkpoint has no LoRA'):
     lora_export.prepare({'model': {'lora_rank': 0}}, {'encoder': {'k': np.ones(2)}}, 'merge')
+  # A soft prompt (prompt tuning, alone or beside LoRA) has no place in HF T5 or a peft adapter.
+  prompted = dict(params, prompt={'embedding': np.zeros((4, 128))})
+  for mode in ('', 'adapter', 'merge'):
+    with pytest.raises(lora_export.LoraExportError, match='soft prompt.*no place for it'):
+      lora_export.prepare({'model': dict(model, prompt_length=4)}, prompted, mode)
+
+
+def test_infer_scores_with_the_lora_factors(runs, tmp_path):
+  """`t5lite.infer --mode score` on the LoRA run's checkpoint: each target's log-likelihood is
+  the LoRA model's (a numpy log-softmax over its logits), not the base model's."""
+  from t5lite import infer  # pylint: disable=import-outside-toplevel
+  from t5lite.data import vocab  # pylint: disable=import-outside-toplevel
+  _, lora, config = runs
+  records = [{'inputs': 'Return the absolute value of a number.', 'targets': 'library'},
+             {'inputs': 'The assignment statement binds names.', 'targets': 'reference'}]
+  source = tmp_path / 'in.jsonl'
+  source.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  config = config.copy_and_resolve_references()
+  config.infer.mode = 'score'
+  infer.run(config, str(tmp_path / 'out.jsonl'), 'latest', lora, input=str(source))
+  got = [json.loads(line)['log_likelihood'] for line in open(tmp_path / 'out.jsonl')]
+
+  vocabulary = vocab.get_vocabulary(config.data.vocabulary, config.data.sp_vocab_size)
+  model, params = model_and_params(lora)
+  no_lora = jax.tree_util.tree_map_with_path(
+      lambda p, x: np.zeros_like(x) if optim.param_name(p).endswith('lora_b') else x, params)
+
+  def log_likelihood(p, record):
+    enc = np.asarray([vocabulary.encode(record['inputs']) + [1]])
+    tgt = np.asarray([vocabulary.encode(record['targets']) + [1]])
+    dec = np.concatenate([np.zeros((1, 1), tgt.dtype), tgt[:, :-1]], 1)
+    z = np.asarray(model.apply({'params': p}, enc, dec), np.float64)[0]
+    z = z - z.max(-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(log_p[np.arange(tgt.shape[1]), tgt[0]].sum())
+
+  want = [log_likelihood(params, r) for r in records]
+  base = [log_likelihood(no_lora, r) for r in records]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert np.abs(np.asarray(want) - np.asarray(base)).max() > 1e-2, (want, base)

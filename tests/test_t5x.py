@@ -276,6 +276,17 @@ def test_config_validation_reads_the_t5x_shapes_before_any_compute(tmp_path):
     validate(c, 1)
   c.data.vocabulary = _tiny_sentencepiece(tmp_path)  # 28 pieces + 100 sentinels = 128 ids
   validate(c, 1)  # UL2-like: the config's gated activation is taken
+  # T5X has no optimizer statistics for LoRA factors or a soft prompt: with them, carrying its
+  # Adafactor state (and its step count) is refused before any compute.
+  c.checkpoint.init_from_state = 'params_and_optimizer'
+  validate(c, 1)
+  c.model.lora_rank = 4
+  with pytest.raises(
+      ConfigError, match=r"model.lora_rank=4: the T5X checkpoint has no optimizer "
+      r"statistics[\s\S]*init_from_state='params'"):
+    validate(c, 1)
+  c.model.lora_rank = 0
+  c.checkpoint.init_from_state = 'params'
   c.checkpoint.init_from = 't5x:' + str(tmp_path)
   with pytest.raises(ConfigError, match='not a T5X checkpoint'):
     validate(c, 1)
