@@ -212,7 +212,7 @@ def _new_params_without_t5x_statistics(c) -> None:
     raise ConfigError(
         f'config.checkpoint.init_from={k.init_from} with init_from_state=params_and_optimizer '
         f'and {" and ".join(new)}: the T5X checkpoint has no optimizer statistics for these new '
-        "params, and its Adafactor step count would apply to them anyway; use "
+        'params, and its Adafactor step count would apply to them anyway; use '
         "init_from_state='params' (a fresh optimizer for what trains)")
 
 

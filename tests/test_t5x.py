@@ -282,7 +282,7 @@ def test_config_validation_reads_the_t5x_shapes_before_any_compute(tmp_path):
   validate(c, 1)
   c.model.lora_rank = 4
   with pytest.raises(
-      ConfigError, match=r"model.lora_rank=4: the T5X checkpoint has no optimizer "
+      ConfigError, match=r'model.lora_rank=4: the T5X checkpoint has no optimizer '
       r"statistics[\s\S]*init_from_state='params'"):
     validate(c, 1)
   c.model.lora_rank = 0
