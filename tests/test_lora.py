@@ -4,7 +4,6 @@ factors only) from a base model (init_from=hf:), on a data/fsdp/tensor mesh, wit
 exact resume; the merged HF export computes the LoRA model's logits in transformers, and the
 adapter export does under peft on the base model; bad targets and exports are refused."""
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -24,30 +23,12 @@ from t5lite.models import layers, presets
 from t5lite.models.lora import LoraConfig
 from t5lite.models.t5 import make_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location('quickstart',
-                                               os.path.join(REPO, 'configs', 'quickstart.py'))
-quickstart = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quickstart)
+# the quickstart model, float32, short runs (shared with the freezing tests)
+from test_freeze import tiny_config
 
 LORA = dict(model__lora_rank=4, model__lora_alpha=8.0, model__lora_dropout=0.1,
             model__lora_targets=presets.LORA_ALL_TARGETS, optimizer__name='adamw',
             optimizer__learning_rate=1e-2, model__num_encoder_layers=1, model__num_decoder_layers=1)
-
-
-def tiny_config(steps, **overrides):
-  c = quickstart.get_config()
-  c.model.dtype = 'float32'
-  c.data.inputs_length = 32
-  c.train.update(steps=steps, batch_size=8, log_every=1)
-  c.schedule.update(name='constant', warmup_steps=2)
-  c.reporting.update(tensorboard=False, peak_flops_per_device=1e11)
-  c.checkpoint.update(every_steps=2, keep=0, async_save=False)
-  c.eval.every_steps = 0
-  for dotted, value in overrides.items():
-    section, name = dotted.split('__')
-    c[section][name] = value
-  return c
 
 
 def flat(tree):

@@ -5,7 +5,7 @@ prompt starts as rows of the *loaded* embedding after init_from, a sharded run r
 and on the offline docstring_kind task prompt tuning lowers the held-out loss of a briefly
 pretrained quickstart model."""
 import dataclasses
-import importlib.util
+import json
 import os
 import shutil
 
@@ -23,11 +23,8 @@ from t5lite.models import prompt as prompt_lib
 from t5lite.models.presets import ModelConfig
 from t5lite.models.t5 import make_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location('quickstart',
-                                               os.path.join(REPO, 'configs', 'quickstart.py'))
-quickstart = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quickstart)
+# the quickstart model, float32, short runs (shared with the freezing tests)
+from test_freeze import tiny_config
 
 SMALL = dict(vocab_size=128, d_model=32, d_ff=64, num_heads=2, head_dim=16, num_encoder_layers=1,
              num_decoder_layers=1, dtype='float32', prompt_init_vocab=100)
@@ -164,21 +161,6 @@ def test_only_the_prompt_gets_gradients():
 # --- config ------------------------------------------------------------------------------------
 
 
-def tiny_config(steps, **overrides):
-  c = quickstart.get_config()
-  c.model.dtype = 'float32'
-  c.data.inputs_length = 32
-  c.train.update(steps=steps, batch_size=8, log_every=1)
-  c.schedule.update(name='constant', warmup_steps=2)
-  c.reporting.update(tensorboard=False, peak_flops_per_device=1e11)
-  c.checkpoint.update(every_steps=2, keep=0, async_save=False)
-  c.eval.every_steps = 0
-  for dotted, value in overrides.items():
-    section, name = dotted.split('__')
-    c[section][name] = value
-  return c
-
-
 def prompt_config(steps, **overrides):
   """Prompt tuning on docstring_kind ('docstring kind: <24 words>' -> reference | library)."""
   settings = dict(model__prompt_length=8, model__prompt_init_vocab=1900,
@@ -308,3 +290,37 @@ def test_prompt_tuning_beats_the_untuned_model(base, tuned):
   print(f'docstring_kind held-out loss: untuned {untuned:.3f}, with the initial prompt '
         f'{start:.3f}, after {STEPS} steps of prompt tuning {after:.3f}')
   assert after < untuned - 1.0 and after < start - 1.0
+
+
+def test_infer_scores_with_the_prompt(base, tuned, tmp_path):
+  """`t5lite.infer --mode score` on the prompt-tuned checkpoint: each target's log-likelihood is
+  the prompt model's (a numpy log-softmax over its logits), not the base model's."""
+  from t5lite import infer  # pylint: disable=import-outside-toplevel
+  config, workdir, _ = tuned
+  records = [{
+      'inputs': 'docstring kind: Return the absolute value of a number.', 'targets': 'library'
+  }, {'inputs': 'docstring kind: The assignment statement binds names.', 'targets': 'reference'}]
+  source = tmp_path / 'in.jsonl'
+  source.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  config = config.copy_and_resolve_references()
+  config.infer.mode = 'score'
+  infer.run(config, str(tmp_path / 'out.jsonl'), 'latest', workdir, input=str(source))
+  got = [json.loads(line)['log_likelihood'] for line in open(tmp_path / 'out.jsonl')]
+
+  _, vocabulary = train.build_data(config)
+  _, end = checkpoints.restore_as_numpy(workdir)
+
+  def log_likelihood(params, prompt_length, record):
+    model = make_model(ModelConfig.from_config({**config.model, 'prompt_length': prompt_length}))
+    enc = np.asarray([vocabulary.encode(record['inputs']) + [1]])
+    tgt = np.asarray([vocabulary.encode(record['targets']) + [1]])
+    dec = np.concatenate([np.zeros((1, 1), tgt.dtype), tgt[:, :-1]], 1)
+    z = np.asarray(model.apply({'params': params}, enc, dec), np.float64)[0]
+    z = z - z.max(-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(log_p[np.arange(tgt.shape[1]), tgt[0]].sum())
+
+  want = [log_likelihood(end['params'], config.model.prompt_length, r) for r in records]
+  untuned = [log_likelihood(base[1], 0, r) for r in records]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert np.abs(np.asarray(want) - np.asarray(untuned)).min() > 0.1, (want, untuned)
