@@ -26,19 +26,14 @@ from t5lite.data import catalog  # pylint: disable=unused-import  (validate chec
 from t5lite.models.presets import LORA_ALL_TARGETS, LORA_DEFAULT_TARGETS, ModelConfig, model_config
 from t5lite.models.t5 import make_model
 
+# The same random batch as the train-step benchmark (this folder is on sys.path when run).
+from train_step import random_batch
+
 ROWS = [
     ('full fine-tuning', {}),
     ('LoRA r=8, q,v', dict(lora_rank=8, lora_alpha=16.0, lora_targets=LORA_DEFAULT_TARGETS)),
     ('LoRA r=8, all', dict(lora_rank=8, lora_alpha=16.0, lora_targets=LORA_ALL_TARGETS)),
 ]
-
-
-def random_batch(batch, inputs, targets, vocab, seed=0):
-  rng = np.random.RandomState(seed)
-  tgt = rng.randint(3, vocab, (batch, targets)).astype(np.int32)
-  return dict(encoder_input_tokens=rng.randint(3, vocab, (batch, inputs)).astype(np.int32),
-              decoder_input_tokens=np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1),
-              decoder_target_tokens=tgt, decoder_loss_weights=np.ones((batch, targets), np.float32))
 
 
 def build(args, overrides):

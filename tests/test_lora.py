@@ -25,6 +25,7 @@ from t5lite.models.t5 import make_model
 
 # the quickstart model, float32, short runs (shared with the freezing tests)
 from test_freeze import tiny_config
+from test_scoring import numpy_scores, text_batch  # a numpy log-softmax reference
 
 LORA = dict(model__lora_rank=4, model__lora_alpha=8.0, model__lora_dropout=0.1,
             model__lora_targets=presets.LORA_ALL_TARGETS, optimizer__name='adamw',
@@ -265,13 +266,7 @@ def test_infer_scores_with_the_lora_factors(runs, tmp_path):
       lambda p, x: np.zeros_like(x) if optim.param_name(p).endswith('lora_b') else x, params)
 
   def log_likelihood(p, record):
-    enc = np.asarray([vocabulary.encode(record['inputs']) + [1]])
-    tgt = np.asarray([vocabulary.encode(record['targets']) + [1]])
-    dec = np.concatenate([np.zeros((1, 1), tgt.dtype), tgt[:, :-1]], 1)
-    z = np.asarray(model.apply({'params': p}, enc, dec), np.float64)[0]
-    z = z - z.max(-1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return float(log_p[np.arange(tgt.shape[1]), tgt[0]].sum())
+    return float(numpy_scores(model, p, text_batch(vocabulary, record))[0])
 
   want = [log_likelihood(params, r) for r in records]
   base = [log_likelihood(no_lora, r) for r in records]

@@ -25,6 +25,7 @@ from t5lite.models.t5 import make_model
 
 # the quickstart model, float32, short runs (shared with the freezing tests)
 from test_freeze import tiny_config
+from test_scoring import numpy_scores, text_batch  # a numpy log-softmax reference
 
 SMALL = dict(vocab_size=128, d_model=32, d_ff=64, num_heads=2, head_dim=16, num_encoder_layers=1,
              num_decoder_layers=1, dtype='float32', prompt_init_vocab=100)
@@ -312,13 +313,7 @@ def test_infer_scores_with_the_prompt(base, tuned, tmp_path):
 
   def log_likelihood(params, prompt_length, record):
     model = make_model(ModelConfig.from_config({**config.model, 'prompt_length': prompt_length}))
-    enc = np.asarray([vocabulary.encode(record['inputs']) + [1]])
-    tgt = np.asarray([vocabulary.encode(record['targets']) + [1]])
-    dec = np.concatenate([np.zeros((1, 1), tgt.dtype), tgt[:, :-1]], 1)
-    z = np.asarray(model.apply({'params': params}, enc, dec), np.float64)[0]
-    z = z - z.max(-1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return float(log_p[np.arange(tgt.shape[1]), tgt[0]].sum())
+    return float(numpy_scores(model, params, text_batch(vocabulary, record))[0])
 
   want = [log_likelihood(end['params'], config.model.prompt_length, r) for r in records]
   untuned = [log_likelihood(base[1], 0, r) for r in records]

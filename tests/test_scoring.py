@@ -52,6 +52,17 @@ def numpy_scores(model, params, batch):
   return (target[..., 0] * np.asarray(batch['decoder_loss_weights'])).sum(-1)
 
 
+def text_batch(vocabulary, record) -> dict:
+  """One encoder-decoder example {'inputs': text, 'targets': text} as a batch of one row, each
+  feature EOS-terminated, unpadded (what infer scores)."""
+  tgt = np.asarray([vocabulary.encode(record['targets']) + [EOS]])
+  return {
+      'encoder_input_tokens': np.asarray([vocabulary.encode(record['inputs']) + [EOS]]),
+      'decoder_input_tokens': np.concatenate([np.zeros((1, 1), tgt.dtype), tgt[:, :-1]], 1),
+      'decoder_target_tokens': tgt, 'decoder_loss_weights': np.ones(tgt.shape, np.float32)
+  }
+
+
 def random_examples(rng, n, max_in=7, max_tg=5):
   return [{
       'inputs': np.append(rng.randint(3, 128, rng.randint(1, max_in)), EOS),
